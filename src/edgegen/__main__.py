@@ -1,0 +1,3 @@
+from edgegen.cli import main
+
+main()

@@ -1,0 +1,189 @@
+"""The `edgegen` command. Errors print one line and exit non-zero; no tracebacks."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgegen.config import Settings, load_settings
+from edgegen.errors import EdgegenError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serve models on edge nodes.")
+models_app = typer.Typer(no_args_is_help=True, help="Manage the model store.")
+app.add_typer(models_app, name="models")
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="TOML settings file", envvar="EDGEGEN_CONFIG")
+]
+StoreOpt = Annotated[
+    Path | None, typer.Option("--store", help="model store directory", envvar="EDGEGEN_STORE")
+]
+# Built-in models `models pull` knows, and what makes them.
+PULLABLE = {"digits": "digits", "digits-tflite": "digits"}
+
+
+def friendly(func: F) -> F:
+    """Turn an edgegen error into one line on stderr and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EdgegenError as exc:
+            err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(config: Path | None, **flags: object) -> Settings:
+    """Flags become their EDGEGEN_* twins, so worker processes read the same settings."""
+    for name, value in flags.items():
+        if value is not None:
+            os.environ[f"EDGEGEN_{name.upper()}"] = str(value)
+    if config is not None:
+        os.environ["EDGEGEN_CONFIG"] = str(config)
+    return load_settings()
+
+
+def _store(config: Path | None, store: Path | None) -> Any:
+    from edgegen.store import ModelStore
+
+    return ModelStore(_settings(config, store=store).store_dir)
+
+
+@app.command()
+@friendly
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="address to listen on", envvar="EDGEGEN_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="port to listen on", envvar="EDGEGEN_PORT")] = None,
+    workers: Annotated[int | None, typer.Option(help="server processes", envvar="EDGEGEN_WORKERS")] = None,
+    store: StoreOpt = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug|info|warning|error", envvar="EDGEGEN_LOG_LEVEL")
+    ] = None,
+) -> None:
+    """Start a node serving every active model in the store."""
+    import uvicorn
+
+    from edgegen.observe.logs import configure_logging
+
+    settings = _settings(config, host=host, port=port, workers=workers, store=store, log_level=log_level)
+    configure_logging(settings.log_level)
+    if settings.workers > 1:
+        run_dir = settings.home / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metrics-", dir=run_dir)
+    uvicorn.run(
+        "edgegen.node.app:app_from_environment",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@models_app.command("list")
+@friendly
+def models_list(config: ConfigOpt = None, store: StoreOpt = None) -> None:
+    """List the models in the store, their versions and the active one."""
+    model_store = _store(config, store)
+    table = Table("model", "active", "versions", "format", "task")
+    for info in model_store.list():
+        fmt = task = "-"
+        if info.active is not None:
+            manifest = model_store.open(info.name, info.active).manifest
+            fmt, task = manifest.format, manifest.task
+        table.add_row(info.name, info.active or "-", ", ".join(info.versions), fmt, task)
+    out.print(table)
+
+
+@models_app.command("add")
+@friendly
+def models_add(
+    path: Annotated[Path, typer.Argument(help="a .onnx/.tflite/.gguf file or a package directory")],
+    name: Annotated[str, typer.Option(help="model name")],
+    version: Annotated[str | None, typer.Option(help="version (default: next integer)")] = None,
+    activate: Annotated[bool | None, typer.Option("--activate/--no-activate", help="serve it now")] = None,
+    task: Annotated[str, typer.Option(help="what the model does")] = "classification",
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Add a model file or package to the store as a new version."""
+    manifest = _store(config, store).add(path, name, version, task=task, activate=activate)
+    err.print(f"added {manifest.name} version {manifest.version} ({manifest.format})")
+
+
+@models_app.command("activate")
+@friendly
+def models_activate(name: str, version: str, config: ConfigOpt = None, store: StoreOpt = None) -> None:
+    """Serve VERSION of NAME (atomic; the previous version stays for rollback)."""
+    _store(config, store).activate(name, version)
+    err.print(f"{name}: version {version} is active")
+
+
+@models_app.command("verify")
+@friendly
+def models_verify(
+    name: str,
+    version: Annotated[str | None, typer.Argument(help="default: the active version")] = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Check a version's manifest and the sha256 of every file."""
+    package = _store(config, store).open(name, version)
+    err.print(f"{name} version {package.manifest.version}: {len(package.manifest.files)} file(s) verified")
+
+
+@models_app.command("pull")
+@friendly
+def models_pull(
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(PULLABLE)}")],
+    force: Annotated[bool, typer.Option(help="rebuild even when present")] = False,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Fetch or build a default model into the store (digits: trained here on bundled data)."""
+    if name not in PULLABLE:
+        raise EdgegenError(f"unknown model {name!r}; pullable models: {', '.join(PULLABLE)}")
+    model_store = _store(config, store)
+    present = name in model_store.names() and model_store.active_version(name) is not None
+    if present and not force:
+        err.print(f"{name} is already in the store (version {model_store.active_version(name)})")
+        return
+    try:
+        from edgegen.optimize.defaults import build_digits
+    except ImportError:
+        raise EdgegenError(
+            "building digits needs the optimize extra: pip install 'edgegen[optimize]'"
+        ) from None
+    with err.status("training the seed's student MLP on scikit-learn's digits"):
+        built = build_digits(model_store)
+    for model in built:
+        err.print(f"added {model.name} version {model.version}, test accuracy {model.test_accuracy:.4f}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

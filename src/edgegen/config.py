@@ -1,0 +1,141 @@
+"""Typed settings, read once at start-up.
+
+Sources, strongest first: `EDGEGEN_*` environment variables (every CLI flag sets its twin, so a flag
+always wins), then the TOML file named by `--config` / `EDGEGEN_CONFIG`, then the defaults below.
+Nested fields use a double underscore: `EDGEGEN_ONNX__INTRA_OP_THREADS=2`.
+
+Example TOML:
+
+    port = 8000
+    default_model = "digits"
+    [batching]
+    max_batch_size = 32
+    max_queue_delay_us = 200
+    [models.digits]
+    max_batch_size = 64
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from edgegen.errors import ConfigError
+
+
+def default_home() -> Path:
+    return Path.home() / ".local" / "share" / "edgegen"
+
+
+class BatchSettings(BaseModel):
+    """Dynamic batching of one fixed-shape model, in Triton's terms."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1, le=4096, description="rows collated into one forward pass")
+    max_queue_delay_us: int = Field(
+        0, ge=0, le=1_000_000, description="how long the first request of a batch may wait for company"
+    )
+    max_queue_size: int = Field(1024, ge=1, description="waiting requests beyond which the node answers 503")
+    instances: int = Field(1, ge=1, le=16, description="forward passes of this model that may run at once")
+
+
+class ModelOverrides(BaseModel):
+    """Per-model settings; any field left out takes the node-wide `[batching]` value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(None, ge=1, le=4096)
+    max_queue_delay_us: int | None = Field(None, ge=0, le=1_000_000)
+    max_queue_size: int | None = Field(None, ge=1)
+    instances: int | None = Field(None, ge=1, le=16)
+
+
+class OnnxSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    intra_op_threads: int = Field(1, ge=0, le=256, description="0 lets ONNX Runtime pick (all cores)")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    memory_arena: bool = True
+    memory_pattern: bool = True
+
+
+class TFLiteSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    threads: int = Field(1, ge=1, le=256)
+
+
+class Settings(BaseSettings):
+    """Everything a node reads at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEGEN_", env_nested_delimiter="__", extra="forbid")
+
+    home: Path = Field(default_factory=default_home, description="where the node keeps everything")
+    store: Path | None = Field(None, description="model store directory (default: HOME/models)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing the port")
+    default_model: str = "digits"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of one inference request")
+    store_poll_s: float = Field(2.0, ge=0, description="how often to look for activated versions; 0: never")
+    batching: BatchSettings = Field(default_factory=BatchSettings)
+    models: dict[str, ModelOverrides] = Field(default_factory=dict)
+    onnx: OnnxSettings = Field(default_factory=OnnxSettings)
+    tflite: TFLiteSettings = Field(default_factory=TFLiteSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init values; the environment (and so every CLI flag) outranks it.
+        return env_settings, init_settings
+
+    @property
+    def store_dir(self) -> Path:
+        return self.store if self.store is not None else self.home / "models"
+
+    def batching_for(self, model: str) -> BatchSettings:
+        override = self.models.get(model)
+        if override is None:
+            return self.batching
+        return self.batching.model_copy(update=override.model_dump(exclude_none=True))
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Read the settings once: TOML file (argument or `EDGEGEN_CONFIG`), then the environment.
+
+    >>> load_settings().port
+    8000
+    """
+    path = config_file or (Path(os.environ["EDGEGEN_CONFIG"]) if os.environ.get("EDGEGEN_CONFIG") else None)
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; pass an existing TOML file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(
+            f"invalid settings ({problems}); fix the TOML file or the EDGEGEN_* variable of that name"
+        ) from None

@@ -1,0 +1,1 @@
+"""Scheduling over executors: queues, batching, deadlines and backpressure. No protocol knowledge."""

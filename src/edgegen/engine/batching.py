@@ -1,0 +1,210 @@
+"""Dynamic batching for fixed-shape models, in the manner of Triton's dynamic batcher.
+
+Requests wait in one bounded queue per model. A worker takes the first waiting request, then keeps
+taking more until the batch holds `max_batch_size` rows or `max_queue_delay_us` has passed since it
+took the first; the batch runs as one forward pass in a worker thread and its output is split back.
+While one batch runs, the next fills up by itself, so under load batches grow without any delay.
+
+Stacking rows never changes a row's result (each row of an MLP or a CNN is computed independently);
+`tests/unit/engine/test_batching.py` pins that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from edgegen.config import BatchSettings
+from edgegen.errors import DeadlineExceeded, ExecutorError, InvalidInput, Overloaded
+from edgegen.executors.base import Executor
+
+log = logging.getLogger(__name__)
+Feeds = Mapping[str, np.ndarray]
+
+
+class BatchObserver(Protocol):
+    def on_queue(self, model: str, depth: int) -> None: ...
+
+    def on_batch(self, model: str, rows: int, requests: int, seconds: float) -> None: ...
+
+
+@dataclass(eq=False)
+class _Request:
+    feeds: Feeds
+    rows: int
+    future: asyncio.Future[dict[str, np.ndarray]]
+    deadline: float
+    key: tuple[tuple[str, tuple[int, ...], str], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Requests can share a batch only when every input agrees beyond the batch dimension.
+        self.key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(self.feeds.items()))
+
+
+def collate(feeds: Sequence[Feeds]) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Stack requests along the first dimension; return the batch and each request's row offset.
+
+    >>> batch, offsets = collate([{"x": np.zeros((2, 3))}, {"x": np.ones((1, 3))}])
+    >>> batch["x"].shape, offsets
+    ((3, 3), [0, 2, 3])
+    """
+    offsets = [0]
+    names = list(feeds[0])
+    for item in feeds:
+        offsets.append(offsets[-1] + len(item[names[0]]))
+    if len(feeds) == 1:
+        return dict(feeds[0]), offsets
+    return {n: np.concatenate([item[n] for item in feeds], axis=0) for n in names}, offsets
+
+
+def split(outputs: Mapping[str, np.ndarray], offsets: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """Cut a batch's outputs back into one dict per request, by the offsets `collate` gave."""
+    return [{n: a[offsets[i] : offsets[i + 1]] for n, a in outputs.items()} for i in range(len(offsets) - 1)]
+
+
+class DynamicBatcher:
+    """Bounded queue + batching workers in front of one model's executors (one worker each)."""
+
+    def __init__(
+        self,
+        model: str,
+        executors: Sequence[Executor],
+        settings: BatchSettings,
+        observer: BatchObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self._executors = list(executors)
+        self._settings = settings
+        self._observer = observer
+        self._clock = clock
+        batched = all(spec.batched for spec in self._executors[0].inputs)
+        self.max_rows = settings.max_batch_size if batched else 1
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=settings.max_queue_size)
+        self._pool = ThreadPoolExecutor(max_workers=len(self._executors), thread_name_prefix=f"exec-{model}")
+        self._workers: list[asyncio.Task[None]] = []
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._workers = [
+            asyncio.create_task(self._work(e), name=f"batcher-{self.model}") for e in self._executors
+        ]
+
+    async def submit(self, feeds: Feeds, timeout_s: float) -> dict[str, np.ndarray]:
+        """Queue one request (each input shaped (rows, ...)) and wait for its outputs.
+
+        Raises Overloaded when the queue is full, DeadlineExceeded after `timeout_s` seconds.
+        """
+        rows = len(next(iter(feeds.values())))
+        if rows > self.max_rows:
+            raise InvalidInput(
+                f"a request may hold at most {self.max_rows} samples for this model, got {rows}"
+            )
+        loop = asyncio.get_running_loop()
+        request = _Request(feeds, rows, loop.create_future(), self._clock() + timeout_s)
+        try:
+            self._queue.put_nowait(request)
+        except asyncio.QueueFull:
+            raise Overloaded(f"model {self.model!r} is at capacity; retry shortly") from None
+        self._observe_queue()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await request.future
+        except TimeoutError:
+            raise DeadlineExceeded(f"model {self.model!r} did not answer within {timeout_s:g} s") from None
+
+    async def drain(self) -> None:
+        """Finish what is queued and running, then stop the workers and free the executors."""
+        # Every request taken from the queue is marked done once answered (or skipped).
+        await self._queue.join()
+        await self.close()
+
+    async def close(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(Overloaded(f"model {self.model!r} was unloaded"))
+        self._pool.shutdown(wait=True)
+        for executor in self._executors:
+            executor.close()
+
+    # -- workers ------------------------------------------------------------------------------------
+    async def _collect(self, carry: list[_Request]) -> list[_Request]:
+        """Take one batch's requests: the carried-over one (or the next), then as many as fit."""
+        first = carry.pop() if carry else await self._queue.get()
+        batch, rows = [first], first.rows
+        until = self._clock() + self._settings.max_queue_delay_us / 1e6
+        while rows < self.max_rows:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = until - self._clock()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        item = await self._queue.get()
+                except TimeoutError:
+                    break
+            if item.key != first.key or rows + item.rows > self.max_rows:
+                carry.append(item)  # starts the next batch
+                break
+            batch.append(item)
+            rows += item.rows
+        return batch
+
+    async def _work(self, executor: Executor) -> None:
+        loop = asyncio.get_running_loop()
+        carry: list[_Request] = []
+        while True:
+            batch = await self._collect(carry)
+            try:
+                self._observe_queue()
+                now = self._clock()
+                live = [r for r in batch if not r.future.done() and r.deadline > now]
+                if not live:
+                    continue
+                feeds, offsets = collate([r.feeds for r in live])
+                started = time.perf_counter()
+                try:
+                    outputs = await loop.run_in_executor(self._pool, executor.run, feeds)
+                except Exception:
+                    log.exception("inference failed", extra={"model": self.model, "rows": offsets[-1]})
+                    for r in live:
+                        if not r.future.done():
+                            r.future.set_exception(ExecutorError("the model failed on this input"))
+                    continue
+                self._observe_batch(offsets[-1], len(live), time.perf_counter() - started)
+                for r, result in zip(live, split(outputs, offsets), strict=True):
+                    if not r.future.done():
+                        r.future.set_result(result)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def _observe_queue(self) -> None:
+        if self._observer is not None:
+            try:
+                self._observer.on_queue(self.model, self._queue.qsize())
+            except Exception:
+                log.exception("queue observer failed")
+
+    def _observe_batch(self, rows: int, requests: int, seconds: float) -> None:
+        if self._observer is not None:
+            try:
+                self._observer.on_batch(self.model, rows, requests, seconds)
+            except Exception:
+                log.exception("batch observer failed")

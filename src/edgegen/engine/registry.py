@@ -1,0 +1,128 @@
+"""The models a node serves: one batcher each, loaded at start-up and swapped on activation.
+
+The store's ACTIVE pointers are the source of truth. `refresh()` compares them with what is loaded
+and swaps in a newly activated version without dropping a request: the new version is loaded and
+verified first, new requests go to it, and the old batcher finishes its queue before it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from edgegen.config import Settings
+from edgegen.engine.batching import BatchObserver, DynamicBatcher
+from edgegen.errors import EdgegenError, ModelNotFound, Overloaded
+from edgegen.executors import load_executor
+from edgegen.store import Manifest, ModelStore
+
+log = logging.getLogger(__name__)
+
+# Formats served through the dynamic batcher; LLM formats have their own engine.
+BATCHED_FORMATS = ("onnx", "tflite")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    manifest: Manifest
+    batcher: DynamicBatcher
+
+
+class ModelRegistry:
+    def __init__(self, store: ModelStore, settings: Settings, observer: BatchObserver | None = None) -> None:
+        self._store = store
+        self._settings = settings
+        self._observer = observer
+        self._models: dict[str, ServedModel] = {}
+        self._failed: dict[str, str] = {}
+        self._draining: set[asyncio.Task[None]] = set()
+        self.loaded = False
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded and not self._failed
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def get(self, name: str) -> ServedModel:
+        served = self._models.get(name)
+        if served is not None:
+            return served
+        if not self.loaded:
+            raise Overloaded("models are still loading; retry shortly")
+        raise ModelNotFound(f"model {name!r} is not served here")
+
+    def is_ready(self, name: str) -> bool:
+        return name in self._models
+
+    async def refresh(self) -> None:
+        """Load every model whose active version is not the one served; drop removed ones."""
+        wanted: dict[str, str] = {}
+        for name in self._store.names():
+            try:
+                version = self._store.active_version(name)
+            except EdgegenError as exc:
+                self._fail(name, exc)
+                continue
+            if version is not None:
+                wanted[name] = version
+        for name, version in wanted.items():
+            current = self._models.get(name)
+            if current is not None and current.manifest.version == version:
+                continue
+            try:
+                served = await asyncio.to_thread(self._load, name, version)
+            except EdgegenError as exc:
+                self._fail(name, exc)
+                continue
+            if served is None:
+                continue
+            served.batcher.start()
+            self._models[name] = served
+            self._failed.pop(name, None)
+            log.info(
+                "model loaded", extra={"model": name, "version": version, "format": served.manifest.format}
+            )
+            if current is not None:
+                self._drain(current)
+        for name in set(self._models) - set(wanted):
+            self._drain(self._models.pop(name))
+        self.loaded = True
+
+    def _load(self, name: str, version: str) -> ServedModel | None:
+        package = self._store.open(name, version)
+        if package.manifest.format not in BATCHED_FORMATS:
+            return None
+        batching = self._settings.batching_for(name)
+        executors = [
+            load_executor(package.model_path, package.manifest.format, self._settings)
+            for _ in range(batching.instances)
+        ]
+        return ServedModel(package.manifest, DynamicBatcher(name, executors, batching, self._observer))
+
+    def _drain(self, served: ServedModel) -> None:
+        # The old version answers what it already queued, then frees its executors.
+        task = asyncio.create_task(served.batcher.drain())
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    def _fail(self, name: str, exc: EdgegenError) -> None:
+        if self._failed.get(name) != exc.message:
+            log.error("model not loaded", extra={"model": name, "reason": exc.message})
+        self._failed[name] = exc.message
+
+    async def watch(self, interval: float) -> None:
+        """Poll the store's ACTIVE pointers, so `edgegen models activate` takes effect on a running node."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("store refresh failed")
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._draining, return_exceptions=True)
+        await asyncio.gather(*(m.batcher.close() for m in self._models.values()))
+        self._models.clear()

@@ -1,0 +1,1 @@
+"""The node's ASGI app: one module per protocol, no model logic in routes."""

@@ -1,0 +1,83 @@
+"""The node's ASGI app factory.
+
+create_app(settings)   the app for one process; `edgegen serve` runs it under uvicorn
+app_from_environment() the factory uvicorn calls in each worker process (settings from EDGEGEN_*)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from edgegen import __version__
+from edgegen.config import Settings, load_settings
+from edgegen.engine.registry import ModelRegistry
+from edgegen.node import errors, seed, v2
+from edgegen.node.middleware import EdgeMiddleware
+from edgegen.node.state import NodeState, node_of
+from edgegen.observe.logs import configure_logging
+from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
+from edgegen.store import ModelStore
+
+log = logging.getLogger("edgegen.node")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = NodeMetrics()
+    store = ModelStore(settings.store_dir)
+    registry = ModelRegistry(store, settings, observer=metrics)
+    node = NodeState(settings=settings, store=store, registry=registry, metrics=metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Models load in the background: /v2/health/live answers at once, /ready once they are in.
+        async def load() -> None:
+            await registry.refresh()
+            metrics.models_loaded.set(len(registry.names()))
+            log.info("node ready", extra={"models": registry.names(), "ready": registry.ready})
+            if settings.store_poll_s > 0:
+                await registry.watch(settings.store_poll_s)
+
+        loader = asyncio.create_task(load(), name="model-loader")
+        try:
+            yield
+        finally:
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+            await registry.close()
+
+    app = FastAPI(
+        title="edgegen node",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.node = node
+    errors.install(app)
+    app.include_router(seed.router)
+    app.include_router(v2.router)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    async def metrics_route(request: Request) -> Response:
+        return Response(node_of(request).metrics.render(), media_type=CONTENT_TYPE)
+
+    app.add_middleware(
+        EdgeMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        max_header_bytes=settings.max_header_bytes,
+    )
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

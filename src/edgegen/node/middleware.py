@@ -1,0 +1,125 @@
+"""One pure-ASGI middleware for what every request needs before and after its route.
+
+- a request id: `X-Request-ID` when it is sane, else a new one; set for the logs and echoed back;
+- limits: headers over `max_header_bytes` get 431, a body over `max_body_bytes` gets 413 — from its
+  Content-Length before anything is read, or, when it is chunked, as soon as the running count passes
+  the limit; a request with both Content-Length and Transfer-Encoding (a smuggling shape) gets 400;
+- one access-log line and the latency histogram per request, labelled by route template and model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edgegen.errors import PayloadTooLarge
+from edgegen.node.errors import error_response
+from edgegen.observe.logs import request_id
+from edgegen.observe.metrics import NodeMetrics
+
+access = logging.getLogger("edgegen.access")
+SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class EdgeMiddleware:
+    def __init__(
+        self, app: ASGIApp, metrics: NodeMetrics, max_body_bytes: int, max_header_bytes: int
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body_bytes
+        self.max_headers = max_header_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        given = None
+        content_length: bytes | None = None
+        chunked = False
+        header_bytes = 0
+        for key, value in scope["headers"]:
+            header_bytes += len(key) + len(value) + 4
+            if key == b"x-request-id":
+                given = value
+            elif key == b"content-length":
+                # A second Content-Length is a smuggling shape: make it fail the digit check.
+                content_length = b"duplicate" if content_length is not None else value
+            elif key == b"transfer-encoding":
+                chunked = True
+        rid = given.decode() if given is not None and SANE_ID.match(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
+        status = 500
+        rid_header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), rid_header]
+            await send(message)
+
+        try:
+            refusal = self._refuse(header_bytes, content_length, chunked)
+            if refusal is not None:
+                message, code = refusal
+                access.info("request refused", extra={"status": code, "reason": message})
+                await error_response(message, code, {"Connection": "close"})(scope, receive, send_with_id)
+            else:
+                await self.app(scope, self._limited(receive), send_with_id)
+        finally:
+            self._record(scope, status, time.perf_counter() - started)
+            request_id.reset(token)
+
+    def _refuse(
+        self, header_bytes: int, content_length: bytes | None, chunked: bool
+    ) -> tuple[str, int] | None:
+        if header_bytes > self.max_headers:
+            return f"request headers exceed {self.max_headers} bytes", 431
+        if content_length is not None:
+            if chunked:
+                return "a request may not carry both Content-Length and Transfer-Encoding", 400
+            if not content_length.isdigit():
+                return "Content-Length is invalid", 400
+            if int(content_length) > self.max_body:
+                return f"request body exceeds {self.max_body} bytes", 413
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+        limit = self.max_body
+
+        async def receive_limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            return message
+
+        return receive_limited
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        try:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            model = scope.get("state", {}).get("model", "")
+            self.metrics.observe_request(template, scope["method"], model, status, seconds)
+            access.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "ms": round(seconds * 1000, 3),
+                    "model": model,
+                },
+            )
+        except Exception:
+            access.exception("request accounting failed")

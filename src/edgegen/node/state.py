@@ -1,0 +1,27 @@
+"""What the routes of one node share, hung on `app.state.node`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from edgegen.config import Settings
+from edgegen.engine.registry import ModelRegistry
+from edgegen.observe.metrics import NodeMetrics
+from edgegen.store import ModelStore
+
+
+@dataclass
+class NodeState:
+    settings: Settings
+    store: ModelStore
+    registry: ModelRegistry
+    metrics: NodeMetrics
+    started: float = field(default_factory=time.monotonic)
+
+
+def node_of(request: Request) -> NodeState:
+    node: NodeState = request.app.state.node
+    return node

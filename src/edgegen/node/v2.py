@@ -1,0 +1,281 @@
+"""KServe v2 / Open Inference Protocol, with Triton's binary tensor extension.
+
+JSON tensors carry `data` as a flat (or nested) row-major list. With the binary extension, the body is
+a JSON header of `Inference-Header-Content-Length` bytes followed by the raw little-endian bytes of
+each input that has `parameters.binary_data_size`, in order; outputs come back the same way when
+the request asks for `binary_data` (this is what `tritonclient.http` sends by default).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from edgegen import __version__
+from edgegen.engine.registry import ServedModel
+from edgegen.errors import InvalidInput, ModelNotFound
+from edgegen.node.state import node_of
+from edgegen.node.tensors import cast, parse_json
+from edgegen.store import Manifest, TensorSpec
+
+router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+
+V2_TYPES = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+NUMPY_TYPES = {v: k for k, v in V2_TYPES.items()}
+PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tensorflowlite", "gguf": "llama.cpp_gguf"}
+HEADER_LENGTH = "inference-header-content-length"
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+def _tensor_meta(spec: TensorSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "datatype": NUMPY_TYPES.get(spec.dtype, spec.dtype.upper()),
+        "shape": spec.shape,
+    }
+
+
+def _served(request: Request, name: str, version: str | None) -> ServedModel:
+    served = node_of(request).registry.get(name)
+    if version is not None and version != served.manifest.version:
+        raise ModelNotFound(f"version {version!r} of model {name!r} is not served here")
+    request.state.model = name
+    return served
+
+
+@router.get("/health/live", summary="The process is up")
+async def live() -> Response:
+    return _json({"live": True})
+
+
+@router.get("/health/ready", summary="Every model is loaded")
+async def ready(request: Request) -> Response:
+    is_ready = node_of(request).registry.ready
+    return _json({"ready": is_ready}, 200 if is_ready else 503)
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> Response:
+    return _json({"name": "edgegen", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+
+def _metadata(request: Request, manifest: Manifest) -> Response:
+    versions = node_of(request).store.versions(manifest.name)
+    return _json(
+        {
+            "name": manifest.name,
+            "versions": versions,
+            "platform": PLATFORMS[manifest.format],
+            "inputs": [_tensor_meta(s) for s in manifest.inputs],
+            "outputs": [_tensor_meta(s) for s in manifest.outputs],
+        }
+    )
+
+
+@router.get("/models/{name}", summary="Model metadata")
+async def model_metadata(name: str, request: Request) -> Response:
+    return _metadata(request, _served(request, name, None).manifest)
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model version metadata")
+async def model_version_metadata(name: str, version: str, request: Request) -> Response:
+    return _metadata(request, _served(request, name, version).manifest)
+
+
+@router.get("/models/{name}/ready", summary="Model readiness")
+async def model_ready(name: str, request: Request) -> Response:
+    _served(request, name, None)
+    return _json({"name": name, "ready": True})
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="Model version readiness")
+async def model_version_ready(name: str, version: str, request: Request) -> Response:
+    _served(request, name, version)
+    return _json({"name": name, "ready": True})
+
+
+def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:
+    given = request.headers.get(HEADER_LENGTH)
+    if given is None:
+        return body, b""
+    if not given.isdigit() or int(given) > len(body):
+        raise InvalidInput(f"{HEADER_LENGTH} must be a byte count within the body")
+    return body[: int(given)], body[int(given) :]
+
+
+def _input(
+    item: Any, specs: dict[str, TensorSpec], binary: memoryview, offset: int
+) -> tuple[np.ndarray, int]:
+    """Decode one request input; return the array and the new offset into the binary section."""
+    if not isinstance(item, dict):
+        raise InvalidInput("each input must be an object with name, shape, datatype and data")
+    name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
+    if not isinstance(name, str) or name not in specs:
+        raise InvalidInput(f"unknown input {name!r}; the model's inputs are {sorted(specs)}")
+    spec = specs[name]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise InvalidInput(f"input {name!r}: shape must be a list of integers")
+    fits = len(shape) == len(spec.shape) and all(
+        d >= 0 and s in (-1, d) for d, s in zip(shape, spec.shape, strict=True)
+    )
+    if not fits:
+        raise InvalidInput(f"input {name!r}: shape {shape} does not match the model's {list(spec.shape)}")
+    if datatype != NUMPY_TYPES.get(spec.dtype):
+        raise InvalidInput(
+            f"input {name!r}: datatype must be {NUMPY_TYPES.get(spec.dtype)}, got {datatype!r}"
+        )
+    dtype = np.dtype(spec.dtype)
+    count = math.prod(shape)
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"input {name!r}: parameters must be an object")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
+            raise InvalidInput(f"input {name!r}: binary_data_size does not match its shape and the body")
+        array = np.frombuffer(binary[offset : offset + size], dtype=dtype.newbyteorder("<")).astype(dtype)
+        if dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidInput(f"input {name!r} holds a value that is not finite")
+        return array.reshape(shape), offset + size
+    data = item.get("data")
+    if not isinstance(data, list):
+        raise InvalidInput(f"input {name!r}: data must be a list (or use binary_data_size)")
+    try:
+        raw = np.asarray(data)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"input {name!r}: data must be a list of numbers") from None
+    if raw.dtype.kind not in ("b" if dtype.kind == "b" else "iuf"):
+        raise InvalidInput(f"input {name!r}: data must hold {datatype} values")
+    if raw.size != count:
+        raise InvalidInput(f"input {name!r}: data holds {raw.size} values, its shape needs {count}")
+    array = raw.astype(dtype) if dtype.kind == "b" else cast(raw, dtype, f"input {name!r}")
+    return array.reshape(shape), offset
+
+
+def _requested_outputs(header: dict[str, Any], manifest: Manifest) -> list[tuple[str, bool]]:
+    parameters = header.get("parameters") or {}
+    binary_default = bool(isinstance(parameters, dict) and parameters.get("binary_data_output", False))
+    wanted = header.get("outputs")
+    names = [o.name for o in manifest.outputs]
+    if wanted is None:
+        return [(n, binary_default) for n in names]
+    if not isinstance(wanted, list):
+        raise InvalidInput("outputs must be a list")
+    chosen = []
+    for item in wanted:
+        if not isinstance(item, dict) or item.get("name") not in names:
+            raise InvalidInput(f"unknown output {item!r}; the model's outputs are {names}")
+        item_parameters = item.get("parameters") or {}
+        binary = (
+            item_parameters.get("binary_data", binary_default) if isinstance(item_parameters, dict) else False
+        )
+        chosen.append((item["name"], bool(binary)))
+    return chosen
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    node = node_of(request)
+    served = _served(request, name, version)
+    manifest = served.manifest
+    head, binary = _split_body(request, await request.body())
+    header = parse_json(head)
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise InvalidInput('the body must be a JSON object with an "inputs" list')
+    specs = {s.name: s for s in manifest.inputs}
+    feeds: dict[str, np.ndarray] = {}
+    offset = 0
+    view = memoryview(binary)
+    for item in header["inputs"]:
+        array, offset = _input(item, specs, view, offset)
+        if item["name"] in feeds:
+            raise InvalidInput(f"input {item['name']!r} is given twice")
+        feeds[item["name"]] = array
+    if missing := set(specs) - set(feeds):
+        raise InvalidInput(f"missing inputs {sorted(missing)}")
+    if offset != len(binary):
+        raise InvalidInput("the binary section is longer than the inputs declare")
+    if len({a.shape[0] for a in feeds.values() if a.ndim}) > 1:
+        raise InvalidInput("all inputs must have the same batch size")
+    if any(a.ndim == 0 or a.shape[0] == 0 for a in feeds.values()):
+        raise InvalidInput("inputs must hold at least one sample")
+    requested = _requested_outputs(header, manifest)
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("id must be a string")
+
+    outputs = await served.batcher.submit(feeds, node.settings.request_timeout_s)
+
+    described: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for out_name, as_binary in requested:
+        array = outputs[out_name]
+        entry: dict[str, Any] = {
+            "name": out_name,
+            "datatype": NUMPY_TYPES[array.dtype.name],
+            "shape": list(array.shape),
+        }
+        if as_binary:
+            data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = array.ravel()
+        described.append(entry)
+    answer: dict[str, Any] = {"model_name": name, "model_version": manifest.version, "outputs": described}
+    if request_id is not None:
+        answer["id"] = request_id
+    head_out = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return Response(head_out, media_type="application/json")
+    return Response(
+        head_out + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head_out))},
+    )
+
+
+_INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "example": {
+                    "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("/models/{name}/infer", openapi_extra=_INFER_DOC, summary="Inference")
+async def infer(name: str, request: Request) -> Response:
+    return await _infer(request, name, None)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer", openapi_extra=_INFER_DOC, summary="Inference on a version"
+)
+async def infer_version(name: str, version: str, request: Request) -> Response:
+    return await _infer(request, name, version)

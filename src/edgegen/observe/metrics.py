@@ -1,0 +1,95 @@
+"""Prometheus metrics of a node, prefix `edgegen_`.
+
+With several worker processes (`--workers N`) each process writes its samples to files under
+`PROMETHEUS_MULTIPROC_DIR` (set by `edgegen serve` before the workers start) and `/metrics`
+adds them up, so any worker answers for the whole node.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_seconds = Histogram(
+            "edgegen_request_duration_seconds",
+            "Time from request start to the last byte of the response.",
+            ["route", "method", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.responses = Counter(
+            "edgegen_responses_total", "Responses by route and HTTP status.", ["route", "status"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "edgegen_queue_depth",
+            "Requests waiting for a batch.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.batch_rows = Histogram(
+            "edgegen_batch_size", "Rows in one forward pass.", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "edgegen_batch_requests",
+            "Requests in one forward pass.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "edgegen_inference_duration_seconds",
+            "Time of one forward pass (a whole batch).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.models_loaded = Gauge(
+            "edgegen_models_loaded",
+            "Model versions loaded and served.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        if not self.multiprocess:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+
+    # BatchObserver
+    def on_queue(self, model: str, depth: int) -> None:
+        self.queue_depth.labels(model).set(depth)
+
+    def on_batch(self, model: str, rows: int, requests: int, seconds: float) -> None:
+        self.batch_rows.labels(model).observe(rows)
+        self.batch_requests.labels(model).observe(requests)
+        self.inference_seconds.labels(model).observe(seconds)
+
+    def observe_request(self, route: str, method: str, model: str, status: int, seconds: float) -> None:
+        self.request_seconds.labels(route, method, model).observe(seconds)
+        self.responses.labels(route, str(status)).inc()
+
+    def render(self) -> bytes:
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

@@ -1,0 +1,104 @@
+"""The `digits` task: the seed's MLPs on scikit-learn's bundled handwritten digits.
+
+The data set (1,797 8x8 images, grey levels 0-16, 10 classes) ships inside scikit-learn, so nothing
+is downloaded. The split is fixed (stratified, seed 0) so every figure is comparable across runs.
+The seed's networks are 784-wide for MNIST; here the input is the 64 pixels:
+
+    teacher  64 -> 1200 -> 1200 -> 10
+    student  64 ->  800 ->  800 -> 10    (the node's default model, `digits`)
+
+Training sees pixels scaled to [0, 1]; the exported model folds that 1/16 into the first layer, so a
+client sends the pixels exactly as `load_digits().data` holds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from edgegen.optimize.layers import DenseLayer
+
+PIXEL_MAX = 16.0
+TEACHER_HIDDEN = 1200
+STUDENT_HIDDEN = 800
+
+
+@dataclass(frozen=True)
+class Split:
+    x_train: np.ndarray  # (N, 64) float32, grey levels 0-16
+    y_train: np.ndarray  # (N,) int64
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_split(test_size: float = 0.2, seed: int = 0) -> Split:
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x.astype(np.float32), y.astype(np.int64), test_size=test_size, random_state=seed, stratify=y
+    )
+    return Split(x_train, y_train, x_test, y_test)
+
+
+class MLP(nn.Module):
+    """The seed's three-layer perceptron; parameter names match its `fc1`..`fc3`."""
+
+    def __init__(self, hidden: int, inputs: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(inputs, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 64) in [0, 1] -> (B, 10) logits
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def train(
+    model: MLP, split: Split, *, epochs: int = 40, lr: float = 1e-3, batch_size: int = 64, seed: int = 0
+) -> float:
+    """Train with Adam and cross-entropy; return test accuracy."""
+    torch.manual_seed(seed)
+    x = torch.from_numpy(split.x_train / PIXEL_MAX)
+    y = torch.from_numpy(split.y_train)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=generator).split(batch_size):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return accuracy(model, split)
+
+
+@torch.no_grad()
+def accuracy(model: MLP, split: Split) -> float:
+    model.eval()
+    logits = model(torch.from_numpy(split.x_test / PIXEL_MAX))
+    return float((logits.argmax(1).numpy() == split.y_test).mean())
+
+
+def to_layers(model: MLP) -> list[DenseLayer]:
+    """The model as exportable layers taking raw 0-16 pixels (the 1/16 folded into fc1)."""
+    linears = [model.fc1, model.fc2, model.fc3]
+    layers = []
+    for i, linear in enumerate(linears):
+        weight = linear.weight.detach().numpy().astype(np.float32)
+        if i == 0:
+            weight = weight / np.float32(PIXEL_MAX)
+        layers.append(
+            DenseLayer(
+                weight=np.ascontiguousarray(weight),
+                bias=linear.bias.detach().numpy().astype(np.float32),
+                activation="relu" if i < len(linears) - 1 else "none",
+            )
+        )
+    return layers

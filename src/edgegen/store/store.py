@@ -1,0 +1,212 @@
+"""The model store on disk.
+
+    <store>/<name>/<version>/model.onnx | model.tflite | model.gguf
+    <store>/<name>/<version>/manifest.json
+    <store>/<name>/ACTIVE          the served version, one line
+
+A version directory appears whole or not at all (built beside it, then renamed), and ACTIVE is replaced
+atomically, so a node reading the store never sees half a package. Old versions stay for rollback.
+Every path is built from validated names and checked to stay under the store root.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgegen import __version__
+from edgegen.errors import IntegrityError, ModelNotFound, StoreError, VersionExists
+from edgegen.store.manifest import MODEL_FILES, Format, Manifest, TensorSpec, check_name, sha256_file
+
+Describe = Callable[[Path, Format], tuple[list[TensorSpec], list[TensorSpec]]]
+SUFFIX_FORMATS: dict[str, Format] = {".onnx": "onnx", ".tflite": "tflite", ".gguf": "gguf"}
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """One verified version: its manifest and the directory holding its files."""
+
+    manifest: Manifest
+    path: Path
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model_file
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    versions: list[str]
+    active: str | None
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    # Integer versions sort numerically and after none of the named ones.
+    return (0, int(version)) if version.isdigit() else (1, version)
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # -- paths -------------------------------------------------------------------------------------
+    def _inside(self, path: Path) -> Path:
+        root = self.root.resolve()
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root) or path.is_symlink():
+            raise StoreError("path leaves the model store")
+        return path
+
+    def _model_dir(self, name: str) -> Path:
+        return self._inside(self.root / check_name(name))
+
+    def _version_dir(self, name: str, version: str) -> Path:
+        return self._inside(self._model_dir(name) / check_name(version, "version"))
+
+    # -- reading -----------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def versions(self, name: str) -> list[str]:
+        model_dir = self._model_dir(name)
+        if not model_dir.is_dir():
+            raise ModelNotFound(f"model {name!r} is not in the store")
+        found = [p.name for p in model_dir.iterdir() if p.is_dir() and (p / "manifest.json").is_file()]
+        return sorted(found, key=_version_key)
+
+    def active_version(self, name: str) -> str | None:
+        pointer = self._model_dir(name) / "ACTIVE"
+        try:
+            version = pointer.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return check_name(version, "version")
+
+    def list(self) -> list[ModelInfo]:
+        return [ModelInfo(n, self.versions(n), self.active_version(n)) for n in self.names()]
+
+    def open(self, name: str, version: str | None = None) -> ModelPackage:
+        """Return a package whose every file matches its sha256, or raise.
+
+        With no version, the active one. Raises ModelNotFound, IntegrityError.
+        """
+        if version is None:
+            version = self.active_version(name)
+            if version is None:
+                raise ModelNotFound(f"model {name!r} has no active version")
+        path = self._version_dir(name, version)
+        if not path.is_dir():
+            raise ModelNotFound(f"model {name!r} has no version {version!r}")
+        manifest = Manifest.read(path / "manifest.json")
+        if (manifest.name, manifest.version) != (name, version):
+            raise IntegrityError(f"manifest of {name}/{version} names {manifest.name}/{manifest.version}")
+        for file, expected in manifest.files.items():
+            file_path = self._inside(path / file)
+            if not file_path.is_file():
+                raise IntegrityError(f"{name}/{version}: {file} is missing")
+            if sha256_file(file_path) != expected:
+                raise IntegrityError(f"{name}/{version}: {file} does not match its sha256")
+        return ModelPackage(manifest, path)
+
+    # -- writing -----------------------------------------------------------------------------------
+    def next_version(self, name: str) -> str:
+        try:
+            numbers = [int(v) for v in self.versions(name) if v.isdigit()]
+        except ModelNotFound:
+            numbers = []
+        return str(max(numbers, default=0) + 1)
+
+    def add(
+        self,
+        source: Path,
+        name: str,
+        version: str | None = None,
+        *,
+        describe: Describe | None = None,
+        task: str = "classification",
+        metadata: dict[str, object] | None = None,
+        activate: bool | None = None,
+    ) -> Manifest:
+        """Copy a model file or a package directory into the store as `name`/`version`.
+
+        A bare file (`.onnx`, `.tflite`, `.gguf`) gets a manifest whose inputs and outputs `describe`
+        reads from the file; a directory must hold a manifest whose hashes match. The first version
+        of a model becomes active unless `activate` is False; later ones only when it is True.
+        """
+        check_name(name)
+        version = check_name(version, "version") if version is not None else self.next_version(name)
+        staging = self.root / f".staging-{uuid.uuid4().hex}"
+        staging.mkdir(parents=True)
+        try:
+            manifest = self._stage(source, staging, name, version, describe, task, metadata or {})
+            target = self._version_dir(name, version)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                raise VersionExists(f"model {name!r} already has version {version!r}")
+            os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if activate or (activate is None and self.active_version(name) is None):
+            self.activate(name, version)
+        return manifest
+
+    def _stage(
+        self,
+        source: Path,
+        staging: Path,
+        name: str,
+        version: str,
+        describe: Describe | None,
+        task: str,
+        metadata: dict[str, object],
+    ) -> Manifest:
+        if source.is_dir():
+            given = Manifest.read(source / "manifest.json")
+            for file, expected in given.files.items():
+                src = source / file
+                if src.is_symlink() or not src.is_file() or sha256_file(src) != expected:
+                    raise IntegrityError(f"package file {file} is missing or does not match its sha256")
+                shutil.copyfile(src, staging / file)
+            manifest = given.model_copy(update={"name": name, "version": version})
+        elif source.is_file():
+            fmt = SUFFIX_FORMATS.get(source.suffix.lower())
+            if fmt is None:
+                raise StoreError(f"unknown model format {source.suffix!r}: use .onnx, .tflite or .gguf")
+            model_file = MODEL_FILES[fmt]
+            shutil.copyfile(source, staging / model_file)
+            if describe is None:
+                from edgegen.executors import describe_model
+
+                describe = describe_model
+            inputs, outputs = describe(staging / model_file, fmt)
+            manifest = Manifest(
+                name=name,
+                version=version,
+                format=fmt,
+                task=task,
+                inputs=inputs,
+                outputs=outputs,
+                files={model_file: sha256_file(staging / model_file)},
+                producer=f"edgegen {__version__}",
+                metadata=metadata,
+            )
+        else:
+            raise StoreError(f"{source} is neither a model file nor a package directory")
+        manifest.write(staging / "manifest.json")
+        return manifest
+
+    def activate(self, name: str, version: str) -> ModelPackage:
+        """Point ACTIVE at `version` after checking the package; the old version stays on disk."""
+        package = self.open(name, version)
+        model_dir = self._model_dir(name)
+        tmp = model_dir / f".ACTIVE.{uuid.uuid4().hex}"
+        tmp.write_text(version + "\n", encoding="utf-8")
+        os.replace(tmp, model_dir / "ACTIVE")
+        return package
