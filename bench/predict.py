@@ -1,0 +1,533 @@
+"""Benchmark `POST /predict` on loopback: our node against the seed's Flask app and a bare HTTP floor.
+
+What it measures. Correct-answer throughput and latency of the seed protocol (`{"input_data": [64 grey
+levels]}` → `{"prediction": [[10 logits]]}`) with the digits student MLP, for these servers, each started
+fresh once per run on 127.0.0.1:
+
+    seed-flask      bench/baselines/seed_app.py, the seed's app as it wrote it, Flask's threaded dev server
+    seed-gunicorn   the same app under `gunicorn -w 2` (sync workers), the seed's production advice
+    edgegen         `edgegen serve` (FastAPI on uvicorn, uvloop + httptools), 1 worker
+    edgegen-w2      `edgegen serve --workers 2`
+    floor           bench/baselines/floor_app.py: raw ASGI on the same uvicorn stack, parses the body with
+                    orjson and answers a constant; no model. 1 worker
+    floor-w2        the same with 2 workers: the floor of edgegen-w2
+
+How. The load generator is wrk (Debian's; installed with apt-get when missing) driven by
+bench/predict.lua: each wrk thread holds one connection (`-t C -c C`) and cycles through K distinct bodies
+made from real test-split digit images; the answer must carry the 10 logits ONNX Runtime computes
+in-process for that very image (within 1e-3 abs + rel), or it counts as wrong. Concurrency 1, 8 and 64;
+each measurement is a short wrk run after a short warm-up, in rounds (every round visits every server at
+every concurrency) so machine noise hits all servers alike. The report gives, per server and concurrency,
+the median and min–max over rounds of correct answers per second, the median p50 and p99 latency, wrong
+answers and errors; the ratios against seed-gunicorn and the matching floor; whether the targets of the
+issue are met; the resident memory of our node after the load and its time from start to ready; and the
+in-process floor (`InferenceSession.run`, batch 1 and 32, one intra-op thread).
+
+    python bench/predict.py [--rounds 3] [--duration 5] [--warmup 1] [--concurrency 1,8,64] [--home DIR]
+
+Results go to bench/results/<timestamp>.json; a Markdown table ready to paste is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import orjson
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+BENCH = Path(__file__).resolve().parent
+BASELINES = BENCH / "baselines"
+LUA = BENCH / "predict.lua"
+RESULTS = BENCH / "results"
+BIN = Path(sys.executable).parent
+console = Console()
+
+
+# --- servers -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """One server under test: how to start it and how to tell it is ready."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    cwd: Path
+    ready_path: str  # GET this path for 200, or POST a sample to it
+    ready_post: bytes | None = None
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    startup_s: float = 0.0
+    log: Path | None = None
+    memory: dict[str, int] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGEGEN_", "SEED_"))}
+    env.update(extra)
+    return env
+
+
+def define_servers(home: Path, first_body: bytes) -> list[Server]:
+    tflite = model_file(home, "digits-tflite", "model.tflite")
+    uvicorn_floor = [str(BIN / "uvicorn"), "floor_app:app", "--app-dir", str(BASELINES), "--host", "127.0.0.1"]
+    uvicorn_floor += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    servers: list[Server] = []
+    for name in ("seed-flask", "seed-gunicorn", "edgegen", "edgegen-w2", "floor", "floor-w2"):
+        port = free_port()
+        workers = "2" if name.endswith("w2") else "1"
+        if name == "seed-flask":
+            command = [sys.executable, str(BASELINES / "seed_app.py")]
+        elif name == "seed-gunicorn":
+            command = [str(BIN / "gunicorn"), "-w", "2", "-b", f"127.0.0.1:{port}", "seed_app:app"]
+        elif name.startswith("edgegen"):
+            command = [str(BIN / "edgegen"), "serve", "--port", str(port), "--workers", workers]
+        else:
+            command = [*uvicorn_floor, "--port", str(port), "--workers", workers]
+        if name.startswith("edgegen"):
+            # A home of its own per node (two nodes never share one), with the store built once.
+            node_home = home / "nodes" / name
+            node_home.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                (node_home / "models").symlink_to(home / "models")
+            env = clean_env(EDGEGEN_HOME=str(node_home))
+            ready_path, ready_post = "/v2/health/ready", None
+        else:
+            env = clean_env(SEED_MODEL_PATH=str(tflite), SEED_PORT=str(port))
+            ready_path, ready_post = "/predict", first_body
+        servers.append(Server(name, command, env, BASELINES, ready_path, ready_post, port))
+    return servers
+
+
+def http_status(port: int, path: str, body: bytes | None, timeout: float = 2.0) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        if body is None:
+            connection.request("GET", path)
+        else:
+            connection.request("POST", path, body, {"Content-Type": "application/json"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def start(server: Server, logs: Path, timeout_s: float = 120.0) -> None:
+    """Start the server in its own process group and wait until it answers ready; time that."""
+    server.log = logs / f"{server.name}.log"
+    with server.log.open("wb") as out:
+        started = time.perf_counter()
+        server.process = subprocess.Popen(
+            server.command, cwd=server.cwd, env=server.env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    while time.perf_counter() - started < timeout_s:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.process.returncode}: {tail(server.log)}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if http_status(server.port, server.ready_path, server.ready_post) == 200:
+                server.startup_s = time.perf_counter() - started
+                return
+        time.sleep(0.01)
+    raise RuntimeError(f"{server.name} not ready after {timeout_s:.0f} s: {tail(server.log)}")
+
+
+def stop(server: Server) -> None:
+    process = server.process
+    if process is None or process.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(wait_s)
+            return
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def memory_of(server: Server) -> dict[str, int]:
+    """RSS (and PSS, which counts shared pages once) summed over the server's process tree."""
+    assert server.process is not None
+    root = psutil.Process(server.process.pid)
+    rss = pss = 0
+    processes = [root, *root.children(recursive=True)]
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            info = process.memory_full_info()
+            rss += info.rss
+            pss += getattr(info, "pss", 0)
+    return {"rss": rss, "pss": pss, "processes": len(processes)}
+
+
+# --- data and the in-process floor ----------------------------------------------------------------
+
+
+def model_file(home: Path, name: str, file: str) -> Path:
+    active = home / "models" / name / "ACTIVE"
+    version = active.read_text().strip() if active.exists() else "1"
+    return home / "models" / name / version / file
+
+
+def ensure_models(home: Path) -> None:
+    if model_file(home, "digits", "model.onnx").exists() and model_file(
+        home, "digits-tflite", "model.tflite"
+    ).exists():
+        return
+    console.print(f"[bold]edgegen models pull digits[/] into {home}")
+    subprocess.run(
+        [str(BIN / "edgegen"), "models", "pull", "digits"], env=clean_env(EDGEGEN_HOME=str(home)), check=True
+    )
+
+
+def session(model: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+
+def write_data(model: Path, count: int, path: Path) -> bytes:
+    """Write `body<TAB>10 expected logits` a line for `count` test images; return the first body."""
+    from edgegen.optimize.defaults import sample_inputs
+
+    images = sample_inputs(count)
+    if len(images) < count:  # the test split is ~360 images; cycle it if more are asked
+        images = np.resize(images, (count, images.shape[1]))
+    logits = session(model).run(["logits"], {"input": images.astype(np.float32)})[0]
+    bodies = [orjson.dumps({"input_data": image.tolist()}) for image in images]
+    with path.open("w") as out:
+        for body, row in zip(bodies, logits, strict=True):
+            out.write(body.decode() + "\t" + " ".join(f"{x:.9g}" for x in row) + "\n")
+    return bodies[0]
+
+
+def in_process_floor(model: Path, runs: int = 3000) -> dict[str, float]:
+    """Median µs per sample of `InferenceSession.run`, batch 1 and batch 32, one intra-op thread."""
+    from edgegen.optimize.defaults import sample_inputs
+
+    sess = session(model)
+    floor: dict[str, float] = {}
+    for batch in (1, 32):
+        feed = {"input": np.ascontiguousarray(sample_inputs(batch))}
+        for _ in range(100):
+            sess.run(None, feed)
+        times = []
+        for _ in range(runs if batch == 1 else runs // 4):
+            t0 = time.perf_counter_ns()
+            sess.run(None, feed)
+            times.append(time.perf_counter_ns() - t0)
+        floor[f"batch{batch}_us_per_sample"] = statistics.median(times) / 1000 / batch
+    return floor
+
+
+# --- load ------------------------------------------------------------------------------------------
+
+
+def ensure_wrk() -> str:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        console.print("[bold]wrk[/] is missing: apt-get install -y wrk")
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
+        wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("wrk is not installed and apt-get could not install it")
+    return wrk
+
+
+def run_wrk(wrk: str, port: int, concurrency: int, seconds: int, data: Path) -> dict[str, Any]:
+    command = [wrk, "-t", str(concurrency), "-c", str(concurrency), "-d", f"{seconds}s", "--timeout", "5s"]
+    command += ["-s", str(LUA), f"http://127.0.0.1:{port}", "--", str(data), "/predict"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            result: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
+            result["correct_rps"] = result["correct"] / (result["duration_us"] / 1e6)
+            return result
+    raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Per server × concurrency: median and min–max over rounds; wrong and errors summed."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["server"], run["concurrency"]), []).append(run)
+    summary = {}
+    for key, group in groups.items():
+        rps = [r["correct_rps"] for r in group]
+        summary[key] = {
+            "rounds": len(group),
+            "correct_rps": statistics.median(rps),
+            "correct_rps_min": min(rps),
+            "correct_rps_max": max(rps),
+            "p50_ms": statistics.median(r["p50_us"] for r in group) / 1000,
+            "p99_ms": statistics.median(r["p99_us"] for r in group) / 1000,
+            "requests": sum(r["requests"] for r in group),
+            "wrong": sum(r["wrong"] for r in group),
+            "errors": sum(r["non_200"] + r["socket_errors"] for r in group),
+        }
+    return summary
+
+
+def ratios(summary: dict[tuple[str, int], dict[str, Any]], levels: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for node, floor in (("edgegen", "floor"), ("edgegen-w2", "floor-w2")):
+        for c in levels:
+            ours, seed, bare = summary.get((node, c)), summary.get(("seed-gunicorn", c)), summary.get((floor, c))
+            if ours is None:
+                continue
+            row: dict[str, Any] = {"server": node, "concurrency": c}
+            if seed:
+                row["rps_vs_gunicorn"] = ours["correct_rps"] / max(seed["correct_rps"], 1e-9)
+                row["p50_vs_gunicorn"] = ours["p50_ms"] / seed["p50_ms"]
+                row["p99_vs_gunicorn"] = ours["p99_ms"] / seed["p99_ms"]
+            if bare:
+                row["rps_vs_floor"] = ours["correct_rps"] / bare["correct_rps"]
+            rows.append(row)
+    return rows
+
+
+def targets(summary: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, for each edgegen variant against seed-gunicorn and its matching floor."""
+    checks = []
+    for node, floor in (("edgegen", "floor"), ("edgegen-w2", "floor-w2")):
+        ours64, seed64, bare64 = (summary.get((s, 64)) for s in (node, "seed-gunicorn", floor))
+        ours1, seed1 = summary.get((node, 1)), summary.get(("seed-gunicorn", 1))
+        found: list[tuple[str, float | None, float, Callable[[float, float], bool]]] = []
+        if ours64 and seed64:
+            ratio = ours64["correct_rps"] / max(seed64["correct_rps"], 1e-9)
+            found.append(("c64 throughput ≥ 3× seed-gunicorn", ratio, 3.0, lambda v, t: v >= t))
+            found.append(("c64 p99 ≤ ¼ seed-gunicorn", ours64["p99_ms"] / seed64["p99_ms"], 0.25, _le))
+        if ours64 and bare64:
+            ratio = ours64["correct_rps"] / bare64["correct_rps"]
+            found.append((f"c64 throughput ≥ 50% of {floor}", ratio, 0.5, lambda v, t: v >= t))
+        if ours1 and seed1:
+            found.append(("c1 p50 ≤ seed-gunicorn", ours1["p50_ms"] / seed1["p50_ms"], 1.0, _le))
+        for name, value, threshold, ok in found:
+            met = value is not None and ok(value, threshold)
+            checks.append({"server": node, "target": name, "value": value, "threshold": threshold, "met": met})
+    return checks
+
+
+def _le(value: float, threshold: float) -> bool:
+    return value <= threshold
+
+
+def results_table(summary: dict[tuple[str, int], dict[str, Any]], names: list[str], levels: list[int]) -> Table:
+    table = Table(title="POST /predict, correct answers only (median over rounds)")
+    for column in ("server", "conc", "correct req/s", "min–max", "p50 ms", "p99 ms", "wrong", "errors"):
+        table.add_column(column, justify="left" if column == "server" else "right")
+    for c in levels:
+        for name in names:
+            s = summary.get((name, c))
+            if s:
+                table.add_row(
+                    name, str(c), f"{s['correct_rps']:,.0f}",
+                    f"{s['correct_rps_min']:,.0f}–{s['correct_rps_max']:,.0f}",
+                    f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", str(s["wrong"]), str(s["errors"]),
+                )  # fmt: skip
+        table.add_section()
+    return table
+
+
+def markdown(
+    summary: dict[tuple[str, int], dict[str, Any]],
+    names: list[str],
+    levels: list[int],
+    ratio_rows: list[dict[str, Any]],
+    checks: list[dict[str, Any]],
+) -> str:
+    lines = [
+        "| server | conc | correct req/s (median) | min–max | p50 ms | p99 ms | wrong | errors |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for c in levels:
+        for name in names:
+            s = summary.get((name, c))
+            if s:
+                lines.append(
+                    f"| {name} | {c} | {s['correct_rps']:,.0f} | {s['correct_rps_min']:,.0f}–"
+                    f"{s['correct_rps_max']:,.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['wrong']:,} "
+                    f"| {s['errors']:,} |"
+                )
+    lines += [
+        "",
+        "| server | conc | req/s ÷ seed-gunicorn | req/s ÷ matching floor | p50 ÷ gunicorn | p99 ÷ gunicorn |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for row in ratio_rows:
+        cells = [_fmt(row.get(k)) for k in ("rps_vs_gunicorn", "rps_vs_floor", "p50_vs_gunicorn")]
+        cells.append(_fmt(row.get("p99_vs_gunicorn")))
+        lines.append(f"| {row['server']} | {row['concurrency']} | " + " | ".join(cells) + " |")
+    lines += ["", "| server | target | value | met |", "|---|---|--:|---|"]
+    for check in checks:
+        met = "yes" if check["met"] else "**no**"
+        lines.append(f"| {check['server']} | {check['target']} | {_fmt(check['value'])} | {met} |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.splitlines()
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "wrk": wrk[0].strip() if wrk else "unknown",
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def home_dir(given: Path | None) -> Iterator[Path]:
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given.resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix="edgegen-bench-") as tmp:
+        yield Path(tmp)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every server × concurrency")
+    parser.add_argument("--duration", type=int, default=5, help="seconds of each measured wrk run")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of wrk before each measured run")
+    parser.add_argument("--concurrency", default="1,8,64", help="comma-separated connection counts")
+    parser.add_argument("--samples", type=int, default=256, help="distinct request bodies per wrk thread")
+    parser.add_argument("--servers", default="", help="comma-separated subset of the servers (default all)")
+    parser.add_argument("--home", type=Path, help="EDGEGEN_HOME to use (default: a fresh temp dir)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    wrk = ensure_wrk()
+    info = machine()
+    console.print(f"[bold]machine[/] {info}")
+    runs: list[dict[str, Any]] = []
+    with home_dir(args.home) as home:
+        ensure_models(home)
+        onnx_model = model_file(home, "digits", "model.onnx")
+        data = home / "predict-bodies.tsv"
+        first_body = write_data(onnx_model, args.samples, data)
+        floor_in_process = in_process_floor(onnx_model)
+        console.print(f"[bold]in-process floor[/] (onnxruntime, 1 thread): {floor_in_process}")
+        servers = define_servers(home, first_body)
+        if args.servers:
+            wanted = set(args.servers.split(","))
+            servers = [s for s in servers if s.name in wanted]
+        logs = home / "logs"
+        logs.mkdir(exist_ok=True)
+        try:
+            for server in servers:  # one at a time, so that the start-up times are not contended
+                start(server, logs)
+                console.print(f"started {server.name} on :{server.port} in {server.startup_s:.2f} s")
+            for round_no in range(1, args.rounds + 1):
+                for c in levels:
+                    for server in servers:
+                        run_wrk(wrk, server.port, c, args.warmup, data)
+                        result = run_wrk(wrk, server.port, c, args.duration, data)
+                        result.update(server=server.name, concurrency=c, round=round_no)
+                        runs.append(result)
+                        console.print(
+                            f"round {round_no} c={c:<3} {server.name:<14} {result['correct_rps']:9,.0f} req/s "
+                            f"p50 {result['p50_us'] / 1000:7.2f} ms  p99 {result['p99_us'] / 1000:7.2f} ms  "
+                            f"wrong {result['wrong']}  non-200 {result['non_200']}  "
+                            f"socket errors {result['socket_errors']}"
+                        )
+            for server in servers:
+                server.memory = memory_of(server)
+        finally:
+            for server in servers:
+                stop(server)
+
+    names = [s.name for s in servers]
+    summary = summarize(runs)
+    ratio_rows = ratios(summary, levels)
+    checks = targets(summary)
+    console.print(results_table(summary, names, levels))
+    for server in servers:
+        m = server.memory
+        console.print(
+            f"{server.name:<14} ready in {server.startup_s:5.2f} s   after the load: RSS "
+            f"{m.get('rss', 0) / 2**20:6.1f} MiB, PSS {m.get('pss', 0) / 2**20:6.1f} MiB "
+            f"over {m.get('processes', 0)} processes"
+        )
+    for check in checks:
+        mark = "[green]met[/]" if check["met"] else "[red]MISSED[/]"
+        console.print(f"{check['server']:<11} {check['target']:<36} {_fmt(check['value']):>6}  {mark}")
+    table = markdown(summary, names, levels, ratio_rows, checks)
+    console.print("\n[bold]Markdown[/]\n")
+    print(table)
+
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    record = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": info,
+        "in_process_floor": floor_in_process,
+        "servers": {
+            s.name: {"command": s.command, "startup_s": s.startup_s, "memory": s.memory} for s in servers
+        },
+        "runs": runs,
+        "summary": [{"server": k[0], "concurrency": k[1], **v} for k, v in summary.items()],
+        "ratios": ratio_rows,
+        "targets": checks,
+        "markdown": table,
+    }
+    out.write_text(json.dumps(record, indent=2))
+    console.print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()

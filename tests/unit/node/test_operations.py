@@ -1,0 +1,87 @@
+"""Request ids, metrics, the OpenAPI schema, readiness and hot swapping of versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from starlette.testclient import TestClient
+
+from edgegen.config import Settings
+from edgegen.node.app import create_app
+from edgegen.optimize.layers import mlp_forward
+from edgegen.optimize.onnx_export import mlp_to_onnx
+from edgegen.store import ModelStore
+from tests.conftest import make_layers
+
+SAMPLE = {"input_data": [1.0] * 64}
+
+
+def test_request_id_is_echoed_when_sane_and_replaced_when_not(client: TestClient) -> None:
+    assert (
+        client.post("/predict", json=SAMPLE, headers={"X-Request-ID": "abc-123"}).headers["x-request-id"]
+        == "abc-123"
+    )
+    replaced = client.post("/predict", json=SAMPLE, headers={"X-Request-ID": "bad id\twith <tags>"})
+    assert replaced.headers["x-request-id"] != "bad id\twith <tags>"
+    assert len(replaced.headers["x-request-id"]) == 32
+    assert client.post("/nope").headers["x-request-id"]
+
+
+def test_metrics_count_requests_batches_and_errors(client: TestClient) -> None:
+    client.post("/predict", json=SAMPLE)
+    client.post("/predict", content=b"junk")
+    text = client.get("/metrics").text
+    assert 'edgegen_request_duration_seconds_count{method="POST",model="digits",route="/predict"}' in text
+    assert 'edgegen_responses_total{route="/predict",status="400"} 1.0' in text
+    assert 'edgegen_batch_size_count{model="digits"}' in text
+    assert 'edgegen_inference_duration_seconds_bucket{le="0.001",model="digits"}' in text
+    assert "edgegen_queue_depth" in text
+    assert "process_resident_memory_bytes" in text
+
+
+def test_openapi_lists_every_route(client: TestClient) -> None:
+    paths = set(client.get("/openapi.json").json()["paths"])
+    assert {
+        "/predict",
+        "/models/{name}/predict",
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/{name}",
+        "/v2/models/{name}/ready",
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}",
+        "/v2/models/{name}/versions/{version}/ready",
+        "/v2/models/{name}/versions/{version}/infer",
+        "/metrics",
+    } <= paths
+
+
+def test_activating_a_version_swaps_it_in_without_a_restart(client: TestClient, settings: Settings) -> None:
+    store = ModelStore(settings.store_dir)
+    new_layers = make_layers(seed=7)
+    path = Path(settings.home) / "new.onnx"
+    path.write_bytes(mlp_to_onnx(new_layers))
+    store.add(path, "digits", "2", activate=True)
+    client.portal.call(client.app.state.node.registry.refresh)  # what the store poller does
+    answer = client.post("/predict", json=SAMPLE).json()["prediction"]
+    expected = mlp_forward(new_layers, np.ones((1, 64), np.float32))
+    np.testing.assert_allclose(answer, expected, rtol=1e-5, atol=1e-5)
+    assert client.get("/v2/models/digits").json()["versions"] == ["1", "2"]
+
+
+def test_a_model_that_fails_its_hash_is_not_served_and_the_node_is_not_ready(
+    tmp_path: Path, store: ModelStore
+) -> None:
+    model = store.open("digits-tflite").model_path
+    model.write_bytes(model.read_bytes() + b"tampered")
+    settings = Settings(home=tmp_path, store=store.root, store_poll_s=0)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        for _ in range(500):
+            if client.app.state.node.registry.loaded:
+                break
+            client.get("/v2/health/live")
+        assert client.get("/v2/health/ready").status_code == 503
+        assert client.post("/models/digits-tflite/predict", json=SAMPLE).status_code == 404
+        assert client.post("/predict", json=SAMPLE).status_code == 200
