@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from edgegen.store import ModelStore
 def make_layers(sizes: tuple[int, ...] = (64, 32, 10), seed: int = 0) -> list[DenseLayer]:
     rng = np.random.default_rng(seed)
     layers = []
-    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(
             DenseLayer(
                 weight=(rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32),

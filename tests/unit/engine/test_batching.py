@@ -20,8 +20,8 @@ from edgegen.store import TensorSpec
 class RecordingExecutor:
     """A real executor (y = 2x + row sum) that records batch sizes and can be held at a gate."""
 
-    inputs = [TensorSpec(name="x", dtype="float32", shape=(-1, 3))]
-    outputs = [TensorSpec(name="y", dtype="float32", shape=(-1, 3))]
+    inputs = (TensorSpec(name="x", dtype="float32", shape=(-1, 3)),)
+    outputs = (TensorSpec(name="y", dtype="float32", shape=(-1, 3)),)
 
     def __init__(self) -> None:
         self.batches: list[int] = []
@@ -127,7 +127,7 @@ async def test_executor_failure_fails_only_that_batch() -> None:
 
 async def test_requests_with_different_trailing_shapes_are_not_mixed() -> None:
     class AnyWidth(RecordingExecutor):
-        inputs = [TensorSpec(name="x", dtype="float32", shape=(-1, -1))]
+        inputs = (TensorSpec(name="x", dtype="float32", shape=(-1, -1)),)
 
     executor = AnyWidth()
     batcher = DynamicBatcher("m", [executor], BatchSettings(max_batch_size=8, max_queue_delay_us=10_000))

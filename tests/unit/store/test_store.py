@@ -111,7 +111,7 @@ def test_package_directory_is_added_with_its_hashes_checked(
     package = store.open("digits").path
     other = ModelStore(tmp_path / "other")
     manifest = other.add(package, "copied")
-    assert manifest.name == "copied" and manifest.version == "1"
+    assert (manifest.name, manifest.version) == ("copied", "1")
     assert other.open("copied").manifest.files == store.open("digits").manifest.files
 
     (tmp_path / "bad").mkdir()
