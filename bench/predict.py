@@ -9,7 +9,8 @@ fresh once per run on 127.0.0.1:
     edgegen         `edgegen serve` (FastAPI on uvicorn, uvloop + httptools), 1 worker
     edgegen-w2      `edgegen serve --workers 2`
     floor           bench/baselines/floor_app.py: raw ASGI on the same uvicorn stack, parses the body with
-                    orjson and answers a constant; no model. 1 worker
+                    orjson and answers a constant; no model. 1 worker. Its answers count when well formed
+                    (10 numbers), since they cannot carry the right logits
     floor-w2        the same with 2 workers: the floor of edgegen-w2
 
 How. The load generator is wrk (Debian's; installed with apt-get when missing) driven by
@@ -62,7 +63,8 @@ BASELINES = BENCH / "baselines"
 LUA = BENCH / "predict.lua"
 RESULTS = BENCH / "results"
 BIN = Path(sys.executable).parent
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 130)
+Summary = dict[tuple[str, int], dict[str, Any]]  # (server, concurrency) -> figures over the rounds
 
 
 # --- servers -------------------------------------------------------------------------------------
@@ -78,6 +80,7 @@ class Server:
     cwd: Path
     ready_path: str  # GET this path for 200, or POST a sample to it
     ready_post: bytes | None = None
+    check: str = "values"  # the floor answers a constant: there its answers need only be well formed
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     startup_s: float = 0.0
@@ -99,8 +102,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def define_servers(home: Path, first_body: bytes) -> list[Server]:
     tflite = model_file(home, "digits-tflite", "model.tflite")
-    uvicorn_floor = [str(BIN / "uvicorn"), "floor_app:app", "--app-dir", str(BASELINES), "--host", "127.0.0.1"]
-    uvicorn_floor += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    uvicorn_floor = [str(BIN / "uvicorn"), "floor_app:app", "--app-dir", str(BASELINES)]
+    uvicorn_floor += ["--host", "127.0.0.1", "--loop", "uvloop", "--http", "httptools"]
+    uvicorn_floor += ["--no-access-log", "--log-level", "warning"]
     servers: list[Server] = []
     for name in ("seed-flask", "seed-gunicorn", "edgegen", "edgegen-w2", "floor", "floor-w2"):
         port = free_port()
@@ -124,7 +128,8 @@ def define_servers(home: Path, first_body: bytes) -> list[Server]:
         else:
             env = clean_env(SEED_MODEL_PATH=str(tflite), SEED_PORT=str(port))
             ready_path, ready_post = "/predict", first_body
-        servers.append(Server(name, command, env, BASELINES, ready_path, ready_post, port))
+        check = "shape" if name.startswith("floor") else "values"
+        servers.append(Server(name, command, env, BASELINES, ready_path, ready_post, check, port))
     return servers
 
 
@@ -176,6 +181,18 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def cpu_seconds(server: Server) -> float:
+    """User + system CPU time of the server's process tree so far (its load, not wrk's)."""
+    assert server.process is not None
+    root = psutil.Process(server.process.pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def memory_of(server: Server) -> dict[str, int]:
     """RSS (and PSS, which counts shared pages once) summed over the server's process tree."""
     assert server.process is not None
@@ -200,9 +217,8 @@ def model_file(home: Path, name: str, file: str) -> Path:
 
 
 def ensure_models(home: Path) -> None:
-    if model_file(home, "digits", "model.onnx").exists() and model_file(
-        home, "digits-tflite", "model.tflite"
-    ).exists():
+    wanted = (model_file(home, "digits", "model.onnx"), model_file(home, "digits-tflite", "model.tflite"))
+    if all(path.exists() for path in wanted):
         return
     console.print(f"[bold]edgegen models pull digits[/] into {home}")
     subprocess.run(
@@ -266,9 +282,9 @@ def ensure_wrk() -> str:
     return wrk
 
 
-def run_wrk(wrk: str, port: int, concurrency: int, seconds: int, data: Path) -> dict[str, Any]:
+def run_wrk(wrk: str, server: Server, concurrency: int, seconds: int, data: Path) -> dict[str, Any]:
     command = [wrk, "-t", str(concurrency), "-c", str(concurrency), "-d", f"{seconds}s", "--timeout", "5s"]
-    command += ["-s", str(LUA), f"http://127.0.0.1:{port}", "--", str(data), "/predict"]
+    command += ["-s", str(LUA), f"http://127.0.0.1:{server.port}", "--", str(data), "/predict", server.check]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     for line in done.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
@@ -281,7 +297,7 @@ def run_wrk(wrk: str, port: int, concurrency: int, seconds: int, data: Path) -> 
 # --- report ----------------------------------------------------------------------------------------
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+def summarize(runs: list[dict[str, Any]]) -> Summary:
     """Per server × concurrency: median and min–max over rounds; wrong and errors summed."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for run in runs:
@@ -296,6 +312,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any
             "correct_rps_max": max(rps),
             "p50_ms": statistics.median(r["p50_us"] for r in group) / 1000,
             "p99_ms": statistics.median(r["p99_us"] for r in group) / 1000,
+            "cpu_us_per_answer": statistics.median(r["cpu_us_per_answer"] for r in group),
             "requests": sum(r["requests"] for r in group),
             "wrong": sum(r["wrong"] for r in group),
             "errors": sum(r["non_200"] + r["socket_errors"] for r in group),
@@ -303,11 +320,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any
     return summary
 
 
-def ratios(summary: dict[tuple[str, int], dict[str, Any]], levels: list[int]) -> list[dict[str, Any]]:
+def ratios(summary: Summary, levels: list[int]) -> list[dict[str, Any]]:
     rows = []
     for node, floor in (("edgegen", "floor"), ("edgegen-w2", "floor-w2")):
         for c in levels:
-            ours, seed, bare = summary.get((node, c)), summary.get(("seed-gunicorn", c)), summary.get((floor, c))
+            ours, seed, bare = (summary.get((s, c)) for s in (node, "seed-gunicorn", floor))
             if ours is None:
                 continue
             row: dict[str, Any] = {"server": node, "concurrency": c}
@@ -315,13 +332,13 @@ def ratios(summary: dict[tuple[str, int], dict[str, Any]], levels: list[int]) ->
                 row["rps_vs_gunicorn"] = ours["correct_rps"] / max(seed["correct_rps"], 1e-9)
                 row["p50_vs_gunicorn"] = ours["p50_ms"] / seed["p50_ms"]
                 row["p99_vs_gunicorn"] = ours["p99_ms"] / seed["p99_ms"]
-            if bare:
+            if bare and bare["correct_rps"] > 0:
                 row["rps_vs_floor"] = ours["correct_rps"] / bare["correct_rps"]
             rows.append(row)
     return rows
 
 
-def targets(summary: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+def targets(summary: Summary) -> list[dict[str, Any]]:
     """The issue's targets, for each edgegen variant against seed-gunicorn and its matching floor."""
     checks = []
     for node, floor in (("edgegen", "floor"), ("edgegen-w2", "floor-w2")):
@@ -339,7 +356,8 @@ def targets(summary: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, An
             found.append(("c1 p50 ≤ seed-gunicorn", ours1["p50_ms"] / seed1["p50_ms"], 1.0, _le))
         for name, value, threshold, ok in found:
             met = value is not None and ok(value, threshold)
-            checks.append({"server": node, "target": name, "value": value, "threshold": threshold, "met": met})
+            checks.append({"server": node, "target": name, "value": value, "threshold": threshold})
+            checks[-1]["met"] = met
     return checks
 
 
@@ -347,9 +365,20 @@ def _le(value: float, threshold: float) -> bool:
     return value <= threshold
 
 
-def results_table(summary: dict[tuple[str, int], dict[str, Any]], names: list[str], levels: list[int]) -> Table:
+def results_table(summary: Summary, names: list[str], levels: list[int]) -> Table:
     table = Table(title="POST /predict, correct answers only (median over rounds)")
-    for column in ("server", "conc", "correct req/s", "min–max", "p50 ms", "p99 ms", "wrong", "errors"):
+    columns = (
+        "server",
+        "conc",
+        "correct req/s",
+        "min–max",
+        "p50 ms",
+        "p99 ms",
+        "CPU µs/req",
+        "wrong",
+        "errors",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "server" else "right")
     for c in levels:
         for name in names:
@@ -358,22 +387,23 @@ def results_table(summary: dict[tuple[str, int], dict[str, Any]], names: list[st
                 table.add_row(
                     name, str(c), f"{s['correct_rps']:,.0f}",
                     f"{s['correct_rps_min']:,.0f}–{s['correct_rps_max']:,.0f}",
-                    f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", str(s["wrong"]), str(s["errors"]),
+                    f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}", f"{s['cpu_us_per_answer']:.0f}",
+                    str(s["wrong"]), str(s["errors"]),
                 )  # fmt: skip
         table.add_section()
     return table
 
 
 def markdown(
-    summary: dict[tuple[str, int], dict[str, Any]],
+    summary: Summary,
     names: list[str],
     levels: list[int],
     ratio_rows: list[dict[str, Any]],
     checks: list[dict[str, Any]],
 ) -> str:
     lines = [
-        "| server | conc | correct req/s (median) | min–max | p50 ms | p99 ms | wrong | errors |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| server | conc | correct req/s | min–max | p50 ms | p99 ms | CPU µs/req | wrong | errors |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in levels:
         for name in names:
@@ -381,12 +411,13 @@ def markdown(
             if s:
                 lines.append(
                     f"| {name} | {c} | {s['correct_rps']:,.0f} | {s['correct_rps_min']:,.0f}–"
-                    f"{s['correct_rps_max']:,.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['wrong']:,} "
+                    f"{s['correct_rps_max']:,.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
+                    f"{s['cpu_us_per_answer']:.0f} | {s['wrong']:,} "
                     f"| {s['errors']:,} |"
                 )
     lines += [
         "",
-        "| server | conc | req/s ÷ seed-gunicorn | req/s ÷ matching floor | p50 ÷ gunicorn | p99 ÷ gunicorn |",
+        "| server | conc | req/s ÷ seed-gunicorn | req/s ÷ floor | p50 ÷ gunicorn | p99 ÷ gunicorn |",
         "|---|--:|--:|--:|--:|--:|",
     ]
     for row in ratio_rows:
@@ -420,6 +451,14 @@ def machine() -> dict[str, Any]:
         "wrk": wrk[0].strip() if wrk else "unknown",
         "loadavg_at_start": os.getloadavg(),
     }
+
+
+def progress(r: dict[str, Any]) -> None:
+    console.print(
+        f"round {r['round']} c={r['concurrency']:<3} {r['server']:<14} {r['correct_rps']:9,.0f} req/s  "
+        f"p50 {r['p50_us'] / 1000:7.2f} ms  p99 {r['p99_us'] / 1000:7.2f} ms  wrong {r['wrong']}  "
+        f"non-200 {r['non_200']}  socket errors {r['socket_errors']}"
+    )
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -474,16 +513,14 @@ def main() -> None:
             for round_no in range(1, args.rounds + 1):
                 for c in levels:
                     for server in servers:
-                        run_wrk(wrk, server.port, c, args.warmup, data)
-                        result = run_wrk(wrk, server.port, c, args.duration, data)
-                        result.update(server=server.name, concurrency=c, round=round_no)
+                        run_wrk(wrk, server, c, args.warmup, data)
+                        cpu_before = cpu_seconds(server)
+                        result = run_wrk(wrk, server, c, args.duration, data)
+                        cpu = cpu_seconds(server) - cpu_before
+                        result.update(server=server.name, concurrency=c, round=round_no, server_cpu_s=cpu)
+                        result["cpu_us_per_answer"] = cpu * 1e6 / max(result["requests"], 1)
                         runs.append(result)
-                        console.print(
-                            f"round {round_no} c={c:<3} {server.name:<14} {result['correct_rps']:9,.0f} req/s "
-                            f"p50 {result['p50_us'] / 1000:7.2f} ms  p99 {result['p99_us'] / 1000:7.2f} ms  "
-                            f"wrong {result['wrong']}  non-200 {result['non_200']}  "
-                            f"socket errors {result['socket_errors']}"
-                        )
+                        progress(result)
             for server in servers:
                 server.memory = memory_of(server)
         finally:

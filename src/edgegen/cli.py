@@ -21,7 +21,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serve models
 models_app = typer.Typer(no_args_is_help=True, help="Manage the model store.")
 app.add_typer(models_app, name="models")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[
