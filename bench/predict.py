@@ -491,7 +491,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     wrk = ensure_wrk()
     info = machine()
-    console.print(f"[bold]machine[/] {info}")
+    console.print("[bold]machine[/]", info)
     runs: list[dict[str, Any]] = []
     with home_dir(args.home) as home:
         ensure_models(home)
@@ -499,7 +499,7 @@ def main() -> None:
         data = home / "predict-bodies.tsv"
         first_body = write_data(onnx_model, args.samples, data)
         floor_in_process = in_process_floor(onnx_model)
-        console.print(f"[bold]in-process floor[/] (onnxruntime, 1 thread): {floor_in_process}")
+        console.print("[bold]in-process floor[/] (onnxruntime, 1 intra-op thread):", floor_in_process)
         servers = define_servers(home, first_body)
         if args.servers:
             wanted = set(args.servers.split(","))
