@@ -43,6 +43,13 @@ class BatchSettings(BaseModel):
     )
     max_queue_size: int = Field(1024, ge=1, description="waiting requests beyond which the node answers 503")
     instances: int = Field(1, ge=1, le=16, description="forward passes of this model that may run at once")
+    inline_max_us: int = Field(
+        150,
+        ge=0,
+        le=100_000,
+        description="run a batch on the event loop when it is expected to take at most this long "
+        "(the thread hand-off costs ~100 µs); 0: always in a worker thread",
+    )
 
 
 class ModelOverrides(BaseModel):
@@ -54,6 +61,7 @@ class ModelOverrides(BaseModel):
     max_queue_delay_us: int | None = Field(None, ge=0, le=1_000_000)
     max_queue_size: int | None = Field(None, ge=1)
     instances: int | None = Field(None, ge=1, le=16)
+    inline_max_us: int | None = Field(None, ge=0, le=100_000)
 
 
 class OnnxSettings(BaseModel):
@@ -83,6 +91,7 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port")
     default_model: str = "digits"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = Field(True, description="one JSON line per request (at log level info or debug)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_header_bytes: int = Field(64 * 1024, ge=1024)
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of one inference request")

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from starlette.responses import Response
 
 from edgegen import __version__
@@ -20,7 +23,7 @@ from edgegen.engine.registry import ModelRegistry
 from edgegen.node import errors, seed, v2
 from edgegen.node.middleware import EdgeMiddleware
 from edgegen.node.state import NodeState, node_of
-from edgegen.observe.logs import configure_logging
+from edgegen.observe.logs import AccessLog, configure_logging
 from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
 from edgegen.store import ModelStore
 
@@ -38,6 +41,8 @@ def create_app(settings: Settings) -> FastAPI:
         # Models load in the background: /v2/health/live answers at once, /ready once they are in.
         async def load() -> None:
             await registry.refresh()
+            # What start-up allocated lives as long as the process: keep the collector off it.
+            gc.freeze()
             metrics.models_loaded.set(len(registry.names()))
             log.info("node ready", extra={"models": registry.names(), "ready": registry.ready})
             if settings.store_poll_s > 0:
@@ -61,18 +66,29 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.node = node
     errors.install(app)
-    app.include_router(seed.router)
     app.include_router(v2.router)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def metrics_route(request: Request) -> Response:
         return Response(node_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema["paths"] = {**seed.OPENAPI_PATHS, **schema["paths"]}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    # Added last runs first: the edge middleware sees every request, then the seed's routes are
+    # answered without entering the framework.
+    app.add_middleware(seed.SeedRoutes, node=node)
     app.add_middleware(
         EdgeMiddleware,
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         max_header_bytes=settings.max_header_bytes,
+        access_log=AccessLog(settings.access_log and settings.log_level in ("debug", "info")),
     )
     return app
 

@@ -56,15 +56,21 @@ def error_response(message: str, status: int, headers: dict[str, str] | None = N
     )
 
 
-def _edgegen(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, EdgegenError)
+def render(exc: EdgegenError) -> tuple[int, bytes, dict[str, str]]:
+    """Status, JSON body and extra headers for an edgegen error; logs it once, at the right level."""
     status = status_of(exc)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else {}
     if status >= 500:
         log.warning("request failed", extra={"status": status, "reason": exc.message})
     else:
         log.info("request refused", extra={"status": status, "reason": exc.message})
-    return error_response(exc.message, status, headers)
+    return status, orjson.dumps({"error": exc.message}), headers
+
+
+def _edgegen(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EdgegenError)
+    status, body, headers = render(exc)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _validation(request: Request, exc: Exception) -> Response:

@@ -9,16 +9,17 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgegen.errors import PayloadTooLarge
 from edgegen.node.errors import error_response
-from edgegen.observe.logs import request_id
+from edgegen.observe.logs import AccessLog, request_id
 from edgegen.observe.metrics import NodeMetrics
 
 access = logging.getLogger("edgegen.access")
@@ -27,12 +28,21 @@ SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 class EdgeMiddleware:
     def __init__(
-        self, app: ASGIApp, metrics: NodeMetrics, max_body_bytes: int, max_header_bytes: int
+        self,
+        app: ASGIApp,
+        metrics: NodeMetrics,
+        max_body_bytes: int,
+        max_header_bytes: int,
+        access_log: AccessLog,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.max_headers = max_header_bytes
+        self.access_log = access_log
+        # Generated ids: a random per-process prefix and a counter, unique across workers and cheap.
+        self._prefix = secrets.token_hex(6)
+        self._counter = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,7 +62,10 @@ class EdgeMiddleware:
                 content_length = b"duplicate" if content_length is not None else value
             elif key == b"transfer-encoding":
                 chunked = True
-        rid = given.decode() if given is not None and SANE_ID.match(given) else uuid.uuid4().hex
+        if given is not None and SANE_ID.match(given):
+            rid = given.decode()
+        else:
+            rid = f"{self._prefix}{next(self._counter):010x}"
         token = request_id.set(rid)
         status = 500
         rid_header = (b"x-request-id", rid.encode())
@@ -107,19 +120,19 @@ class EdgeMiddleware:
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         try:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
+            # The seed's routes name their template themselves; FastAPI's routes leave theirs in scope.
+            template = scope.get("edgegen.route") or getattr(scope.get("route"), "path", "unmatched")
             model = scope.get("state", {}).get("model", "")
             self.metrics.observe_request(template, scope["method"], model, status, seconds)
-            access.info(
-                "request",
-                extra={
+            self.access_log.write(
+                {
+                    "request_id": request_id.get(),
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
                     "ms": round(seconds * 1000, 3),
                     "model": model,
-                },
+                }
             )
         except Exception:
             access.exception("request accounting failed")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -20,11 +21,14 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
+def timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -52,3 +56,22 @@ def configure_logging(level: str = "info") -> None:
         logging.getLogger(name).propagate = True
     # Our middleware writes the access line, with the request id and the model.
     logging.getLogger("uvicorn.access").disabled = True
+
+
+class AccessLog:
+    """One JSON line per request, written straight to stderr.
+
+    The logging module's records, handlers and formatter cost about 45 µs a line, more than a
+    small model's whole forward pass; this writes the same shape of line for a few µs.
+    """
+
+    def __init__(self, enabled: bool = True, fd: int = 2) -> None:
+        self.enabled = enabled
+        self._fd = fd
+
+    def write(self, fields: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = {"ts": timestamp(time.time()), "level": "info", "logger": "edgegen.access", "msg": "request"}
+        line.update(fields)
+        os.write(self._fd, orjson.dumps(line) + b"\n")

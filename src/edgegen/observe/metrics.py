@@ -8,6 +8,7 @@ adds them up, so any worker answers for the whole node.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -70,6 +71,7 @@ class NodeMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self._children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         if not self.multiprocess:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -84,8 +86,17 @@ class NodeMetrics:
         self.inference_seconds.labels(model).observe(seconds)
 
     def observe_request(self, route: str, method: str, model: str, status: int, seconds: float) -> None:
-        self.request_seconds.labels(route, method, model).observe(seconds)
-        self.responses.labels(route, str(status)).inc()
+        # Label lookups cost more than the observation; routes x models x statuses stay few.
+        key = (route, method, model, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.request_seconds.labels(route, method, model),
+                self.responses.labels(route, str(status)),
+            )
+            self._children[key] = children
+        children[0].observe(seconds)
+        children[1].inc()
 
     def render(self) -> bytes:
         if self.multiprocess:
