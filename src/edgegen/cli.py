@@ -98,6 +98,7 @@ def serve(
         access_log=False,
         log_config=None,
         server_header=False,
+        proxy_headers=False,  # forwarded headers are the gateway's business, never a client's
         timeout_graceful_shutdown=10,
     )
 

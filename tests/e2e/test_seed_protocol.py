@@ -204,8 +204,13 @@ def test_json_nested_100000_levels_is_400(node: NodeProcess) -> None:
 
 def test_logs_are_json_lines_with_the_request_id(node: NodeProcess) -> None:
     httpx.post(f"{node.url}/predict", json={"input_data": [1] * 64}, headers={"X-Request-ID": "trace-me-42"})
-    lines = [json.loads(line) for line in node.log().splitlines() if line.startswith("{")]
-    access = [line for line in lines if line.get("request_id") == "trace-me-42"]
+    until = time.monotonic() + 5  # access lines are written in batches, every 0.2 s
+    while time.monotonic() < until:
+        lines = [json.loads(line) for line in node.log().splitlines() if line.startswith("{")]
+        access = [line for line in lines if line.get("request_id") == "trace-me-42"]
+        if access:
+            break
+        time.sleep(0.05)
     assert access
     assert access[-1]["path"] == "/predict"
     assert access[-1]["status"] == 200

@@ -53,6 +53,11 @@ class _Request:
         self.key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(self.feeds.items()))
 
 
+def _expire(future: asyncio.Future[dict[str, np.ndarray]], model: str, timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceeded(f"model {model!r} did not answer within {timeout_s:g} s"))
+
+
 def collate(feeds: Sequence[Feeds]) -> tuple[dict[str, np.ndarray], list[int]]:
     """Stack requests along the first dimension; return the batch and each request's row offset.
 
@@ -123,11 +128,12 @@ class DynamicBatcher:
         except asyncio.QueueFull:
             raise Overloaded(f"model {self.model!r} is at capacity; retry shortly") from None
         self._observe_queue()
+        # One timer per request, cheaper than asyncio.timeout(); a worker skips expired requests.
+        expiry = loop.call_later(timeout_s, _expire, request.future, self.model, timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                return await request.future
-        except TimeoutError:
-            raise DeadlineExceeded(f"model {self.model!r} did not answer within {timeout_s:g} s") from None
+            return await request.future
+        finally:
+            expiry.cancel()
 
     async def drain(self) -> None:
         """Finish what is queued and running, then stop the workers and free the executors."""

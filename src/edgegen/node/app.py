@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from edgegen import __version__
 from edgegen.config import Settings, load_settings
@@ -30,11 +31,32 @@ from edgegen.store import ModelStore
 log = logging.getLogger("edgegen.node")
 
 
-def create_app(settings: Settings) -> FastAPI:
+class NodeApp:
+    """The ASGI entry of a node; `state` is the FastAPI app's, so `app.state.node` works on both."""
+
+    def __init__(self, api: FastAPI, node: NodeState) -> None:
+        self.api = api
+        self.state = api.state
+        self._entry = EdgeMiddleware(
+            seed.SeedRoutes(api, node),
+            metrics=node.metrics,
+            max_body_bytes=node.settings.max_body_bytes,
+            max_header_bytes=node.settings.max_header_bytes,
+            access_log=node.access_log,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._entry(scope, receive, send)
+
+
+def create_app(settings: Settings) -> NodeApp:
     metrics = NodeMetrics()
     store = ModelStore(settings.store_dir)
     registry = ModelRegistry(store, settings, observer=metrics)
-    node = NodeState(settings=settings, store=store, registry=registry, metrics=metrics)
+    access_log = AccessLog(settings.access_log and settings.log_level in ("debug", "info"))
+    node = NodeState(
+        settings=settings, store=store, registry=registry, metrics=metrics, access_log=access_log
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,6 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
             await registry.close()
+            access_log.flush()
 
     app = FastAPI(
         title="edgegen node",
@@ -80,20 +103,10 @@ def create_app(settings: Settings) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    # Added last runs first: the edge middleware sees every request, then the seed's routes are
-    # answered without entering the framework.
-    app.add_middleware(seed.SeedRoutes, node=node)
-    app.add_middleware(
-        EdgeMiddleware,
-        metrics=metrics,
-        max_body_bytes=settings.max_body_bytes,
-        max_header_bytes=settings.max_header_bytes,
-        access_log=AccessLog(settings.access_log and settings.log_level in ("debug", "info")),
-    )
-    return app
+    return NodeApp(app, node)
 
 
-def app_from_environment() -> FastAPI:
+def app_from_environment() -> NodeApp:
     settings = load_settings()
     configure_logging(settings.log_level)
     return create_app(settings)

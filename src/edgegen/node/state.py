@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from edgegen.config import Settings
 from edgegen.engine.registry import ModelRegistry
+from edgegen.observe.logs import AccessLog
 from edgegen.observe.metrics import NodeMetrics
 from edgegen.store import ModelStore
 
@@ -19,6 +20,7 @@ class NodeState:
     store: ModelStore
     registry: ModelRegistry
     metrics: NodeMetrics
+    access_log: AccessLog
     started: float = field(default_factory=time.monotonic)
 
 

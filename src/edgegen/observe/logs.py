@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import os
@@ -59,19 +60,46 @@ def configure_logging(level: str = "info") -> None:
 
 
 class AccessLog:
-    """One JSON line per request, written straight to stderr.
+    """One JSON line per request, written to stderr in batches.
 
-    The logging module's records, handlers and formatter cost about 45 µs a line, more than a
-    small model's whole forward pass; this writes the same shape of line for a few µs.
+    The logging module's records, handlers and formatter cost about 45 µs a line and a write(2) per
+    request another 10 µs, more than a small model's whole forward pass. Lines are kept in memory
+    and written together every `flush_s` seconds or `max_bytes` bytes, as nginx's `access_log
+    buffer=` does; a crash loses at most that window of access lines (errors go through `logging`).
     """
 
-    def __init__(self, enabled: bool = True, fd: int = 2) -> None:
+    def __init__(
+        self, enabled: bool = True, fd: int = 2, flush_s: float = 0.2, max_bytes: int = 64 * 1024
+    ) -> None:
         self.enabled = enabled
         self._fd = fd
+        self._flush_s = flush_s
+        self._max_bytes = max_bytes
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
 
     def write(self, fields: dict[str, Any]) -> None:
         if not self.enabled:
             return
         line = {"ts": timestamp(time.time()), "level": "info", "logger": "edgegen.access", "msg": "request"}
         line.update(fields)
-        os.write(self._fd, orjson.dumps(line) + b"\n")
+        data = orjson.dumps(line) + b"\n"
+        self._lines.append(data)
+        self._size += len(data)
+        if self._size >= self._max_bytes:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._flush_s, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        data = memoryview(b"".join(self._lines))
+        self._lines.clear()
+        self._size = 0
+        while data:
+            data = data[os.write(self._fd, data) :]
