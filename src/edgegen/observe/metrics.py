@@ -72,18 +72,32 @@ class NodeMetrics:
             multiprocess_mode="livemax",
         )
         self._children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
+        self._per_model: dict[str, tuple[Any, Any, Any, Any]] = {}
         if not self.multiprocess:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
 
     # BatchObserver
+    def _model_children(self, model: str) -> tuple[Any, Any, Any, Any]:
+        children = self._per_model.get(model)
+        if children is None:
+            children = (
+                self.queue_depth.labels(model),
+                self.batch_rows.labels(model),
+                self.batch_requests.labels(model),
+                self.inference_seconds.labels(model),
+            )
+            self._per_model[model] = children
+        return children
+
     def on_queue(self, model: str, depth: int) -> None:
-        self.queue_depth.labels(model).set(depth)
+        self._model_children(model)[0].set(depth)
 
     def on_batch(self, model: str, rows: int, requests: int, seconds: float) -> None:
-        self.batch_rows.labels(model).observe(rows)
-        self.batch_requests.labels(model).observe(requests)
-        self.inference_seconds.labels(model).observe(seconds)
+        _, batch_rows, batch_requests, inference_seconds = self._model_children(model)
+        batch_rows.observe(rows)
+        batch_requests.observe(requests)
+        inference_seconds.observe(seconds)
 
     def observe_request(self, route: str, method: str, model: str, status: int, seconds: float) -> None:
         # Label lookups cost more than the observation; routes x models x statuses stay few.
