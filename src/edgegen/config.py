@@ -79,6 +79,23 @@ class TFLiteSettings(BaseModel):
     threads: int = Field(1, ge=1, le=256)
 
 
+class LlmSettings(BaseModel):
+    """Generation with llama.cpp: one context holding `max_num_seqs` sequences of `ctx_per_seq` tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_seqs: int = Field(8, ge=1, le=256, description="sequences decoded together (continuous batching)")
+    ctx_per_seq: int = Field(
+        2048, ge=64, le=131_072, description="KV positions per sequence (prompt + output)"
+    )
+    n_batch: int = Field(512, ge=16, le=8192, description="tokens one decode step may carry (prefill chunk)")
+    threads: int = Field(0, ge=0, le=256, description="llama.cpp threads; 0: one per core")
+    max_waiting: int = Field(
+        64, ge=0, description="requests waiting for a slot beyond which the node answers 429"
+    )
+    timeout_s: float = Field(300.0, gt=0, description="deadline of one generation")
+
+
 class Settings(BaseSettings):
     """Everything a node reads at start-up."""
 
@@ -100,6 +117,7 @@ class Settings(BaseSettings):
     models: dict[str, ModelOverrides] = Field(default_factory=dict)
     onnx: OnnxSettings = Field(default_factory=OnnxSettings)
     tflite: TFLiteSettings = Field(default_factory=TFLiteSettings)
+    llm: LlmSettings = Field(default_factory=LlmSettings)
 
     @classmethod
     def settings_customise_sources(

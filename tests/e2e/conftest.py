@@ -7,18 +7,29 @@ import pytest
 
 from tests.conftest import fill_store
 from tests.e2e.node_process import NodeProcess
+from tests.llm_models import write_tiny_llama
+
+# Small enough to start fast and to fill up in tests; 2 threads as on this machine.
+LLM_ENV = {
+    "EDGEGEN_LLM__MAX_NUM_SEQS": "8",
+    "EDGEGEN_LLM__CTX_PER_SEQ": "2048",
+    "EDGEGEN_LLM__N_BATCH": "128",
+    "EDGEGEN_LLM__THREADS": "2",
+    "EDGEGEN_LLM__MAX_WAITING": "16",
+}
 
 
 @pytest.fixture(scope="module")
 def node_home(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]) -> Path:
     home = tmp_path_factory.mktemp("home")
-    fill_store(home / "models", model_files)
+    store = fill_store(home / "models", model_files)
+    store.add(write_tiny_llama(home / "tiny.gguf"), "tiny-llm", task="text-generation")
     return home
 
 
 @pytest.fixture(scope="module")
 def node(node_home: Path) -> Iterator[NodeProcess]:
-    process = NodeProcess(node_home, env={"EDGEGEN_STORE_POLL_S": "0.2"}).start()
+    process = NodeProcess(node_home, env={"EDGEGEN_STORE_POLL_S": "0.2", **LLM_ENV}).start()
     try:
         yield process
     finally:

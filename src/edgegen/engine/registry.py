@@ -1,4 +1,7 @@
-"""The models a node serves: one batcher each, loaded at start-up and swapped on activation.
+"""The models a node serves, loaded at start-up and swapped on activation.
+
+Fixed-shape models (ONNX, TFLite) get a dynamic batcher; language models (GGUF) a generation
+scheduler over llama.cpp.
 
 The store's ACTIVE pointers are the source of truth. `refresh()` compares them with what is loaded
 and swaps in a newly activated version without dropping a request: the new version is loaded and
@@ -13,27 +16,58 @@ from dataclasses import dataclass
 
 from edgegen.config import Settings
 from edgegen.engine.batching import BatchObserver, DynamicBatcher
-from edgegen.errors import EdgegenError, ModelNotFound, Overloaded
-from edgegen.executors import load_executor
+from edgegen.engine.generation import GenerationObserver, Scheduler
+from edgegen.errors import EdgegenError, InvalidInput, ModelNotFound, Overloaded
+from edgegen.executors import load_executor, load_llm
 from edgegen.store import Manifest, ModelStore
 
 log = logging.getLogger(__name__)
-
-# Formats served through the dynamic batcher; LLM formats have their own engine.
-BATCHED_FORMATS = ("onnx", "tflite")
 
 
 @dataclass(frozen=True)
 class ServedModel:
     manifest: Manifest
-    batcher: DynamicBatcher
+    batcher: DynamicBatcher | None = None
+    scheduler: Scheduler | None = None
+
+    def fixed_shape(self) -> DynamicBatcher:
+        """The batcher, or a clear refusal when this model generates text instead."""
+        if self.batcher is None:
+            name = self.manifest.name
+            raise InvalidInput(f"model {name!r} generates text; use /v1/completions or /v1/chat/completions")
+        return self.batcher
+
+    def start(self) -> None:
+        if self.batcher is not None:
+            self.batcher.start()
+        if self.scheduler is not None:
+            self.scheduler.start()
+
+    async def drain(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.drain()
+        if self.scheduler is not None:
+            await self.scheduler.close()
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.scheduler is not None:
+            await self.scheduler.close()
 
 
 class ModelRegistry:
-    def __init__(self, store: ModelStore, settings: Settings, observer: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        settings: Settings,
+        observer: BatchObserver | None = None,
+        generation_observer: GenerationObserver | None = None,
+    ) -> None:
         self._store = store
         self._settings = settings
         self._observer = observer
+        self._generation_observer = generation_observer
         self._models: dict[str, ServedModel] = {}
         self._failed: dict[str, str] = {}
         self._draining: set[asyncio.Task[None]] = set()
@@ -77,9 +111,7 @@ class ModelRegistry:
             except EdgegenError as exc:
                 self._fail(name, exc)
                 continue
-            if served is None:
-                continue
-            served.batcher.start()
+            served.start()
             self._models[name] = served
             self._failed.pop(name, None)
             log.info(
@@ -91,20 +123,32 @@ class ModelRegistry:
             self._drain(self._models.pop(name))
         self.loaded = True
 
-    def _load(self, name: str, version: str) -> ServedModel | None:
+    def _load(self, name: str, version: str) -> ServedModel:
         package = self._store.open(name, version)
-        if package.manifest.format not in BATCHED_FORMATS:
-            return None
+        if package.manifest.format == "gguf":
+            llm = self._settings.llm
+            executor = load_llm(package.model_path, llm)
+            scheduler = Scheduler(
+                name,
+                executor,
+                max_num_seqs=llm.max_num_seqs,
+                n_batch=llm.n_batch,
+                max_waiting=llm.max_waiting,
+                observer=self._generation_observer,
+            )
+            return ServedModel(package.manifest, scheduler=scheduler)
         batching = self._settings.batching_for(name)
         executors = [
             load_executor(package.model_path, package.manifest.format, self._settings)
             for _ in range(batching.instances)
         ]
-        return ServedModel(package.manifest, DynamicBatcher(name, executors, batching, self._observer))
+        return ServedModel(
+            package.manifest, batcher=DynamicBatcher(name, executors, batching, self._observer)
+        )
 
     def _drain(self, served: ServedModel) -> None:
         # The old version answers what it already queued, then frees its executors.
-        task = asyncio.create_task(served.batcher.drain())
+        task = asyncio.create_task(served.drain())
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
 
@@ -124,5 +168,5 @@ class ModelRegistry:
 
     async def close(self) -> None:
         await asyncio.gather(*self._draining, return_exceptions=True)
-        await asyncio.gather(*(m.batcher.close() for m in self._models.values()))
+        await asyncio.gather(*(m.close() for m in self._models.values()))
         self._models.clear()

@@ -7,12 +7,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgegen.config import Settings
+from edgegen.config import LlmSettings, Settings
 from edgegen.errors import ExecutorError
-from edgegen.executors.base import Executor
+from edgegen.executors.base import Executor, LlmExecutor
 from edgegen.store.manifest import Format, TensorSpec
 
-__all__ = ["Executor", "describe_model", "load_executor"]
+__all__ = ["Executor", "LlmExecutor", "describe_model", "load_executor", "load_llm"]
+
+
+def load_llm(path: Path, settings: LlmSettings) -> LlmExecutor:
+    """Load a GGUF language model with llama.cpp (imported here: nodes without LLMs never load it).
+
+    The file is checked by our own GGUF reader first: llama.cpp must never parse a malformed file.
+    """
+    from edgegen.executors.llamacpp import LlamaExecutor
+    from edgegen.store.gguf import read_gguf
+
+    read_gguf(path)
+    return LlamaExecutor(path, settings)
 
 
 def load_executor(path: Path, fmt: Format, settings: Settings | None = None) -> Executor:
@@ -30,7 +42,12 @@ def load_executor(path: Path, fmt: Format, settings: Settings | None = None) -> 
 
 
 def describe_model(path: Path, fmt: Format) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Read a model file's input and output tensors by loading it once."""
+    """Read a model file's input and output tensors (by loading it once; a GGUF by reading its header)."""
+    if fmt == "gguf":
+        from edgegen.store.gguf import describe
+
+        inputs, outputs, _ = describe(path)
+        return inputs, outputs
     executor = load_executor(path, fmt)
     try:
         return list(executor.inputs), list(executor.outputs)

@@ -8,6 +8,7 @@ instance is never entered twice at once.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -21,6 +22,49 @@ class Executor(Protocol):
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward pass: input name -> array (B, ...), returns output name -> array (B, ...)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DecodeItem:
+    """One sequence's share of a decode step: `tokens` placed at positions pos, pos+1, …"""
+
+    seq: int
+    tokens: Sequence[int]
+    pos: int
+    logits: bool  # whether the step must return logits for the last of these tokens
+
+
+class LlmExecutor(Protocol):
+    """A language model with a KV cache holding several sequences (slots 0 … n_seq-1).
+
+    `decode` runs one batched forward pass over a mix of prompt chunks and single decode tokens and
+    returns one row of logits (n_vocab,) per item that asked for them, in item order. The rows are
+    valid until the next call. The engine never calls two methods at once.
+    """
+
+    n_vocab: int
+    n_seq: int
+    n_ctx_seq: int  # KV positions available to one sequence
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]: ...
+
+    def piece(self, token: int) -> bytes: ...
+
+    def is_end(self, token: int) -> bool: ...
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str: ...
+
+    def decode(self, items: Sequence[DecodeItem]) -> list[np.ndarray]: ...
+
+    def forget(self, seq: int, start: int) -> None:
+        """Drop KV positions >= start of sequence `seq` (start 0 empties it)."""
+        ...
+
+    def share(self, src: int, dst: int, length: int) -> None:
+        """Make positions [0, length) of `src`'s cache part of `dst`'s too (no recompute)."""
         ...
 
     def close(self) -> None: ...

@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from edgegen import __version__
 from edgegen.config import Settings, load_settings
 from edgegen.engine.registry import ModelRegistry
-from edgegen.node import errors, seed, v2
+from edgegen.node import errors, openai, seed, v2
 from edgegen.node.middleware import EdgeMiddleware
 from edgegen.node.state import NodeState, node_of
 from edgegen.observe.logs import AccessLog, configure_logging
@@ -52,7 +52,7 @@ class NodeApp:
 def create_app(settings: Settings) -> NodeApp:
     metrics = NodeMetrics()
     store = ModelStore(settings.store_dir)
-    registry = ModelRegistry(store, settings, observer=metrics)
+    registry = ModelRegistry(store, settings, observer=metrics, generation_observer=metrics)
     access_log = AccessLog(settings.access_log and settings.log_level in ("debug", "info"))
     node = NodeState(
         settings=settings, store=store, registry=registry, metrics=metrics, access_log=access_log
@@ -90,6 +90,7 @@ def create_app(settings: Settings) -> NodeApp:
     app.state.node = node
     errors.install(app)
     app.include_router(v2.router)
+    app.include_router(openai.router)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def metrics_route(request: Request) -> Response:

@@ -50,26 +50,59 @@ def status_of(exc: EdgegenError) -> int:
     return 500
 
 
-def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps({"error": message}), status_code=status, media_type="application/json", headers=headers
-    )
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
-def render(exc: EdgegenError) -> tuple[int, bytes, dict[str, str]]:
-    """Status, JSON body and extra headers for an edgegen error; logs it once, at the right level."""
+def is_openai(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_body(message: str, status: int, openai: bool) -> bytes:
+    """`{"error": "..."}` (seed, KServe v2) or OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
+    if not openai:
+        return orjson.dumps({"error": message})
+    kind = OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    code = "model_not_found" if status == 404 else None
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+
+
+def render(exc: EdgegenError, openai: bool = False) -> tuple[int, bytes, dict[str, str]]:
+    """Status, JSON body and extra headers for an edgegen error; logs it once, at the right level.
+
+    A full queue is 503 for the fixed-shape protocols (Triton's convention) and 429 for OpenAI's.
+    """
     status = status_of(exc)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else {}
+    headers: dict[str, str] = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(exc.retry_after)
+        if openai:
+            status = 429
     if status >= 500:
         log.warning("request failed", extra={"status": status, "reason": exc.message})
     else:
         log.info("request refused", extra={"status": status, "reason": exc.message})
-    return status, orjson.dumps({"error": exc.message}), headers
+    return status, error_body(exc.message, status, openai), headers
+
+
+def error_response(
+    message: str, status: int, headers: dict[str, str] | None = None, openai: bool = False
+) -> Response:
+    return Response(
+        error_body(message, status, openai),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def _edgegen(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EdgegenError)
-    status, body, headers = render(exc)
+    status, body, headers = render(exc, is_openai(request.url.path))
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -79,18 +112,19 @@ def _validation(request: Request, exc: Exception) -> Response:
     where = ".".join(str(p) for p in first["loc"] if p != "body")
     message = f"{where}: {first['msg']}" if where else str(first["msg"])
     log.info("request refused", extra={"status": 400, "reason": message})
-    return error_response(message, 400)
+    return error_response(message, 400, openai=is_openai(request.url.path))
 
 
 def _http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     messages = {404: "not found", 405: "method not allowed"}
-    return error_response(messages.get(exc.status_code, str(exc.detail)), exc.status_code, exc.headers)
+    message = messages.get(exc.status_code, str(exc.detail))
+    return error_response(message, exc.status_code, exc.headers, openai=is_openai(request.url.path))
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc)
-    return error_response("internal error", 500)
+    return error_response("internal error", 500, openai=is_openai(request.url.path))
 
 
 def install(app: FastAPI) -> None:

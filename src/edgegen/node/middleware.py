@@ -18,7 +18,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgegen.errors import PayloadTooLarge
-from edgegen.node.errors import error_response
+from edgegen.node.errors import error_response, is_openai
 from edgegen.observe.logs import AccessLog, request_id
 from edgegen.observe.metrics import NodeMetrics
 
@@ -82,7 +82,10 @@ class EdgeMiddleware:
             if refusal is not None:
                 message, code = refusal
                 access.info("request refused", extra={"status": code, "reason": message})
-                await error_response(message, code, {"Connection": "close"})(scope, receive, send_with_id)
+                response = error_response(
+                    message, code, {"Connection": "close"}, openai=is_openai(scope["path"])
+                )
+                await response(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         finally:

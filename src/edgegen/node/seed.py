@@ -95,6 +95,7 @@ class SeedRoutes:
     async def _predict(self, scope: Scope, receive: Receive, name: str) -> bytes:
         served = self.node.registry.get(name)
         scope.setdefault("state", {})["model"] = name
+        batcher = served.fixed_shape()
         manifest = served.manifest
         if len(manifest.inputs) != 1:
             raise InvalidInput(f"model {name!r} takes several inputs; use /v2/models/{name}/infer")
@@ -103,7 +104,7 @@ class SeedRoutes:
             raise InvalidInput('the body must be a JSON object with an "input_data" list')
         spec = manifest.inputs[0]
         batch = to_batch(payload["input_data"], spec)
-        outputs = await served.batcher.submit({spec.name: batch}, self.node.settings.request_timeout_s)
+        outputs = await batcher.submit({spec.name: batch}, self.node.settings.request_timeout_s)
         return orjson.dumps(
             {"prediction": outputs[manifest.outputs[0].name]}, option=orjson.OPT_SERIALIZE_NUMPY
         )

@@ -197,6 +197,7 @@ def _requested_outputs(header: dict[str, Any], manifest: Manifest) -> list[tuple
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     node = node_of(request)
     served = _served(request, name, version)
+    batcher = served.fixed_shape()
     manifest = served.manifest
     head, binary = _split_body(request, await request.body())
     header = parse_json(head)
@@ -224,7 +225,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("id must be a string")
 
-    outputs = await served.batcher.submit(feeds, node.settings.request_timeout_s)
+    outputs = await batcher.submit(feeds, node.settings.request_timeout_s)
 
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []

@@ -71,6 +71,53 @@ class NodeMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.ttft_seconds = Histogram(
+            "edgegen_time_to_first_token_seconds",
+            "From a generation's arrival to its first token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_seconds = Histogram(
+            "edgegen_inter_token_latency_seconds",
+            "Between two tokens of one generation.",
+            ["model"],
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "edgegen_prompt_tokens_total", "Prompt tokens received.", ["model"], registry=r
+        )
+        self.prefix_cache_tokens = Counter(
+            "edgegen_prefix_cache_hit_tokens_total",
+            "Prompt tokens whose KV cache was reused instead of computed.",
+            ["model"],
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "edgegen_generated_tokens_total", "Tokens generated.", ["model"], registry=r
+        )
+        self.sequences = Gauge(
+            "edgegen_sequences",
+            "Generations by state.",
+            ["model", "state"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.kv_cache_usage = Gauge(
+            "edgegen_kv_cache_usage_ratio",
+            "Share of the sequences' KV positions holding tokens (cached prefixes included).",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.decode_step_tokens = Histogram(
+            "edgegen_decode_step_tokens",
+            "Tokens in one decode step.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self._children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self._per_model: dict[str, tuple[Any, Any, Any, Any]] = {}
         if not self.multiprocess:
@@ -98,6 +145,25 @@ class NodeMetrics:
         batch_rows.observe(rows)
         batch_requests.observe(requests)
         inference_seconds.observe(seconds)
+
+    # GenerationObserver
+    def on_step(
+        self, model: str, running: int, waiting: int, tokens: int, kv_used: int, kv_total: int
+    ) -> None:
+        self.sequences.labels(model, "running").set(running)
+        self.sequences.labels(model, "waiting").set(waiting)
+        self.decode_step_tokens.labels(model).observe(tokens)
+        self.kv_cache_usage.labels(model).set(kv_used / kv_total if kv_total else 0.0)
+
+    def on_first_token(self, model: str, seconds: float, prompt_tokens: int, cached_tokens: int) -> None:
+        self.ttft_seconds.labels(model).observe(seconds)
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.prefix_cache_tokens.labels(model).inc(cached_tokens)
+        self.generated_tokens.labels(model).inc()
+
+    def on_token(self, model: str, seconds: float) -> None:
+        self.inter_token_seconds.labels(model).observe(seconds)
+        self.generated_tokens.labels(model).inc()
 
     def observe_request(self, route: str, method: str, model: str, status: int, seconds: float) -> None:
         # Label lookups cost more than the observation; routes x models x statuses stay few.

@@ -1,0 +1,406 @@
+"""Continuous batching for language models: our scheduler over an `LlmExecutor`.
+
+Every step builds one batch for `executor.decode`: one token of each running sequence, then chunks of
+waiting prompts up to the step's token budget (`n_batch`), so a long prompt is prefilled over several
+steps while the running streams keep getting a token per step. A sequence joins as soon as a slot is
+free and leaves the moment it finishes, is cancelled or passes its deadline.
+
+Prefix caching: a finished sequence's slot keeps its KV cache and remembers the tokens in it. A new
+prompt finds the slot (busy or free) whose cached tokens share the longest prefix with it and prefills
+only the rest — a common system prompt or a chat's earlier turns are computed once. When that slot
+is free the new sequence continues in it; otherwise it takes the least valuable free slot and the
+prefix is shared into it (llama.cpp's seq_cp: the cells are tagged, not copied), so one system prompt
+cached once serves every slot at the same time. A free slot whose cache goes on past the common prefix
+(an earlier chat's answer) is kept as it is while another slot is free.
+
+The decode call and the sampling run in one worker thread (llama.cpp releases the GIL), so the event
+loop keeps serving HTTP meanwhile; all scheduler state is touched only on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from edgegen.engine.sampling import SamplingParams, sample
+from edgegen.engine.text import TextStream
+from edgegen.errors import DeadlineExceeded, EdgegenError, ExecutorError, InvalidInput, Overloaded
+from edgegen.executors.base import DecodeItem, LlmExecutor
+
+log = logging.getLogger(__name__)
+
+
+class GenerationObserver(Protocol):
+    def on_step(
+        self, model: str, running: int, waiting: int, tokens: int, kv_used: int, kv_total: int
+    ) -> None: ...
+
+    def on_first_token(self, model: str, seconds: float, prompt_tokens: int, cached_tokens: int) -> None: ...
+
+    def on_token(self, model: str, seconds: float) -> None: ...
+
+
+@dataclass
+class Event:
+    """A piece of a generation's output: new text, and at the end why it finished."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length"
+    error: EdgegenError | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(eq=False)
+class _Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    deadline: float
+    text: TextStream
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    rng: np.random.Generator = field(init=False)
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens already in the KV cache
+    generated: list[int] = field(default_factory=list)
+    pending: int | None = None  # sampled, not yet decoded into the cache
+    usage: Usage = field(default_factory=Usage)
+    submitted: float = field(default_factory=time.perf_counter)
+    last_token_at: float = 0.0
+    cancelled: bool = False
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.params.seed)
+        self.usage.prompt_tokens = len(self.prompt)
+
+
+class Generation:
+    """The handle a route holds: iterate its events; `cancel()` frees its slot at the next step."""
+
+    def __init__(self, sequence: _Sequence, scheduler: Scheduler) -> None:
+        self._sequence = sequence
+        self._scheduler = scheduler
+
+    @property
+    def usage(self) -> Usage:
+        return self._sequence.usage
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._sequence.events.get()
+            if event.error is not None:
+                raise event.error
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        if not self._sequence.done:
+            self._sequence.cancelled = True
+            self._scheduler.wake()
+
+
+@dataclass
+class _Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)  # what its KV cache holds, position by position
+    owner: _Sequence | None = None
+    released_at: float = 0.0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: str,
+        executor: LlmExecutor,
+        *,
+        max_num_seqs: int,
+        n_batch: int = 512,
+        max_waiting: int = 64,
+        observer: GenerationObserver | None = None,
+    ) -> None:
+        self.model = model
+        self.executor = executor
+        self.n_batch = n_batch
+        self.max_waiting = max_waiting
+        self._observer = observer
+        self._slots = [_Slot(i) for i in range(min(max_num_seqs, executor.n_seq))]
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._wakeup = asyncio.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llm-{model}")
+        self._task: asyncio.Task[None] | None = None
+
+    # -- public -------------------------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"scheduler-{self.model}")
+        self._task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        # A bug in the loop must not leave clients waiting forever: log it and fail them all.
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("scheduler stopped", exc_info=task.exception(), extra={"model": self.model})
+        for sequence in [*self._running, *self._waiting]:
+            self._finish(sequence, error=ExecutorError("the generation engine failed"))
+        self._waiting.clear()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        max_tokens: int,
+        stop: Sequence[str],
+        timeout_s: float,
+    ) -> Generation:
+        """Queue a generation. Raises InvalidInput when it cannot fit the context, Overloaded when full."""
+        if not prompt:
+            raise InvalidInput("the prompt is empty")
+        room = self.executor.n_ctx_seq - len(prompt)
+        if room <= 0:
+            raise InvalidInput(
+                f"the prompt has {len(prompt)} tokens; this model's context holds {self.executor.n_ctx_seq}"
+            )
+        if max_tokens > room:
+            raise InvalidInput(
+                f"max_tokens {max_tokens} plus the prompt's {len(prompt)} tokens exceed the context of "
+                f"{self.executor.n_ctx_seq} tokens"
+            )
+        if len(self._waiting) >= self.max_waiting:
+            raise Overloaded(f"model {self.model!r} has {len(self._waiting)} requests waiting; retry shortly")
+        sequence = _Sequence(prompt, params, max_tokens, time.monotonic() + timeout_s, TextStream(stop))
+        self._waiting.append(sequence)
+        self.wake()
+        return Generation(sequence, self)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.remove_done_callback(self._stopped)
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for sequence in [*self._running, *self._waiting]:
+            self._finish(sequence, error=Overloaded(f"model {self.model!r} was unloaded"))
+        self._pool.shutdown(wait=True)
+        self.executor.close()
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._retire()
+            self._admit()
+            self._observe_state()
+            if not self._running:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            items, owners = self._plan()
+            try:
+                tokens = await loop.run_in_executor(self._pool, self._step, items, owners)
+            except Exception:
+                log.exception("decode step failed", extra={"model": self.model})
+                for sequence in list(self._running):
+                    self._finish(sequence, error=ExecutorError("the model failed during generation"))
+                    self._forget_slot(sequence)
+                continue
+            self._apply(items, owners, tokens)
+
+    def _retire(self) -> None:
+        """Drop cancelled and expired sequences, waiting or running; their slots become free."""
+        now = time.monotonic()
+        for sequence in [s for s in self._waiting if s.cancelled or s.deadline < now]:
+            self._waiting.remove(sequence)
+            self._finish(sequence, error=None if sequence.cancelled else self._late(sequence))
+        for sequence in [s for s in self._running if s.cancelled or s.deadline < now]:
+            self._finish(sequence, error=None if sequence.cancelled else self._late(sequence))
+
+    def _late(self, sequence: _Sequence) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"generation did not finish within its deadline ({len(sequence.generated)} tokens)"
+        )
+
+    def _admit(self) -> None:
+        while self._waiting:
+            free = [s for s in self._slots if s.owner is None]
+            if not free:
+                return
+            sequence = self._waiting.popleft()
+            # At least the prompt's last token is decoded again: its logits give the first token.
+            longest = len(sequence.prompt) - 1
+            donor = max(self._slots, key=lambda s: common_prefix(s.tokens, sequence.prompt))
+            common = common_prefix(donor.tokens, sequence.prompt)
+            reuse = min(common, longest)
+            if donor.owner is None and reuse > 0 and (common == len(donor.tokens) or len(free) == 1):
+                slot = donor  # continue where the cache ends: nothing else of it would be lost
+            else:
+                # Evict the free slot whose cache is worth least (empty first, then idle longest);
+                # the donor keeps its cache, and shares the common prefix with the new sequence.
+                slot = min(free, key=lambda s: (len(s.tokens) > 0, s.released_at))
+            self.executor.forget(slot.index, 0 if slot is not donor else reuse)
+            if slot is donor:
+                del slot.tokens[reuse:]
+            else:
+                slot.tokens.clear()
+                if reuse > 0:
+                    self.executor.share(donor.index, slot.index, reuse)
+                    slot.tokens.extend(donor.tokens[:reuse])
+            slot.owner = sequence
+            sequence.slot = slot.index
+            sequence.prefilled = reuse
+            sequence.usage.cached_tokens = reuse
+            self._running.append(sequence)
+
+    def _plan(self) -> tuple[list[DecodeItem], list[_Sequence]]:
+        items: list[DecodeItem] = []
+        owners: list[_Sequence] = []
+        budget = self.n_batch
+        for sequence in self._running:
+            if sequence.pending is not None:
+                slot = self._slots[sequence.slot or 0]
+                items.append(DecodeItem(slot.index, [sequence.pending], len(slot.tokens), True))
+                owners.append(sequence)
+                budget -= 1
+        for sequence in self._running:
+            if sequence.pending is None and budget > 0:
+                chunk = sequence.prompt[sequence.prefilled : sequence.prefilled + budget]
+                last = sequence.prefilled + len(chunk) == len(sequence.prompt)
+                items.append(DecodeItem(sequence.slot or 0, chunk, sequence.prefilled, last))
+                owners.append(sequence)
+                budget -= len(chunk)
+        return items, owners
+
+    def _step(self, items: list[DecodeItem], owners: list[_Sequence]) -> list[int]:
+        """Worker thread: one forward pass, then a token for each item that asked for logits."""
+        rows = self.executor.decode(items)
+        wanted = [owner for item, owner in zip(items, owners, strict=True) if item.logits]
+        return [sample(row, s.params, s.rng, s.generated) for row, s in zip(rows, wanted, strict=True)]
+
+    def _apply(self, items: list[DecodeItem], owners: list[_Sequence], tokens: list[int]) -> None:
+        sampled = iter(tokens)
+        now = time.perf_counter()
+        for item, sequence in zip(items, owners, strict=True):
+            slot = self._slots[item.seq]
+            slot.tokens.extend(item.tokens)
+            if sequence.pending is None:
+                sequence.prefilled += len(item.tokens)
+            if not item.logits:
+                continue
+            token = next(sampled)
+            if sequence.done:
+                continue
+            if sequence.pending is None:
+                self._observe_first(sequence, now)
+            else:
+                self._observe_token(now - sequence.last_token_at)
+            sequence.last_token_at = now
+            self._accept(sequence, slot, token)
+        self._observe_step(sum(len(i.tokens) for i in items))
+
+    def _accept(self, sequence: _Sequence, slot: _Slot, token: int) -> None:
+        if self.executor.is_end(token):
+            sequence.pending = None
+            self._finish(sequence, reason="stop")
+            return
+        sequence.generated.append(token)
+        sequence.usage.completion_tokens = len(sequence.generated)
+        text = sequence.text.push(self.executor.piece(token))
+        if sequence.text.stopped:
+            sequence.events.put_nowait(Event(text))
+            self._finish(sequence, reason="stop")
+            return
+        if text:
+            sequence.events.put_nowait(Event(text))
+        if len(sequence.generated) >= sequence.max_tokens or len(slot.tokens) + 1 >= self.executor.n_ctx_seq:
+            self._finish(sequence, reason="length")
+            return
+        sequence.pending = token
+
+    def _finish(
+        self, sequence: _Sequence, *, reason: str | None = None, error: EdgegenError | None = None
+    ) -> None:
+        if sequence.done:
+            return
+        sequence.done = True
+        if error is not None:
+            sequence.events.put_nowait(Event(error=error))
+        elif reason is not None:
+            sequence.events.put_nowait(Event(sequence.text.finish(), finish_reason=reason))
+        if sequence in self._running:
+            self._running.remove(sequence)
+        if sequence.slot is not None:
+            slot = self._slots[sequence.slot]
+            slot.owner = None
+            slot.released_at = time.monotonic()
+
+    def _forget_slot(self, sequence: _Sequence) -> None:
+        if sequence.slot is not None:
+            slot = self._slots[sequence.slot]
+            slot.tokens.clear()
+            self.executor.forget(slot.index, 0)
+
+    # -- observation ---------------------------------------------------------------------------------------
+    def _observe_first(self, sequence: _Sequence, now: float) -> None:
+        if self._observer is not None:
+            try:
+                self._observer.on_first_token(
+                    self.model, now - sequence.submitted, len(sequence.prompt), sequence.usage.cached_tokens
+                )
+            except Exception:
+                log.exception("generation observer failed")
+
+    def _observe_token(self, seconds: float) -> None:
+        if self._observer is not None:
+            try:
+                self._observer.on_token(self.model, seconds)
+            except Exception:
+                log.exception("generation observer failed")
+
+    def _observe_step(self, tokens: int) -> None:
+        if self._observer is not None:
+            try:
+                self._observer.on_step(self.model, tokens)
+            except Exception:
+                log.exception("generation observer failed")
+
+    def _observe_state(self) -> None:
+        if self._observer is not None:
+            try:
+                kv_used = sum(len(s.tokens) for s in self._slots)
+                kv_total = len(self._slots) * self.executor.n_ctx_seq
+                self._observer.on_state(self.model, len(self._running), len(self._waiting), kv_used, kv_total)
+            except Exception:
+                log.exception("generation observer failed")

@@ -1,0 +1,158 @@
+"""llama.cpp executor over llama-cpp-python's low-level (ctypes) API.
+
+One model, one context whose KV cache holds `n_seq` sequences of `n_ctx_seq` positions each. A decode
+step is one `llama_decode` over a `llama_batch` that mixes prompt chunks and single tokens of several
+sequences; logits are requested only where the scheduler will sample. The ctypes calls release the
+GIL, so a decode in a worker thread leaves the event loop free.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import llama_cpp as llama
+import numpy as np
+
+from edgegen.config import LlmSettings
+from edgegen.errors import ExecutorError
+from edgegen.executors.base import DecodeItem
+
+
+@llama.llama_log_callback
+def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """llama.cpp logs every tensor at load; the node logs what matters itself."""
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama.llama_log_set(_quiet, ctypes.c_void_p(0))
+        llama.llama_backend_init()
+        _backend_ready = True
+
+
+class LlamaExecutor:
+    def __init__(self, path: Path, settings: LlmSettings | None = None) -> None:
+        settings = settings or LlmSettings()
+        _init_backend()
+        model_params = llama.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        self._model = llama.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise ExecutorError("llama.cpp could not load the model")
+        self._vocab = llama.llama_model_get_vocab(self._model)
+        self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train = llama.llama_model_n_ctx_train(self._model)
+        self.n_seq = settings.max_num_seqs
+        self.n_ctx_seq = min(settings.ctx_per_seq, self.n_ctx_train)
+        threads = settings.threads or os.cpu_count() or 1
+        params = llama.llama_context_default_params()
+        params.n_ctx = self.n_ctx_seq * self.n_seq
+        params.n_batch = settings.n_batch
+        params.n_ubatch = settings.n_batch
+        params.n_seq_max = self.n_seq
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        # One KV pool shared by all sequences: a long chat may use more than an even share.
+        params.kv_unified = True
+        self._ctx = llama.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            llama.llama_model_free(self._model)
+            raise ExecutorError("llama.cpp could not create a context (out of memory?)")
+        self._memory = llama.llama_get_memory(self._ctx)
+        self._batch_size = settings.n_batch
+        self._batch = llama.llama_batch_init(self._batch_size, 0, 1)
+        template = llama.llama_model_chat_template(self._model, None)
+        self.chat_template: str | None = template.decode() if template else None
+        self._pieces: dict[int, bytes] = {}
+
+    # -- text ----------------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        data = text.encode()
+        room = len(data) + 16
+        tokens = (llama.llama_token * room)()
+        n = llama.llama_tokenize(self._vocab, data, len(data), tokens, room, False, special)
+        if n < 0:  # more tokens than bytes + 16 cannot happen with a byte-level vocabulary, but be exact
+            room = -n
+            tokens = (llama.llama_token * room)()
+            n = llama.llama_tokenize(self._vocab, data, len(data), tokens, room, False, special)
+        return list(tokens[:n])
+
+    def piece(self, token: int) -> bytes:
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            cached = self._pieces[token] = buf.raw[:n]
+        return cached
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self._vocab, token))
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The model's own chat template applied by llama.cpp, with the assistant's turn opened."""
+        if self.chat_template is None:
+            raise ExecutorError("this model has no chat template; use /v1/completions")
+        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+        chat = (llama.llama_chat_message * len(keep))(*[llama.llama_chat_message(r, c) for r, c in keep])
+        template = self.chat_template.encode()
+        size = sum(len(r) + len(c) for r, c in keep) * 2 + 256
+        buf = ctypes.create_string_buffer(size)
+        n = llama.llama_chat_apply_template(template, chat, len(keep), True, buf, size)
+        if n > size:
+            buf = ctypes.create_string_buffer(n)
+            n = llama.llama_chat_apply_template(template, chat, len(keep), True, buf, n)
+        if n < 0:
+            raise ExecutorError("llama.cpp does not know this model's chat template")
+        return buf.raw[:n].decode(errors="replace")
+
+    # -- compute ----------------------------------------------------------------------------------------
+    def decode(self, items: Sequence[DecodeItem]) -> list[np.ndarray]:
+        batch = self._batch
+        n = 0
+        outputs: list[int] = []
+        for item in items:
+            for offset, token in enumerate(item.tokens):
+                if n >= self._batch_size:
+                    raise ExecutorError(f"a decode step may carry at most {self._batch_size} tokens")
+                batch.token[n] = token
+                batch.pos[n] = item.pos + offset
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = item.seq
+                last = offset == len(item.tokens) - 1
+                batch.logits[n] = bool(item.logits and last)
+                n += 1
+            if item.logits:
+                outputs.append(n - 1)
+        batch.n_tokens = n
+        status = llama.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise ExecutorError(f"llama_decode failed with status {status}")
+        return [
+            np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
+            for i in outputs
+        ]
+
+    def forget(self, seq: int, start: int) -> None:
+        llama.llama_memory_seq_rm(self._memory, seq, start, -1)
+
+    def share(self, src: int, dst: int, length: int) -> None:
+        # With a unified KV cache this tags the same cells with a second sequence id: no copy.
+        llama.llama_memory_seq_cp(self._memory, src, dst, 0, length)
+
+    def close(self) -> None:
+        if self._ctx:
+            llama.llama_batch_free(self._batch)
+            llama.llama_free(self._ctx)
+            llama.llama_model_free(self._model)
+            self._ctx = None

@@ -1,0 +1,244 @@
+"""OpenAI-compatible generation against a real node serving a tiny llama.cpp model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.node_process import NodeProcess
+
+pytestmark = pytest.mark.e2e
+MODEL = "tiny-llm"
+
+
+@pytest.fixture
+def client(node: NodeProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0)
+
+
+def chat(client: openai.OpenAI, content: str, **kw: object) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": content}],
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_models_lists_the_language_model(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_chat_completion_with_usage(client: openai.OpenAI) -> None:
+    answer = chat(client, "the quick brown fox", max_tokens=12, temperature=0)
+    choice = answer.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason == "length"
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == 12
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + 12
+
+
+def test_streamed_text_equals_the_non_streamed_text(client: openai.OpenAI) -> None:
+    whole = chat(client, "hello world", max_tokens=20, temperature=0).choices[0].message.content
+    stream = chat(
+        client,
+        "hello world",
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, reasons, usage = [], [], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    assert "".join(pieces) == whole
+    assert reasons[-1] == "length"
+    assert usage is not None
+    assert usage.completion_tokens == 20
+
+    text = client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=16, temperature=0)
+    streamed = client.completions.create(
+        model=MODEL, prompt="once upon a time", max_tokens=16, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+
+
+def test_the_same_seed_gives_the_same_text(client: openai.OpenAI) -> None:
+    texts = [
+        chat(client, "tell me", max_tokens=24, temperature=1.5, top_p=0.95, seed=seed)
+        .choices[0]
+        .message.content
+        for seed in (7, 7, 8)
+    ]
+    assert texts[0] == texts[1]
+    assert texts[0] != texts[2]
+
+
+def test_eight_parallel_greedy_streams_match_one_at_a_time(node: NodeProcess) -> None:
+    prompts = [f"story number {i} about the brown fox" for i in range(8)]
+    body = {"model": MODEL, "max_tokens": 24, "temperature": 0}
+
+    def alone(prompt: str) -> str:
+        return httpx.post(f"{node.url}/v1/completions", json={**body, "prompt": prompt}, timeout=60).json()[
+            "choices"
+        ][0]["text"]
+
+    expected = [alone(p) for p in prompts]
+
+    async def together() -> list[str]:
+        async with httpx.AsyncClient(base_url=node.url, timeout=60) as http:
+            answers = await asyncio.gather(
+                *(http.post("/v1/completions", json={**body, "prompt": p}) for p in prompts)
+            )
+        return [a.json()["choices"][0]["text"] for a in answers]
+
+    assert asyncio.run(together()) == expected
+
+
+def test_a_shared_prefix_is_served_from_the_cache(client: openai.OpenAI) -> None:
+    system = "you are a helpful assistant who answers in short sentences about the quick brown fox " * 3
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "first"}]
+    cold = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    messages[1]["content"] = "second question"
+    warm = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    assert warm.usage is not None
+    assert cold.usage is not None
+    cached = warm.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+    assert cached >= cold.usage.prompt_tokens - 8
+
+
+def test_curl_without_content_type_streams(node: NodeProcess) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is edge computing?"}],
+        "stream": True,
+        "max_tokens": 8,
+    }
+    result = subprocess.run(
+        ["curl", "-sN", f"{node.url}/v1/chat/completions", "-d", json.dumps(body)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    events = [line[len("data: ") :] for line in result.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+
+
+def metric(node: NodeProcess, prefix: str) -> float:
+    for line in httpx.get(f"{node.url}/metrics").text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0
+
+
+RUNNING = f'edgegen_sequences{{model="{MODEL}",state="running"}}'
+GENERATED = f'edgegen_generated_tokens_total{{model="{MODEL}"}}'
+
+
+def wait_idle(node: NodeProcess) -> None:
+    until = time.monotonic() + 5
+    while metric(node, RUNNING) != 0 and time.monotonic() < until:
+        time.sleep(0.02)
+    assert metric(node, RUNNING) == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_sequence(node: NodeProcess, stream: bool) -> None:
+    body = {"model": MODEL, "prompt": "a long story", "max_tokens": 1900, "stream": stream, "temperature": 0}
+    before = metric(node, GENERATED)
+    if stream:
+        with (
+            httpx.Client(timeout=30) as http,
+            http.stream("POST", f"{node.url}/v1/completions", json=body) as response,
+        ):
+            assert next(response.iter_lines()).startswith("data: ")
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{node.url}/v1/completions", json=body, timeout=0.3)
+    wait_idle(node)
+    assert metric(node, GENERATED) - before < 1900  # stopped early, not run to max_tokens
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"max_tokens": 0}, 400, "max_tokens"),
+        ({"max_tokens": -5}, 400, "max_tokens"),
+        ({"max_tokens": 100_000}, 400, "context"),
+        ({"n": 2}, 400, "n=1"),
+        ({"temperature": -1}, 400, "temperature"),
+        ({"top_p": 0}, 400, "top_p"),
+        ({"top_p": 1.5}, 400, "top_p"),
+        ({"model": "nope"}, 404, "not served"),
+        ({"model": "digits"}, 400, "does not generate"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+        ({"messages": "hello"}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": "the fox " * 2100}]}, 400, "context"),
+        ({"stop": ["x"] * 100}, 400, "stop"),
+        ({"max_tokens": "ten"}, 400, "max_tokens"),
+        ({"temperature": "hot"}, 400, "temperature"),
+        ({"stream": "yes please"}, 400, "stream"),
+    ],
+)
+def test_bad_requests_get_openai_errors(
+    node: NodeProcess, body: dict[str, object], status: int, fragment: str
+) -> None:
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body}
+    response = httpx.post(f"{node.url}/v1/chat/completions", json=request)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert (
+        httpx.post(
+            f"{node.url}/v1/chat/completions",
+            json={
+                **request,
+                **{
+                    "model": MODEL,
+                    "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "n": 1,
+                    "stop": None,
+                    "temperature": 0,
+                    "top_p": 1,
+                    "stream": False,
+                },
+            },
+        ).status_code
+        == 200
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        (b'{"model": "tiny-llm", "prompt": "\xff\xfe"}', 400),
+        (b"not json", 400),
+        (b'{"model": "tiny-llm", "prompt": "' + b"x" * (9 * 1024 * 1024) + b'"}', 413),
+    ],
+)
+def test_malformed_bodies(node: NodeProcess, content: bytes, status: int) -> None:
+    response = httpx.post(f"{node.url}/v1/completions", content=content, timeout=30)
+    assert response.status_code == status
+    assert "message" in response.json()["error"]
+
+
+def test_openai_client_surfaces_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        chat(client, "hi", top_p=2.0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])

@@ -1,0 +1,248 @@
+"""The continuous-batching scheduler over a small deterministic language model.
+
+`CountingLM` is a real `LlmExecutor`: its next-token distribution is a function of the whole sequence
+in its KV cache, and it checks that every decode step places tokens exactly where that sequence's
+cache ends — so a scheduler that mixes up positions, slots or cached prefixes gets wrong text, or an
+assertion, here. The llama.cpp executor runs under the same scheduler in the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pytest
+
+from edgegen.engine.generation import Generation, Scheduler
+from edgegen.engine.sampling import SamplingParams
+from edgegen.errors import DeadlineExceeded, InvalidInput, Overloaded
+from edgegen.executors.base import DecodeItem
+
+VOCAB = 40
+END = 0  # token 0 ends a generation
+
+
+def next_token(sequence: Sequence[int]) -> int:
+    """The toy model's greedy choice: a hash of the whole context, never END unless told."""
+    h = 7
+    for t in sequence:
+        h = (h * 31 + t) % 1_000_003
+    return 1 + h % (VOCAB - 2)
+
+
+class CountingLM:
+    n_vocab = VOCAB
+
+    def __init__(self, n_seq: int = 4, n_ctx_seq: int = 256) -> None:
+        self.n_seq = n_seq
+        self.n_ctx_seq = n_ctx_seq
+        self.kv: dict[int, list[int]] = {i: [] for i in range(n_seq)}
+        self.steps: list[list[tuple[int, int]]] = []  # per step: (seq, n tokens)
+        self.ends_after: dict[tuple[int, ...], int] = {}
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        return [1 + (ord(c) % (VOCAB - 2)) for c in text]
+
+    def piece(self, token: int) -> bytes:
+        return chr(ord("a") + token % 26).encode()
+
+    def is_end(self, token: int) -> bool:
+        return token == END
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        return "".join(m["content"] for m in messages)
+
+    def decode(self, items: Sequence[DecodeItem]) -> list[np.ndarray]:
+        self.steps.append([(i.seq, len(i.tokens)) for i in items])
+        assert len({i.seq for i in items}) == len(items), "a sequence twice in one step"
+        rows = []
+        for item in items:
+            cache = self.kv[item.seq]
+            assert item.pos == len(cache), f"seq {item.seq}: token at {item.pos}, cache ends at {len(cache)}"
+            cache.extend(item.tokens)
+            if item.logits:
+                row = np.zeros(VOCAB, np.float32)
+                row[next_token(cache)] = 5.0
+                row[END] = 10.0 if len(cache) >= self.ends_after.get(tuple(cache[:4]), 10**9) else -10.0
+                rows.append(row)
+        return rows
+
+    def forget(self, seq: int, start: int) -> None:
+        del self.kv[seq][start:]
+
+    def share(self, src: int, dst: int, length: int) -> None:
+        assert not self.kv[dst], "sharing into a slot that still holds tokens"
+        self.kv[dst] = self.kv[src][:length]
+
+    def close(self) -> None:
+        pass
+
+
+def reference(prompt: list[int], n: int) -> list[int]:
+    out, context = [], list(prompt)
+    for _ in range(n):
+        token = next_token(context)
+        out.append(token)
+        context.append(token)
+    return out
+
+
+GREEDY = SamplingParams(temperature=0)
+
+
+async def run(
+    scheduler: Scheduler, prompt: list[int], n: int, **kw: object
+) -> tuple[str, str | None, Generation]:
+    generation = scheduler.submit(
+        prompt,
+        kw.pop("params", GREEDY),
+        max_tokens=n,
+        stop=kw.pop("stop", []),
+        timeout_s=kw.pop("timeout_s", 10),
+    )  # type: ignore[arg-type]
+    text, reason = "", None
+    async for event in generation.events():
+        text += event.text
+        reason = event.finish_reason
+    return text, reason, generation
+
+
+def as_text(lm: CountingLM, tokens: list[int]) -> str:
+    return b"".join(lm.piece(t) for t in tokens).decode()
+
+
+@pytest.fixture
+async def lm_scheduler():
+    lm = CountingLM()
+    scheduler = Scheduler("toy", lm, max_num_seqs=4, n_batch=64)
+    scheduler.start()
+    yield lm, scheduler
+    await scheduler.close()
+
+
+async def test_greedy_generation_matches_the_model_run_alone(lm_scheduler) -> None:
+    lm, scheduler = lm_scheduler
+    prompt = [5, 6, 7, 8, 9]
+    text, reason, generation = await run(scheduler, prompt, 20)
+    assert text == as_text(lm, reference(prompt, 20))
+    assert reason == "length"
+    assert (generation.usage.prompt_tokens, generation.usage.completion_tokens) == (5, 20)
+
+
+async def test_parallel_sequences_each_get_their_own_tokens(lm_scheduler) -> None:
+    lm, scheduler = lm_scheduler
+    prompts = [[i + 1, i + 2, i + 3] * (i + 1) for i in range(8)]  # 8 requests, 4 slots: some wait
+    results = await asyncio.gather(*(run(scheduler, p, 15 + i) for i, p in enumerate(prompts)))
+    for i, (prompt, (text, _, _)) in enumerate(zip(prompts, results, strict=True)):
+        assert text == as_text(lm, reference(prompt, 15 + i))
+    assert max(len(step) for step in lm.steps) > 1  # they really shared decode steps
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_keeps_decoding() -> None:
+    lm = CountingLM()
+    scheduler = Scheduler("toy", lm, max_num_seqs=4, n_batch=16)
+    scheduler.start()
+    try:
+        running = scheduler.submit([1, 2, 3], GREEDY, max_tokens=250, stop=[], timeout_s=10)
+        await running.events().__anext__()  # it is decoding now
+        start = len(lm.steps)
+        long_prompt = list(range(1, 38)) * 3  # 111 tokens: at least 8 steps of at most 15 prompt tokens
+        text, _, _ = await run(scheduler, long_prompt, 5)
+        running.cancel()
+        assert text == as_text(lm, reference(long_prompt, 5))
+        prefill_steps = [step for step in lm.steps[start:] if any(n > 1 for _, n in step)]
+        assert len(prefill_steps) >= 7
+        assert all(sum(n for _, n in step) <= 16 for step in lm.steps)
+        # While the long prompt was prefilled, the running stream got its token in every step.
+        assert all(any(n == 1 for _, n in step) for step in prefill_steps)
+    finally:
+        await scheduler.close()
+
+
+async def test_shared_prefix_reuses_the_cache_and_gives_the_same_text(lm_scheduler) -> None:
+    lm, scheduler = lm_scheduler
+    system = list(range(2, 30))
+    first, _, cold = await run(scheduler, [*system, 31, 32], 10)
+    second, _, warm = await run(scheduler, [*system, 33, 34, 35], 10)
+    assert cold.usage.cached_tokens == 0
+    assert warm.usage.cached_tokens == len(system)
+    assert second == as_text(lm, reference([*system, 33, 34, 35], 10))
+    again, _, same = await run(scheduler, [*system, 31, 32], 10)  # the first slot kept its cache
+    assert again == first
+    assert same.usage.cached_tokens == len(system) + 1  # all but the last prompt token
+
+
+async def test_a_cached_prefix_serves_concurrent_requests_at_once(lm_scheduler) -> None:
+    lm, scheduler = lm_scheduler
+    system = list(range(3, 33))
+    await run(scheduler, [*system, 1], 2)
+    prompts = [[*system, 2, i] for i in range(4)]
+    results = await asyncio.gather(*(run(scheduler, p, 6) for p in prompts))
+    for prompt, (text, _, generation) in zip(prompts, results, strict=True):
+        assert generation.usage.cached_tokens == len(system)
+        assert text == as_text(lm, reference(prompt, 6))
+
+
+async def test_cancel_frees_the_slot(lm_scheduler) -> None:
+    lm, scheduler = lm_scheduler
+    generation = scheduler.submit([1, 2, 3], GREEDY, max_tokens=200, stop=[], timeout_s=10)
+    events = generation.events()
+    await events.__anext__()
+    assert scheduler.running == 1
+    generation.cancel()
+    for _ in range(100):
+        if scheduler.running == 0:
+            break
+        await asyncio.sleep(0.001)
+    assert scheduler.running == 0
+    text, _, _ = await run(scheduler, [4, 5], 3)  # the freed slot serves the next request
+    assert text == as_text(lm, reference([4, 5], 3))
+
+
+async def test_end_token_and_stop_strings_finish_with_stop(lm_scheduler) -> None:
+    lm, scheduler = lm_scheduler
+    prompt = [9, 9, 9, 9, 1]
+    lm.ends_after[tuple(prompt[:4])] = len(prompt) + 3
+    text, reason, generation = await run(scheduler, prompt, 50)
+    assert (reason, generation.usage.completion_tokens) == ("stop", 3)
+    assert text == as_text(lm, reference(prompt, 3))
+    full = as_text(lm, reference([2, 4, 6], 30))
+    stop = full[10:12]
+    text, reason, _ = await run(scheduler, [2, 4, 6], 30, stop=[stop])
+    assert reason == "stop"
+    assert text == full[: full.find(stop)]
+
+
+async def test_same_seed_same_text_and_sampling_varies_with_the_seed(lm_scheduler) -> None:
+    _, scheduler = lm_scheduler
+    params = [SamplingParams(temperature=5.0, seed=s) for s in (1, 1, 2)]
+    a, b, c = [(await run(scheduler, [3, 1, 4], 30, params=p))[0] for p in params]
+    assert a == b
+    assert a != c
+
+
+async def test_refusals_before_any_work(lm_scheduler) -> None:
+    lm, scheduler = lm_scheduler
+    with pytest.raises(InvalidInput, match="context"):
+        scheduler.submit([1] * 256, GREEDY, max_tokens=1, stop=[], timeout_s=1)
+    with pytest.raises(InvalidInput, match="max_tokens"):
+        scheduler.submit([1] * 200, GREEDY, max_tokens=100, stop=[], timeout_s=1)
+    with pytest.raises(InvalidInput, match="empty"):
+        scheduler.submit([], GREEDY, max_tokens=1, stop=[], timeout_s=1)
+    assert lm.steps == []
+
+
+async def test_full_waiting_queue_is_overloaded() -> None:
+    scheduler = Scheduler("toy", CountingLM(n_seq=1), max_num_seqs=1, max_waiting=2)  # not started: all wait
+    for _ in range(2):
+        scheduler.submit([1], GREEDY, max_tokens=1, stop=[], timeout_s=1)
+    with pytest.raises(Overloaded):
+        scheduler.submit([1], GREEDY, max_tokens=1, stop=[], timeout_s=1)
+    await scheduler.close()
+
+
+async def test_deadline_ends_a_generation_with_an_error(lm_scheduler) -> None:
+    _, scheduler = lm_scheduler
+    with pytest.raises(DeadlineExceeded):
+        await run(scheduler, [1, 2], 200, timeout_s=0.0)
