@@ -242,3 +242,21 @@ def test_openai_client_surfaces_errors(client: openai.OpenAI) -> None:
         chat(client, "hi", top_p=2.0)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_full_waiting_queue_answers_429_with_retry_after(node: NodeProcess) -> None:
+    """8 slots and 16 waiting places (conftest's LLM_ENV): of 40 long requests at once, some are refused."""
+    body = {"model": MODEL, "prompt": "a long story", "max_tokens": 1500, "temperature": 0}
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=node.url, timeout=120) as http:
+            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(40)))
+
+    responses = asyncio.run(flood())
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused
+    assert all(r.headers["retry-after"] for r in refused)
+    assert refused[0].json()["error"]["type"] == "rate_limit_error"
+    assert all(r.status_code in (200, 429) for r in responses)
+    assert sum(r.status_code == 200 for r in responses) >= 16  # every request that got a place was served
+    wait_idle(node)

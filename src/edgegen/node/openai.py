@@ -10,6 +10,7 @@ the next decode step, freeing its slot.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -207,7 +208,7 @@ async def list_models(request: Request) -> Response:
     for name in registry.names():
         served = registry.get(name)
         if served.scheduler is not None:
-            created = int(time.mktime(time.strptime(served.manifest.created, "%Y-%m-%dT%H:%M:%SZ")))
+            created = calendar.timegm(time.strptime(served.manifest.created, "%Y-%m-%dT%H:%M:%SZ"))
             data.append({"id": name, "object": "model", "created": created, "owned_by": "edgegen"})
     return _json({"object": "list", "data": data})
 
