@@ -50,6 +50,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/llm.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench
