@@ -15,7 +15,8 @@ client or operator: they never carry a traceback, a file-system path or an inter
     ├── RequestError            the client sent something we will not process (4xx)
     │   ├── InvalidInput        shape, dtype, NaN/Inf, malformed JSON
     │   ├── PayloadTooLarge     body over the configured limit
-    │   └── HeadersTooLarge     request headers over the configured limit
+    │   ├── HeadersTooLarge     request headers over the configured limit
+    │   └── ClientGone          the client disconnected before its answer was ready
     ├── Overloaded              the model's queue is full; retry after `retry_after` seconds
     └── DeadlineExceeded        the request waited longer than its deadline
 """
@@ -70,6 +71,10 @@ class PayloadTooLarge(RequestError):
 
 
 class HeadersTooLarge(RequestError):
+    pass
+
+
+class ClientGone(RequestError):
     pass
 
 

@@ -37,6 +37,9 @@ def node(node_home: Path) -> Iterator[NodeProcess]:
         yield process
     finally:
         process.stop()
+    # Whatever the tests sent, the node must not have hit an error of its own.
+    errors = [line for line in process.log().splitlines() if '"level":"error"' in line]
+    assert not errors, errors[:3]
 
 
 @pytest.fixture(scope="session")

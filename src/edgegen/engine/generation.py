@@ -1,7 +1,7 @@
 """Continuous batching for language models: our scheduler over an `LlmExecutor`.
 
-Every step builds one batch for `executor.decode`: one token of each running sequence, then chunks of
-waiting prompts up to the step's token budget (`n_batch`), so a long prompt is prefilled over several
+Every step builds one batch for `executor.decode`: one token of each running sequence, then a chunk of
+one waiting prompt up to the step's token budget (`n_batch`), so a long prompt is prefilled over several
 steps while the running streams keep getting a token per step. A sequence joins as soon as a slot is
 free and leaves the moment it finishes, is cancelled or passes its deadline.
 
@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 
 class GenerationObserver(Protocol):
-    def on_step(
-        self, model: str, running: int, waiting: int, tokens: int, kv_used: int, kv_total: int
-    ) -> None: ...
+    def on_state(self, model: str, running: int, waiting: int, kv_used: int, kv_total: int) -> None: ...
+
+    def on_step(self, model: str, tokens: int) -> None: ...
 
     def on_first_token(self, model: str, seconds: float, prompt_tokens: int, cached_tokens: int) -> None: ...
 
@@ -294,13 +294,15 @@ class Scheduler:
                 items.append(DecodeItem(slot.index, [sequence.pending], len(slot.tokens), True))
                 owners.append(sequence)
                 budget -= 1
-        for sequence in self._running:
-            if sequence.pending is None and budget > 0:
-                chunk = sequence.prompt[sequence.prefilled : sequence.prefilled + budget]
-                last = sequence.prefilled + len(chunk) == len(sequence.prompt)
-                items.append(DecodeItem(sequence.slot or 0, chunk, sequence.prefilled, last))
-                owners.append(sequence)
-                budget -= len(chunk)
+        # One prompt per step, oldest first: prefill runs at the same tokens/s whether a step carries one
+        # prompt or four, so finishing them one after the other gives the first ones their first token
+        # sooner and keeps each step (the running streams' inter-token gap) short.
+        prefilling = next((s for s in self._running if s.pending is None), None)
+        if prefilling is not None and budget > 0:
+            chunk = prefilling.prompt[prefilling.prefilled : prefilling.prefilled + budget]
+            last = prefilling.prefilled + len(chunk) == len(prefilling.prompt)
+            items.append(DecodeItem(prefilling.slot or 0, chunk, prefilling.prefilled, last))
+            owners.append(prefilling)
         return items, owners
 
     def _step(self, items: list[DecodeItem], owners: list[_Sequence]) -> list[int]:

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from edgegen.errors import (
+    ClientGone,
     DeadlineExceeded,
     EdgegenError,
     ExecutorError,
@@ -31,6 +32,7 @@ log = logging.getLogger("edgegen.errors")
 
 # Most specific first: the first class the error is an instance of decides the status.
 STATUS: tuple[tuple[type[EdgegenError], int], ...] = (
+    (ClientGone, 499),  # nginx's "client closed request": nobody reads it, the logs and metrics do
     (InvalidName, 404),
     (ModelNotFound, 404),
     (PayloadTooLarge, 413),

@@ -23,7 +23,7 @@ from starlette.responses import Response, StreamingResponse
 
 from edgegen.engine.generation import Generation, Scheduler
 from edgegen.engine.sampling import SamplingParams
-from edgegen.errors import InvalidInput
+from edgegen.errors import ClientGone, InvalidInput
 from edgegen.node.state import node_of
 from edgegen.node.tensors import parse_json
 
@@ -168,7 +168,12 @@ async def _collect(request: Request, generation: Generation) -> tuple[str, str]:
         if not work.done():
             generation.cancel()
             work.cancel()
-    return await work
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone.done() or gone.cancelled():
+            raise  # this request itself is being cancelled (shutdown), not the client
+        raise ClientGone("the client disconnected; its generation was cancelled") from None
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:

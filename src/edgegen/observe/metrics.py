@@ -147,13 +147,13 @@ class NodeMetrics:
         inference_seconds.observe(seconds)
 
     # GenerationObserver
-    def on_step(
-        self, model: str, running: int, waiting: int, tokens: int, kv_used: int, kv_total: int
-    ) -> None:
+    def on_state(self, model: str, running: int, waiting: int, kv_used: int, kv_total: int) -> None:
         self.sequences.labels(model, "running").set(running)
         self.sequences.labels(model, "waiting").set(waiting)
-        self.decode_step_tokens.labels(model).observe(tokens)
         self.kv_cache_usage.labels(model).set(kv_used / kv_total if kv_total else 0.0)
+
+    def on_step(self, model: str, tokens: int) -> None:
+        self.decode_step_tokens.labels(model).observe(tokens)
 
     def on_first_token(self, model: str, seconds: float, prompt_tokens: int, cached_tokens: int) -> None:
         self.ttft_seconds.labels(model).observe(seconds)

@@ -246,3 +246,25 @@ async def test_deadline_ends_a_generation_with_an_error(lm_scheduler) -> None:
     _, scheduler = lm_scheduler
     with pytest.raises(DeadlineExceeded):
         await run(scheduler, [1, 2], 200, timeout_s=0.0)
+
+
+async def test_the_node_metrics_observe_a_generation(caplog: pytest.LogCaptureFixture) -> None:
+    from edgegen.observe.metrics import NodeMetrics
+
+    metrics = NodeMetrics()
+    scheduler = Scheduler("toy", CountingLM(), max_num_seqs=4, observer=metrics)
+    scheduler.start()
+    try:
+        system = list(range(2, 12))
+        await run(scheduler, [*system, 1], 5)
+        await run(scheduler, [*system, 2], 5)
+    finally:
+        await scheduler.close()
+    text = metrics.render().decode()
+    assert 'edgegen_generated_tokens_total{model="toy"} 10.0' in text
+    assert 'edgegen_prefix_cache_hit_tokens_total{model="toy"} 10.0' in text
+    assert 'edgegen_time_to_first_token_seconds_count{model="toy"} 2.0' in text
+    assert 'edgegen_sequences{model="toy",state="running"} 0.0' in text
+    assert 'edgegen_decode_step_tokens_count{model="toy"}' in text
+    assert "edgegen_kv_cache_usage_ratio" in text
+    assert not [r for r in caplog.records if r.levelno >= 40]  # no observer failed
