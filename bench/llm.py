@@ -46,9 +46,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,7 +60,7 @@ from edgegen.config import LlmSettings
 from llm_client import Stream, Wave, chat_body, new_client, stream_chat, wave
 from llm_inprocess import Ceiling, Floor, InProcessRun, copy_bandwidth, gguf_tensor_bytes
 from llm_report import Summary, markdown, print_report, summarize, targets
-from llm_servers import Server, clean_env, free_port, memory_of, start, stop
+from servers import Server, clean_env, free_port, home_dir, memory_of, start, stop
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -140,8 +138,8 @@ def define_servers(home: Path, model_file: Path) -> list[Server]:
     theirs += ["--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(theirs_port)]
     theirs += ["--model_alias", MODEL, "--verbose", "False"]
     return [
-        Server("edgegen", ours, ours_env, "/v2/health/ready", ours_port, MODEL),
-        Server("llama-cpp-server", theirs, clean_env(), "/v1/models", theirs_port, MODEL),
+        Server("edgegen", ours, ours_env, "/v2/health/ready", ours_port, model=MODEL),
+        Server("llama-cpp-server", theirs, clean_env(), "/v1/models", theirs_port, model=MODEL),
     ]
 
 
@@ -322,16 +320,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def home_dir(given: Path | None) -> Iterator[Path]:
-    if given is not None:
-        given.mkdir(parents=True, exist_ok=True)
-        yield given.resolve()
-        return
-    with tempfile.TemporaryDirectory(prefix="edgegen-llm-bench-") as tmp:
-        yield Path(tmp)
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds over every system and level")
@@ -424,7 +412,7 @@ def main() -> None:
     info = machine()
     console.print("[bold]machine[/]", info)
     started = time.perf_counter()
-    with home_dir(args.home) as home:
+    with home_dir(args.home, prefix="edgegen-llm-bench-") as home:
         result = asyncio.run(run(args, home))
     summary: Summary = summarize(result["runs"])
     checks = targets(summary, result["prefix_cache"].get("edgegen", []))

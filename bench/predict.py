@@ -33,20 +33,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,9 +49,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import orjson
-import psutil
 from rich.console import Console
 from rich.table import Table
+
+from servers import Server, clean_env, cpu_seconds, free_port, home_dir, memory_of, start, stop
 
 BENCH = Path(__file__).resolve().parent
 BASELINES = BENCH / "baselines"
@@ -68,36 +64,6 @@ Summary = dict[tuple[str, int], dict[str, Any]]  # (server, concurrency) -> figu
 
 
 # --- servers -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    """One server under test: how to start it and how to tell it is ready."""
-
-    name: str
-    command: list[str]
-    env: dict[str, str]
-    cwd: Path
-    ready_path: str  # GET this path for 200, or POST a sample to it
-    ready_post: bytes | None = None
-    check: str = "values"  # the floor answers a constant: there its answers need only be well formed
-    port: int = 0
-    process: subprocess.Popen[bytes] | None = None
-    startup_s: float = 0.0
-    log: Path | None = None
-    memory: dict[str, int] = field(default_factory=dict)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGEGEN_", "SEED_"))}
-    env.update(extra)
-    return env
 
 
 def define_servers(home: Path, first_body: bytes) -> list[Server]:
@@ -129,85 +95,10 @@ def define_servers(home: Path, first_body: bytes) -> list[Server]:
             env = clean_env(SEED_MODEL_PATH=str(tflite), SEED_PORT=str(port))
             ready_path, ready_post = "/predict", first_body
         check = "shape" if name.startswith("floor") else "values"
-        servers.append(Server(name, command, env, BASELINES, ready_path, ready_post, check, port))
+        servers.append(
+            Server(name, command, env, ready_path, port, cwd=BASELINES, ready_post=ready_post, check=check)
+        )
     return servers
-
-
-def http_status(port: int, path: str, body: bytes | None, timeout: float = 2.0) -> int:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        if body is None:
-            connection.request("GET", path)
-        else:
-            connection.request("POST", path, body, {"Content-Type": "application/json"})
-        return connection.getresponse().status
-    finally:
-        connection.close()
-
-
-def start(server: Server, logs: Path, timeout_s: float = 120.0) -> None:
-    """Start the server in its own process group and wait until it answers ready; time that."""
-    server.log = logs / f"{server.name}.log"
-    with server.log.open("wb") as out:
-        started = time.perf_counter()
-        server.process = subprocess.Popen(
-            server.command, cwd=server.cwd, env=server.env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    while time.perf_counter() - started < timeout_s:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {server.process.returncode}: {tail(server.log)}")
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            if http_status(server.port, server.ready_path, server.ready_post) == 200:
-                server.startup_s = time.perf_counter() - started
-                return
-        time.sleep(0.01)
-    raise RuntimeError(f"{server.name} not ready after {timeout_s:.0f} s: {tail(server.log)}")
-
-
-def stop(server: Server) -> None:
-    process = server.process
-    if process is None or process.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(wait_s)
-            return
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def cpu_seconds(server: Server) -> float:
-    """User + system CPU time of the server's process tree so far (its load, not wrk's)."""
-    assert server.process is not None
-    root = psutil.Process(server.process.pid)
-    total = 0.0
-    for process in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            times = process.cpu_times()
-            total += times.user + times.system
-    return total
-
-
-def memory_of(server: Server) -> dict[str, int]:
-    """RSS (and PSS, which counts shared pages once) summed over the server's process tree."""
-    assert server.process is not None
-    root = psutil.Process(server.process.pid)
-    rss = pss = 0
-    processes = [root, *root.children(recursive=True)]
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            info = process.memory_full_info()
-            rss += info.rss
-            pss += getattr(info, "pss", 0)
-    return {"rss": rss, "pss": pss, "processes": len(processes)}
-
-
-# --- data and the in-process floor ----------------------------------------------------------------
 
 
 def model_file(home: Path, name: str, file: str) -> Path:
@@ -462,16 +353,6 @@ def progress(r: dict[str, Any]) -> None:
 
 
 # --- main ------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def home_dir(given: Path | None) -> Iterator[Path]:
-    if given is not None:
-        given.mkdir(parents=True, exist_ok=True)
-        yield given.resolve()
-        return
-    with tempfile.TemporaryDirectory(prefix="edgegen-bench-") as tmp:
-        yield Path(tmp)
 
 
 def parse_args() -> argparse.Namespace:

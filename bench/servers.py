@@ -1,7 +1,5 @@
-"""Servers for the LLM benchmark: start one in its own process group, wait for ready, measure, stop.
-
-Used by bench/llm.py. A server is started once per run; its start-to-ready time and the memory of its
-process tree (RSS, and PSS, which counts shared and file-backed pages once) are recorded here.
+"""Servers under test, for every benchmark here: start one in its own process group, wait until it is
+ready (and time that), measure its process tree, and always stop it.
 """
 
 from __future__ import annotations
@@ -12,7 +10,9 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,14 +21,17 @@ import psutil
 
 @dataclass
 class Server:
-    """One server under test: how to start it and which GET path answers 200 once the model is loaded."""
+    """One server: how to start it, and the path that answers 200 once it can serve."""
 
     name: str
     command: list[str]
     env: dict[str, str]
     ready_path: str
     port: int
-    model: str  # the `model` field its requests carry
+    cwd: Path | None = None
+    ready_post: bytes | None = None  # POST this to ready_path instead of a GET
+    check: str = "values"  # /predict bench: "shape" for the floor, whose answers are a constant
+    model: str = ""  # LLM bench: the `model` field its requests carry
     process: subprocess.Popen[bytes] | None = None
     startup_s: float = 0.0
     log: Path | None = None
@@ -46,16 +49,19 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without any EDGEGEN_* setting of the caller's, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEGEN_")}
+    """The caller's environment without its EDGEGEN_* and SEED_* settings, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGEGEN_", "SEED_"))}
     env.update(extra)
     return env
 
 
-def http_get_status(port: int, path: str, timeout: float = 2.0) -> int:
+def http_status(port: int, path: str, body: bytes | None = None, timeout: float = 2.0) -> int:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request("GET", path)
+        if body is None:
+            connection.request("GET", path)
+        else:
+            connection.request("POST", path, body, {"Content-Type": "application/json"})
         return connection.getresponse().status
     finally:
         connection.close()
@@ -67,13 +73,14 @@ def start(server: Server, logs: Path, timeout_s: float = 180.0) -> None:
     with server.log.open("wb") as out:
         started = time.perf_counter()
         server.process = subprocess.Popen(
-            server.command, env=server.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            server.command, cwd=server.cwd, env=server.env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
     while time.perf_counter() - started < timeout_s:
         if server.process.poll() is not None:
             raise RuntimeError(f"{server.name} exited with {server.process.returncode}: {tail(server.log)}")
         with contextlib.suppress(OSError, http.client.HTTPException):
-            if http_get_status(server.port, server.ready_path) == 200:
+            if http_status(server.port, server.ready_path, server.ready_post) == 200:
                 server.startup_s = time.perf_counter() - started
                 return
         time.sleep(0.01)
@@ -97,11 +104,25 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def memory_of(server: Server) -> dict[str, int]:
-    """RSS and PSS summed over the server's process tree."""
+def _tree(server: Server) -> list[psutil.Process]:
     assert server.process is not None
     root = psutil.Process(server.process.pid)
-    processes = [root, *root.children(recursive=True)]
+    return [root, *root.children(recursive=True)]
+
+
+def cpu_seconds(server: Server) -> float:
+    """User + system CPU time of the server's process tree so far (its load, not the load generator's)."""
+    total = 0.0
+    for process in _tree(server):
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def memory_of(server: Server) -> dict[str, int]:
+    """RSS and PSS (which counts shared and file-backed pages once) summed over the process tree."""
+    processes = _tree(server)
     rss = pss = 0
     for process in processes:
         with contextlib.suppress(psutil.Error):
@@ -109,3 +130,14 @@ def memory_of(server: Server) -> dict[str, int]:
             rss += info.rss
             pss += getattr(info, "pss", 0)
     return {"rss": rss, "pss": pss, "processes": len(processes)}
+
+
+@contextlib.contextmanager
+def home_dir(given: Path | None, prefix: str = "edgegen-bench-") -> Iterator[Path]:
+    """`given` (created if needed), else a temp dir removed afterwards."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given.resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
