@@ -206,6 +206,28 @@ def models_pull(
         err.print(f"added {model.name} version {model.version}, test accuracy {model.test_accuracy:.4f}")
 
 
+@app.command()
+@friendly
+def optimize(
+    recipe: Annotated[Path, typer.Argument(help="recipe TOML: task, teacher, ordered steps")],
+    out: Annotated[Path, typer.Option("--out", help="output directory (must not exist)")] = Path("optimized"),
+) -> None:
+    """Train, compress and export per the recipe; one package per step and a measured report."""
+    try:
+        from edgegen.optimize.pipeline import run
+        from edgegen.optimize.recipe import load_recipe
+    except ImportError:
+        raise EdgegenError("optimize needs the optimize extra: pip install 'edgegen[optimize]'") from None
+    parsed = load_recipe(recipe)
+    with err.status("optimizing") as status:
+        result = run(parsed, out, progress=lambda line: status.update(line))
+    from edgegen.optimize.report import markdown
+
+    out_console = Console(width=200)
+    out_console.print(markdown(result), markup=False, highlight=False)
+    err.print(f"packages and report.md, report.json written to {out}")
+
+
 def main() -> None:
     try:
         app()
