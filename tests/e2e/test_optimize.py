@@ -78,6 +78,12 @@ def test_every_step_writes_a_measured_package_the_store_accepts(tmp_path: Path) 
         assert entry["latency_ms_p50"] > 0
     assert "| 06-int8-static |" in (out / "report.md").read_text()
     assert "| 06-int8-static |" in result.stdout
+    assert {e["engine"] for e in report["engines"] if e["status"] == "ok"} >= {
+        "onnxruntime",
+        "litert",
+        "torch-eager",
+    }
+    assert "Fastest here:" in (out / "report.md").read_text()
 
     store = ModelStore(tmp_path / "store")
     for entry in report["steps"]:

@@ -24,6 +24,7 @@ from edgegen import __version__
 from edgegen.errors import ConfigError
 from edgegen.executors import describe_model
 from edgegen.optimize import digits, report
+from edgegen.optimize.engines import compare
 from edgegen.optimize.layers import DenseLayer
 from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.optimize.quantize import quantize
@@ -192,6 +193,10 @@ def _run(recipe: Recipe, root: Path, progress: Progress) -> dict[str, Any]:
         entry["speedup_batch64"] = round(
             baseline["latency_ms_p50_batch64"] / entry["latency_ms_p50_batch64"], 2
         )
+    engines = []
+    if recipe.engines:
+        progress("timing the final float model on every engine")
+        engines = compare(current, split.x_test, recipe.latency_runs)
     return {
         "task": recipe.task,
         "recipe": recipe.model_dump(),
@@ -199,4 +204,5 @@ def _run(recipe: Recipe, root: Path, progress: Progress) -> dict[str, Any]:
         "baseline": baseline,
         "steps": steps[1:],
         "final": steps[-1],
+        "engines": engines,
     }

@@ -82,6 +82,7 @@ class Recipe(BaseModel):
     teacher: Teacher = Field(default_factory=Teacher)
     steps: Annotated[list[Step], Field(min_length=1)]
     latency_runs: int = Field(200, ge=10, le=100_000, description="timed runs per latency figure")
+    engines: bool = Field(True, description="time the final float model on every engine that installs here")
 
 
 def load_recipe(path: Path) -> Recipe:

@@ -33,4 +33,23 @@ def markdown(result: dict[str, Any]) -> str:
             f"Distillation (Hinton et al., 2015): the distilled student ({distilled['accuracy']:.4f}) "
             f"{verdict} the same student trained alone ({alone['accuracy']:.4f}) with the same epochs.",
         ]
+    working = [e for e in result.get("engines", []) if e["status"] == "ok"]
+    if result.get("engines"):
+        lines += [
+            "",
+            "## Engines (the final float model, one thread)",
+            "",
+            "| engine | p50 ms batch 1 | p50 ms batch 64 | max abs error | status |",
+            "|---|--:|--:|--:|---|",
+        ]
+        for e in result["engines"]:
+            b1, b64 = e.get("latency_ms_p50"), e.get("latency_ms_p50_batch64")
+            lines.append(
+                f"| {e['engine']} | {b1 if b1 is not None else '—'} | {b64 if b64 is not None else '—'} "
+                f"| {e.get('max_abs_error', '—')} | {e['status']} |"
+            )
+        if working:
+            fastest_1 = min(working, key=lambda e: e["latency_ms_p50"])["engine"]
+            fastest_64 = min(working, key=lambda e: e["latency_ms_p50_batch64"])["engine"]
+            lines += ["", f"Fastest here: **{fastest_1}** at batch 1, **{fastest_64}** at batch 64."]
     return "\n".join(lines) + "\n"
