@@ -40,6 +40,9 @@ scope = "global"
 kind = "lowrank"
 rank = 8
 [[steps]]
+kind = "share"
+clusters = 16
+[[steps]]
 kind = "quantize"
 mode = "dynamic"
 [[steps]]
@@ -63,7 +66,16 @@ def test_every_step_writes_a_measured_package_the_store_accepts(tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     kinds = [s["step"] for s in report["steps"]]
-    assert kinds == ["student-alone", "distill", "prune", "prune", "lowrank", "int8-dynamic", "int8-static"]
+    assert kinds == [
+        "student-alone",
+        "distill",
+        "prune",
+        "prune",
+        "lowrank",
+        "share",
+        "int8-dynamic",
+        "int8-static",
+    ]
     assert report["baseline"]["step"] == "teacher"
     assert report["baseline"]["params"] == 64 * 96 + 96 + 96 * 96 + 96 + 96 * 10 + 10
     by_index = {s["package"]: s for s in report["steps"]}
@@ -72,12 +84,15 @@ def test_every_step_writes_a_measured_package_the_store_accepts(tmp_path: Path) 
     assert by_index["04-lowrank"]["ranks"][0] == 8
     # On a model this small, QDQ scales and zero points cost about what int8 saves; the digits example
     # (docs/optimization.md) shows the real ratio. Here: smaller than the teacher, and still accurate.
-    assert by_index["06-int8-static"]["size_bytes"] < report["baseline"]["size_bytes"]
+    assert by_index["07-int8-static"]["size_bytes"] < report["baseline"]["size_bytes"]
+    shared = by_index["05-share"]
+    assert shared["clusters"] == 16
+    assert shared["compressed_bytes"] < by_index["04-lowrank"]["compressed_bytes"]
     for entry in [report["baseline"], *report["steps"]]:
         assert 0.5 < entry["accuracy"] <= 1.0
         assert entry["latency_ms_p50"] > 0
-    assert "| 06-int8-static |" in (out / "report.md").read_text()
-    assert "| 06-int8-static |" in result.stdout
+    assert "| 07-int8-static |" in (out / "report.md").read_text()
+    assert "| 07-int8-static |" in result.stdout
     assert {e["engine"] for e in report["engines"] if e["status"] == "ok"} >= {
         "onnxruntime",
         "litert",

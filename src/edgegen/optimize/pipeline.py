@@ -12,6 +12,7 @@ import shutil
 import statistics
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,9 @@ from edgegen.optimize.engines import compare
 from edgegen.optimize.layers import DenseLayer
 from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.optimize.quantize import quantize
-from edgegen.optimize.recipe import Distill, LowRank, Prune, Quantize, Recipe
+from edgegen.optimize.recipe import Distill, LowRank, Prune, Quantize, Recipe, Share
 from edgegen.optimize.train import fresh_mlp, train
-from edgegen.optimize.transforms import low_rank, prune_neurons, prune_unstructured
+from edgegen.optimize.transforms import low_rank, prune_neurons, prune_unstructured, share_weights
 from edgegen.store.manifest import Manifest, sha256_file
 
 Progress = Callable[[str], None]
@@ -57,6 +58,8 @@ def measure(model: Path, split: digits.Split, runs: int) -> dict[str, Any]:
 
     return {
         "size_bytes": model.stat().st_size,
+        # What a package costs to ship: sharing and sparsity show here, not in the dense file.
+        "compressed_bytes": len(zlib.compress(model.read_bytes(), 9)),
         "latency_ms_p50": p50_ms(split.x_test[:1]),
         "latency_ms_p50_batch64": p50_ms(np.resize(split.x_test, (64, INPUTS))),
         "accuracy": round(accuracy, 4),
@@ -172,6 +175,11 @@ def _run(recipe: Recipe, root: Path, progress: Progress) -> dict[str, Any]:
                 current = train(
                     current, split.x_train, split.y_train, epochs=step.finetune_epochs, seed=recipe.seed
                 )
+            detail = dict(done.detail)
+        elif isinstance(step, Share):
+            progress(f"step {index}: share weights ({step.clusters} values per layer)")
+            done = share_weights(current, step.clusters)
+            current = done.layers
             detail = dict(done.detail)
         elif isinstance(step, Quantize):
             progress(f"step {index}: quantize {step.mode}")

@@ -6,7 +6,7 @@
     hidden = [1200, 1200]
     epochs = 40
     [[steps]]
-    kind = "distill"          # distill | prune | lowrank | quantize
+    kind = "distill"          # distill | prune | lowrank | share | quantize
     hidden = [800, 800]
     ...
 
@@ -58,13 +58,18 @@ class LowRank(_Step):
         return self
 
 
+class Share(_Step):
+    kind: Literal["share"]
+    clusters: int = Field(16, ge=2, le=65536, description="shared values per layer")
+
+
 class Quantize(_Step):
     kind: Literal["quantize"]
     mode: Literal["dynamic", "static"]
     calibration_samples: int = Field(256, ge=1)
 
 
-Step = Annotated[Distill | Prune | LowRank | Quantize, Field(discriminator="kind")]
+Step = Annotated[Distill | Prune | LowRank | Share | Quantize, Field(discriminator="kind")]
 
 
 class Teacher(BaseModel):

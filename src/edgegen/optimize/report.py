@@ -13,14 +13,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"Measured on this machine: ONNX Runtime {result['machine']['onnxruntime']}, one intra-op thread; "
         "latency is the median of the recipe's runs.",
         "",
-        "| package | params (non-zero) | size KiB | × smaller | p50 ms b1 | × faster b1 | p50 ms b64 "
-        "| × faster b64 | accuracy | Δ vs teacher |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| package | params (non-zero) | size KiB | zlib KiB | × smaller | p50 ms b1 | × faster b1 "
+        "| p50 ms b64 | × faster b64 | accuracy | Δ vs teacher |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         params = f"{row.get('params', 0):,} ({row.get('nonzero_params', 0):,})"
         lines.append(
-            f"| {row['package']} | {params} | {row['size_bytes'] / 1024:,.1f} | {row['size_ratio']} "
+            f"| {row['package']} | {params} | {row['size_bytes'] / 1024:,.1f} "
+            f"| {row['compressed_bytes'] / 1024:,.1f} | {row['size_ratio']} "
             f"| {row['latency_ms_p50']:.3f} | {row['speedup_batch1']} | {row['latency_ms_p50_batch64']:.3f} "
             f"| {row['speedup_batch64']} | {row['accuracy']:.4f} | {row['accuracy_delta']:+.4f} |"
         )

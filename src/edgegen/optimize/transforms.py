@@ -3,6 +3,7 @@
     prune_unstructured  zero the smallest weights (L1 magnitude or random), per layer or over all layers
     prune_neurons       remove whole hidden neurons by importance and shrink the layers around them
     low_rank            replace a weight matrix by two thinner ones from its truncated SVD
+    share_weights       parameter sharing: each layer's weights take one of k shared values (k-means)
 
 Structured pruning makes the matrices smaller, so latency falls with it; unstructured pruning only
 makes them sparse, which a dense runtime does not turn into speed (the report shows both).
@@ -110,3 +111,30 @@ def low_rank(
         ranks.append(r)
         errors.append(float(np.linalg.norm(layer.weight - b @ a) / np.linalg.norm(layer.weight)))
     return Transformed(out, {"ranks": ranks, "relative_error": [round(e, 5) for e in errors]})
+
+
+def share_weights(layers: Sequence[DenseLayer], clusters: int, *, iterations: int = 20) -> Transformed:
+    """Cluster each layer's weights to `clusters` shared values (1-D k-means, quantile start).
+
+    The matrices keep their shape: a dense runtime gains no speed, but the weights become a codebook
+    plus small indices, which compresses (the report shows the model file's zlib size).
+    """
+    if not 2 <= clusters <= 65536:
+        raise ValueError(f"clusters must be in [2, 65536], got {clusters}")
+    out: list[DenseLayer] = []
+    errors: list[float] = []
+    for layer in layers:
+        w = layer.weight.ravel().astype(np.float64)
+        centroids = np.quantile(w, (np.arange(clusters) + 0.5) / clusters)
+        for _ in range(iterations):
+            # Points sit between consecutive centroids' midpoints: assignment is a sorted search.
+            assign = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, w)
+            sums = np.bincount(assign, weights=w, minlength=clusters)
+            counts = np.bincount(assign, minlength=clusters)
+            centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+            centroids.sort()
+        assign = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, w)
+        shared = centroids[assign].astype(np.float32).reshape(layer.weight.shape)
+        out.append(replace(layer, weight=shared))
+        errors.append(float(np.linalg.norm(layer.weight - shared) / np.linalg.norm(layer.weight)))
+    return Transformed(out, {"clusters": clusters, "relative_error": [round(e, 5) for e in errors]})

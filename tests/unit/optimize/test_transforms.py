@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edgegen.optimize.layers import mlp_forward
-from edgegen.optimize.transforms import low_rank, prune_neurons, prune_unstructured
+from edgegen.optimize.transforms import low_rank, prune_neurons, prune_unstructured, share_weights
 from tests.conftest import make_layers
 
 X = np.random.default_rng(3).uniform(0, 16, (32, 64)).astype(np.float32)
@@ -71,3 +71,16 @@ def test_full_energy_low_rank_is_exact_and_low_rank_is_smaller() -> None:
 def test_bad_settings_are_refused(call: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call(make_layers())  # type: ignore[operator]
+
+
+def test_shared_weights_take_at_most_k_values_and_more_values_err_less() -> None:
+    layers = make_layers((64, 32, 10))
+    coarse, fine = share_weights(layers, 4), share_weights(layers, 64)
+    for layer in coarse.layers:
+        assert len(np.unique(layer.weight)) <= 4
+    assert [layer.weight.shape for layer in coarse.layers] == [layer.weight.shape for layer in layers]
+    assert all(
+        f < c for f, c in zip(fine.detail["relative_error"], coarse.detail["relative_error"], strict=True)
+    )  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="clusters"):
+        share_weights(layers, 1)
