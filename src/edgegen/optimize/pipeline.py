@@ -26,7 +26,7 @@ from edgegen.errors import ConfigError
 from edgegen.executors import describe_model
 from edgegen.optimize import digits, report
 from edgegen.optimize.engines import compare
-from edgegen.optimize.layers import DenseLayer
+from edgegen.optimize.layers import DenseLayer, mlp_forward
 from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.optimize.quantize import quantize
 from edgegen.optimize.recipe import Distill, LowRank, Prune, Quantize, Recipe, Share
@@ -38,13 +38,17 @@ Progress = Callable[[str], None]
 INPUTS, CLASSES = 64, 10
 
 
-def measure(model: Path, split: digits.Split, runs: int) -> dict[str, Any]:
+def measure(model: Path, split: digits.Split, runs: int, reference: Sequence[DenseLayer]) -> dict[str, Any]:
+    """Size, latency and accuracy of an exported model, and its parity with the float layers it came from."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    accuracy = float((session.run(None, {name: split.x_test})[0].argmax(1) == split.y_test).mean())
+    logits = session.run(None, {name: split.x_test})[0]
+    accuracy = float((logits.argmax(1) == split.y_test).mean())
+    # Export parity for a float package; for an int8 one, the error quantization added.
+    max_abs_error = float(np.abs(logits - mlp_forward(reference, split.x_test)).max())
 
     def p50_ms(batch: np.ndarray) -> float:
         for _ in range(10):
@@ -57,6 +61,7 @@ def measure(model: Path, split: digits.Split, runs: int) -> dict[str, Any]:
         return round(statistics.median(times) * 1000, 4)
 
     return {
+        "max_abs_error": round(max_abs_error, 6),
         "size_bytes": model.stat().st_size,
         # What a package costs to ship: sharing and sparsity show here, not in the dense file.
         "compressed_bytes": len(zlib.compress(model.read_bytes(), 9)),
@@ -109,13 +114,13 @@ def _run(recipe: Recipe, root: Path, progress: Progress) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
 
     def emit(
-        index: int, kind: str, layers: Sequence[DenseLayer] | None, model: Path, detail: dict[str, Any]
+        index: int, kind: str, layers: Sequence[DenseLayer], model: Path, detail: dict[str, Any]
     ) -> None:
+        """Measure and package `model`, exported from (or quantized from) the float `layers`."""
         folder = model.parent.name
-        figures = measure(model, split, recipe.latency_runs)
+        figures = measure(model, split, recipe.latency_runs, layers)
         entry: dict[str, Any] = {"step": kind, "index": index, "package": folder, **figures, **detail}
-        if layers is not None:
-            entry["params"], entry["nonzero_params"] = _params(layers)
+        entry["params"], entry["nonzero_params"] = _params(layers)
         _package(root, folder, model, {k: v for k, v in entry.items() if k != "package"})
         steps.append(entry)
         progress(f"{folder}: accuracy {figures['accuracy']:.4f}, {figures['size_bytes']} bytes, "
@@ -189,8 +194,7 @@ def _run(recipe: Recipe, root: Path, progress: Progress) -> dict[str, Any]:
             quantize(source, folder / "model.onnx", step.mode,
                      calibration=split.x_train[: step.calibration_samples])  # fmt: skip
             shutil.rmtree(source.parent)
-            emit(index, f"int8-{step.mode}", None, folder / "model.onnx", {"mode": step.mode})
-            steps[-1]["params"], steps[-1]["nonzero_params"] = _params(current)
+            emit(index, f"int8-{step.mode}", current, folder / "model.onnx", {"mode": step.mode})
             continue
         emit(index, step.kind, current, export(index, step.kind, current), detail)
     baseline = steps[0]

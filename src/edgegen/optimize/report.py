@@ -11,11 +11,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Optimization report — task `{result['task']}`",
         "",
         f"Measured on this machine: ONNX Runtime {result['machine']['onnxruntime']}, one intra-op thread; "
-        "latency is the median of the recipe's runs.",
+        "latency is the median of the recipe's runs. *max abs err*: the exported model's logits against "
+        "the float layers it came from, on the test set (export parity; for int8, the quantization error).",
         "",
         "| package | params (non-zero) | size KiB | zlib KiB | × smaller | p50 ms b1 | × faster b1 "
-        "| p50 ms b64 | × faster b64 | accuracy | Δ vs teacher |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| p50 ms b64 | × faster b64 | accuracy | Δ vs teacher | max abs err |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         params = f"{row.get('params', 0):,} ({row.get('nonzero_params', 0):,})"
@@ -23,7 +24,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['package']} | {params} | {row['size_bytes'] / 1024:,.1f} "
             f"| {row['compressed_bytes'] / 1024:,.1f} | {row['size_ratio']} "
             f"| {row['latency_ms_p50']:.3f} | {row['speedup_batch1']} | {row['latency_ms_p50_batch64']:.3f} "
-            f"| {row['speedup_batch64']} | {row['accuracy']:.4f} | {row['accuracy_delta']:+.4f} |"
+            f"| {row['speedup_batch64']} | {row['accuracy']:.4f} | {row['accuracy_delta']:+.4f} "
+            f"| {row['max_abs_error']:.2g} |"
         )
     alone = next((r for r in rows if r["step"] == "student-alone"), None)
     distilled = next((r for r in rows if r["step"] == "distill"), None)
