@@ -101,6 +101,8 @@ def test_every_step_writes_a_measured_package_the_store_accepts(tmp_path: Path) 
         "torch-eager",
     }
     assert "Fastest here:" in (out / "report.md").read_text()
+    for png in ("accuracy_vs_latency.png", "accuracy_vs_size.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     store = ModelStore(tmp_path / "store")
     for entry in report["steps"]:

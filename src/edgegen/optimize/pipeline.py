@@ -24,7 +24,7 @@ import orjson
 from edgegen import __version__
 from edgegen.errors import ConfigError
 from edgegen.executors import describe_model
-from edgegen.optimize import digits, report
+from edgegen.optimize import digits, plots, report
 from edgegen.optimize.engines import compare
 from edgegen.optimize.layers import DenseLayer, mlp_forward
 from edgegen.optimize.onnx_export import mlp_to_onnx
@@ -102,6 +102,7 @@ def run(recipe: Recipe, out: Path, progress: Progress = lambda _: None) -> dict[
         result = _run(recipe, staging, progress)
         (staging / "report.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
         (staging / "report.md").write_text(report.markdown(result), encoding="utf-8")
+        plots.plot(result, staging)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -36,6 +36,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"Distillation (Hinton et al., 2015): the distilled student ({distilled['accuracy']:.4f}) "
             f"{verdict} the same student trained alone ({alone['accuracy']:.4f}) with the same epochs.",
         ]
+    lines += [
+        "",
+        "![accuracy vs latency](accuracy_vs_latency.png)",
+        "![accuracy vs size](accuracy_vs_size.png)",
+    ]
     working = [e for e in result.get("engines", []) if e["status"] == "ok"]
     if result.get("engines"):
         lines += [
