@@ -142,6 +142,16 @@ class Settings(BaseSettings):
         return self.batching.model_copy(update=override.model_dump(exclude_none=True))
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict, or a ConfigError naming `what` it was meant to be."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist; pass an existing TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
 def load_settings(config_file: Path | None = None) -> Settings:
     """Read the settings once: TOML file (argument or `EDGEGEN_CONFIG`), then the environment.
 
@@ -149,14 +159,7 @@ def load_settings(config_file: Path | None = None) -> Settings:
     8000
     """
     path = config_file or (Path(os.environ["EDGEGEN_CONFIG"]) if os.environ.get("EDGEGEN_CONFIG") else None)
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist; pass an existing TOML file") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    values = read_toml(path, "config file") if path is not None else {}
     try:
         return Settings(**values)
     except ValidationError as exc:

@@ -16,12 +16,12 @@ without replacing it, so several quantization modes can stand side by side at th
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edgegen.config import read_toml
 from edgegen.errors import ConfigError
 
 
@@ -91,12 +91,7 @@ class Recipe(BaseModel):
 
 
 def load_recipe(path: Path) -> Recipe:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"recipe {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
+    data = read_toml(path, "recipe")
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
