@@ -8,11 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from edgegen.store import ModelStore
+from tests.e2e.conftest import LLM_ENV
+from tests.e2e.node_process import NodeProcess
+from tests.llm_models import write_tiny_llama
 
 pytestmark = pytest.mark.e2e
 
@@ -49,6 +53,11 @@ mode = "dynamic"
 kind = "quantize"
 mode = "static"
 calibration_samples = 64
+[[steps]]
+kind = "quantize"
+mode = "qat"
+epochs = 2
+calibration_samples = 64
 """
 
 
@@ -75,6 +84,7 @@ def test_every_step_writes_a_measured_package_the_store_accepts(tmp_path: Path) 
         "share",
         "int8-dynamic",
         "int8-static",
+        "int8-qat",
     ]
     assert report["baseline"]["step"] == "teacher"
     assert report["baseline"]["params"] == 64 * 96 + 96 + 96 * 96 + 96 + 96 * 10 + 10
@@ -85,6 +95,7 @@ def test_every_step_writes_a_measured_package_the_store_accepts(tmp_path: Path) 
     # On a model this small, QDQ scales and zero points cost about what int8 saves; the digits example
     # (docs/optimization.md) shows the real ratio. Here: smaller than the teacher, and still accurate.
     assert by_index["07-int8-static"]["size_bytes"] < report["baseline"]["size_bytes"]
+    assert by_index["08-int8-qat"]["epochs"] == 2
     shared = by_index["05-share"]
     assert shared["clusters"] == 16
     assert shared["compressed_bytes"] < by_index["04-lowrank"]["compressed_bytes"]
@@ -141,3 +152,104 @@ def test_an_existing_output_directory_is_not_overwritten(tmp_path: Path) -> None
     assert result.returncode == 1
     assert "already exists" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
+
+
+LM_RECIPE = """
+task = "lm"
+base = "{base}"
+[eval]
+ctx = 64
+chunks = 2
+decode_tokens = 4
+decode_runs = 1
+[[steps]]
+kind = "quantize"
+type = "Q8_0"
+[[steps]]
+kind = "quantize"
+type = "Q4_0"
+[[steps]]
+kind = "drop-layers"
+count = 1
+type = "Q8_0"
+"""
+
+
+def test_an_lm_recipe_writes_gguf_packages_a_node_serves(tmp_path: Path) -> None:
+    base = write_tiny_llama(tmp_path / "tiny.gguf", n_layer=4)
+    out = tmp_path / "out"
+    result = optimize(tmp_path, LM_RECIPE.format(base=base), out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    reference, (q8, q4, cut) = report["baseline"], report["steps"]
+    assert (reference["package"], reference["type"], reference["source_type"]) == (
+        "00-reference-f16",
+        "F16",
+        "F32",
+    )
+    assert [s["package"] for s in report["steps"]] == ["01-q8_0", "02-q4_0", "03-drop1-q8_0"]
+    assert q4["size_bytes"] < q8["size_bytes"] < reference["size_bytes"]
+    assert q8["size_ratio"] > 1.5
+    assert q4["size_ratio"] > q8["size_ratio"]
+    for row in (reference, q8, q4, cut):
+        assert 1 < row["perplexity"] < 10_000
+        assert row["latency_ms_min"] <= row["latency_ms_p50"] <= row["latency_ms_max"]
+        assert row["tokens_per_s"] > 0
+    # Fewer bits move the perplexity; the reference is where every delta is measured from.
+    assert q8["perplexity_delta_pct"] == pytest.approx(
+        100 * (q8["perplexity"] / reference["perplexity"] - 1), abs=0.01
+    )
+    # The cut drops the block whose removal alone cost least.
+    scan = report["sensitivity"]
+    assert [s["layer"] for s in scan] == [0, 1, 2, 3]
+    assert cut["dropped"] == [min(scan, key=lambda s: s["delta"])["layer"]]
+    assert cut["n_layers"] == 3
+    assert cut["params"] < q8["params"]
+    markdown = (out / "report.md").read_text()
+    assert "| 03-drop1-q8_0 | Q8_0 | 3 |" in markdown
+    assert "Depth sensitivity" in markdown
+    for png in ("perplexity_vs_latency.png", "perplexity_vs_size.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / ".work").exists()
+
+    home = tmp_path / "home"
+    store = ModelStore(home / "models")
+    for entry in report["steps"]:
+        store.add(out / entry["package"], f"lm-{entry['package'].replace('_', '-')}", task="text-generation")
+    node = NodeProcess(home, env=LLM_ENV).start()
+    try:
+        for entry in report["steps"]:
+            name = f"lm-{entry['package'].replace('_', '-')}"
+            answer = httpx.post(
+                f"{node.url}/v1/completions",
+                json={"model": name, "prompt": "def main", "max_tokens": 4, "temperature": 0},
+                timeout=30,
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["usage"]["completion_tokens"] == 4
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize(
+    ("base", "change", "message"),
+    [
+        ("missing.gguf", None, "neither a pullable model"),
+        ("junk.gguf", None, "GGUF"),
+        ("tiny.gguf", ("count = 1", "layers = [7]"), "blocks 0..3"),
+        ("tiny.gguf", ("count = 1", "count = 4"), "count must be below the 4 blocks"),
+    ],
+)
+def test_a_bad_lm_recipe_fails_in_one_line_and_writes_nothing(
+    tmp_path: Path, base: str, change: tuple[str, str] | None, message: str
+) -> None:
+    write_tiny_llama(tmp_path / "tiny.gguf", n_layer=4)
+    (tmp_path / "junk.gguf").write_bytes(b"not a model at all" * 10)
+    recipe = LM_RECIPE.format(base=tmp_path / base)
+    out = tmp_path / "out"
+    result = optimize(tmp_path, recipe.replace(*change) if change else recipe, out)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

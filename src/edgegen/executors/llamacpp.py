@@ -29,7 +29,7 @@ def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 _backend_ready = False
 
 
-def _init_backend() -> None:
+def init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
         llama.llama_log_set(_quiet, ctypes.c_void_p(0))
@@ -40,7 +40,7 @@ def _init_backend() -> None:
 class LlamaExecutor:
     def __init__(self, path: Path, settings: LlmSettings | None = None) -> None:
         settings = settings or LlmSettings()
-        _init_backend()
+        init_backend()
         model_params = llama.llama_model_default_params()
         model_params.n_gpu_layers = 0
         self._model = llama.llama_model_load_from_file(str(path).encode(), model_params)

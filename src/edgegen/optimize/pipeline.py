@@ -1,5 +1,8 @@
 """Run a recipe: train the teacher, apply each step, and measure every package on this machine.
 
+(This is the digits task; an lm recipe runs in `lm_task`. Both share the output directory's life:
+built beside its target and renamed into place at the end.)
+
 Every package is a store package (`model.onnx` + `manifest.json`, ready for `edgegen models add`).
 Its figures are measured, not estimated: parameters (and how many are non-zero), file size, ONNX Runtime
 latency p50 at batch 1 and 64 (one intra-op thread), and test accuracy. The output directory is built
@@ -24,12 +27,12 @@ import orjson
 from edgegen import __version__
 from edgegen.errors import ConfigError
 from edgegen.executors import describe_model
-from edgegen.optimize import digits, plots, report
+from edgegen.optimize import digits, lm_task, plots, report
 from edgegen.optimize.engines import compare
 from edgegen.optimize.layers import DenseLayer, mlp_forward
 from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.optimize.quantize import quantize
-from edgegen.optimize.recipe import Distill, LowRank, Prune, Quantize, Recipe, Share
+from edgegen.optimize.recipe import DigitsRecipe, Distill, LmRecipe, LowRank, Prune, Quantize, Share
 from edgegen.optimize.train import fresh_mlp, train
 from edgegen.optimize.transforms import low_rank, prune_neurons, prune_unstructured, share_weights
 from edgegen.store.manifest import Manifest, sha256_file
@@ -93,13 +96,16 @@ def _package(root: Path, folder: str, model: Path, facts: dict[str, Any]) -> Non
     manifest.write(root / folder / "manifest.json")
 
 
-def run(recipe: Recipe, out: Path, progress: Progress = lambda _: None) -> dict[str, Any]:
+def run(recipe: DigitsRecipe | LmRecipe, out: Path, progress: Progress = lambda _: None) -> dict[str, Any]:
     if out.exists():
         raise ConfigError(f"{out} already exists; choose another --out")
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
-        result = _run(recipe, staging, progress)
+        if isinstance(recipe, LmRecipe):
+            result = lm_task.run(recipe, staging, progress)
+        else:
+            result = _run(recipe, staging, progress)
         (staging / "report.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
         (staging / "report.md").write_text(report.markdown(result), encoding="utf-8")
         plots.plot(result, staging)
@@ -109,7 +115,7 @@ def run(recipe: Recipe, out: Path, progress: Progress = lambda _: None) -> dict[
     return result
 
 
-def _run(recipe: Recipe, root: Path, progress: Progress) -> dict[str, Any]:
+def _run(recipe: DigitsRecipe, root: Path, progress: Progress) -> dict[str, Any]:
     split = digits.load_split(seed=recipe.seed)
     scale = digits.PIXEL_MAX
     steps: list[dict[str, Any]] = []
@@ -189,13 +195,20 @@ def _run(recipe: Recipe, root: Path, progress: Progress) -> dict[str, Any]:
             detail = dict(done.detail)
         elif isinstance(step, Quantize):
             progress(f"step {index}: quantize {step.mode}")
-            source = export(index, f"float-{step.mode}", current)
+            detail = {"mode": step.mode}
+            quantized = current
+            if step.mode == "qat":
+                # Fine-tune a copy through int8 rounding; ONNX Runtime's static QDQ then converts it.
+                quantized = train(current, split.x_train, split.y_train, epochs=step.epochs,
+                                  seed=recipe.seed, fake_quant=True)  # fmt: skip
+                detail["epochs"] = step.epochs
+            source = export(index, f"float-{step.mode}", quantized)
             folder = root / f"{index:02d}-int8-{step.mode}"
             folder.mkdir()
-            quantize(source, folder / "model.onnx", step.mode,
+            quantize(source, folder / "model.onnx", "dynamic" if step.mode == "dynamic" else "static",
                      calibration=split.x_train[: step.calibration_samples])  # fmt: skip
             shutil.rmtree(source.parent)
-            emit(index, f"int8-{step.mode}", current, folder / "model.onnx", {"mode": step.mode})
+            emit(index, f"int8-{step.mode}", quantized, folder / "model.onnx", detail)
             continue
         emit(index, step.kind, current, export(index, step.kind, current), detail)
     baseline = steps[0]

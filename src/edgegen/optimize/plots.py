@@ -1,7 +1,8 @@
-"""Plots of the report: accuracy against latency and against size, the Pareto front marked.
+"""Plots of the report: quality against latency and against size, the Pareto front marked.
 
-A package is on the Pareto front when no other package is at least as accurate and at least as
-small/fast, and strictly better in one of the two.
+Quality is test accuracy (digits, higher is better) or perplexity (lm, lower is better). A package is
+on the Pareto front when no other package is at least as good and at least as small/fast, and strictly
+better in one of the two.
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def plot(result: dict[str, Any], out: Path) -> list[Path]:
-    """Write accuracy_vs_latency.png and accuracy_vs_size.png into `out`; return their paths."""
+    """Write <quality>_vs_latency.png and <quality>_vs_size.png into `out`; return their paths."""
     rows = [result["baseline"], *result["steps"]]
+    lm = result["task"] == "lm"
+    quality, sign = ("perplexity", -1.0) if lm else ("accuracy", 1.0)
+    latency = "llama.cpp decode p50 (ms per token" if lm else "ONNX Runtime p50 latency at batch 1 (ms"
     written = []
     for key, label, name in (
-        ("latency_ms_p50", "ONNX Runtime p50 latency at batch 1 (ms, log scale)", "accuracy_vs_latency.png"),
-        ("size_bytes", "model file size (bytes, log scale)", "accuracy_vs_size.png"),
+        ("latency_ms_p50", f"{latency}, log scale)", f"{quality}_vs_latency.png"),
+        ("size_bytes", "model file size (bytes, log scale)", f"{quality}_vs_size.png"),
     ):
-        points = [(float(r[key]), float(r["accuracy"])) for r in rows]
-        front = set(pareto(points))
+        points = [(float(r[key]), float(r[quality])) for r in rows]
+        front = set(pareto([(cost, sign * value) for cost, value in points]))
         figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
         for i, (row, (x, y)) in enumerate(zip(rows, points, strict=True)):
             axes.scatter(
@@ -57,8 +61,8 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
         )
         axes.set_xscale("log")
         axes.set_xlabel(label)
-        axes.set_ylabel("test accuracy")
-        axes.set_title(f"{result['task']}: accuracy vs {'latency' if 'latency' in key else 'size'}")
+        axes.set_ylabel("perplexity on held-out text (lower is better)" if lm else "test accuracy")
+        axes.set_title(f"{result['task']}: {quality} vs {'latency' if 'latency' in key else 'size'}")
         axes.grid(alpha=0.3)
         axes.legend(loc="best")
         figure.tight_layout()

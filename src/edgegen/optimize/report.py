@@ -6,6 +6,8 @@ from typing import Any
 
 
 def markdown(result: dict[str, Any]) -> str:
+    if result["task"] == "lm":
+        return _lm_markdown(result)
     rows = [result["baseline"], *result["steps"]]
     lines = [
         f"# Optimization report — task `{result['task']}`",
@@ -60,4 +62,52 @@ def markdown(result: dict[str, Any]) -> str:
             fastest_1 = min(working, key=lambda e: e["latency_ms_p50"])["engine"]
             fastest_64 = min(working, key=lambda e: e["latency_ms_p50_batch64"])["engine"]
             lines += ["", f"Fastest here: **{fastest_1}** at batch 1, **{fastest_64}** at batch 64."]
+    return "\n".join(lines) + "\n"
+
+
+def _lm_markdown(result: dict[str, Any]) -> str:
+    machine, text, base = result["machine"], result["text"], result["baseline"]
+    lines = [
+        f"# Optimization report — task `lm` ({result['recipe']['base']})",
+        "",
+        f"Measured on this machine: llama-cpp-python {machine['llama_cpp_python']}, {machine['threads']} "
+        f"threads, Python {machine['python']}. Perplexity: {text['scored_tokens']:,} tokens scored of the "
+        f"{text['tokens']:,}-token held-out text ({text['source']}, {len(text['modules'])} modules), in "
+        f"chunks of {result['recipe']['eval']['ctx']} tokens. Decode: ms per token of greedy decoding, one "
+        "sequence, on the node's executor (median, min–max). Every delta is against the reference "
+        f"`{base['package']}`, written from a base stored as {base['source_type']}"
+        + (
+            " — so the reference holds no more information than the base, and the base's own type scores as "
+            "the reference does, up to activation rounding."
+            if base["source_type"] != base["type"]
+            else "."
+        ),
+        "",
+        "| package | type | blocks | params | size MiB | × smaller | ms/token p50 (min–max) | tokens/s "
+        "| × faster | perplexity | Δ perplexity |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in [base, *result["steps"]]:
+        delta = row.get("perplexity_delta_pct")
+        lines.append(
+            f"| {row['package']} | {row['type']} | {row['n_layers']} | {row['params']:,} "
+            f"| {row['size_bytes'] / 2**20:,.1f} | {row.get('size_ratio', 1.0)} "
+            f"| {row['latency_ms_p50']:.2f} ({row['latency_ms_min']:.2f}–{row['latency_ms_max']:.2f}) "
+            f"| {row['tokens_per_s']} | {row.get('speedup', 1.0)} | {row['perplexity']:.3f} "
+            f"| {'—' if delta is None else f'{delta:+.2f} %'} |"
+        )
+    if result["sensitivity"]:
+        lines += [
+            "",
+            "## Depth sensitivity (perplexity with one block dropped, the reference otherwise)",
+            "",
+            "| block | perplexity | Δ |",
+            "|--:|--:|--:|",
+            *(f"| {s['layer']} | {s['perplexity']:.3f} | {s['delta']:+.3f} |" for s in result["sensitivity"]),
+        ]
+    lines += [
+        "",
+        "![perplexity vs latency](perplexity_vs_latency.png)",
+        "![perplexity vs size](perplexity_vs_size.png)",
+    ]
     return "\n".join(lines) + "\n"

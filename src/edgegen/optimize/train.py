@@ -5,6 +5,11 @@ softened distribution (KL at temperature T, scaled by T²) mixed with cross-entr
 `loss = (1 - alpha) * CE + alpha * T² * KL(student_T || teacher_T)`.
 
 Models take raw pixels (0-16); training scales nothing itself, the first layer folds it (see digits.py).
+
+Quantization-aware training (`fake_quant=True`) trains through the rounding that int8 inference will
+apply, with ONNX Runtime's static QDQ scheme (quantize.py): weights per tensor, symmetric, ±127;
+activations (every Linear's input and output) per tensor, asymmetric int8, their ranges tracked as the
+running min/max of the batches. Rounding passes gradients straight through (inside the range).
 """
 
 from __future__ import annotations
@@ -20,10 +25,48 @@ from torch.nn import functional as F  # noqa: N812
 from edgegen.optimize.layers import DenseLayer
 
 
-def to_torch(layers: Sequence[DenseLayer]) -> nn.Sequential:
+class _Range(nn.Module):
+    """Fake-quantizes a tensor to asymmetric int8 over the running min/max of what it has seen."""
+
+    def __init__(self, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("low", torch.tensor(float("nan")))
+        self.register_buffer("high", torch.tensor(float("nan")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                low, high = x.min().clamp(max=0.0), x.max().clamp(min=0.0)  # zero stays exact
+                if torch.isnan(self.low):
+                    self.low.copy_(low)
+                    self.high.copy_(high)
+                else:
+                    self.low.lerp_(low, self.momentum)
+                    self.high.lerp_(high, self.momentum)
+        scale = float((self.high - self.low).clamp(min=1e-8)) / 255
+        zero_point = round(-128 - float(self.low) / scale)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, -128, 127)
+
+
+class QatLinear(nn.Linear):
+    """A Linear that computes with int8-rounded weights and activations (straight-through gradients)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features)
+        self.inputs, self.outputs = _Range(), _Range()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = float(self.weight.detach().abs().max().clamp(min=1e-8)) / 127
+        weight = torch.fake_quantize_per_tensor_affine(self.weight, scale, 0, -127, 127)
+        return self.outputs(F.linear(self.inputs(x), weight, self.bias))
+
+
+def to_torch(layers: Sequence[DenseLayer], *, fake_quant: bool = False) -> nn.Sequential:
     modules: list[nn.Module] = []
     for layer in layers:
-        linear = nn.Linear(layer.in_features, layer.out_features)
+        kind = QatLinear if fake_quant else nn.Linear
+        linear = kind(layer.in_features, layer.out_features)
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(layer.weight))
             linear.bias.copy_(torch.from_numpy(layer.bias))
@@ -78,10 +121,12 @@ def train(
     temperature: float = 4.0,
     alpha: float = 0.5,
     keep_zeros: bool = False,
+    fake_quant: bool = False,
 ) -> list[DenseLayer]:
-    """Train and return new layers. With `teacher`, distil; with `keep_zeros`, pruned weights stay zero."""
+    """Train and return new layers. With `teacher`, distil; with `keep_zeros`, pruned weights stay zero;
+    with `fake_quant`, train through int8 rounding (the float weights returned are ready for it)."""
     torch.manual_seed(seed)
-    model = to_torch(layers)
+    model = to_torch(layers, fake_quant=fake_quant)
     masks = [m.weight.detach() != 0 for m in model if isinstance(m, nn.Linear)] if keep_zeros else []
     teacher_model = to_torch(teacher).eval() if teacher is not None else None
     xs, ys = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))

