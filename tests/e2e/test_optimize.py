@@ -253,3 +253,43 @@ def test_a_bad_lm_recipe_fails_in_one_line_and_writes_nothing(
     assert "Traceback" not in result.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+TIE_RECIPE = """
+task = "digits"
+latency_runs = 10
+[teacher]
+hidden = [48, 48, 48]
+epochs = 8
+[[steps]]
+kind = "share"
+method = "tie"
+finetune_epochs = 4
+[[steps]]
+kind = "quantize"
+mode = "static"
+calibration_samples = 64
+"""
+
+
+def test_tied_layers_are_stored_once_and_quantize(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = optimize(tmp_path, TIE_RECIPE, out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    teacher, (tied, int8) = report["baseline"], report["steps"]
+    assert tied["tied"] == [[1, 2]]
+    assert teacher["params"] - tied["params"] == 48 * 48
+    assert teacher["size_bytes"] - tied["size_bytes"] > 48 * 48 * 4 * 0.9
+    assert tied["max_abs_error"] < 1e-3
+    assert tied["accuracy"] > 0.8
+    assert int8["size_bytes"] < tied["size_bytes"]
+    assert int8["accuracy"] > 0.8
+
+
+def test_a_model_without_same_shaped_layers_cannot_be_tied(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = optimize(tmp_path, TIE_RECIPE.replace("[48, 48, 48]", "[48, 24]"), out)
+    assert result.returncode == 1
+    assert "no two layers have the same shape" in result.stderr
+    assert not out.exists()

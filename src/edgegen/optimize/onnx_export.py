@@ -2,8 +2,9 @@
 
 Each layer becomes one `Gemm(x, W, b, transB=1)` (W kept in nn.Linear's (out, in) layout) followed by
 `Relu` where the layer has one; the batch dimension is symbolic ("batch"), so the node can stack
-requests. Writing the graph ourselves keeps the export exact and free of the tracing exporter's
-version churn; ONNX Runtime fuses Gemm+Relu itself at load time.
+requests. Layers that share one weight array (tied layers) share one initializer. Writing the graph
+ourselves keeps the export exact and free of the tracing exporter's version churn; ONNX Runtime fuses
+Gemm+Relu itself at load time.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ def mlp_to_onnx(
     nodes: list[onnx.NodeProto] = []
     initializers: list[onnx.TensorProto] = []
     current = input_name
+    written: dict[int, str] = {}  # id of a weight array → its initializer
     for i, layer in enumerate(layers, start=1):
-        w, b = f"fc{i}.weight", f"fc{i}.bias"
-        initializers += [numpy_helper.from_array(layer.weight, w), numpy_helper.from_array(layer.bias, b)]
+        w, b = written.get(id(layer.weight), f"fc{i}.weight"), f"fc{i}.bias"
+        if id(layer.weight) not in written:
+            written[id(layer.weight)] = w
+            initializers.append(numpy_helper.from_array(layer.weight, w))
+        initializers.append(numpy_helper.from_array(layer.bias, b))
         last = i == len(layers)
         gemm_out = output_name if last and layer.activation == "none" else f"fc{i}.out"
         nodes.append(helper.make_node("Gemm", [current, w, b], [gemm_out], name=f"fc{i}", transB=1))

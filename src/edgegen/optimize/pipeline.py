@@ -34,7 +34,13 @@ from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.optimize.quantize import quantize
 from edgegen.optimize.recipe import DigitsRecipe, Distill, LmRecipe, LowRank, Prune, Quantize, Share
 from edgegen.optimize.train import fresh_mlp, train
-from edgegen.optimize.transforms import low_rank, prune_neurons, prune_unstructured, share_weights
+from edgegen.optimize.transforms import (
+    low_rank,
+    prune_neurons,
+    prune_unstructured,
+    share_weights,
+    tie_layers,
+)
 from edgegen.store.manifest import Manifest, sha256_file
 
 Progress = Callable[[str], None]
@@ -75,9 +81,10 @@ def measure(model: Path, split: digits.Split, runs: int, reference: Sequence[Den
 
 
 def _params(layers: Sequence[DenseLayer]) -> tuple[int, int]:
-    total = sum(layer.weight.size + layer.bias.size for layer in layers)
-    nonzero = sum(int(np.count_nonzero(layer.weight)) + layer.bias.size for layer in layers)
-    return total, nonzero
+    """Parameters (and non-zero ones); a weight matrix tied across layers counts once."""
+    weights = list({id(layer.weight): layer.weight for layer in layers}.values())
+    biases = sum(layer.bias.size for layer in layers)
+    return sum(w.size for w in weights) + biases, sum(int(np.count_nonzero(w)) for w in weights) + biases
 
 
 def _package(root: Path, folder: str, model: Path, facts: dict[str, Any]) -> None:
@@ -188,11 +195,23 @@ def _run(recipe: DigitsRecipe, root: Path, progress: Progress) -> dict[str, Any]
                     current, split.x_train, split.y_train, epochs=step.finetune_epochs, seed=recipe.seed
                 )
             detail = dict(done.detail)
+        elif isinstance(step, Share) and step.method == "tie":
+            progress(f"step {index}: tie same-shaped layers")
+            try:
+                done = tie_layers(current)
+            except ValueError as exc:
+                raise ConfigError(f"step {index} (share): {exc}") from None
+            current = done.layers
+            if step.finetune_epochs:
+                current = train(
+                    current, split.x_train, split.y_train, epochs=step.finetune_epochs, seed=recipe.seed
+                )
+            detail = {**done.detail, "method": "tie", "finetune_epochs": step.finetune_epochs}
         elif isinstance(step, Share):
             progress(f"step {index}: share weights ({step.clusters} values per layer)")
             done = share_weights(current, step.clusters)
             current = done.layers
-            detail = dict(done.detail)
+            detail = {**done.detail, "method": "cluster"}
         elif isinstance(step, Quantize):
             progress(f"step {index}: quantize {step.mode}")
             detail = {"mode": step.mode}

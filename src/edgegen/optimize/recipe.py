@@ -70,8 +70,18 @@ class LowRank(_Step):
 
 
 class Share(_Step):
+    """cluster: each layer's weights take `clusters` shared values; tie: same-shaped layers share a matrix."""
+
     kind: Literal["share"]
-    clusters: int = Field(16, ge=2, le=65536, description="shared values per layer")
+    method: Literal["cluster", "tie"] = "cluster"
+    clusters: int = Field(16, ge=2, le=65536, description="cluster: shared values per layer")
+    finetune_epochs: int = Field(0, ge=0, le=10_000, description="tie: training of the tied model")
+
+    @model_validator(mode="after")
+    def _fits(self) -> Share:
+        if self.method == "cluster" and self.finetune_epochs:
+            raise ValueError("fine-tuning would undo clustering; finetune_epochs is for method = tie")
+        return self
 
 
 class Quantize(_Step):

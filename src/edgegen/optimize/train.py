@@ -63,13 +63,16 @@ class QatLinear(nn.Linear):
 
 
 def to_torch(layers: Sequence[DenseLayer], *, fake_quant: bool = False) -> nn.Sequential:
+    """Layers holding the same weight array (tied) get the same Parameter, so they train as one."""
     modules: list[nn.Module] = []
+    weights: dict[int, nn.Parameter] = {}
     for layer in layers:
         kind = QatLinear if fake_quant else nn.Linear
         linear = kind(layer.in_features, layer.out_features)
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(layer.weight))
             linear.bias.copy_(torch.from_numpy(layer.bias))
+        linear.weight = weights.setdefault(id(layer.weight), linear.weight)
         modules.append(linear)
         if layer.activation == "relu":
             modules.append(nn.ReLU())
@@ -77,14 +80,19 @@ def to_torch(layers: Sequence[DenseLayer], *, fake_quant: bool = False) -> nn.Se
 
 
 def from_torch(model: nn.Sequential) -> list[DenseLayer]:
+    """A Parameter used by several Linears (tied) comes back as one array those layers share."""
     layers: list[DenseLayer] = []
     modules = list(model)
+    arrays: dict[int, np.ndarray] = {}
     for i, module in enumerate(modules):
         if isinstance(module, nn.Linear):
             relu = i + 1 < len(modules) and isinstance(modules[i + 1], nn.ReLU)
+            weight = arrays.setdefault(
+                id(module.weight), module.weight.detach().numpy().astype(np.float32).copy()
+            )
             layers.append(
                 DenseLayer(
-                    module.weight.detach().numpy().astype(np.float32).copy(),
+                    weight,
                     module.bias.detach().numpy().astype(np.float32).copy(),
                     "relu" if relu else "none",
                 )

@@ -4,6 +4,7 @@
     prune_neurons       remove whole hidden neurons by importance and shrink the layers around them
     low_rank            replace a weight matrix by two thinner ones from its truncated SVD
     share_weights       parameter sharing: each layer's weights take one of k shared values (k-means)
+    tie_layers          parameter sharing across layers: layers of one shape use one weight matrix
 
 Structured pruning makes the matrices smaller, so latency falls with it; unstructured pruning only
 makes them sparse, which a dense runtime does not turn into speed (the report shows both).
@@ -138,3 +139,27 @@ def share_weights(layers: Sequence[DenseLayer], clusters: int, *, iterations: in
         out.append(replace(layer, weight=shared))
         errors.append(float(np.linalg.norm(layer.weight - shared) / np.linalg.norm(layer.weight)))
     return Transformed(out, {"clusters": clusters, "relative_error": [round(e, 5) for e in errors]})
+
+
+def tie_layers(layers: Sequence[DenseLayer]) -> Transformed:
+    """Give every group of same-shaped weight matrices one shared matrix (the group's mean), as ALBERT
+    ties its transformer layers. Tied layers hold the *same* array: the exporters write it once and
+    training keeps it one parameter. Biases stay per layer.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault(layer.weight.shape, []).append(i)
+    tied = [group for group in groups.values() if len(group) > 1]
+    if not tied:
+        shapes = ", ".join(f"{w}x{h}" for w, h in groups)
+        raise ValueError(f"no two layers have the same shape to tie (shapes {shapes})")
+    out = list(layers)
+    errors: dict[int, float] = {}
+    for group in tied:
+        shared = np.mean([layers[i].weight for i in group], axis=0).astype(np.float32)
+        for i in group:
+            out[i] = replace(layers[i], weight=shared)
+            errors[i] = float(np.linalg.norm(layers[i].weight - shared) / np.linalg.norm(layers[i].weight))
+    return Transformed(
+        out, {"tied": tied, "relative_error": {str(i): round(e, 5) for i, e in sorted(errors.items())}}
+    )

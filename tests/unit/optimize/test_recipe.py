@@ -53,6 +53,8 @@ def test_a_recipe_reads_into_typed_steps(tmp_path: Path) -> None:
         (GOOD.replace("amount = 0.5", "amount = -0.2"), "amount"),
         (GOOD.replace("rank = 4", "rank = 4\nenergy = 0.9"), "exactly one of rank or energy"),
         (GOOD.replace('mode = "static"', 'mode = "int3"'), "mode"),
+        (GOOD + '[[steps]]\nkind = "share"\nfinetune_epochs = 3\n', "finetune_epochs is for method = tie"),
+        (GOOD + '[[steps]]\nkind = "share"\nmethod = "weld"\n', "method"),
         (GOOD.replace('task = "digits"', 'task = "imagenet"'), "task"),
         (GOOD + "\nsurprise = 1\n", "surprise"),
         ("task = ", "not valid TOML"),

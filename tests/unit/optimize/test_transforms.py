@@ -1,10 +1,20 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from edgegen.optimize.layers import mlp_forward
-from edgegen.optimize.transforms import low_rank, prune_neurons, prune_unstructured, share_weights
+from edgegen.optimize.onnx_export import mlp_to_onnx
+from edgegen.optimize.train import train
+from edgegen.optimize.transforms import (
+    low_rank,
+    prune_neurons,
+    prune_unstructured,
+    share_weights,
+    tie_layers,
+)
 from tests.conftest import make_layers
 
 X = np.random.default_rng(3).uniform(0, 16, (32, 64)).astype(np.float32)
@@ -84,3 +94,35 @@ def test_shared_weights_take_at_most_k_values_and_more_values_err_less() -> None
     )  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="clusters"):
         share_weights(layers, 1)
+
+
+def test_tying_gives_same_shaped_layers_one_matrix_the_export_writes_once() -> None:
+    layers = make_layers((64, 32, 32, 32, 10))
+    result = tie_layers(layers)
+    assert result.detail["tied"] == [[1, 2]]
+    tied = result.layers
+    assert tied[1].weight is tied[2].weight
+    np.testing.assert_allclose(tied[1].weight, (layers[1].weight + layers[2].weight) / 2, rtol=1e-6)
+    assert tied[0].weight is layers[0].weight
+    model = onnx.load_from_string(mlp_to_onnx(tied))
+    assert [i.name for i in model.graph.initializer if i.name.endswith("weight")] == [
+        "fc1.weight",
+        "fc2.weight",
+        "fc4.weight",
+    ]
+    assert len(mlp_to_onnx(tied)) < len(mlp_to_onnx(layers)) - 32 * 32 * 4
+    session = ort.InferenceSession(mlp_to_onnx(tied), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": X})[0], mlp_forward(tied, X), rtol=1e-4, atol=1e-4)
+
+
+def test_tied_layers_train_as_one_parameter() -> None:
+    tied = tie_layers(make_layers((64, 32, 32, 32, 10))).layers
+    y = np.arange(len(X)) % 10
+    trained = train(tied, X, y, epochs=2)
+    assert trained[1].weight is trained[2].weight
+    assert not np.array_equal(trained[1].weight, tied[1].weight)  # it moved, and stayed shared
+
+
+def test_nothing_to_tie_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no two layers have the same shape"):
+        tie_layers(make_layers((64, 32, 10)))
