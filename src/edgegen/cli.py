@@ -211,6 +211,14 @@ def models_pull(
 def optimize(
     recipe: Annotated[Path, typer.Argument(help="recipe TOML: task, teacher, ordered steps")],
     out: Annotated[Path, typer.Option("--out", help="output directory (must not exist)")] = Path("optimized"),
+    max_accuracy_drop: Annotated[
+        float | None,
+        typer.Option(
+            "--max-accuracy-drop",
+            help="budget mode (digits): search the recipe's options for the fastest package that loses at "
+            "most this many accuracy points against the teacher",
+        ),
+    ] = None,
 ) -> None:
     """Train, compress and export per the recipe; one package per step and a measured report."""
     try:
@@ -220,7 +228,7 @@ def optimize(
         raise EdgegenError("optimize needs the optimize extra: pip install 'edgegen[optimize]'") from None
     parsed = load_recipe(recipe)
     with err.status("optimizing") as status:
-        result = run(parsed, out, progress=lambda line: status.update(line))
+        result = run(parsed, out, progress=status.update, max_accuracy_drop=max_accuracy_drop)
     from edgegen.optimize.report import markdown
 
     out_console = Console(width=200)

@@ -61,11 +61,11 @@ calibration_samples = 64
 """
 
 
-def optimize(tmp_path: Path, recipe: str, out: Path) -> subprocess.CompletedProcess[str]:
+def optimize(tmp_path: Path, recipe: str, out: Path, *options: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "recipe.toml"
     path.write_text(recipe)
     env = {**os.environ, "EDGEGEN_HOME": str(tmp_path / "home")}
-    command = [sys.executable, "-m", "edgegen", "optimize", str(path), "--out", str(out)]
+    command = [sys.executable, "-m", "edgegen", "optimize", str(path), "--out", str(out), *options]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -292,4 +292,66 @@ def test_a_model_without_same_shaped_layers_cannot_be_tied(tmp_path: Path) -> No
     result = optimize(tmp_path, TIE_RECIPE.replace("[48, 48, 48]", "[48, 24]"), out)
     assert result.returncode == 1
     assert "no two layers have the same shape" in result.stderr
+    assert not out.exists()
+
+
+BUDGET_RECIPE = """
+task = "digits"
+latency_runs = 10
+engines = false
+[teacher]
+hidden = [96, 96]
+epochs = 8
+[[steps]]
+kind = "distill"
+hidden = [48, 48]
+epochs = 8
+[[steps]]
+kind = "prune"
+method = "neurons"
+amount = 0.5
+finetune_epochs = 2
+[[steps]]
+kind = "quantize"
+mode = "dynamic"
+"""
+
+
+def test_budget_mode_keeps_the_fastest_package_within_the_drop(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = optimize(tmp_path, BUDGET_RECIPE, out, "--max-accuracy-drop", "2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    found = report["budget"]
+    teacher = report["baseline"]["accuracy"]
+    assert found["accuracy_floor"] == pytest.approx(teacher - 0.02, abs=1e-4)
+    # start (teacher, distilled) × prune (skip, 0.25, 0.5, 0.75) × (float, int8-dynamic)
+    assert len(found["candidates"]) == 2 * 4 * 2
+    assert {c["candidate"].split(" → ")[0] for c in found["candidates"]} == {"teacher", "distill"}
+    for c in found["candidates"]:
+        assert c["within"] == (c["accuracy"] >= found["accuracy_floor"] - 1e-9)
+    chosen = found["chosen"]
+    assert chosen["within"]
+    assert chosen["latency_ms_p50"] == min(c["latency_ms_p50"] for c in found["candidates"] if c["within"])
+    # The sensitivity of the distilled student: three layers; the last has no neurons to prune.
+    assert [row["layer"] for row in found["sensitivity"]] == [0, 1, 2]
+    assert "prune_drop" not in found["sensitivity"][2]
+    assert all("int8_drop" in row for row in found["sensitivity"])
+    assert "Budget search" in (out / "report.md").read_text()
+    store = ModelStore(tmp_path / "store")
+    store.add(out / "budget", "digits-budget")
+    session = ort.InferenceSession(
+        str(store.open("digits-budget").model_path), providers=["CPUExecutionProvider"]
+    )
+    assert session.run(None, {"input": np.zeros((3, 64), np.float32)})[0].shape == (3, 10)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "drop", "message"), [(BUDGET_RECIPE, "-1", "in [0, 100)"), (LM_RECIPE, "1", "digits task")]
+)
+def test_budget_mode_refuses_what_it_cannot_do(tmp_path: Path, recipe: str, drop: str, message: str) -> None:
+    out = tmp_path / "out"
+    result = optimize(tmp_path, recipe.format(base=tmp_path / "tiny.gguf"), out, "--max-accuracy-drop", drop)
+    assert result.returncode == 1
+    assert message in result.stderr
     assert not out.exists()

@@ -27,7 +27,7 @@ import orjson
 from edgegen import __version__
 from edgegen.errors import ConfigError
 from edgegen.executors import describe_model
-from edgegen.optimize import digits, lm_task, plots, report
+from edgegen.optimize import budget, digits, lm_task, plots, report
 from edgegen.optimize.engines import compare
 from edgegen.optimize.layers import DenseLayer, mlp_forward
 from edgegen.optimize.onnx_export import mlp_to_onnx
@@ -91,7 +91,7 @@ def _package(root: Path, folder: str, model: Path, facts: dict[str, Any]) -> Non
     """Turn `root/folder/model.onnx` into a store package with its facts in the manifest."""
     inputs, outputs = describe_model(model, "onnx")
     manifest = Manifest(
-        name=f"digits-{folder.split('-', 1)[1]}",
+        name=f"digits-{folder.split('-', 1)[-1]}",
         version="1",
         format="onnx",
         inputs=inputs,
@@ -103,16 +103,80 @@ def _package(root: Path, folder: str, model: Path, facts: dict[str, Any]) -> Non
     manifest.write(root / folder / "manifest.json")
 
 
-def run(recipe: DigitsRecipe | LmRecipe, out: Path, progress: Progress = lambda _: None) -> dict[str, Any]:
+def apply(
+    step: Prune | LowRank | Share, layers: Sequence[DenseLayer], split: digits.Split, seed: int
+) -> tuple[list[DenseLayer], dict[str, Any]]:
+    """One float compression step (with its fine-tuning); ValueError where the model cannot take it."""
+    x, y = split.x_train, split.y_train
+    if isinstance(step, Prune):
+        if step.method == "neurons":
+            done = prune_neurons(layers, step.amount)
+        else:
+            done = prune_unstructured(layers, step.amount, method=step.method, scope=step.scope, seed=seed)
+        out = done.layers
+        if step.finetune_epochs:
+            sparse = step.method != "neurons"  # unstructured pruning keeps its zeros while it recovers
+            out = train(out, x, y, epochs=step.finetune_epochs, seed=seed, keep_zeros=sparse)
+        return out, {**done.detail, "amount": step.amount, "finetune_epochs": step.finetune_epochs}
+    if isinstance(step, LowRank):
+        done = low_rank(layers, rank=step.rank, energy=step.energy)
+        tune = step.finetune_epochs
+        detail = dict(done.detail)
+    elif step.method == "tie":
+        done = tie_layers(layers)
+        tune = step.finetune_epochs
+        detail = {**done.detail, "method": "tie", "finetune_epochs": tune}
+    else:
+        done = share_weights(layers, step.clusters)
+        tune = 0  # training would move the weights off their shared values
+        detail = {**done.detail, "method": "cluster"}
+    out = train(done.layers, x, y, epochs=tune, seed=seed) if tune else done.layers
+    return out, detail
+
+
+def quantize_to(
+    step: Quantize, layers: Sequence[DenseLayer], split: digits.Split, seed: int, target: Path
+) -> tuple[Sequence[DenseLayer], dict[str, Any]]:
+    """Write the int8 model of `layers` to `target`; return the float layers it stands for and the detail.
+
+    qat fine-tunes a copy through int8 rounding first; ONNX Runtime's static QDQ quantizer converts it.
+    """
+    detail: dict[str, Any] = {"mode": step.mode}
+    if step.mode == "qat":
+        layers = train(layers, split.x_train, split.y_train, epochs=step.epochs, seed=seed, fake_quant=True)
+        detail["epochs"] = step.epochs
+    source = target.with_name(f".float-{target.name}")
+    source.write_bytes(mlp_to_onnx(layers, doc=f"edgegen optimize: int8-{step.mode}"))
+    try:
+        quantize(source, target, "dynamic" if step.mode == "dynamic" else "static",
+                 calibration=split.x_train[: step.calibration_samples])  # fmt: skip
+    finally:
+        source.unlink()
+    return layers, detail
+
+
+def run(
+    recipe: DigitsRecipe | LmRecipe,
+    out: Path,
+    progress: Progress = lambda _: None,
+    *,
+    max_accuracy_drop: float | None = None,
+) -> dict[str, Any]:
+    """Run the recipe into `out`; with `max_accuracy_drop` (points), also search for the fastest package
+    within that drop from the teacher's accuracy (budget mode, digits only)."""
     if out.exists():
         raise ConfigError(f"{out} already exists; choose another --out")
+    if max_accuracy_drop is not None and isinstance(recipe, LmRecipe):
+        raise ConfigError("--max-accuracy-drop applies to the digits task; an lm report ranks every package")
+    if max_accuracy_drop is not None and not 0 <= max_accuracy_drop < 100:
+        raise ConfigError(f"--max-accuracy-drop is in accuracy points, in [0, 100); got {max_accuracy_drop}")
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
         if isinstance(recipe, LmRecipe):
             result = lm_task.run(recipe, staging, progress)
         else:
-            result = _run(recipe, staging, progress)
+            result = _run(recipe, staging, progress, max_accuracy_drop)
         (staging / "report.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
         (staging / "report.md").write_text(report.markdown(result), encoding="utf-8")
         plots.plot(result, staging)
@@ -122,7 +186,9 @@ def run(recipe: DigitsRecipe | LmRecipe, out: Path, progress: Progress = lambda 
     return result
 
 
-def _run(recipe: DigitsRecipe, root: Path, progress: Progress) -> dict[str, Any]:
+def _run(
+    recipe: DigitsRecipe, root: Path, progress: Progress, max_drop: float | None = None
+) -> dict[str, Any]:
     split = digits.load_split(seed=recipe.seed)
     scale = digits.PIXEL_MAX
     steps: list[dict[str, Any]] = []
@@ -153,6 +219,7 @@ def _run(recipe: DigitsRecipe, root: Path, progress: Progress) -> dict[str, Any]
                     epochs=recipe.teacher.epochs, seed=recipe.seed)  # fmt: skip
     emit(0, "teacher", teacher, export(0, "teacher", teacher), {})
     current = teacher
+    starts: list[tuple[str, Sequence[DenseLayer]]] = [("teacher", teacher)]
     for index, step in enumerate(recipe.steps, start=1):
         detail: dict[str, Any] = {}
         if isinstance(step, Distill):
@@ -171,65 +238,22 @@ def _run(recipe: DigitsRecipe, root: Path, progress: Progress) -> dict[str, Any]
                 {"note": "same architecture and epochs, no teacher"},
             )
             detail = {"temperature": step.temperature, "alpha": step.alpha, "hidden": step.hidden}
-        elif isinstance(step, Prune):
-            progress(f"step {index}: prune {step.method} {step.amount:.0%}")
-            if step.method == "neurons":
-                done = prune_neurons(current, step.amount)
-            else:
-                done = prune_unstructured(current, step.amount, method=step.method, scope=step.scope,
-                                          seed=recipe.seed)  # fmt: skip
-            current = done.layers
-            if step.finetune_epochs:
-                current = train(current, split.x_train, split.y_train, epochs=step.finetune_epochs,
-                                seed=recipe.seed, keep_zeros=step.method != "neurons")  # fmt: skip
-            detail = {**done.detail, "amount": step.amount, "finetune_epochs": step.finetune_epochs}
-        elif isinstance(step, LowRank):
-            progress(f"step {index}: low-rank")
+            starts.append(("distill", current))
+        elif isinstance(step, Prune | LowRank | Share):
+            progress(f"step {index}: {step.kind}")
             try:
-                done = low_rank(current, rank=step.rank, energy=step.energy)
+                current, detail = apply(step, current, split, recipe.seed)
             except ValueError as exc:
-                raise ConfigError(f"step {index} (lowrank): {exc}") from None
-            current = done.layers
-            if step.finetune_epochs:
-                current = train(
-                    current, split.x_train, split.y_train, epochs=step.finetune_epochs, seed=recipe.seed
-                )
-            detail = dict(done.detail)
-        elif isinstance(step, Share) and step.method == "tie":
-            progress(f"step {index}: tie same-shaped layers")
-            try:
-                done = tie_layers(current)
-            except ValueError as exc:
-                raise ConfigError(f"step {index} (share): {exc}") from None
-            current = done.layers
-            if step.finetune_epochs:
-                current = train(
-                    current, split.x_train, split.y_train, epochs=step.finetune_epochs, seed=recipe.seed
-                )
-            detail = {**done.detail, "method": "tie", "finetune_epochs": step.finetune_epochs}
-        elif isinstance(step, Share):
-            progress(f"step {index}: share weights ({step.clusters} values per layer)")
-            done = share_weights(current, step.clusters)
-            current = done.layers
-            detail = {**done.detail, "method": "cluster"}
+                raise ConfigError(f"step {index} ({step.kind}): {exc}") from None
         elif isinstance(step, Quantize):
             progress(f"step {index}: quantize {step.mode}")
-            detail = {"mode": step.mode}
-            quantized = current
-            if step.mode == "qat":
-                # Fine-tune a copy through int8 rounding; ONNX Runtime's static QDQ then converts it.
-                quantized = train(current, split.x_train, split.y_train, epochs=step.epochs,
-                                  seed=recipe.seed, fake_quant=True)  # fmt: skip
-                detail["epochs"] = step.epochs
-            source = export(index, f"float-{step.mode}", quantized)
             folder = root / f"{index:02d}-int8-{step.mode}"
             folder.mkdir()
-            quantize(source, folder / "model.onnx", "dynamic" if step.mode == "dynamic" else "static",
-                     calibration=split.x_train[: step.calibration_samples])  # fmt: skip
-            shutil.rmtree(source.parent)
+            quantized, detail = quantize_to(step, current, split, recipe.seed, folder / "model.onnx")
             emit(index, f"int8-{step.mode}", quantized, folder / "model.onnx", detail)
             continue
         emit(index, step.kind, current, export(index, step.kind, current), detail)
+    searched = None if max_drop is None else _budget(recipe, root, split, starts, max_drop, progress)
     baseline = steps[0]
     for entry in steps:
         entry["accuracy_delta"] = round(entry["accuracy"] - baseline["accuracy"], 4)
@@ -250,4 +274,35 @@ def _run(recipe: DigitsRecipe, root: Path, progress: Progress) -> dict[str, Any]
         "steps": steps[1:],
         "final": steps[-1],
         "engines": engines,
+        **({"budget": searched} if searched is not None else {}),
     }
+
+
+def _budget(
+    recipe: DigitsRecipe,
+    root: Path,
+    split: digits.Split,
+    starts: Sequence[tuple[str, Sequence[DenseLayer]]],
+    max_drop: float,
+    progress: Progress,
+) -> dict[str, Any]:
+    prunes = [s for s in recipe.steps if isinstance(s, Prune)]
+    factors = [s for s in recipe.steps if isinstance(s, LowRank)]
+    progress("budget: per-layer sensitivity")
+    layers = starts[-1][1]
+    table = budget.sensitivity(layers, split, prunes[0] if prunes else None, factors[0] if factors else None)
+    model = root / "budget" / "model.onnx"
+    found = budget.search(
+        recipe,
+        split,
+        starts,
+        max_drop,
+        model,
+        apply=lambda step, current: apply(step, current, split, recipe.seed)[0],
+        quantize_to=lambda step, current, target: quantize_to(step, current, split, recipe.seed, target)[0],
+        measure=lambda path, reference: measure(path, split, recipe.latency_runs, reference),
+        progress=progress,
+    )
+    if found["chosen"] is not None:
+        _package(root, "budget", model, {"step": "budget", **found["chosen"]})
+    return {**found, "sensitivity": table, "sensitivity_of": starts[-1][0]}

@@ -62,7 +62,46 @@ def markdown(result: dict[str, Any]) -> str:
             fastest_1 = min(working, key=lambda e: e["latency_ms_p50"])["engine"]
             fastest_64 = min(working, key=lambda e: e["latency_ms_p50_batch64"])["engine"]
             lines += ["", f"Fastest here: **{fastest_1}** at batch 1, **{fastest_64}** at batch 64."]
+    if "budget" in result:
+        lines += _budget_markdown(result["budget"], result["baseline"]["accuracy"])
     return "\n".join(lines) + "\n"
+
+
+def _budget_markdown(found: dict[str, Any], teacher_accuracy: float) -> list[str]:
+    drop = found["max_accuracy_drop"]
+    lines = [
+        "",
+        f"## Budget search: at most {drop} accuracy points below the teacher ({teacher_accuracy:.4f})",
+        "",
+        f"Per-layer sensitivity of the {found['sensitivity_of']} model: accuracy points lost when only that "
+        "layer is pruned (the recipe's first prune step; for neurons, the layer's outputs), factored (its "
+        "first lowrank step) or quantized to int8, with no fine-tuning.",
+        "",
+        "| layer | shape | prune | lowrank | int8 |",
+        "|--:|---|--:|--:|--:|",
+    ]
+    for row in found["sensitivity"]:
+        cells = [f"{row[k]:+.2f}" if k in row else "—" for k in ("prune_drop", "lowrank_drop", "int8_drop")]
+        lines.append(f"| {row['layer']} | {row['shape'][0]}×{row['shape'][1]} | {' | '.join(cells)} |")
+    within = sorted((c for c in found["candidates"] if c["within"]), key=lambda c: c["latency_ms_p50"])
+    lines += [
+        "",
+        f"{len(found['candidates'])} combinations tried, {len(within)} within the budget (accuracy ≥ "
+        f"{found['accuracy_floor']:.4f}); the fastest ten:",
+        "",
+        "| combination | accuracy | size KiB | p50 ms b1 | p50 ms b64 |",
+        "|---|--:|--:|--:|--:|",
+        *(
+            f"| {c['candidate']} | {c['accuracy']:.4f} | {c['size_bytes'] / 1024:,.1f} "
+            f"| {c['latency_ms_p50']:.4f} | {c['latency_ms_p50_batch64']:.4f} |"
+            for c in within[:10]
+        ),
+        "",
+        f"Chosen (package `budget`): **{found['chosen']['candidate']}**."
+        if found["chosen"]
+        else "No combination stays within the budget; no `budget` package was written.",
+    ]
+    return lines
 
 
 def _lm_markdown(result: dict[str, Any]) -> str:
