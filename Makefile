@@ -20,7 +20,7 @@ LLAMA_WHEELS := $(HOME)/.cache/edgegen/wheels/$(shell echo '$(LLAMA) $(LLAMA_FLA
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve test bench lint format clean
+.PHONY: setup serve test bench bench-optimize lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ test: setup
 bench: setup
 	$(BIN)/python bench/predict.py
 	$(BIN)/python bench/llm.py
+
+# Both example recipes end to end (about 6 minutes here), targets checked: see bench/optimize.py.
+bench-optimize: setup
+	$(BIN)/python bench/optimize.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench

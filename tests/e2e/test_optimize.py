@@ -96,6 +96,15 @@ def test_every_step_writes_a_measured_package_the_store_accepts(tmp_path: Path) 
     # (docs/optimization.md) shows the real ratio. Here: smaller than the teacher, and still accurate.
     assert by_index["07-int8-static"]["size_bytes"] < report["baseline"]["size_bytes"]
     assert by_index["08-int8-qat"]["epochs"] == 2
+    # Every float step also has a LiteRT package of the same model, measured on LiteRT.
+    for entry in report["steps"]:
+        lite = entry.get("tflite")
+        assert (lite is None) == entry["step"].startswith("int8")
+        if lite:
+            assert lite["package"] == entry["package"] + "-tflite"
+            assert lite["max_abs_error"] < 1e-3
+            assert lite["accuracy"] == entry["accuracy"]
+            assert lite["latency_ms_p50"] > 0
     shared = by_index["05-share"]
     assert shared["clusters"] == 16
     assert shared["compressed_bytes"] < by_index["04-lowrank"]["compressed_bytes"]
@@ -112,10 +121,17 @@ def test_every_step_writes_a_measured_package_the_store_accepts(tmp_path: Path) 
         "torch-eager",
     }
     assert "Fastest here:" in (out / "report.md").read_text()
+    seed_table = (out / "report.md").read_text().split("## The seed's comparison table, measured")[1]
+    for method in ("Knowledge distillation", "Pruning", "Low-rank factorization", "Parameter sharing"):
+        assert f"| {method} |" in seed_table
+    assert seed_table.count("| Quantization |") == 3
     for png in ("accuracy_vs_latency.png", "accuracy_vs_size.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     store = ModelStore(tmp_path / "store")
+    assert (out / "05-share-tflite" / "model.tflite").is_file()
+    assert store.add(out / "05-share-tflite", "lite").format == "tflite"
+    assert "| 05-share-tflite |" in (out / "report.md").read_text()
     for entry in report["steps"]:
         manifest = store.add(out / entry["package"], entry["package"].replace("_", "-"))
         model = store.open(manifest.name).model_path

@@ -24,7 +24,7 @@ from edgegen.optimize.train import to_torch
 Runner = Callable[[np.ndarray], np.ndarray]
 
 
-def _p50_ms(run: Runner, batch: np.ndarray, runs: int) -> float:
+def p50_ms(run: Runner, batch: np.ndarray, runs: int) -> float:
     for _ in range(10):
         run(batch)
     times = []
@@ -35,17 +35,21 @@ def _p50_ms(run: Runner, batch: np.ndarray, runs: int) -> float:
     return round(statistics.median(times) * 1000, 4)
 
 
-def _onnxruntime(layers: Sequence[DenseLayer]) -> Runner:
+def onnxruntime_runner(model: bytes) -> Runner:
+    """One intra-op thread, default graph optimizations; warnings (an int8 graph's) silenced."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(mlp_to_onnx(layers), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"input": x})[0]
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
 
 
-def _litert(layers: Sequence[DenseLayer]) -> Runner:
+def litert_runner(model: bytes) -> Runner:
+    """One thread (XNNPACK); the input is resized, and the arena reallocated, when the batch changes."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_content=mlp_to_tflite(layers), num_threads=1)
+    interpreter = Interpreter(model_content=model, num_threads=1)
     shape: list[tuple[int, ...]] = [()]
     index_in = interpreter.get_input_details()[0]["index"]
     index_out = interpreter.get_output_details()[0]["index"]
@@ -80,8 +84,8 @@ def compare(layers: Sequence[DenseLayer], x: np.ndarray, runs: int = 200) -> lis
     reference = mlp_forward(layers, batches["latency_ms_p50_batch64"])
     results: list[dict[str, Any]] = []
     builders: dict[str, Callable[[], Runner]] = {
-        "onnxruntime": lambda: _onnxruntime(layers),
-        "litert": lambda: _litert(layers),
+        "onnxruntime": lambda: onnxruntime_runner(mlp_to_onnx(layers)),
+        "litert": lambda: litert_runner(mlp_to_tflite(layers)),
         "torch-eager": lambda: _torch(layers, compiled=False),
         "torch-compile": lambda: _torch(layers, compiled=True),
     }
@@ -94,7 +98,7 @@ def compare(layers: Sequence[DenseLayer], x: np.ndarray, runs: int = 200) -> lis
             if error > 1e-3:
                 entry["status"] = "wrong outputs"
             else:
-                entry.update({key: _p50_ms(run, batch, runs) for key, batch in batches.items()})
+                entry.update({key: p50_ms(run, batch, runs) for key, batch in batches.items()})
                 entry["status"] = "ok"
         except Exception as exc:  # an engine that does not work here is a finding, not a crash
             entry["status"] = f"unavailable: {type(exc).__name__}"

@@ -12,8 +12,6 @@ beside its target and renamed into place at the end, so a failed run leaves noth
 from __future__ import annotations
 
 import shutil
-import statistics
-import time
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
@@ -28,11 +26,12 @@ from edgegen import __version__
 from edgegen.errors import ConfigError
 from edgegen.executors import describe_model
 from edgegen.optimize import budget, digits, lm_task, plots, report
-from edgegen.optimize.engines import compare
+from edgegen.optimize.engines import compare, litert_runner, onnxruntime_runner, p50_ms
 from edgegen.optimize.layers import DenseLayer, mlp_forward
 from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.optimize.quantize import quantize
 from edgegen.optimize.recipe import DigitsRecipe, Distill, LmRecipe, LowRank, Prune, Quantize, Share
+from edgegen.optimize.tflite_export import mlp_to_tflite
 from edgegen.optimize.train import fresh_mlp, train
 from edgegen.optimize.transforms import (
     low_rank,
@@ -48,34 +47,22 @@ INPUTS, CLASSES = 64, 10
 
 
 def measure(model: Path, split: digits.Split, runs: int, reference: Sequence[DenseLayer]) -> dict[str, Any]:
-    """Size, latency and accuracy of an exported model, and its parity with the float layers it came from."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    logits = session.run(None, {name: split.x_test})[0]
+    """Size, latency and accuracy of an exported model (ONNX Runtime for .onnx, LiteRT for .tflite), and
+    its parity with the float layers it came from."""
+    build = litert_runner if model.suffix == ".tflite" else onnxruntime_runner
+    run = build(model.read_bytes())
+    logits = run(split.x_test)
     accuracy = float((logits.argmax(1) == split.y_test).mean())
     # Export parity for a float package; for an int8 one, the error quantization added.
     max_abs_error = float(np.abs(logits - mlp_forward(reference, split.x_test)).max())
-
-    def p50_ms(batch: np.ndarray) -> float:
-        for _ in range(10):
-            session.run(None, {name: batch})
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            session.run(None, {name: batch})
-            times.append(time.perf_counter() - started)
-        return round(statistics.median(times) * 1000, 4)
 
     return {
         "max_abs_error": round(max_abs_error, 6),
         "size_bytes": model.stat().st_size,
         # What a package costs to ship: sharing and sparsity show here, not in the dense file.
         "compressed_bytes": len(zlib.compress(model.read_bytes(), 9)),
-        "latency_ms_p50": p50_ms(split.x_test[:1]),
-        "latency_ms_p50_batch64": p50_ms(np.resize(split.x_test, (64, INPUTS))),
+        "latency_ms_p50": p50_ms(run, split.x_test[:1], runs),
+        "latency_ms_p50_batch64": p50_ms(run, np.resize(split.x_test, (64, INPUTS)), runs),
         "accuracy": round(accuracy, 4),
     }
 
@@ -88,15 +75,16 @@ def _params(layers: Sequence[DenseLayer]) -> tuple[int, int]:
 
 
 def _package(root: Path, folder: str, model: Path, facts: dict[str, Any]) -> None:
-    """Turn `root/folder/model.onnx` into a store package with its facts in the manifest."""
-    inputs, outputs = describe_model(model, "onnx")
+    """Turn `root/folder/model.onnx` (or `.tflite`) into a store package with its facts in the manifest."""
+    fmt = model.suffix.removeprefix(".")
+    inputs, outputs = describe_model(model, fmt)
     manifest = Manifest(
         name=f"digits-{folder.split('-', 1)[-1]}",
         version="1",
-        format="onnx",
+        format=fmt,
         inputs=inputs,
         outputs=outputs,
-        files={"model.onnx": sha256_file(model)},
+        files={model.name: sha256_file(model)},
         producer=f"edgegen {__version__} optimize",
         metadata=facts,
     )
@@ -201,6 +189,14 @@ def _run(
         figures = measure(model, split, recipe.latency_runs, layers)
         entry: dict[str, Any] = {"step": kind, "index": index, "package": folder, **figures, **detail}
         entry["params"], entry["nonzero_params"] = _params(layers)
+        if recipe.tflite and not kind.startswith("int8"):
+            # The same float model for LiteRT, through our own TFLite writer, measured on LiteRT.
+            lite = root / f"{folder}-tflite" / "model.tflite"
+            lite.parent.mkdir()
+            lite.write_bytes(mlp_to_tflite(layers))
+            lite_figures = measure(lite, split, recipe.latency_runs, layers)
+            entry["tflite"] = {"package": lite.parent.name, **lite_figures}
+            _package(root, lite.parent.name, lite, {"step": kind, "index": index, **lite_figures})
         _package(root, folder, model, {k: v for k, v in entry.items() if k != "package"})
         steps.append(entry)
         progress(f"{folder}: accuracy {figures['accuracy']:.4f}, {figures['size_bytes']} bytes, "

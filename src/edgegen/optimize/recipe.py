@@ -110,6 +110,7 @@ class DigitsRecipe(BaseModel):
     steps: Annotated[list[Step], Field(min_length=1)]
     latency_runs: int = Field(200, ge=10, le=100_000, description="timed runs per latency figure")
     engines: bool = Field(True, description="time the final float model on every engine that installs here")
+    tflite: bool = Field(True, description="also write a TFLite package of each float step (LiteRT timed)")
 
 
 # The GGUF file types llama.cpp's quantizer writes without an importance matrix (see optimize/lm.py).

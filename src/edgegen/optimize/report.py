@@ -42,6 +42,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "![accuracy vs latency](accuracy_vs_latency.png)",
         "![accuracy vs size](accuracy_vs_size.png)",
+        *_seed_table(rows),
+        *_tflite_table(rows),
     ]
     working = [e for e in result.get("engines", []) if e["status"] == "ok"]
     if result.get("engines"):
@@ -65,6 +67,72 @@ def markdown(result: dict[str, Any]) -> str:
     if "budget" in result:
         lines += _budget_markdown(result["budget"], result["baseline"]["accuracy"])
     return "\n".join(lines) + "\n"
+
+
+# The seed's table of compression methods (§2), its claims in English, extended by the steps it describes
+# in its text; the measured columns are each step against the model it started from.
+SEED_CLAIMS: dict[str, tuple[str, str, str]] = {
+    "distill": (
+        "Knowledge distillation",
+        "shrinks the model while keeping accuracy",
+        "needs a large teacher first",
+    ),
+    "prune": ("Pruning", "cuts parameters and computation directly", "may lower accuracy"),
+    "lowrank": ("Low-rank factorization", "fewer parameters and multiply-adds", "approximation error"),
+    "share": ("Parameter sharing", "fewer distinct weights to store", "may lower accuracy"),
+    "int8": ("Quantization", "much less storage and computation", "quantization error may lower accuracy"),
+}
+
+
+def _seed_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## The seed's comparison table, measured",
+        "",
+        "Each step against the model it started from (an int8 package against the float model it quantized).",
+        "",
+        "| method | the seed says: pro | the seed says: con | step | × smaller | × faster b1 | × faster b64 "
+        "| Δ accuracy (points) |",
+        "|---|---|---|---|--:|--:|--:|--:|",
+    ]
+    float_input = rows[0]
+    for row in rows[1:]:
+        kind = "int8" if row["step"].startswith("int8") else row["step"]
+        if kind not in SEED_CLAIMS:
+            continue  # the student trained alone is a control, not a method
+        name, pro, con = SEED_CLAIMS[kind]
+        lines.append(
+            f"| {name} | {pro} | {con} | {row['package']} "
+            f"| {float_input['size_bytes'] / row['size_bytes']:.2f} "
+            f"| {float_input['latency_ms_p50'] / row['latency_ms_p50']:.2f} "
+            f"| {float_input['latency_ms_p50_batch64'] / row['latency_ms_p50_batch64']:.2f} "
+            f"| {100 * (row['accuracy'] - float_input['accuracy']):+.2f} |"
+        )
+        if kind != "int8":
+            float_input = row
+    return lines
+
+
+def _tflite_table(rows: list[dict[str, Any]]) -> list[str]:
+    lite = [r for r in rows if "tflite" in r]
+    if not lite:
+        return []
+    lines = [
+        "",
+        "## TFLite packages (each float step through our TFLite writer, timed on LiteRT, one thread)",
+        "",
+        "| package | size KiB | p50 ms b1 (ONNX Runtime's) | p50 ms b64 (ONNX Runtime's) | accuracy "
+        "| max abs err |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for row in lite:
+        t = row["tflite"]
+        lines.append(
+            f"| {t['package']} | {t['size_bytes'] / 1024:,.1f} | {t['latency_ms_p50']:.4f} "
+            f"({row['latency_ms_p50']:.4f}) | {t['latency_ms_p50_batch64']:.4f} "
+            f"({row['latency_ms_p50_batch64']:.4f}) | {t['accuracy']:.4f} | {t['max_abs_error']:.2g} |"
+        )
+    return lines
 
 
 def _budget_markdown(found: dict[str, Any], teacher_accuracy: float) -> list[str]:
