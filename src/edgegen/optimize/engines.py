@@ -1,8 +1,10 @@
 """The seed's §3.1 by measurement: run one model on every engine that installs here, at batch 1 and 64.
 
-Engines: ONNX Runtime (graph optimizations on), LiteRT (our TFLite export, XNNPACK), PyTorch eager and
-`torch.compile` (inductor, CPU). All single-threaded, same inputs, median of `runs` calls; each engine's
-outputs are checked against the numpy reference before it is timed, so a fast wrong engine cannot win.
+Engines: ONNX Runtime (graph optimizations on), LiteRT (our TFLite export, XNNPACK), OpenVINO (the ONNX
+export, CPU plugin, f32: its default on CPUs with bf16 units rounds to bf16, which changes the answers),
+PyTorch eager and `torch.compile` (inductor, CPU). All single-threaded, same inputs, median of `runs`
+calls; each engine's outputs are checked against the numpy reference before it is timed, so a fast wrong
+engine cannot win.
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ def litert_runner(model: bytes) -> Runner:
     return run
 
 
+def openvino_runner(model: bytes) -> Runner:
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    request = core.compile_model(core.read_model(model), "CPU", config).create_infer_request()
+    return lambda x: request.infer({0: x})[0]
+
+
 def _torch(layers: Sequence[DenseLayer], compiled: bool) -> Runner:
     torch.set_num_threads(1)
     model = to_torch(layers).eval()
@@ -86,6 +97,7 @@ def compare(layers: Sequence[DenseLayer], x: np.ndarray, runs: int = 200) -> lis
     builders: dict[str, Callable[[], Runner]] = {
         "onnxruntime": lambda: onnxruntime_runner(mlp_to_onnx(layers)),
         "litert": lambda: litert_runner(mlp_to_tflite(layers)),
+        "openvino": lambda: openvino_runner(mlp_to_onnx(layers)),
         "torch-eager": lambda: _torch(layers, compiled=False),
         "torch-compile": lambda: _torch(layers, compiled=True),
     }
