@@ -38,10 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -60,7 +57,7 @@ from edgegen.config import LlmSettings
 from llm_client import Stream, Wave, chat_body, new_client, stream_chat, wave
 from llm_inprocess import Ceiling, Floor, InProcessRun, copy_bandwidth, gguf_tensor_bytes
 from llm_report import Summary, markdown, print_report, summarize, targets
-from servers import Server, clean_env, free_port, home_dir, memory_of, start, stop
+from servers import Server, clean_env, free_port, home_dir, machine_facts, memory_of, start, stop
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -298,25 +295,15 @@ class Bench:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     import fastapi
     import uvicorn
 
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **machine_facts(),
         "llama_cpp_python": llama_cpp.__version__,
         "httpx": httpx.__version__,
         "fastapi": fastapi.__version__,
         "uvicorn": uvicorn.__version__,
-        "loadavg_at_start": os.getloadavg(),
     }
 
 

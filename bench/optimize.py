@@ -16,10 +16,7 @@ It prints a summary and writes it, with the machine and the commands, to summary
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -27,24 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from servers import machine_facts
+
 ROOT = Path(__file__).resolve().parent.parent
 LLM_TYPES = ("Q8_0", "Q4_K_M", "Q4_0", "Q4_1")
 LLM_MINUTES = 20
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "loadavg_at_start": os.getloadavg(),
-    }
 
 
 def optimize(recipe: str, out: Path, *options: str) -> tuple[dict[str, Any], float, list[str]]:
@@ -99,7 +83,7 @@ def main() -> None:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = ROOT / "bench" / "results" / f"optimize-{stamp}"
     out.mkdir(parents=True)
-    summary: dict[str, Any] = {"date": stamp, "machine": machine()}
+    summary: dict[str, Any] = {"date": stamp, "machine": machine_facts()}
     digits, digits_s, digits_cmd = optimize(
         "examples/digits.toml", out / "digits", "--max-accuracy-drop", "1.0"
     )

@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -52,7 +50,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from servers import Server, clean_env, cpu_seconds, free_port, home_dir, memory_of, start, stop
+from servers import Server, clean_env, cpu_seconds, free_port, home_dir, machine_facts, memory_of, start, stop
 
 BENCH = Path(__file__).resolve().parent
 BASELINES = BENCH / "baselines"
@@ -327,20 +325,11 @@ def _fmt(value: float | None) -> str:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.splitlines()
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu,
-        "python": platform.python_version(),
+        **machine_facts(),
         "onnxruntime": ort.__version__,
         "wrk": wrk[0].strip() if wrk else "unknown",
-        "loadavg_at_start": os.getloadavg(),
     }
 
 

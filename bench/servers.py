@@ -1,5 +1,6 @@
 """Servers under test, for every benchmark here: start one in its own process group, wait until it is
-ready (and time that), measure its process tree, and always stop it.
+ready (and time that), measure its process tree, and always stop it. Also what every benchmark records
+about the machine it ran on.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -141,3 +144,20 @@ def home_dir(given: Path | None, prefix: str = "edgegen-bench-") -> Iterator[Pat
         return
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(tmp)
+
+
+def machine_facts() -> dict[str, Any]:
+    """Cores this process may use, the CPU's model name, Python, and the load when the run began."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg(),
+    }
