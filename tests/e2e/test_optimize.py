@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from edgegen.optimize.engines import litert_runner, onnxruntime_runner
 from edgegen.store import ModelStore
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import NodeProcess
@@ -138,6 +139,29 @@ def test_every_step_writes_a_measured_package_the_store_accepts(tmp_path: Path) 
         session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         logits = session.run(None, {"input": np.zeros((2, 64), np.float32)})[0]
         assert logits.shape == (2, 10)
+
+    # A node serves the packages as they are: the int8 one as the default model, a LiteRT one beside it.
+    home = tmp_path / "serving"
+    served = ModelStore(home / "models")
+    served.add(out / "07-int8-static", "digits")
+    served.add(out / "05-share-tflite", "digits-lite")
+    pixels = np.random.default_rng(0).integers(0, 17, (5, 64)).astype(np.float32)
+    node = NodeProcess(home).start()
+    try:
+        for path, package, file in (
+            ("/predict", "07-int8-static", "model.onnx"),
+            ("/models/digits-lite/predict", "05-share-tflite", "model.tflite"),
+        ):
+            answer = httpx.post(f"{node.url}{path}", json={"input_data": pixels.tolist()}, timeout=10)
+            assert answer.status_code == 200, answer.text
+            run = (litert_runner if file.endswith("tflite") else onnxruntime_runner)(
+                (out / package / file).read_bytes()
+            )
+            np.testing.assert_allclose(
+                np.array(answer.json()["prediction"]), run(pixels), rtol=1e-5, atol=1e-5
+            )
+    finally:
+        node.stop()
 
 
 @pytest.mark.parametrize(
