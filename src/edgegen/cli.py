@@ -103,6 +103,48 @@ def serve(
     )
 
 
+@app.command()
+@friendly
+def gateway(
+    config: Annotated[
+        Path | None,
+        typer.Option(help="gateway TOML: nodes, balancer, health", envvar="EDGEGEN_GATEWAY_CONFIG"),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="address to listen on", envvar="EDGEGEN_GATEWAY_HOST")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="port to listen on", envvar="EDGEGEN_GATEWAY_PORT")] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug|info|warning|error", envvar="EDGEGEN_GATEWAY_LOG_LEVEL")
+    ] = None,
+) -> None:
+    """Start a gateway that balances the fleet's nodes behind one address."""
+    import uvicorn
+
+    from edgegen.gateway.settings import load_gateway_settings
+    from edgegen.observe.logs import configure_logging
+
+    flags = {"CONFIG": config, "HOST": host, "PORT": port, "LOG_LEVEL": log_level}
+    for key, value in flags.items():
+        if value is not None:
+            os.environ[f"EDGEGEN_GATEWAY_{key}"] = str(value)
+    settings = load_gateway_settings()  # fail here, in one line, before the server starts
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        "edgegen.gateway.app:app_from_environment",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
 @models_app.command("list")
 @friendly
 def models_list(config: ConfigOpt = None, store: StoreOpt = None) -> None:

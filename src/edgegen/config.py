@@ -163,9 +163,14 @@ def load_settings(config_file: Path | None = None) -> Settings:
     try:
         return Settings(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(
-            f"invalid settings ({problems}); fix the TOML file or the EDGEGEN_* variable of that name"
-        ) from None
+        raise settings_error(exc, "EDGEGEN_*") from None
+
+
+def settings_error(exc: ValidationError, variables: str) -> ConfigError:
+    """Every problem of a settings object in one line that says where to fix it."""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+    )
+    return ConfigError(
+        f"invalid settings ({problems}); fix the TOML file or the {variables} variable of that name"
+    )

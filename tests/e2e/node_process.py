@@ -1,4 +1,4 @@
-"""Start a real `edgegen serve` on 127.0.0.1, wait until it is ready, always stop it."""
+"""Start a real `edgegen serve` or `edgegen gateway` on 127.0.0.1, wait until it is ready, always stop it."""
 
 from __future__ import annotations
 
@@ -20,9 +20,13 @@ def free_port() -> int:
 
 
 class NodeProcess:
-    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    command = "serve"
+
+    def __init__(
+        self, home: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
         self.home = home
-        self.port = free_port()
+        self.port = port or free_port()
         self.args = args
         self.env = {**os.environ, "EDGEGEN_HOME": str(home), **(env or {})}
         self.log_path = home / f"node-{self.port}.log"
@@ -34,7 +38,7 @@ class NodeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> NodeProcess:
-        command = [sys.executable, "-m", "edgegen", "serve", "--port", str(self.port), *self.args]
+        command = [sys.executable, "-m", "edgegen", self.command, "--port", str(self.port), *self.args]
         self.started_at = time.monotonic()
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -53,6 +57,12 @@ class NodeProcess:
         self.stop()
         raise RuntimeError(f"node not ready after {timeout} s:\n{self.log()[-3000:]}")
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no graceful shutdown."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -68,3 +78,9 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+class GatewayProcess(NodeProcess):
+    """`edgegen gateway --config FILE`; ready when some node can take traffic."""
+
+    command = "gateway"

@@ -2,9 +2,10 @@ import subprocess
 import sys
 
 
-def test_the_node_runtime_imports_no_training_framework() -> None:
+def test_the_node_and_gateway_runtimes_import_no_training_framework() -> None:
     code = (
-        "import sys, edgegen.cli, edgegen.node.app, edgegen.executors.onnx, edgegen.executors.tflite;"
+        "import sys, edgegen.cli, edgegen.node.app, edgegen.executors.onnx, edgegen.executors.tflite,"
+        " edgegen.gateway.app;"
         "print(sorted(m for m in ('torch', 'sklearn', 'onnx', 'tensorflow') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,0 +1,249 @@
+"""`edgegen gateway`: the one public entry of a fleet of nodes.
+
+    /v2/health/live, /v2/health/ready   the gateway's own (ready: some node can take traffic)
+    /metrics                            the gateway's Prometheus metrics
+    /gateway/nodes[/{name}]             the fleet at run time: list, add, re-weight, drain, remove
+    everything else                     relayed to a node (proxy.py): /predict, /models/…, /v2/…, /v1/…
+
+Pure ASGI in front, so a relayed request costs no framework routing; the few admin routes are a
+FastAPI app behind it. Health checks run as one background task for the whole fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, HTTPException, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive, Scope, Send
+
+from edgegen.errors import ConfigError
+from edgegen.gateway.fleet import Fleet
+from edgegen.gateway.proxy import Attempt, Proxy, Refused
+from edgegen.gateway.settings import GatewaySettings, NodeEntry
+from edgegen.node.errors import error_response, is_openai
+from edgegen.node.middleware import SANE_ID
+from edgegen.observe.logs import AccessLog, request_id
+from edgegen.observe.metrics import LATENCY_BUCKETS
+
+log = logging.getLogger("edgegen.gateway")
+
+
+class GatewayMetrics:
+    def __init__(self, fleet: Fleet, proxy: Proxy) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.upstream = Histogram(
+            "edgegen_gateway_upstream_seconds",
+            "One try of a request at one node, from sending it to the last byte back.",
+            ["node"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.attempts = Counter(
+            "edgegen_gateway_attempts_total", "Tries at a node, by outcome.", ["node", "outcome"], registry=r
+        )
+        self.responses = Counter(
+            "edgegen_gateway_responses_total", "Responses to clients by status.", ["status"], registry=r
+        )
+        retries = Gauge("edgegen_gateway_retries", "Requests sent again to another node.", registry=r)
+        retries.set_function(lambda: proxy.retries)
+        nodes = Gauge(
+            "edgegen_gateway_nodes", "Nodes in the fleet, and how many take traffic.", ["state"], registry=r
+        )
+        nodes.labels("known").set_function(lambda: len(fleet.nodes))
+        nodes.labels("available").set_function(lambda: len(fleet.available()))
+
+    def attempt(self, attempt: Attempt, seconds: float) -> None:
+        name = attempt.backend.name
+        self.upstream.labels(name).observe(seconds)
+        if attempt.error is not None:
+            outcome = "error"
+        else:
+            assert attempt.response is not None
+            outcome = f"{attempt.response.status_code // 100}xx"
+        self.attempts.labels(name, outcome).inc()
+
+
+class NodeUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weight: int | None = Field(None, ge=1, le=1000)
+    draining: bool | None = None
+
+
+async def check_health(fleet: Fleet, client: httpx.AsyncClient) -> None:
+    """One round of active checks, all nodes at once."""
+
+    async def one(name: str, url: str) -> None:
+        try:
+            ok = (await client.get(f"{url}/v2/health/ready")).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        fleet.record_check(name, ok)
+
+    await asyncio.gather(*(one(name, s.backend.url) for name, s in list(fleet.nodes.items())))
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.fleet = Fleet(settings.health, settings.outlier)
+        for entry in settings.nodes:
+            self.fleet.add(entry)
+        self.proxy = Proxy(settings, self.fleet, on_done=lambda a, s: self.metrics.attempt(a, s))
+        self.metrics = GatewayMetrics(self.fleet, self.proxy)
+        self.access_log = AccessLog(settings.access_log)
+        self._prefix = secrets.token_hex(6)
+        self._counter = itertools.count(1)
+        self.admin = self._admin_app()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        timeout = httpx.Timeout(self.settings.health.timeout_s)
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            task = asyncio.create_task(self._health_loop(client))
+            try:
+                yield
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await self.proxy.close()
+                self.access_log.flush()
+
+    async def _health_loop(self, client: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                await check_health(self.fleet, client)
+            except Exception:  # a failing check round must not end the checks
+                log.exception("health check round failed")
+            await asyncio.sleep(self.settings.health.interval_s)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        if path.startswith(("/gateway/", "/metrics")) or path in ("/v2/health/live", "/v2/health/ready"):
+            await self.admin(scope, receive, send)
+            return
+        started = time.perf_counter()
+        rid = self._request_id(scope)
+        token = request_id.set(rid)
+        status = 500
+        try:
+            status = await self.proxy(scope, receive, send, rid)
+        except Refused as refused:
+            status = refused.status
+            if status != 499:
+                log.info("request refused", extra={"status": status, "reason": refused.message})
+                response = error_response(
+                    refused.message, status, {"x-request-id": rid}, openai=is_openai(path)
+                )
+                await response(scope, receive, send)
+        finally:
+            request_id.reset(token)
+            self.metrics.responses.labels(str(status)).inc()
+            self.access_log.write({
+                "request_id": rid,
+                "method": scope["method"],
+                "path": path,
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            })  # fmt: skip
+
+    def _request_id(self, scope: Scope) -> str:
+        for key, value in scope["headers"]:
+            if key == b"x-request-id" and SANE_ID.match(value):
+                return value.decode()
+        return f"{self._prefix}{next(self._counter):010x}"
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        context = self.lifespan()
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await context.__aenter__()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await context.__aexit__(None, None, None)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _admin_app(self) -> FastAPI:
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        fleet, proxy = self.fleet, self.proxy
+
+        @app.get("/v2/health/live")
+        def live() -> dict[str, bool]:
+            return {"live": True}
+
+        @app.get("/v2/health/ready")
+        def ready(response: Response) -> dict[str, Any]:
+            available = len(fleet.available())
+            if not available:
+                response.status_code = 503
+            return {"ready": available > 0, "nodes_available": available}
+
+        @app.get("/metrics")
+        def metrics() -> Response:
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        @app.get("/gateway/nodes")
+        def nodes() -> dict[str, Any]:
+            return {"nodes": fleet.snapshot()}
+
+        @app.post("/gateway/nodes", status_code=201)
+        def add(entry: NodeEntry) -> dict[str, object]:
+            try:
+                state = fleet.add(entry)
+            except ConfigError as exc:
+                raise HTTPException(409, exc.message) from None
+            log.info("node added", extra={"node": state.backend.name, "url": entry.url})
+            return state.describe(fleet.clock())
+
+        @app.patch("/gateway/nodes/{name}")
+        def update(name: str, change: NodeUpdate) -> dict[str, object]:
+            if name not in fleet.nodes:
+                raise HTTPException(404, f"no node named {name!r}")
+            if change.weight is not None:
+                fleet.set_weight(name, change.weight)
+            if change.draining is not None:
+                fleet.set_draining(name, change.draining)
+            log.info("node changed", extra={"node": name, **change.model_dump(exclude_none=True)})
+            return fleet.nodes[name].describe(fleet.clock())
+
+        @app.delete("/gateway/nodes/{name}")
+        async def remove(name: str) -> dict[str, object]:
+            if name not in fleet.nodes:
+                raise HTTPException(404, f"no node named {name!r}")
+            state = fleet.remove(name)
+            log.info("node removed", extra={"node": name})
+            await proxy.retire(state.backend)  # requests already there finish first
+            return state.describe(fleet.clock())
+
+        return app
+
+
+def app_from_environment() -> Gateway:
+    """The uvicorn factory: settings from the file and environment the CLI set."""
+    from edgegen.gateway.settings import load_gateway_settings
+
+    return Gateway(load_gateway_settings())

@@ -1,0 +1,165 @@
+"""The fleet: every node the gateway knows, and which of them may take traffic now.
+
+A node takes traffic when it is healthy (active checks), not draining, and not ejected (passive
+outlier detection). Both verdicts are kept apart, as Envoy keeps them:
+
+    active   GET /v2/health/ready every `interval_s`; `unhealthy_after` failures in a row take the node
+             out, `healthy_after` passes bring it back
+    passive  `consecutive_failures` failed requests in a row eject the node for base × 2^(n-1)
+             seconds (n: its ejections so far, capped at `max_ejection_s`); never more than
+             `max_ejected_share` of the fleet at once, so one bad input cannot eject everyone
+
+`available()` is cached and rebuilt only when a verdict changes or an ejection runs out, so a pick
+over a large fleet does not rescan it. The clock is injectable for tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgegen.errors import ConfigError
+from edgegen.gateway.balancers import Backend
+from edgegen.gateway.settings import HealthSettings, NodeEntry, OutlierSettings
+
+log = logging.getLogger("edgegen.gateway")
+
+
+@dataclass(eq=False)
+class NodeState:
+    backend: Backend
+    healthy: bool = True  # optimistic at start; the first check runs at once
+    draining: bool = False
+    passes: int = 0
+    fails: int = 0
+    consecutive_errors: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+
+    def describe(self, now: float) -> dict[str, object]:
+        b = self.backend
+        return {
+            "name": b.name,
+            "url": b.url,
+            "weight": b.weight,
+            "healthy": self.healthy,
+            "draining": self.draining,
+            "ejected_for_s": round(max(0.0, self.ejected_until - now), 3),
+            "ejections": self.ejections,
+            "in_flight": b.in_flight,
+            "latency_ewma_ms": round(b.ewma_s * 1000, 3),
+        }
+
+
+class Fleet:
+    def __init__(
+        self,
+        health: HealthSettings,
+        outlier: OutlierSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.health = health
+        self.outlier = outlier
+        self.clock = clock
+        self.nodes: dict[str, NodeState] = {}
+        self._numbers = itertools.count(1)
+        self._available: list[Backend] | None = None
+        self._next_expiry = math.inf
+
+    # -- membership ------------------------------------------------------------------------------------
+    def add(self, entry: NodeEntry) -> NodeState:
+        if any(state.backend.url == entry.url for state in self.nodes.values()):
+            raise ConfigError(f"a node with URL {entry.url} is already in the fleet")
+        name = entry.name
+        while name is None or name in self.nodes:
+            if entry.name is not None:
+                raise ConfigError(f"a node named {entry.name!r} is already in the fleet")
+            name = f"node-{next(self._numbers)}"
+        state = NodeState(Backend(name=name, url=entry.url, weight=entry.weight))
+        self.nodes[name] = state
+        self._changed()
+        return state
+
+    def remove(self, name: str) -> NodeState:
+        state = self.nodes.pop(name)
+        self._changed()
+        return state
+
+    def set_weight(self, name: str, weight: int) -> None:
+        self.nodes[name].backend.weight = weight
+        self._changed()
+
+    def set_draining(self, name: str, draining: bool) -> None:
+        self.nodes[name].draining = draining
+        self._changed()
+
+    # -- who may take traffic ------------------------------------------------------------------------------
+    def available(self) -> list[Backend]:
+        if self._available is None or self.clock() >= self._next_expiry:
+            now = self.clock()
+            self._available = [
+                s.backend
+                for s in self.nodes.values()
+                if s.healthy and not s.draining and s.ejected_until <= now
+            ]
+            pending = [s.ejected_until for s in self.nodes.values() if s.ejected_until > now]
+            self._next_expiry = min(pending, default=math.inf)
+        return self._available
+
+    def _changed(self) -> None:
+        self._available = None
+
+    # -- active checks ---------------------------------------------------------------------------------------
+    def record_check(self, name: str, ok: bool) -> None:
+        state = self.nodes.get(name)
+        if state is None:
+            return  # removed while its check was in flight
+        if ok:
+            state.passes, state.fails = state.passes + 1, 0
+            if not state.healthy and state.passes >= self.health.healthy_after:
+                state.healthy = True
+                log.info("node healthy again", extra={"node": name})
+                self._changed()
+        else:
+            state.fails, state.passes = state.fails + 1, 0
+            if state.healthy and state.fails >= self.health.unhealthy_after:
+                state.healthy = False
+                log.warning("node failed its health checks", extra={"node": name})
+                self._changed()
+
+    # -- passive outlier detection ---------------------------------------------------------------------------
+    def record_success(self, backend: Backend) -> None:
+        state = self.nodes.get(backend.name)
+        if state is not None:
+            state.consecutive_errors = 0
+
+    def record_failure(self, backend: Backend) -> None:
+        state = self.nodes.get(backend.name)
+        if state is None:
+            return
+        state.consecutive_errors += 1
+        if state.consecutive_errors < self.outlier.consecutive_failures:
+            return
+        now = self.clock()
+        if state.ejected_until > now:
+            return
+        ejected = sum(1 for s in self.nodes.values() if s.ejected_until > now)
+        if ejected + 1 > self.outlier.max_ejected_share * len(self.nodes):
+            log.warning(
+                "node failing but not ejected: too much of the fleet is out", extra={"node": backend.name}
+            )
+            return
+        state.ejections += 1
+        seconds = min(self.outlier.base_ejection_s * 2 ** (state.ejections - 1), self.outlier.max_ejection_s)
+        state.ejected_until = now + seconds
+        state.consecutive_errors = 0
+        log.warning("node ejected", extra={"node": backend.name, "seconds": seconds})
+        self._changed()
+
+    def snapshot(self) -> list[dict[str, object]]:
+        now = self.clock()
+        return [state.describe(now) for state in self.nodes.values()]

@@ -1,0 +1,340 @@
+"""Forward one request to a node and its answer back: balancing, retries, header hygiene, streams.
+
+    client ─▶ check (smuggling shapes 400, headers 431, body 413) ─▶ read the body (bounded)
+           ─▶ balancer for the model / route ─▶ node (httpx, one pool per node)
+           ◀─ status + headers, then the body relayed chunk by chunk (SSE token by token)
+
+Retries. A request that never reached a node (connect error, connect timeout) is tried on another
+node. An idempotent prediction (`/predict`, `/models/*/predict`, `/v2/models/*/infer`, GET) is also
+retried when its node failed before answering (connection dropped, 502/503/504). Never after the first
+byte went to the client. Each retry spends one token of a budget that every request refills by
+`budget_ratio` (capped at `budget_min`), so a failing fleet cannot triple its own load.
+
+A node that dies mid-stream: an SSE stream gets a last `data: {"error": …}` event and ends; any
+other body is cut off (the client sees a short read, never a silently truncated success).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from edgegen.gateway.balancers import Backend, Balancer, make_balancer
+from edgegen.gateway.fleet import Fleet
+from edgegen.gateway.settings import GatewaySettings, RetrySettings
+
+log = logging.getLogger("edgegen.gateway")
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) and what the proxy sets itself: never copied across.
+_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+     b"transfer-encoding", b"upgrade", b"host", b"content-length"}
+)  # fmt: skip
+# A client must not choose what the gateway tells a node about the client (or, later, who it is).
+_CLIENT_FORBIDDEN = (b"x-forwarded-", b"forwarded", b"x-real-ip", b"x-edgegen-")
+_HOP_RESPONSE = _HOP - {b"content-length"}  # the body is relayed as it came, so its length holds
+_IDEMPOTENT = re.compile(r"^/(predict|models/[^/]+/predict|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
+_MODEL_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)/")
+_RETRY_STATUS = frozenset({502, 503, 504})
+AFFINITY_BYTES = 512  # how much of a prompt decides where it goes
+
+
+class Refused(Exception):
+    """A request the gateway answers itself (status, message), before any node sees it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class RetryBudget:
+    """Retries allowed: each request adds `ratio` of one, up to `cap`; a retry spends one."""
+
+    def __init__(self, settings: RetrySettings) -> None:
+        self.ratio = settings.budget_ratio
+        self.cap = max(settings.budget_min, 1.0)
+        self.tokens = self.cap
+
+    def deposit(self) -> None:
+        self.tokens = min(self.cap, self.tokens + self.ratio)
+
+    def withdraw(self) -> bool:
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass
+class Attempt:
+    """What happened to one try of a request at one node."""
+
+    backend: Backend
+    started: float
+    response: httpx.Response | None = None
+    error: str | None = None
+    reached: bool = True  # False: the node never saw the request
+
+
+def affinity_key(path: str, headers: dict[bytes, bytes], body: bytes) -> bytes | None:
+    """What a chat should stick to: its session, or the start of its conversation.
+
+    >>> affinity_key("/v1/completions", {}, b'{"prompt": "Once upon a time"}')
+    b'Once upon a time'
+    """
+    session = headers.get(b"x-session-id")
+    if session:
+        return b"session:" + session[:128]
+    if not path.startswith("/v1/"):
+        return None
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(request, dict):
+        return None
+    if isinstance(request.get("user"), str):
+        return b"user:" + request["user"].encode()[:128]
+    prompt = request.get("prompt")
+    if isinstance(prompt, str):
+        return prompt.encode()[:AFFINITY_BYTES]
+    messages = request.get("messages")
+    if isinstance(messages, list) and messages:
+        # The system turn and the first user turn stay the same as a chat grows: the prefix a KV cache holds.
+        return orjson.dumps(messages[:2])[:AFFINITY_BYTES]
+    return None
+
+
+def model_of(path: str, body: bytes) -> str | None:
+    if match := _MODEL_IN_PATH.match(path):
+        return match.group(1)
+    if path.startswith("/v1/") and body:
+        try:
+            model = orjson.loads(body).get("model")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return model if isinstance(model, str) else None
+    return None
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        fleet: Fleet,
+        on_done: Callable[[Attempt, float], None] = lambda _a, _s: None,
+    ) -> None:
+        self.settings = settings
+        self.fleet = fleet
+        self.on_done = on_done
+        self.budget = RetryBudget(settings.retry)
+        self._balancers: dict[str, Balancer] = {}
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._retiring: dict[Backend, httpx.AsyncClient] = {}
+        self._routes = sorted(settings.balancer.routes.items(), key=lambda kv: -len(kv[0]))
+        self.retries = 0
+
+    def client(self, backend: Backend) -> httpx.AsyncClient:
+        client = self._clients.get(backend.name)
+        if client is None or client.base_url != httpx.URL(backend.url):
+            s = self.settings
+            timeout = httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s)
+            limits = httpx.Limits(
+                max_connections=s.max_connections_per_node,
+                max_keepalive_connections=s.max_connections_per_node,
+            )
+            client = httpx.AsyncClient(base_url=backend.url, timeout=timeout, limits=limits)
+            self._clients[backend.name] = client
+        return client
+
+    async def retire(self, backend: Backend) -> None:
+        """A node left the fleet: close its connections once the requests still there are done."""
+        client = self._clients.pop(backend.name, None)
+        if client is None:
+            return
+        if backend.in_flight:
+            self._retiring[backend] = client
+        else:
+            await client.aclose()
+
+    async def close(self) -> None:
+        for client in [*self._clients.values(), *self._retiring.values()]:
+            await client.aclose()
+        self._clients.clear()
+        self._retiring.clear()
+
+    def balancer_for(self, path: str, model: str | None) -> Balancer:
+        cfg = self.settings.balancer
+        name = cfg.models.get(model) if model else None
+        if name is None:
+            name = next((b for prefix, b in self._routes if path.startswith(prefix)), cfg.default)
+        balancer = self._balancers.get(name)
+        if balancer is None:
+            balancer = self._balancers[name] = make_balancer(name)
+        return balancer
+
+    # -- the request --------------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> int:
+        """Relay one request; return the status the client got."""
+        headers = self._check(scope)
+        body = await self._body(receive)
+        path: str = scope["path"]
+        method: str = scope["method"]
+        forward = self._forward_headers(scope, headers, request_id)
+        url = path + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
+        idempotent = method in ("GET", "HEAD") or bool(_IDEMPOTENT.match(path))
+        balancer = self.balancer_for(path, model_of(path, body))
+        key = affinity_key(path, headers, body) if balancer.name == "prefix_affinity" else None
+        self.budget.deposit()
+        tried: set[str] = set()
+        attempt: Attempt | None = None
+        for number in range(self.settings.retry.attempts):
+            if number:
+                if not self.budget.withdraw():
+                    break
+                self.retries += 1
+                log.info(
+                    "retrying on another node", extra={"node": attempt.backend.name if attempt else None}
+                )
+            available = self.fleet.available()
+            if not available:
+                raise Refused(503, "no node is available to take this request")
+            nodes = ([n for n in available if n.name not in tried] or available) if tried else available
+            backend = balancer.pick(nodes, key)
+            tried.add(backend.name)
+            if attempt is not None and attempt.response is not None:
+                await self._finish(attempt)  # a 502/503/504 we will not pass on
+            attempt = await self._try(backend, method, url, forward, body)
+            response = attempt.response
+            if response is not None and not (idempotent and response.status_code in _RETRY_STATUS):
+                return await self._relay(attempt, send)
+            # Here: no answer, or an idempotent request's 502/503/504. Only what never reached a node is
+            # safe to send again when the request is not idempotent.
+            if response is None and attempt.reached and not idempotent:
+                break
+        assert attempt is not None
+        if attempt.response is not None:
+            return await self._relay(attempt, send)
+        raise Refused(502, f"the node failed to answer ({attempt.error})")
+
+    def _check(self, scope: Scope) -> dict[bytes, bytes]:
+        headers: dict[bytes, bytes] = {}
+        size = 0
+        lengths = 0
+        for key, value in scope["headers"]:
+            size += len(key) + len(value) + 4
+            if key == b"content-length":
+                lengths += 1
+            headers[key] = value
+        if size > self.settings.max_header_bytes:
+            raise Refused(431, f"request headers exceed {self.settings.max_header_bytes} bytes")
+        if lengths > 1 or (lengths and b"transfer-encoding" in headers):
+            raise Refused(400, "a request may carry one Content-Length, or Transfer-Encoding, not both")
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise Refused(400, "Content-Length is not a number")
+            if int(length) > self.settings.max_body_bytes:
+                raise Refused(413, f"request body exceeds {self.settings.max_body_bytes} bytes")
+        return headers
+
+    async def _body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Refused(499, "the client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.settings.max_body_bytes:
+                raise Refused(413, f"request body exceeds {self.settings.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    def _forward_headers(
+        scope: Scope, headers: dict[bytes, bytes], request_id: str
+    ) -> list[tuple[bytes, bytes]]:
+        kept = [
+            (k, v) for k, v in scope["headers"] if k not in _HOP and not k.startswith(_CLIENT_FORBIDDEN)
+            and k != b"x-request-id"
+        ]  # fmt: skip
+        client = scope.get("client")
+        kept.append((b"x-forwarded-for", (client[0] if client else "unknown").encode()))
+        kept.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+        if b"host" in headers:
+            kept.append((b"x-forwarded-host", headers[b"host"]))
+        kept.append((b"x-request-id", request_id.encode()))
+        return kept
+
+    async def _try(
+        self, backend: Backend, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Attempt:
+        """Send the request and wait for the node's status and headers; the body is read by `_relay`."""
+        client = self.client(backend)
+        request = client.build_request(method, url, headers=headers, content=body)
+        backend.in_flight += 1
+        attempt = Attempt(backend, started=time.perf_counter())
+        try:
+            attempt.response = await client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            attempt.error, attempt.reached = type(exc).__name__, False
+        except httpx.HTTPError as exc:  # it reached the node, which failed before answering
+            attempt.error = type(exc).__name__
+        if attempt.response is None:
+            await self._finish(attempt)
+        else:
+            backend.observe(time.perf_counter() - attempt.started)  # time to headers
+        return attempt
+
+    async def _finish(self, attempt: Attempt) -> None:
+        """Close the attempt: release the node, tell the fleet how it went (a 503 is backpressure, not a
+        fault), report it."""
+        backend = attempt.backend
+        backend.in_flight -= 1
+        status = attempt.response.status_code if attempt.response is not None else None
+        if attempt.error is not None or status in (500, 502, 504):
+            self.fleet.record_failure(backend)
+        else:
+            self.fleet.record_success(backend)
+        if attempt.response is not None:
+            await attempt.response.aclose()
+        if not backend.in_flight and backend in self._retiring:
+            await self._retiring.pop(backend).aclose()
+        self.on_done(attempt, time.perf_counter() - attempt.started)
+
+    async def _relay(self, attempt: Attempt, send: Send) -> int:
+        response, backend = attempt.response, attempt.backend
+        assert response is not None
+        headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in _HOP_RESPONSE]
+        headers.append((b"x-edgegen-node", backend.name.encode()))
+        streaming = response.headers.get("content-type", "").startswith("text/event-stream")
+        try:
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            try:
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except httpx.HTTPError as exc:
+                attempt.error = f"{type(exc).__name__} after the response started"
+                if not streaming:
+                    raise  # the client sees a cut-off body, never a short one that looks complete
+                log.warning("a node failed mid-stream", extra={"node": backend.name})
+                event = {
+                    "error": {"message": "the node serving this stream failed", "type": "upstream_error"}
+                }
+                await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(event) + b"\n\n",
+                            "more_body": True})  # fmt: skip
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await self._finish(attempt)
+        return response.status_code

@@ -1,0 +1,130 @@
+"""Typed gateway settings, read once at start-up (TOML file, then `EDGEGEN_GATEWAY_*` variables).
+
+port = 8080
+[[nodes]]
+url = "http://127.0.0.1:8001"
+weight = 1
+[balancer]
+default = "least_connections"
+routes = { "/v1/chat/completions" = "prefix_affinity" }   # by path prefix, longest wins
+models = { "digits" = "p2c_ewma" }                         # by model name, before routes
+[health]
+interval_s = 2.0
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from edgegen.config import read_toml, settings_error
+
+BalancerName = Literal[
+    "round_robin", "weighted_round_robin", "least_connections", "p2c_ewma", "prefix_affinity"
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeEntry(_Section):
+    url: str = Field(description="the node's base URL: http://host:port")
+    weight: int = Field(1, ge=1, le=1000)
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$", description="default: node-<n>")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError("a node URL is http(s)://host:port, without path, query or fragment")
+        if parts.query or parts.fragment:
+            raise ValueError("a node URL is http(s)://host:port, without path, query or fragment")
+        return url.rstrip("/")
+
+
+class BalancerSettings(_Section):
+    default: BalancerName = "least_connections"
+    routes: dict[str, BalancerName] = Field(default_factory=dict, description="path prefix → balancer")
+    models: dict[str, BalancerName] = Field(default_factory=dict, description="model name → balancer")
+
+
+class HealthSettings(_Section):
+    """Active checks: GET /v2/health/ready on every node."""
+
+    interval_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(1.0, gt=0)
+    healthy_after: int = Field(1, ge=1, description="consecutive passes that bring a node back")
+    unhealthy_after: int = Field(2, ge=1, description="consecutive failures that take a node out")
+
+
+class OutlierSettings(_Section):
+    """Passive ejection: a node whose requests keep failing is taken out, for longer each time."""
+
+    consecutive_failures: int = Field(3, ge=1)
+    base_ejection_s: float = Field(5.0, gt=0)
+    max_ejection_s: float = Field(300.0, gt=0)
+    max_ejected_share: float = Field(0.5, gt=0, le=1, description="never eject more of the fleet than this")
+
+
+class RetrySettings(_Section):
+    attempts: int = Field(3, ge=1, le=10, description="tries of one request, the first included")
+    budget_ratio: float = Field(0.2, ge=0, le=1, description="retries allowed per request, on average")
+    budget_min: float = Field(10.0, ge=0, description="retries always available (a quiet gateway)")
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEGEN_GATEWAY_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+    nodes: list[NodeEntry] = Field(default_factory=list)
+    balancer: BalancerSettings = Field(default_factory=BalancerSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    outlier: OutlierSettings = Field(default_factory=OutlierSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    connect_timeout_s: float = Field(1.0, gt=0)
+    read_timeout_s: float = Field(300.0, gt=0, description="longest wait for a node's next bytes")
+    max_connections_per_node: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatewaySettings:
+        names = [node.name for node in self.nodes if node.name]
+        urls = [node.url for node in self.nodes]
+        if len(set(names)) != len(names) or len(set(urls)) != len(urls):
+            raise ValueError("node names and URLs must be unique")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return env_settings, init_settings
+
+
+def load_gateway_settings(config_file: Path | None = None) -> GatewaySettings:
+    """The TOML file (argument or `EDGEGEN_GATEWAY_CONFIG`), then the environment."""
+    env = os.environ.get("EDGEGEN_GATEWAY_CONFIG")
+    path = config_file or (Path(env) if env else None)
+    values = read_toml(path, "gateway config") if path is not None else {}
+    try:
+        return GatewaySettings(**values)
+    except ValidationError as exc:
+        raise settings_error(exc, "EDGEGEN_GATEWAY_*") from None

@@ -1,0 +1,187 @@
+"""`edgegen gateway` in front of three real nodes: one address for the seed, KServe and OpenAI protocols."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from tests.conftest import fill_store
+from tests.e2e.conftest import LLM_ENV
+from tests.e2e.node_process import GatewayProcess, NodeProcess
+from tests.llm_models import write_tiny_llama
+
+pytestmark = pytest.mark.e2e
+PIXELS = np.random.default_rng(0).integers(0, 17, (64,)).astype(float).tolist()
+
+
+def node_home(root: Path, model_files: dict[str, Path]) -> Path:
+    root.mkdir()
+    store = fill_store(root / "models", model_files)
+    store.add(write_tiny_llama(root / "tiny.gguf"), "tiny-llm", task="text-generation")
+    return root
+
+
+def gateway_config(path: Path, nodes: list[NodeProcess], extra: str = "") -> Path:
+    lines = [f'[[nodes]]\nurl = "{n.url}"\nname = "n{i}"\n' for i, n in enumerate(nodes)]
+    path.write_text(
+        "".join(lines)
+        + '[balancer]\ndefault = "least_connections"\n'
+        + 'routes = { "/v1/chat/completions" = "prefix_affinity" }\n'
+        + "[health]\ninterval_s = 0.2\ntimeout_s = 0.5\n"
+        + extra
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
+) -> Iterator[list[NodeProcess]]:
+    root = tmp_path_factory.mktemp("fleet")
+    nodes = [NodeProcess(node_home(root / f"node{i}", model_files), env=LLM_ENV) for i in range(3)]
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess]) -> Iterator[GatewayProcess]:
+    root = tmp_path_factory.mktemp("gateway")
+    config = gateway_config(root / "gateway.toml", fleet)
+    process = GatewayProcess(root, "--config", str(config)).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+    errors = [line for line in process.log().splitlines() if '"level":"error"' in line]
+    assert not errors, errors[:3]
+
+
+def test_the_seed_request_through_the_gateway_is_the_nodes_answer(
+    gateway: GatewayProcess, fleet: list[NodeProcess]
+) -> None:
+    direct = httpx.post(f"{fleet[0].url}/predict", json={"input_data": PIXELS}).json()
+    answers = [httpx.post(f"{gateway.url}/predict", json={"input_data": PIXELS}) for _ in range(9)]
+    assert all(a.status_code == 200 for a in answers)
+    assert all(a.json() == direct for a in answers)
+    # Least connections with equal loads takes turns: every node served some.
+    assert Counter(a.headers["x-edgegen-node"] for a in answers) == {"n0": 3, "n1": 3, "n2": 3}
+
+
+def test_kserve_v2_and_errors_pass_through(gateway: GatewayProcess) -> None:
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": PIXELS}]}
+    answer = httpx.post(f"{gateway.url}/v2/models/digits/infer", json=body)
+    assert answer.status_code == 200
+    assert answer.json()["outputs"][0]["shape"] == [1, 10]
+    bad = httpx.post(
+        f"{gateway.url}/predict", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert bad.status_code == 400  # the node's own refusal, relayed
+    assert "error" in bad.json()
+    assert httpx.post(f"{gateway.url}/models/nope/predict", json={"input_data": PIXELS}).status_code == 404
+
+
+def test_the_openai_client_streams_through_the_gateway(gateway: GatewayProcess) -> None:
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "Tell me about the edge."}]
+    whole = client.chat.completions.create(model="tiny-llm", messages=messages, max_tokens=24, temperature=0)
+    pieces = client.chat.completions.create(
+        model="tiny-llm", messages=messages, max_tokens=24, temperature=0, stream=True
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in pieces if chunk.choices)
+    assert streamed == whole.choices[0].message.content
+    assert len(streamed) > 10
+
+
+def test_a_chat_sticks_to_the_node_holding_its_prefix(gateway: GatewayProcess) -> None:
+    def node_for(system: str) -> str:
+        body = {
+            "model": "tiny-llm",
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+        }
+        answer = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        return answer.headers["x-edgegen-node"]
+
+    for system in ("You are terse.", "You are verbose.", "You are a pirate."):
+        assert len({node_for(system) for _ in range(4)}) == 1
+
+
+def test_a_request_id_is_forwarded_and_client_forwarding_headers_are_not(gateway: GatewayProcess) -> None:
+    answer = httpx.post(
+        f"{gateway.url}/predict",
+        json={"input_data": PIXELS},
+        headers={"x-request-id": "trace-42", "x-forwarded-for": "6.6.6.6", "forwarded": "for=6.6.6.6"},
+    )
+    assert answer.headers["x-request-id"] == "trace-42"  # the node's echo of what the gateway forwarded
+    answer = httpx.post(
+        f"{gateway.url}/predict", json={"input_data": PIXELS}, headers={"x-request-id": "bad id!"}
+    )
+    assert answer.headers["x-request-id"] != "bad id!"
+
+
+def raw(gateway: GatewayProcess, request: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(request)
+        head = sock.recv(4096)
+    return int(head.split(b" ", 2)[1]) if head else 0
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n",
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+)
+def test_request_smuggling_shapes_are_refused(gateway: GatewayProcess, request_bytes: bytes) -> None:
+    assert raw(gateway, request_bytes) == 400
+    assert httpx.post(f"{gateway.url}/predict", json={"input_data": PIXELS}).status_code == 200
+
+
+def test_an_oversized_body_is_refused_before_any_node_sees_it(gateway: GatewayProcess) -> None:
+    answer = httpx.post(f"{gateway.url}/predict", content=b"x" * (9 * 1024 * 1024))
+    assert answer.status_code == 413
+    assert "exceeds" in answer.json()["error"]
+
+
+def test_the_fleet_changes_at_run_time(gateway: GatewayProcess, fleet: list[NodeProcess]) -> None:
+    admin = f"{gateway.url}/gateway/nodes"
+    assert [n["name"] for n in httpx.get(admin).json()["nodes"]] == ["n0", "n1", "n2"]
+    for name in ("n0", "n1", "n2"):
+        assert httpx.patch(f"{admin}/{name}", json={"draining": True}).json()["draining"] is True
+    answer = httpx.post(f"{gateway.url}/predict", json={"input_data": PIXELS})
+    assert answer.status_code == 503
+    assert "no node" in answer.json()["error"]
+    assert httpx.get(f"{gateway.url}/v2/health/ready").status_code == 503
+    httpx.patch(f"{admin}/n1", json={"draining": False})
+    assert {httpx.post(f"{gateway.url}/predict", json={"input_data": PIXELS}).headers["x-edgegen-node"]
+            for _ in range(4)} == {"n1"}  # fmt: skip
+    assert httpx.delete(f"{admin}/n2").status_code == 200
+    added = httpx.post(admin, json={"url": fleet[2].url, "name": "again", "weight": 2})
+    assert added.status_code == 201
+    assert httpx.post(admin, json={"url": fleet[2].url}).status_code == 409
+    assert httpx.post(admin, json={"url": "ftp://x"}).status_code == 422
+    assert httpx.patch(f"{admin}/nobody", json={"weight": 2}).status_code == 404
+    httpx.patch(f"{admin}/n0", json={"draining": False})
+    served = {httpx.post(f"{gateway.url}/predict", json={"input_data": PIXELS}).headers["x-edgegen-node"]
+              for _ in range(8)}  # fmt: skip
+    assert served == {"n0", "n1", "again"}
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert 'edgegen_gateway_nodes{state="available"} 3.0' in metrics
+    assert "edgegen_gateway_attempts_total" in metrics
+    assert json.loads(httpx.get(f"{gateway.url}/v2/health/ready").text)["nodes_available"] == 3

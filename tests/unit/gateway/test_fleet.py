@@ -1,0 +1,108 @@
+"""Which nodes take traffic: active checks, passive ejection (with its cap), drain; on a test clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgegen.errors import ConfigError
+from edgegen.gateway.fleet import Fleet
+from edgegen.gateway.settings import GatewaySettings, HealthSettings, NodeEntry, OutlierSettings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(n: int = 3, **outlier: float) -> tuple[Fleet, Clock]:
+    clock = Clock()
+    fleet = Fleet(HealthSettings(unhealthy_after=2, healthy_after=2), OutlierSettings(**outlier), clock=clock)
+    for i in range(n):
+        fleet.add(NodeEntry(url=f"http://127.0.0.1:{9000 + i}"))
+    return fleet, clock
+
+
+def names(fleet: Fleet) -> list[str]:
+    return [b.name for b in fleet.available()]
+
+
+def test_consecutive_failures_eject_for_a_time_that_doubles() -> None:
+    fleet, clock = make(consecutive_failures=3, base_ejection_s=5)
+    node = fleet.nodes["node-1"].backend
+    for _ in range(2):
+        fleet.record_failure(node)
+    fleet.record_success(node)  # a success resets the count
+    for _ in range(2):
+        fleet.record_failure(node)
+    assert "node-1" in names(fleet)
+    fleet.record_failure(node)
+    assert names(fleet) == ["node-2", "node-3"]
+    clock.now += 5
+    assert "node-1" in names(fleet)  # back when the ejection runs out, without any event
+    for _ in range(3):
+        fleet.record_failure(node)
+    clock.now += 5
+    assert "node-1" not in names(fleet)  # second ejection: 10 s
+    clock.now += 5
+    assert "node-1" in names(fleet)
+    assert fleet.nodes["node-1"].ejections == 2
+
+
+def test_never_more_than_the_allowed_share_is_ejected() -> None:
+    fleet, _ = make(consecutive_failures=1, max_ejected_share=0.5)
+    for name in ("node-1", "node-2", "node-3"):
+        fleet.record_failure(fleet.nodes[name].backend)
+    assert names(fleet) == ["node-2", "node-3"]  # one of three: a second would pass half the fleet
+
+
+def test_active_checks_take_a_node_out_and_bring_it_back() -> None:
+    fleet, _ = make()
+    fleet.record_check("node-2", ok=False)
+    assert "node-2" in names(fleet)  # one failure is not enough
+    fleet.record_check("node-2", ok=False)
+    assert "node-2" not in names(fleet)
+    fleet.record_check("node-2", ok=True)
+    assert "node-2" not in names(fleet)
+    fleet.record_check("node-2", ok=True)
+    assert "node-2" in names(fleet)
+    fleet.record_check("gone", ok=False)  # a node removed while its check ran: ignored
+
+
+def test_a_draining_node_takes_no_new_requests() -> None:
+    fleet, _ = make()
+    fleet.set_draining("node-3", True)
+    assert names(fleet) == ["node-1", "node-2"]
+    fleet.set_draining("node-3", False)
+    fleet.set_weight("node-3", 5)
+    assert fleet.available()[-1].weight == 5
+
+
+def test_membership_changes() -> None:
+    fleet, _ = make(2)
+    fleet.add(NodeEntry(url="http://127.0.0.1:9100", name="edge-a"))
+    assert names(fleet) == ["node-1", "node-2", "edge-a"]
+    with pytest.raises(ConfigError, match="already in the fleet"):
+        fleet.add(NodeEntry(url="http://127.0.0.1:9100"))
+    with pytest.raises(ConfigError, match="already in the fleet"):
+        fleet.add(NodeEntry(url="http://127.0.0.1:9101", name="edge-a"))
+    fleet.remove("node-1")
+    assert names(fleet) == ["node-2", "edge-a"]
+    assert fleet.add(NodeEntry(url="http://127.0.0.1:9102")).backend.name == "node-3"
+
+
+@pytest.mark.parametrize(
+    ("nodes", "message"),
+    [
+        ([{"url": "127.0.0.1:8001"}], "http"),
+        ([{"url": "http://a:1/path"}], "without path"),
+        ([{"url": "http://a:1?x=1"}], "without path"),
+        ([{"url": "http://a:1"}, {"url": "http://a:1"}], "unique"),
+        ([{"url": "http://a:1", "weight": 0}], "weight"),
+    ],
+)
+def test_bad_node_entries_are_refused(nodes: list[dict[str, object]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GatewaySettings(nodes=nodes)  # type: ignore[arg-type]
