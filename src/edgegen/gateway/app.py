@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, HTTPException, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -71,7 +71,7 @@ class GatewayMetrics:
             outcome = "error"
         else:
             assert attempt.response is not None
-            outcome = f"{attempt.response.status_code // 100}xx"
+            outcome = f"{attempt.response.status // 100}xx"
         self.attempts.labels(name, outcome).inc()
 
 
@@ -82,13 +82,14 @@ class NodeUpdate(BaseModel):
     draining: bool | None = None
 
 
-async def check_health(fleet: Fleet, client: httpx.AsyncClient) -> None:
+async def check_health(fleet: Fleet, client: aiohttp.ClientSession) -> None:
     """One round of active checks, all nodes at once."""
 
     async def one(name: str, url: str) -> None:
         try:
-            ok = (await client.get(f"{url}/v2/health/ready")).status_code == 200
-        except httpx.HTTPError:
+            async with client.get(f"{url}/v2/health/ready") as response:
+                ok = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
             ok = False
         fleet.record_check(name, ok)
 
@@ -110,8 +111,8 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(self.settings.health.timeout_s)
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        timeout = aiohttp.ClientTimeout(total=self.settings.health.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as client:
             task = asyncio.create_task(self._health_loop(client))
             try:
                 yield
@@ -122,7 +123,7 @@ class Gateway:
                 await self.proxy.close()
                 self.access_log.flush()
 
-    async def _health_loop(self, client: httpx.AsyncClient) -> None:
+    async def _health_loop(self, client: aiohttp.ClientSession) -> None:
         while True:
             try:
                 await check_health(self.fleet, client)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import operator
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,9 @@ class P2cEwma:
         return a if self.cost(a) <= self.cost(b) else b
 
 
+_IN_FLIGHT = operator.attrgetter("in_flight")
+
+
 def _point(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
@@ -137,7 +141,8 @@ class PrefixAffinity:
         self.load_factor = load_factor
         self._ring: list[int] = []
         self._owners: list[str] = []
-        self._members: frozenset[str] = frozenset()
+        self._nodes: Sequence[Backend] | None = None
+        self._by_name: dict[str, Backend] = {}
         self._fallback = LeastConnections()
 
     def _rebuild(self, nodes: Sequence[Backend]) -> None:
@@ -146,15 +151,16 @@ class PrefixAffinity:
         )
         self._ring = [p for p, _ in points]
         self._owners = [name for _, name in points]
-        self._members = frozenset(node.name for node in nodes)
+        self._nodes = nodes
+        self._by_name = {node.name: node for node in nodes}
 
     def pick(self, nodes: Sequence[Backend], key: bytes | None = None) -> Backend:
         if key is None or len(nodes) == 1:
             return self._fallback.pick(nodes)
-        if frozenset(node.name for node in nodes) != self._members:
+        if nodes is not self._nodes:
             self._rebuild(nodes)  # the fleet changed (a node joined, left or was ejected)
-        by_name = {node.name: node for node in nodes}
-        bound = self.load_factor * sum(n.in_flight for n in nodes) / len(nodes) + 1
+        by_name = self._by_name
+        bound = self.load_factor * sum(map(_IN_FLIGHT, nodes)) / len(nodes) + 1
         start = bisect.bisect(self._ring, _point(key)) % len(self._ring)
         seen: set[str] = set()
         for i in range(len(self._ring)):
@@ -171,7 +177,7 @@ class PrefixAffinity:
 
     def home(self, nodes: Sequence[Backend], key: bytes) -> Backend:
         """The node that owns `key` on the ring, whatever its load."""
-        if frozenset(node.name for node in nodes) != self._members:
+        if nodes is not self._nodes:
             self._rebuild(nodes)
         name = self._owners[bisect.bisect(self._ring, _point(key)) % len(self._ring)]
         return next(node for node in nodes if node.name == name)

@@ -1,7 +1,7 @@
 """Forward one request to a node and its answer back: balancing, retries, header hygiene, streams.
 
     client ─▶ check (smuggling shapes 400, headers 431, body 413) ─▶ read the body (bounded)
-           ─▶ balancer for the model / route ─▶ node (httpx, one pool per node)
+           ─▶ balancer for the model / route ─▶ node (aiohttp, one keep-alive pool per node)
            ◀─ status + headers, then the body relayed chunk by chunk (SSE token by token)
 
 Retries. A request that never reached a node (connect error, connect timeout) is tried on another
@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 import orjson
+from multidict import CIMultiDict
 from starlette.types import Receive, Scope, Send
 
 from edgegen.gateway.balancers import Backend, Balancer, make_balancer
@@ -79,7 +80,7 @@ class Attempt:
 
     backend: Backend
     started: float
-    response: httpx.Response | None = None
+    response: aiohttp.ClientResponse | None = None
     error: str | None = None
     reached: bool = True  # False: the node never saw the request
 
@@ -137,37 +138,40 @@ class Proxy:
         self.on_done = on_done
         self.budget = RetryBudget(settings.retry)
         self._balancers: dict[str, Balancer] = {}
-        self._clients: dict[str, httpx.AsyncClient] = {}
-        self._retiring: dict[Backend, httpx.AsyncClient] = {}
+        self._clients: dict[str, tuple[str, aiohttp.ClientSession]] = {}
+        self._retiring: dict[Backend, aiohttp.ClientSession] = {}
         self._routes = sorted(settings.balancer.routes.items(), key=lambda kv: -len(kv[0]))
         self.retries = 0
 
-    def client(self, backend: Backend) -> httpx.AsyncClient:
-        client = self._clients.get(backend.name)
-        if client is None or client.base_url != httpx.URL(backend.url):
+    def client(self, backend: Backend) -> aiohttp.ClientSession:
+        known = self._clients.get(backend.name)
+        if known is None or known[0] != backend.url:
             s = self.settings
-            timeout = httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s)
-            limits = httpx.Limits(
-                max_connections=s.max_connections_per_node,
-                max_keepalive_connections=s.max_connections_per_node,
+            connector = aiohttp.TCPConnector(limit=s.max_connections_per_node, keepalive_timeout=30)
+            timeout = aiohttp.ClientTimeout(connect=s.connect_timeout_s, sock_read=s.read_timeout_s)
+            session = aiohttp.ClientSession(
+                base_url=backend.url,
+                connector=connector,
+                timeout=timeout,
+                auto_decompress=False,  # bytes are relayed as the node sent them
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             )
-            client = httpx.AsyncClient(base_url=backend.url, timeout=timeout, limits=limits)
-            self._clients[backend.name] = client
-        return client
+            known = self._clients[backend.name] = (backend.url, session)
+        return known[1]
 
     async def retire(self, backend: Backend) -> None:
         """A node left the fleet: close its connections once the requests still there are done."""
-        client = self._clients.pop(backend.name, None)
-        if client is None:
+        known = self._clients.pop(backend.name, None)
+        if known is None:
             return
         if backend.in_flight:
-            self._retiring[backend] = client
+            self._retiring[backend] = known[1]
         else:
-            await client.aclose()
+            await known[1].close()
 
     async def close(self) -> None:
-        for client in [*self._clients.values(), *self._retiring.values()]:
-            await client.aclose()
+        for session in [*(s for _, s in self._clients.values()), *self._retiring.values()]:
+            await session.close()
         self._clients.clear()
         self._retiring.clear()
 
@@ -214,7 +218,7 @@ class Proxy:
                 await self._finish(attempt)  # a 502/503/504 we will not pass on
             attempt = await self._try(backend, method, url, forward, body)
             response = attempt.response
-            if response is not None and not (idempotent and response.status_code in _RETRY_STATUS):
+            if response is not None and not (idempotent and response.status in _RETRY_STATUS):
                 return await self._relay(attempt, send)
             # Here: no answer, or an idempotent request's 502/503/504. Only what never reached a node is
             # safe to send again when the request is not idempotent.
@@ -281,15 +285,17 @@ class Proxy:
         self, backend: Backend, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> Attempt:
         """Send the request and wait for the node's status and headers; the body is read by `_relay`."""
-        client = self.client(backend)
-        request = client.build_request(method, url, headers=headers, content=body)
+        session = self.client(backend)
+        fields = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
         backend.in_flight += 1
         attempt = Attempt(backend, started=time.perf_counter())
         try:
-            attempt.response = await client.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            attempt.response = await session.request(
+                method, url, headers=fields, data=body or None, allow_redirects=False
+            )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             attempt.error, attempt.reached = type(exc).__name__, False
-        except httpx.HTTPError as exc:  # it reached the node, which failed before answering
+        except (aiohttp.ClientError, TimeoutError) as exc:  # it reached the node, which failed to answer
             attempt.error = type(exc).__name__
         if attempt.response is None:
             await self._finish(attempt)
@@ -302,39 +308,39 @@ class Proxy:
         fault), report it."""
         backend = attempt.backend
         backend.in_flight -= 1
-        status = attempt.response.status_code if attempt.response is not None else None
+        response = attempt.response
+        status = response.status if response is not None else None
         if attempt.error is not None or status in (500, 502, 504):
             self.fleet.record_failure(backend)
         else:
             self.fleet.record_success(backend)
-        if attempt.response is not None:
-            await attempt.response.aclose()
+        if response is not None:
+            # A body read to its end returns the connection to the pool; anything else closes it.
+            response.release() if response.content.at_eof() else response.close()
         if not backend.in_flight and backend in self._retiring:
-            await self._retiring.pop(backend).aclose()
+            await self._retiring.pop(backend).close()
         self.on_done(attempt, time.perf_counter() - attempt.started)
 
     async def _relay(self, attempt: Attempt, send: Send) -> int:
         response, backend = attempt.response, attempt.backend
         assert response is not None
-        headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in _HOP_RESPONSE]
+        headers = [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in _HOP_RESPONSE]
         headers.append((b"x-edgegen-node", backend.name.encode()))
-        streaming = response.headers.get("content-type", "").startswith("text/event-stream")
+        streaming = response.content_type == "text/event-stream"
         try:
-            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
             try:
-                async for chunk in response.aiter_raw():
+                async for chunk in response.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 attempt.error = f"{type(exc).__name__} after the response started"
                 if not streaming:
                     raise  # the client sees a cut-off body, never a short one that looks complete
                 log.warning("a node failed mid-stream", extra={"node": backend.name})
-                event = {
-                    "error": {"message": "the node serving this stream failed", "type": "upstream_error"}
-                }
+                event = {"error": {"message": "the node serving this stream failed", "type": "upstream"}}
                 await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(event) + b"\n\n",
                             "more_body": True})  # fmt: skip
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await self._finish(attempt)
-        return response.status_code
+        return response.status

@@ -56,7 +56,7 @@ def test_weighted_round_robin_interleaves_as_nginx_does() -> None:
     nodes = fleet([5, 1, 1])
     balancer = WeightedRoundRobin()
     letters = {"n0": "a", "n1": "b", "n2": "c"}
-    assert "".join(letters[balancer.pick(nodes).name] for _ in range(7)) == "aabacaa"
+    assert "".join(letters[balancer.pick(nodes).name] for _ in range(14)) == "aabacaa" * 2
 
 
 @given(st.lists(st.tuples(st.integers(1, 5), st.integers(0, 50)), min_size=1, max_size=12))
