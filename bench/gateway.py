@@ -43,7 +43,7 @@ from rich.console import Console
 
 from edgegen.gateway.balancers import Backend, make_balancer
 from llm import prepare_home
-from predict import BIN, LUA, ensure_models, ensure_wrk, model_file, write_data
+from predict import BIN, ensure_models, ensure_wrk, model_file, run_wrk, write_data
 from servers import Server, clean_env, free_port, machine_facts, start, stop
 
 console = Console()
@@ -114,21 +114,10 @@ def ensure_nginx() -> str:
     return str(found)
 
 
-def wrk(
-    wrk_bin: str, server: Server, concurrency: int, seconds: int, data: Path, check: str
-) -> dict[str, Any]:
-    threads = min(concurrency, 2)
-    command = [wrk_bin, "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds}s", "--timeout", "5s"]
-    if check == "values":
-        command[2] = str(concurrency)  # one connection per thread: answers are checked request by request
-    command += ["-s", str(LUA), server.base_url, "--", str(data), "/predict", check]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    for line in done.stdout.splitlines():
-        if line.startswith("BENCH_JSON "):
-            result: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
-            result["rps"] = result["correct"] / (result["duration_us"] / 1e6)
-            return result
-    raise RuntimeError(f"wrk failed: {done.stderr.strip() or done.stdout.strip()}")
+def wrk(wrk_bin: str, server: Server, concurrency: int, seconds: int, data: Path) -> dict[str, Any]:
+    result = run_wrk(wrk_bin, server, concurrency, seconds, data)
+    result["rps"] = result["correct_rps"]
+    return result
 
 
 def describe(result: dict[str, Any]) -> str:
@@ -153,8 +142,8 @@ def overhead(
         for r in range(rounds):
             for concurrency in (1, 64):
                 for server in servers:
-                    wrk(wrk_bin, server, concurrency, 1, data, "values")  # warm-up
-                    result = wrk(wrk_bin, server, concurrency, seconds, data, "values")
+                    wrk(wrk_bin, server, concurrency, 1, data)  # warm-up
+                    result = wrk(wrk_bin, server, concurrency, seconds, data)
                     rows.append({"round": r, "server": server.name, "concurrency": concurrency, **result})
                     console.print(f"round {r} c{concurrency} {server.name}: {describe(result)}")
     finally:
@@ -183,8 +172,8 @@ def uneven(
             start(server, root)
         for r in range(rounds):
             for server in fronts:
-                wrk(wrk_bin, server, UNEVEN_CLIENTS, 1, data, "values")
-                result = wrk(wrk_bin, server, UNEVEN_CLIENTS, seconds, data, "values")
+                wrk(wrk_bin, server, UNEVEN_CLIENTS, 1, data)
+                result = wrk(wrk_bin, server, UNEVEN_CLIENTS, seconds, data)
                 rows.append({"round": r, "server": server.name, "concurrency": UNEVEN_CLIENTS, **result})
                 console.print(f"round {r} {server.name}: {describe(result)}")
     finally:
