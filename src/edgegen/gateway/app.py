@@ -39,6 +39,9 @@ from edgegen.observe.metrics import LATENCY_BUCKETS
 log = logging.getLogger("edgegen.gateway")
 
 
+_OUTCOMES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
 class GatewayMetrics:
     def __init__(self, fleet: Fleet, proxy: Proxy) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -63,16 +66,31 @@ class GatewayMetrics:
         )
         nodes.labels("known").set_function(lambda: len(fleet.nodes))
         nodes.labels("available").set_function(lambda: len(fleet.available()))
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._statuses: dict[int, Any] = {}
 
     def attempt(self, attempt: Attempt, seconds: float) -> None:
         name = attempt.backend.name
-        self.upstream.labels(name).observe(seconds)
         if attempt.error is not None:
             outcome = "error"
         else:
             assert attempt.response is not None
-            outcome = f"{attempt.response.status // 100}xx"
-        self.attempts.labels(name, outcome).inc()
+            outcome = _OUTCOMES[attempt.response.status // 100]
+        # Labelled children are looked up once per (node, outcome): labels() costs more than the update.
+        children = self._children.get((name, outcome))
+        if children is None:
+            children = self._children[(name, outcome)] = (
+                self.upstream.labels(name),
+                self.attempts.labels(name, outcome),
+            )
+        children[0].observe(seconds)
+        children[1].inc()
+
+    def response(self, status: int) -> None:
+        child = self._statuses.get(status)
+        if child is None:
+            child = self._statuses[status] = self.responses.labels(str(status))
+        child.inc()
 
 
 class NodeUpdate(BaseModel):
@@ -157,7 +175,7 @@ class Gateway:
                 await response(scope, receive, send)
         finally:
             request_id.reset(token)
-            self.metrics.responses.labels(str(status)).inc()
+            self.metrics.response(status)
             self.access_log.write({
                 "request_id": rid,
                 "method": scope["method"],

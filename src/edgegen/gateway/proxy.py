@@ -45,6 +45,7 @@ _IDEMPOTENT = re.compile(r"^/(predict|models/[^/]+/predict|v2/models/[^/]+(/vers
 _MODEL_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)/")
 _RETRY_STATUS = frozenset({502, 503, 504})
 AFFINITY_BYTES = 512  # how much of a prompt decides where it goes
+WHOLE_BODY_BYTES = 1 << 20  # answers up to this size are read whole and relayed in one send
 
 
 class Refused(Exception):
@@ -328,6 +329,17 @@ class Proxy:
         headers.append((b"x-edgegen-node", backend.name.encode()))
         streaming = response.content_type == "text/event-stream"
         try:
+            length = response.content_length
+            if not streaming and length is not None and length <= WHOLE_BODY_BYTES:
+                # A small body of known length (every prediction): read it, then answer in one piece.
+                try:
+                    body = await response.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    attempt.error = f"{type(exc).__name__} while reading the body"
+                    raise Refused(502, "the node failed while sending its answer") from None
+                await send({"type": "http.response.start", "status": response.status, "headers": headers})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return response.status
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
             try:
                 async for chunk in response.content.iter_any():
