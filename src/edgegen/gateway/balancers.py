@@ -14,31 +14,44 @@ hash ring). Five of them:
                           returns to the node whose KV cache holds its prefix; when that node carries
                           more than `load_factor` × the mean load (+1), the next on the ring that does not
 
-Every pick is O(nodes) at most (the ring lookup is O(log ring)), with no allocation beyond the result.
+No pick scans the fleet: weighted round robin keeps one heap per distinct weight, least connections
+a heap of loads and prefix affinity a running total (both told of every load change), and the ring
+lookup is O(log ring).
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-import operator
+import heapq
+import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 
 @dataclass(eq=False)
 class Backend:
-    """One node as the balancers see it."""
+    """One node as the balancers see it. The proxy calls acquire() / release() around each request."""
 
     name: str
     url: str
     weight: int = 1
     in_flight: int = 0
     ewma_s: float = 0.0  # time to response headers, exponentially weighted
-    # Smooth weighted round robin's running score (nginx's `current_weight`).
-    current: int = field(default=0, repr=False)
+    # Told of every change of `in_flight` (least connections keeps its index with them).
+    watchers: list[Callable[[Backend], None]] = field(default_factory=list, repr=False)
+
+    def acquire(self) -> None:
+        self.in_flight += 1
+        for watch in self.watchers:
+            watch(self)
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        for watch in self.watchers:
+            watch(self)
 
     def observe(self, seconds: float, alpha: float = 0.3) -> None:
         self.ewma_s = seconds if self.ewma_s == 0.0 else (1 - alpha) * self.ewma_s + alpha * seconds
@@ -63,41 +76,93 @@ class RoundRobin:
 
 
 class WeightedRoundRobin:
-    """Smooth weighted round robin (nginx): weights 5, 1, 1 give a a b a c a a, not a a a a a b c."""
+    """nginx's smooth weighted round robin, without its scan: weights 5, 1, 1 give a a b a c a a.
+
+    nginx adds each node's weight to its score, takes the highest (the first of equals) and takes the
+    total weight off it. After t picks a node's score is t·w − W·k (k: its picks so far), so among
+    nodes of one weight the highest is the one picked least (then the first): one heap per distinct
+    weight, and a pick compares only the heads — O(distinct weights + log n), the same sequence.
+    """
 
     name = "weighted_round_robin"
 
+    def __init__(self) -> None:
+        self._nodes: Sequence[Backend] | None = None
+        self._groups: dict[int, list[tuple[int, int, Backend]]] = {}  # weight → heap of (picks, order, node)
+        self._picks = 0
+        self._total = 0
+
+    def _rebuild(self, nodes: Sequence[Backend]) -> None:
+        self._nodes, self._picks = nodes, 0
+        self._total = sum(node.weight for node in nodes)
+        self._groups = {}
+        for order, node in enumerate(nodes):
+            self._groups.setdefault(node.weight, []).append((0, order, node))
+
     def pick(self, nodes: Sequence[Backend], key: bytes | None = None) -> Backend:
-        total = 0
-        best = nodes[0]
-        for node in nodes:
-            node.current += node.weight
-            total += node.weight
-            if node.current > best.current:
-                best = node
-        best.current -= total
-        return best
+        if nodes is not self._nodes:
+            self._rebuild(nodes)  # the fleet hands out a new sequence on every change, weights included
+        self._picks += 1
+        best: tuple[int, int, list[tuple[int, int, Backend]]] | None = None
+        for weight, heap in self._groups.items():
+            picked, order, _ = heap[0]
+            score = self._picks * weight - self._total * picked
+            if best is None or score > best[0] or (score == best[0] and order < best[1]):
+                best = (score, order, heap)
+        assert best is not None
+        heap = best[2]
+        picked, order, node = heap[0]
+        heapq.heapreplace(heap, (picked + 1, order, node))
+        return node
 
 
 class LeastConnections:
+    """Fewest requests in flight per unit of weight, in O(log n): a heap of loads, told of every change.
+
+    Each change of a node's load pushes a fresh entry; entries older than their node's latest are
+    skipped when they reach the top, and the heap is rebuilt when stale ones outnumber live ones 4 to 1.
+    Equal loads take turns: the node picked goes behind its equals.
+    """
+
     name = "least_connections"
 
     def __init__(self) -> None:
-        self._next = 0
+        self._nodes: Sequence[Backend] | None = None
+        self._heap: list[tuple[float, int, Backend]] = []
+        self._latest: dict[int, int] = {}  # id(node) → the tick of its live entry
+        self._ticks = itertools.count()
+
+    def _push(self, node: Backend) -> None:
+        tick = next(self._ticks)
+        self._latest[id(node)] = tick
+        heapq.heappush(self._heap, (node.in_flight / node.weight, tick, node))
+
+    def _changed(self, node: Backend) -> None:
+        self._push(node)
+        if len(self._heap) > 4 * len(self._latest) + 64:
+            live = [(n.in_flight / n.weight, t, n) for _, t, n in self._heap if self._latest[id(n)] == t]
+            heapq.heapify(live)
+            self._heap = live
+
+    def _rebuild(self, nodes: Sequence[Backend]) -> None:
+        for old in self._nodes or ():
+            old.watchers.remove(self._changed)
+        self._nodes = nodes
+        self._heap, self._latest = [], {}
+        for node in nodes:
+            self._push(node)
+            node.watchers.append(self._changed)
 
     def pick(self, nodes: Sequence[Backend], key: bytes | None = None) -> Backend:
-        # Start the scan where the last pick left off, so equal loads take turns.
-        n = len(nodes)
-        start = self._next % n
-        best = nodes[start]
-        best_load = best.in_flight / best.weight
-        for i in range(1, n):
-            node = nodes[(start + i) % n]
-            load = node.in_flight / node.weight
-            if load < best_load:
-                best, best_load = node, load
-        self._next = start + 1
-        return best
+        if nodes is not self._nodes:
+            self._rebuild(nodes)  # the fleet changed: it hands out a new sequence on every change
+        heap, latest = self._heap, self._latest
+        while latest[id(heap[0][2])] != heap[0][1]:
+            heapq.heappop(heap)
+        node = heap[0][2]
+        heapq.heappop(heap)
+        self._push(node)  # behind its equals
+        return node
 
 
 class P2cEwma:
@@ -121,9 +186,6 @@ class P2cEwma:
         return a if self.cost(a) <= self.cost(b) else b
 
 
-_IN_FLIGHT = operator.attrgetter("in_flight")
-
-
 def _point(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
@@ -143,6 +205,8 @@ class PrefixAffinity:
         self._owners: list[str] = []
         self._nodes: Sequence[Backend] | None = None
         self._by_name: dict[str, Backend] = {}
+        self._seen: dict[str, int] = {}
+        self._total = 0
         self._fallback = LeastConnections()
 
     def _rebuild(self, nodes: Sequence[Backend]) -> None:
@@ -151,8 +215,19 @@ class PrefixAffinity:
         )
         self._ring = [p for p, _ in points]
         self._owners = [name for _, name in points]
+        for old in self._nodes or ():
+            old.watchers.remove(self._changed)
         self._nodes = nodes
         self._by_name = {node.name: node for node in nodes}
+        # The fleet's total load, kept current by the nodes' changes: the bound costs no scan.
+        self._seen = {node.name: node.in_flight for node in nodes}
+        self._total = sum(self._seen.values())
+        for node in nodes:
+            node.watchers.append(self._changed)
+
+    def _changed(self, node: Backend) -> None:
+        self._total += node.in_flight - self._seen[node.name]
+        self._seen[node.name] = node.in_flight
 
     def pick(self, nodes: Sequence[Backend], key: bytes | None = None) -> Backend:
         if key is None or len(nodes) == 1:
@@ -160,7 +235,7 @@ class PrefixAffinity:
         if nodes is not self._nodes:
             self._rebuild(nodes)  # the fleet changed (a node joined, left or was ejected)
         by_name = self._by_name
-        bound = self.load_factor * sum(map(_IN_FLIGHT, nodes)) / len(nodes) + 1
+        bound = self.load_factor * self._total / len(nodes) + 1
         start = bisect.bisect(self._ring, _point(key)) % len(self._ring)
         seen: set[str] = set()
         for i in range(len(self._ring)):

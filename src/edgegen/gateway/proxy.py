@@ -288,7 +288,7 @@ class Proxy:
         """Send the request and wait for the node's status and headers; the body is read by `_relay`."""
         session = self.client(backend)
         fields = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
-        backend.in_flight += 1
+        backend.acquire()
         attempt = Attempt(backend, started=time.perf_counter())
         try:
             attempt.response = await session.request(
@@ -308,7 +308,7 @@ class Proxy:
         """Close the attempt: release the node, tell the fleet how it went (a 503 is backpressure, not a
         fault), report it."""
         backend = attempt.backend
-        backend.in_flight -= 1
+        backend.release()
         response = attempt.response
         status = response.status if response is not None else None
         if attempt.error is not None or status in (500, 502, 504):

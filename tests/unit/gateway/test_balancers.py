@@ -52,6 +52,30 @@ def test_weighted_round_robin_gives_exact_shares_every_cycle(weights: list[int],
             assert running[node.name] - k * node.weight / total < 1
 
 
+def nginx_smooth_wrr(weights: list[int], picks: int) -> list[int]:
+    """nginx's ngx_http_upstream_get_peer, as written there: the reference the heap version must equal."""
+    current = [0] * len(weights)
+    order = []
+    for _ in range(picks):
+        best = None
+        for i, w in enumerate(weights):
+            current[i] += w
+            if best is None or current[i] > current[best]:
+                best = i
+        assert best is not None
+        current[best] -= sum(weights)
+        order.append(best)
+    return order
+
+
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=20), st.integers(1, 200))
+def test_weighted_round_robin_is_nginxs_sequence(weights: list[int], picks: int) -> None:
+    nodes = fleet(weights)
+    balancer = WeightedRoundRobin()
+    index = {node.name: i for i, node in enumerate(nodes)}
+    assert [index[balancer.pick(nodes).name] for _ in range(picks)] == nginx_smooth_wrr(weights, picks)
+
+
 def test_weighted_round_robin_interleaves_as_nginx_does() -> None:
     nodes = fleet([5, 1, 1])
     balancer = WeightedRoundRobin()
@@ -64,6 +88,26 @@ def test_least_connections_never_picks_a_busier_node(spec: list[tuple[int, int]]
     nodes = fleet([w for w, _ in spec], [c for _, c in spec])
     balancer = LeastConnections()
     for _ in range(len(nodes) + 1):
+        chosen = balancer.pick(nodes)
+        assert all(chosen.in_flight / chosen.weight <= n.in_flight / n.weight for n in nodes)
+
+
+@given(
+    st.lists(st.integers(1, 4), min_size=1, max_size=10),
+    st.lists(st.tuples(st.booleans(), st.integers(0, 9)), max_size=300),
+)
+def test_least_connections_stays_exact_as_loads_change(
+    weights: list[int], ops: list[tuple[bool, int]]
+) -> None:
+    nodes = fleet(weights)
+    balancer = LeastConnections()
+    for start, index in ops:
+        if start:
+            balancer.pick(nodes).acquire()  # a request starts where the balancer sends it
+        else:
+            busy = [n for n in nodes if n.in_flight]
+            if busy:
+                busy[index % len(busy)].release()  # some request ends
         chosen = balancer.pick(nodes)
         assert all(chosen.in_flight / chosen.weight <= n.in_flight / n.weight for n in nodes)
 
@@ -118,6 +162,22 @@ def test_prefix_affinity_leaves_a_busy_home_for_the_next_on_the_ring() -> None:
     chosen = balancer.pick(nodes, b"system prompt")
     assert chosen is not home
     assert chosen.in_flight < 1.25 * sum(n.in_flight for n in nodes) / 3 + 1
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(0, 9), st.binary(min_size=1, max_size=8)), max_size=200),
+)
+def test_prefix_affinity_keeps_its_load_bound_as_loads_change(ops: list[tuple[bool, int, bytes]]) -> None:
+    nodes = fleet([1] * 4)
+    balancer = PrefixAffinity(load_factor=1.25)
+    for start, index, key in ops:
+        if start:
+            balancer.pick(nodes, key).acquire()
+        elif busy := [n for n in nodes if n.in_flight]:
+            busy[index % len(busy)].release()
+        chosen = balancer.pick(nodes, key)
+        bound = 1.25 * sum(n.in_flight for n in nodes) / len(nodes) + 1
+        assert chosen.in_flight < bound
 
 
 def test_without_a_key_prefix_affinity_balances_by_load() -> None:
