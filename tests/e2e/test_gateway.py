@@ -175,8 +175,16 @@ def test_the_fleet_changes_at_run_time(gateway: GatewayProcess, fleet: list[Node
     added = httpx.post(admin, json={"url": fleet[2].url, "name": "again", "weight": 2})
     assert added.status_code == 201
     assert httpx.post(admin, json={"url": fleet[2].url}).status_code == 409
-    assert httpx.post(admin, json={"url": "ftp://x"}).status_code == 422
-    assert httpx.patch(f"{admin}/nobody", json={"weight": 2}).status_code == 404
+    for bad in ({"url": "ftp://x"}, {"url": "http://a:1", "weight": -1}, {"nope": 1}):
+        refused = httpx.post(admin, json=bad)
+        assert refused.status_code == 400
+        assert refused.json()["error"]
+    garbled = httpx.post(admin, content=b"{not json", headers={"content-type": "application/json"})
+    assert garbled.status_code == 400
+    assert httpx.patch(f"{admin}/n0", json={"weight": "heavy"}).status_code == 400
+    missing = httpx.patch(f"{admin}/nobody", json={"weight": 2})
+    assert missing.status_code == 404
+    assert missing.json()["error"]
     httpx.patch(f"{admin}/n0", json={"draining": False})
     served = {httpx.post(f"{gateway.url}/predict", json={"input_data": PIXELS}).headers["x-edgegen-node"]
               for _ in range(8)}  # fmt: skip

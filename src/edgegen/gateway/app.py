@@ -32,6 +32,7 @@ from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.proxy import Attempt, Proxy, Refused
 from edgegen.gateway.settings import GatewaySettings, NodeEntry
 from edgegen.node.errors import error_response, is_openai
+from edgegen.node.errors import install as install_error_handlers
 from edgegen.node.middleware import SANE_ID
 from edgegen.observe.logs import AccessLog, request_id
 from edgegen.observe.metrics import LATENCY_BUCKETS
@@ -208,6 +209,7 @@ class Gateway:
 
     def _admin_app(self) -> FastAPI:
         app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        install_error_handlers(app)  # the node's error shape: {"error": "..."}, 400 for a bad body
         fleet, proxy = self.fleet, self.proxy
 
         @app.get("/v2/health/live")
