@@ -96,6 +96,8 @@ async def test_a_killed_node_costs_no_request_and_comes_back(
     stop.set()
     await asyncio.gather(*load)
 
+    # The figures of the run (shown with -s): answers, failures, time to ejection.
+    print(f"chaos: {sum(served.values())} answers, {len(failures)} failed, ejected after {ejected_after} s")
     assert failures == []
     assert sum(served.values()) > 100
     assert ejected_after is not None
