@@ -20,6 +20,8 @@ from edgegen.errors import EdgegenError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serve models on edge nodes.")
 models_app = typer.Typer(no_args_is_help=True, help="Manage the model store.")
 app.add_typer(models_app, name="models")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
+app.add_typer(keys_app, name="keys")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -276,6 +278,53 @@ def optimize(
     out_console = Console(width=200)
     out_console.print(markdown(result), markup=False, highlight=False)
     err.print(f"packages and report.md, report.json written to {out}")
+
+
+def _keys(config: Path | None) -> Any:
+    from edgegen.security.keys import KeyStore
+
+    return KeyStore(_settings(config).home / "security" / "keys.sqlite")
+
+
+@keys_app.command("create")
+@friendly
+def keys_create(
+    role: Annotated[str, typer.Option(help="user | operator | admin")] = "user",
+    models: Annotated[
+        str | None, typer.Option(help="comma-separated models it may use (default: all)")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="the tenant it belongs to")] = None,
+    label: Annotated[str, typer.Option(help="a note for `keys list`")] = "",
+    config: ConfigOpt = None,
+) -> None:
+    """Create a key and print it, alone, on stdout: it is shown this once and stored only hashed."""
+    names = tuple(m.strip() for m in models.split(",")) if models is not None else None
+    token, key = _keys(config).create(role, models=names, tenant=tenant, label=label)
+    err.print(f"created key {key.id} ({key.role}); it is shown once, below")
+    sys.stdout.write(token + "\n")
+
+
+@keys_app.command("list")
+@friendly
+def keys_list(config: ConfigOpt = None) -> None:
+    """Every key's id, role, scope and state; never a secret."""
+    table = Table("id", "role", "models", "tenant", "label", "state")
+    for key in _keys(config).list():
+        models = ",".join(key.models) if key.models else "all"
+        table.add_row(
+            key.id, key.role, models, key.tenant or "-", key.label, "revoked" if key.revoked else "valid"
+        )
+    out.print(table)
+
+
+@keys_app.command("revoke")
+@friendly
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the id `keys list` shows")], config: ConfigOpt = None
+) -> None:
+    """Revoke a key at once; requests carrying it are refused from then on."""
+    key = _keys(config).revoke(key_id)
+    err.print(f"revoked key {key.id} ({key.role})")
 
 
 def main() -> None:
