@@ -1,0 +1,131 @@
+"""JWT bearer tokens, verified the strict way (PyJWT underneath).
+
+    verifier = JwtVerifier(JwtSettings(algorithm="HS256", secret="…", audience="edgegen", issuer="idp"))
+    claims = verifier.verify(token, admin=True)     # raises InvalidToken with the reason
+
+- The algorithm is configured, not read from the token: `alg: none`, and an HS256 token signed with
+  an EdDSA public key as its HMAC secret (key confusion), are refused because they are not the one
+  algorithm allowed.
+- `exp` is required; `exp`, `nbf` and `iat` are checked with a small leeway; `aud` and `iss` must
+  match when configured.
+- An admin call must carry a `jti` never seen before (until that token expires): a captured admin
+  token cannot be replayed.
+- The grant travels in claims: `role` (user | operator | admin), optional `models` (list) and
+  `tenant`; `sub` names the caller in the audit log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jwt
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgegen.errors import EdgegenError
+from edgegen.security.keys import ROLES
+
+
+class InvalidToken(EdgegenError):
+    """A bearer token that does not authenticate anyone; the message says why (never the token)."""
+
+
+class JwtSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Literal["HS256", "EdDSA"] = "HS256"
+    secret: str | None = Field(None, min_length=32, description="HS256: the shared secret (≥ 32 chars)")
+    public_key_file: Path | None = Field(None, description="EdDSA: the issuer's Ed25519 public key, PEM")
+    audience: str | None = "edgegen"
+    issuer: str | None = None
+    leeway_s: float = Field(30.0, ge=0, le=600)
+
+    @model_validator(mode="after")
+    def _key(self) -> JwtSettings:
+        if self.algorithm == "HS256" and (self.secret is None or self.public_key_file is not None):
+            raise ValueError("HS256 takes a secret and no public_key_file")
+        if self.algorithm == "EdDSA" and (self.public_key_file is None or self.secret is not None):
+            raise ValueError("EdDSA takes a public_key_file and no secret")
+        return self
+
+
+@dataclass(frozen=True)
+class Claims:
+    subject: str
+    role: str
+    models: tuple[str, ...] | None
+    tenant: str | None
+    token_id: str | None
+    expires: float
+
+
+class JwtVerifier:
+    def __init__(self, settings: JwtSettings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._key: Any = (
+            settings.secret if settings.algorithm == "HS256" else settings.public_key_file.read_bytes()  # type: ignore[union-attr]
+        )
+        self._seen: dict[str, float] = {}  # jti → exp of the admin tokens already used
+
+    def verify(self, token: str, *, admin: bool = False) -> Claims:
+        s = self.settings
+        try:
+            payload = jwt.decode(
+                token,
+                self._key,
+                algorithms=[s.algorithm],
+                audience=s.audience,
+                issuer=s.issuer,
+                leeway=s.leeway_s,
+                options={"require": ["exp"], "verify_aud": s.audience is not None},
+            )
+        except jwt.InvalidTokenError as exc:
+            raise InvalidToken(f"invalid token: {_reason(exc)}") from None
+        role = payload.get("role")
+        if role not in ROLES:
+            raise InvalidToken("invalid token: its role claim is not one of " + ", ".join(ROLES))
+        models = payload.get("models")
+        if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+            raise InvalidToken("invalid token: its models claim is not a list of names")
+        tenant = payload.get("tenant")
+        if tenant is not None and not isinstance(tenant, str):
+            raise InvalidToken("invalid token: its tenant claim is not a string")
+        claims = Claims(
+            subject=str(payload.get("sub", "")),
+            role=role,
+            models=tuple(models) if models is not None else None,
+            tenant=tenant,
+            token_id=payload.get("jti") if isinstance(payload.get("jti"), str) else None,
+            expires=float(payload["exp"]),
+        )
+        if admin:
+            self._spend(claims)
+        return claims
+
+    def _spend(self, claims: Claims) -> None:
+        """An admin token works once: its jti is remembered until it expires."""
+        if claims.token_id is None:
+            raise InvalidToken("invalid token: an admin call needs a jti claim")
+        now = self.clock()
+        for jti in [j for j, exp in self._seen.items() if exp + self.settings.leeway_s < now]:
+            del self._seen[jti]
+        if claims.token_id in self._seen:
+            raise InvalidToken("invalid token: this admin token was already used")
+        self._seen[claims.token_id] = claims.expires
+
+
+def _reason(exc: jwt.InvalidTokenError) -> str:
+    reasons: list[tuple[type[Exception], str]] = [
+        (jwt.ExpiredSignatureError, "expired"),
+        (jwt.ImmatureSignatureError, "not valid yet"),
+        (jwt.InvalidAudienceError, "wrong audience"),
+        (jwt.InvalidIssuerError, "wrong issuer"),
+        (jwt.MissingRequiredClaimError, "a required claim is missing"),
+        (jwt.InvalidAlgorithmError, "algorithm not allowed"),
+        (jwt.InvalidSignatureError, "bad signature"),
+    ]
+    return next((text for cls, text in reasons if isinstance(exc, cls)), "malformed")
