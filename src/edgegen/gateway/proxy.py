@@ -82,6 +82,7 @@ class Attempt:
     backend: Backend
     started: float
     response: aiohttp.ClientResponse | None = None
+    body: bytes | None = None  # the whole body, when it was small enough to read before relaying
     error: str | None = None
     reached: bool = True  # False: the node never saw the request
 
@@ -300,8 +301,19 @@ class Proxy:
             attempt.error = type(exc).__name__
         if attempt.response is None:
             await self._finish(attempt)
-        else:
-            backend.observe(time.perf_counter() - attempt.started)  # time to headers
+            return attempt
+        backend.observe(time.perf_counter() - attempt.started)  # time to headers
+        response = attempt.response
+        length = response.content_length
+        if response.content_type != "text/event-stream" and length is not None and length <= WHOLE_BODY_BYTES:
+            # A small body of known length (every prediction) is read here, before anything goes to the
+            # client: a node that dies while sending it is a failed try, which a retry can still fix.
+            try:
+                attempt.body = await response.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                attempt.error = f"{type(exc).__name__} while reading the body"
+                await self._finish(attempt)
+                attempt.response = None
         return attempt
 
     async def _finish(self, attempt: Attempt) -> None:
@@ -329,16 +341,9 @@ class Proxy:
         headers.append((b"x-edgegen-node", backend.name.encode()))
         streaming = response.content_type == "text/event-stream"
         try:
-            length = response.content_length
-            if not streaming and length is not None and length <= WHOLE_BODY_BYTES:
-                # A small body of known length (every prediction): read it, then answer in one piece.
-                try:
-                    body = await response.read()
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    attempt.error = f"{type(exc).__name__} while reading the body"
-                    raise Refused(502, "the node failed while sending its answer") from None
+            if attempt.body is not None:  # read whole by `_try`: one piece
                 await send({"type": "http.response.start", "status": response.status, "headers": headers})
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+                await send({"type": "http.response.body", "body": attempt.body, "more_body": False})
                 return response.status
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
             try:
