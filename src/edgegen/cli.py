@@ -22,6 +22,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Manage the model store.")
 app.add_typer(models_app, name="models")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
 app.add_typer(keys_app, name="keys")
+pki_app = typer.Typer(no_args_is_help=True, help="The fleet's CA: device certificates for mutual TLS.")
+app.add_typer(pki_app, name="pki")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -325,6 +327,66 @@ def keys_revoke(
     """Revoke a key at once; requests carrying it are refused from then on."""
     key = _keys(config).revoke(key_id)
     err.print(f"revoked key {key.id} ({key.role})")
+
+
+def _pki(config: Path | None) -> Any:
+    from edgegen.security.pki import Pki
+
+    return Pki(_settings(config).home / "pki")
+
+
+HostsOpt = Annotated[
+    list[str] | None, typer.Option("--host", help="a name or address it serves (repeatable)")
+]
+
+
+@pki_app.command("init")
+@friendly
+def pki_init(config: ConfigOpt = None) -> None:
+    """Create the CA (HOME/pki/ca.crt and its key, 0600)."""
+    err.print(f"CA written to {_pki(config).init()}")
+
+
+def _issue(config: Path | None, name: str, kind: str, role: str | None, hosts: list[str] | None) -> None:
+    issued = _pki(config).issue(name, kind, role=role, hosts=tuple(hosts or ("127.0.0.1", "localhost")))
+    err.print(f"{kind} certificate for {name} (role {issued.role}): {issued.cert}, key {issued.key}")
+
+
+@pki_app.command("issue-node")
+@friendly
+def pki_issue_node(name: str, host: HostsOpt = None, config: ConfigOpt = None) -> None:
+    """A certificate a node serves TLS with."""
+    _issue(config, name, "node", None, host)
+
+
+@pki_app.command("issue-gateway")
+@friendly
+def pki_issue_gateway(name: str, host: HostsOpt = None, config: ConfigOpt = None) -> None:
+    """A certificate a gateway serves with and presents to its nodes."""
+    _issue(config, name, "gateway", None, host)
+
+
+@pki_app.command("issue-client")
+@friendly
+def pki_issue_client(
+    name: str,
+    role: Annotated[str, typer.Option(help="the role it authenticates as: user | operator | admin")] = "user",
+    config: ConfigOpt = None,
+) -> None:
+    """A client certificate (an operator's machine, a device) carrying a role."""
+    from edgegen.security.keys import ROLES
+
+    if role not in ROLES:
+        raise EdgegenError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    _issue(config, name, "client", role, None)
+
+
+@pki_app.command("revoke")
+@friendly
+def pki_revoke(name: str, config: ConfigOpt = None) -> None:
+    """Revoke a certificate: it goes into HOME/pki/crl.pem."""
+    serial = _pki(config).revoke(name)
+    err.print(f"revoked {name} (serial {serial:x}); crl.pem rewritten")
 
 
 def main() -> None:
