@@ -81,8 +81,6 @@ def serve(
     ] = None,
 ) -> None:
     """Start a node serving every active model in the store."""
-    import uvicorn
-
     from edgegen.observe.logs import configure_logging
 
     settings = _settings(config, host=host, port=port, workers=workers, store=store, log_level=log_level)
@@ -91,12 +89,19 @@ def serve(
         run_dir = settings.home / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metrics-", dir=run_dir)
+    _run_server("edgegen.node.app:app_from_environment", settings.host, settings.port, settings.workers)
+
+
+def _run_server(factory: str, host: str, port: int, workers: int = 1) -> None:
+    """uvicorn as every edgegen server runs: uvloop, httptools, our own JSON logs, no proxy headers."""
+    import uvicorn
+
     uvicorn.run(
-        "edgegen.node.app:app_from_environment",
+        factory,
         factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
+        host=host,
+        port=port,
+        workers=workers,
         loop="uvloop",
         http="httptools",
         access_log=False,
@@ -123,8 +128,6 @@ def gateway(
     ] = None,
 ) -> None:
     """Start a gateway that balances the fleet's nodes behind one address."""
-    import uvicorn
-
     from edgegen.gateway.settings import load_gateway_settings
     from edgegen.observe.logs import configure_logging
 
@@ -134,19 +137,7 @@ def gateway(
             os.environ[f"EDGEGEN_GATEWAY_{key}"] = str(value)
     settings = load_gateway_settings()  # fail here, in one line, before the server starts
     configure_logging(settings.log_level)
-    uvicorn.run(
-        "edgegen.gateway.app:app_from_environment",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=10,
-    )
+    _run_server("edgegen.gateway.app:app_from_environment", settings.host, settings.port)
 
 
 @models_app.command("list")

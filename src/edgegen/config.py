@@ -96,7 +96,23 @@ class LlmSettings(BaseModel):
     timeout_s: float = Field(300.0, gt=0, description="deadline of one generation")
 
 
-class Settings(BaseSettings):
+class EnvFirstSettings(BaseSettings):
+    """Settings whose environment variables outrank the TOML file (which arrives as init values)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Every CLI flag sets its environment twin, so a flag always wins over the file.
+        return env_settings, init_settings
+
+
+class Settings(EnvFirstSettings):
     """Everything a node reads at start-up."""
 
     model_config = SettingsConfigDict(env_prefix="EDGEGEN_", env_nested_delimiter="__", extra="forbid")
@@ -118,18 +134,6 @@ class Settings(BaseSettings):
     onnx: OnnxSettings = Field(default_factory=OnnxSettings)
     tflite: TFLiteSettings = Field(default_factory=TFLiteSettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The TOML file arrives as init values; the environment (and so every CLI flag) outranks it.
-        return env_settings, init_settings
 
     @property
     def store_dir(self) -> Path:

@@ -9,7 +9,7 @@ from edgegen.errors import StoreError
 from edgegen.store import ModelStore
 from edgegen.store.pull import pull_smollm2
 from tests.conftest import fill_store
-from tests.e2e.node_process import NodeProcess
+from tests.e2e.node_process import NodeProcess, assert_no_errors
 from tests.llm_models import write_tiny_llama
 
 # Small enough to start fast and to fill up in tests; 2 threads as on this machine.
@@ -37,9 +37,7 @@ def node(node_home: Path) -> Iterator[NodeProcess]:
         yield process
     finally:
         process.stop()
-    # Whatever the tests sent, the node must not have hit an error of its own.
-    errors = [line for line in process.log().splitlines() if '"level":"error"' in line]
-    assert not errors, errors[:3]
+    assert_no_errors(process)
 
 
 @pytest.fixture(scope="session")

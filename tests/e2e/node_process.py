@@ -80,6 +80,12 @@ class NodeProcess:
             self.process.wait()
 
 
+def assert_no_errors(process: NodeProcess) -> None:
+    """Whatever the tests sent, the server must not have hit an error of its own."""
+    errors = [line for line in process.log().splitlines() if '"level":"error"' in line]
+    assert not errors, errors[:3]
+
+
 class GatewayProcess(NodeProcess):
     """`edgegen gateway --config FILE`; ready when some node can take traffic."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections import Counter
@@ -15,7 +16,7 @@ import pytest
 
 from tests.conftest import fill_store
 from tests.e2e.conftest import LLM_ENV
-from tests.e2e.node_process import GatewayProcess, NodeProcess
+from tests.e2e.node_process import GatewayProcess, NodeProcess, assert_no_errors
 from tests.llm_models import write_tiny_llama
 
 pytestmark = pytest.mark.e2e
@@ -41,12 +42,10 @@ def gateway_config(path: Path, nodes: list[NodeProcess], extra: str = "") -> Pat
     return path
 
 
-@pytest.fixture(scope="module")
-def fleet(
-    tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
-) -> Iterator[list[NodeProcess]]:
-    root = tmp_path_factory.mktemp("fleet")
-    nodes = [NodeProcess(node_home(root / f"node{i}", model_files), env=LLM_ENV) for i in range(3)]
+@contextlib.contextmanager
+def running_fleet(root: Path, model_files: dict[str, Path], n: int = 3) -> Iterator[list[NodeProcess]]:
+    """`n` real nodes, each with its own home holding digits and a tiny LLM; always stopped."""
+    nodes = [NodeProcess(node_home(root / f"node{i}", model_files), env=LLM_ENV) for i in range(n)]
     try:
         for node in nodes:
             node.start()
@@ -56,17 +55,29 @@ def fleet(
             node.stop()
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess]) -> Iterator[GatewayProcess]:
-    root = tmp_path_factory.mktemp("gateway")
-    config = gateway_config(root / "gateway.toml", fleet)
+@contextlib.contextmanager
+def running_gateway(root: Path, nodes: list[NodeProcess], extra: str = "") -> Iterator[GatewayProcess]:
+    config = gateway_config(root / "gateway.toml", nodes, extra)
     process = GatewayProcess(root, "--config", str(config)).start()
     try:
         yield process
     finally:
         process.stop()
-    errors = [line for line in process.log().splitlines() if '"level":"error"' in line]
-    assert not errors, errors[:3]
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
+) -> Iterator[list[NodeProcess]]:
+    with running_fleet(tmp_path_factory.mktemp("fleet"), model_files) as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess]) -> Iterator[GatewayProcess]:
+    with running_gateway(tmp_path_factory.mktemp("gateway"), fleet) as process:
+        yield process
+    assert_no_errors(process)
 
 
 def test_the_seed_request_through_the_gateway_is_the_nodes_answer(

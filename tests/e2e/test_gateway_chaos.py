@@ -14,7 +14,7 @@ import pytest
 
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import GatewayProcess, NodeProcess
-from tests.e2e.test_gateway import PIXELS, gateway_config, node_home
+from tests.e2e.test_gateway import PIXELS, running_fleet, running_gateway
 
 pytestmark = pytest.mark.e2e
 CLIENTS = 4
@@ -24,27 +24,15 @@ CLIENTS = 4
 def fleet(
     tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
 ) -> Iterator[list[NodeProcess]]:
-    root = tmp_path_factory.mktemp("chaos")
-    nodes = [NodeProcess(node_home(root / f"node{i}", model_files), env=LLM_ENV) for i in range(3)]
-    try:
-        for node in nodes:
-            node.start()
+    with running_fleet(tmp_path_factory.mktemp("chaos"), model_files) as nodes:
         yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess]) -> Iterator[GatewayProcess]:
-    root = tmp_path_factory.mktemp("chaos-gateway")
     extra = "[outlier]\nconsecutive_failures = 3\nbase_ejection_s = 2.0\n"
-    config = gateway_config(root / "gateway.toml", fleet, extra)
-    process = GatewayProcess(root, "--config", str(config)).start()
-    try:
+    with running_gateway(tmp_path_factory.mktemp("chaos-gateway"), fleet, extra) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def available(gateway: GatewayProcess, name: str) -> bool:

@@ -20,9 +20,9 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from edgegen.config import read_toml, settings_error
+from edgegen.config import EnvFirstSettings, read_toml, settings_error
 
 BalancerName = Literal[
     "round_robin", "weighted_round_robin", "least_connections", "p2c_ewma", "prefix_affinity"
@@ -79,7 +79,7 @@ class RetrySettings(_Section):
     budget_min: float = Field(10.0, ge=0, description="retries always available (a quiet gateway)")
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(EnvFirstSettings):
     model_config = SettingsConfigDict(
         env_prefix="EDGEGEN_GATEWAY_", env_nested_delimiter="__", extra="forbid"
     )
@@ -106,17 +106,6 @@ class GatewaySettings(BaseSettings):
         if len(set(names)) != len(names) or len(set(urls)) != len(urls):
             raise ValueError("node names and URLs must be unique")
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return env_settings, init_settings
 
 
 def load_gateway_settings(config_file: Path | None = None) -> GatewaySettings:
