@@ -20,7 +20,7 @@ LLAMA_WHEELS := $(HOME)/.cache/edgegen/wheels/$(shell echo '$(LLAMA) $(LLAMA_FLA
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve test bench bench-optimize lint format clean
+.PHONY: setup serve test bench bench-optimize audit lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,7 @@ serve: setup
 	$(BIN)/edgegen serve --host $(HOST) --port $(PORT)
 
 test: setup
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/python -m pytest
 
 bench: setup
@@ -53,17 +53,23 @@ bench: setup
 	$(BIN)/python bench/llm.py
 	$(BIN)/python bench/gateway.py
 
+# Static analysis of our code (bandit: any finding fails) and known vulnerabilities of the installed
+# dependencies (pip-audit: says plainly when its service cannot be reached). Not part of `make test`.
+audit: setup
+	$(BIN)/bandit -q -c pyproject.toml -r src
+	$(BIN)/python scripts/audit_deps.py
+
 # Both example recipes end to end (about 6 minutes here), targets checked: see bench/optimize.py.
 bench-optimize: setup
 	$(BIN)/python bench/optimize.py
 
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 
 format: setup
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench scripts
+	$(BIN)/ruff check --fix src tests bench scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -171,7 +171,8 @@ class P2cEwma:
     name = "p2c_ewma"
 
     def __init__(self, rng: random.Random | None = None) -> None:
-        self._rng = rng or random.Random()
+        # Choosing nodes, not secrets: a seeded PRNG is right here.
+        self._rng = rng or random.Random()  # nosec B311
 
     @staticmethod
     def cost(node: Backend) -> float:
