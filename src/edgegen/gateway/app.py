@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,7 +31,7 @@ from edgegen.gateway.proxy import Attempt, Proxy, Refused
 from edgegen.gateway.settings import GatewaySettings, NodeEntry
 from edgegen.node.errors import error_response, is_openai
 from edgegen.node.errors import install as install_error_handlers
-from edgegen.node.middleware import SANE_ID
+from edgegen.node.middleware import RequestIds, read_head
 from edgegen.observe.logs import AccessLog, request_id
 from edgegen.observe.metrics import LATENCY_BUCKETS
 
@@ -124,8 +122,7 @@ class Gateway:
         self.proxy = Proxy(settings, self.fleet, on_done=lambda a, s: self.metrics.attempt(a, s))
         self.metrics = GatewayMetrics(self.fleet, self.proxy)
         self.access_log = AccessLog(settings.access_log)
-        self._prefix = secrets.token_hex(6)
-        self._counter = itertools.count(1)
+        self.request_ids = RequestIds()
         self.admin = self._admin_app()
 
     @contextlib.asynccontextmanager
@@ -161,18 +158,21 @@ class Gateway:
             await self.admin(scope, receive, send)
             return
         started = time.perf_counter()
-        rid = self._request_id(scope)
+        limits = self.settings
+        given, head_refusal = read_head(scope["headers"], limits.max_header_bytes, limits.max_body_bytes)
+        rid = self.request_ids.take(given)
         token = request_id.set(rid)
         status = 500
         try:
+            if head_refusal is not None:  # answered before the body is read: the connection closes
+                raise Refused(head_refusal[1], head_refusal[0], close=True)
             status = await self.proxy(scope, receive, send, rid)
         except Refused as refused:
             status = refused.status
             if status != 499:
                 log.info("request refused", extra={"status": status, "reason": refused.message})
-                response = error_response(
-                    refused.message, status, {"x-request-id": rid}, openai=is_openai(path)
-                )
+                headers = {"x-request-id": rid, **({"Connection": "close"} if refused.close else {})}
+                response = error_response(refused.message, status, headers, openai=is_openai(path))
                 await response(scope, receive, send)
         finally:
             request_id.reset(token)
@@ -184,12 +184,6 @@ class Gateway:
                 "status": status,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
             })  # fmt: skip
-
-    def _request_id(self, scope: Scope) -> str:
-        for key, value in scope["headers"]:
-            if key == b"x-request-id" and SANE_ID.match(value):
-                return value.decode()
-        return f"{self._prefix}{next(self._counter):010x}"
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         context = self.lifespan()

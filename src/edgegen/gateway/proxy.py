@@ -1,6 +1,6 @@
 """Forward one request to a node and its answer back: balancing, retries, header hygiene, streams.
 
-    client ─▶ check (smuggling shapes 400, headers 431, body 413) ─▶ read the body (bounded)
+    client ─▶ (head checked by the app: node.middleware.read_head) ─▶ read the body (bounded: 413)
            ─▶ balancer for the model / route ─▶ node (aiohttp, one keep-alive pool per node)
            ◀─ status + headers, then the body relayed chunk by chunk (SSE token by token)
 
@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -51,10 +52,11 @@ WHOLE_BODY_BYTES = 1 << 20  # answers up to this size are read whole and relayed
 class Refused(Exception):
     """A request the gateway answers itself (status, message), before any node sees it."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close  # answer with Connection: close (the request's framing is not trusted)
 
 
 class RetryBudget:
@@ -87,22 +89,26 @@ class Attempt:
     reached: bool = True  # False: the node never saw the request
 
 
-def affinity_key(path: str, headers: dict[bytes, bytes], body: bytes) -> bytes | None:
-    """What a chat should stick to: its session, or the start of its conversation.
-
-    >>> affinity_key("/v1/completions", {}, b'{"prompt": "Once upon a time"}')
-    b'Once upon a time'
-    """
-    session = headers.get(b"x-session-id")
-    if session:
-        return b"session:" + session[:128]
-    if not path.startswith("/v1/"):
+def json_body(path: str, body: bytes) -> dict[str, Any] | None:
+    """An OpenAI-protocol request's JSON object (parsed once, for the model and the affinity key)."""
+    if not path.startswith("/v1/") or not body:
         return None
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(request, dict):
+    return request if isinstance(request, dict) else None
+
+
+def affinity_key(session: bytes | None, request: dict[str, Any] | None) -> bytes | None:
+    """What a chat should stick to: its session (`X-Session-Id`), or the start of its conversation.
+
+    >>> affinity_key(None, {"prompt": "Once upon a time"})
+    b'Once upon a time'
+    """
+    if session:
+        return b"session:" + session[:128]
+    if request is None:
         return None
     if isinstance(request.get("user"), str):
         return b"user:" + request["user"].encode()[:128]
@@ -116,16 +122,11 @@ def affinity_key(path: str, headers: dict[bytes, bytes], body: bytes) -> bytes |
     return None
 
 
-def model_of(path: str, body: bytes) -> str | None:
+def model_of(path: str, request: dict[str, Any] | None) -> str | None:
     if match := _MODEL_IN_PATH.match(path):
         return match.group(1)
-    if path.startswith("/v1/") and body:
-        try:
-            model = orjson.loads(body).get("model")
-        except (orjson.JSONDecodeError, AttributeError):
-            return None
-        return model if isinstance(model, str) else None
-    return None
+    model = request.get("model") if request is not None else None
+    return model if isinstance(model, str) else None
 
 
 class Proxy:
@@ -189,16 +190,16 @@ class Proxy:
 
     # -- the request --------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> int:
-        """Relay one request; return the status the client got."""
-        headers = self._check(scope)
+        """Relay one request (its head already checked by the app); return the status the client got."""
         body = await self._body(receive)
         path: str = scope["path"]
         method: str = scope["method"]
-        forward = self._forward_headers(scope, headers, request_id)
+        forward, session = self._forward_headers(scope, request_id)
         url = path + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
         idempotent = method in ("GET", "HEAD") or bool(_IDEMPOTENT.match(path))
-        balancer = self.balancer_for(path, model_of(path, body))
-        key = affinity_key(path, headers, body) if balancer.name == "prefix_affinity" else None
+        request = json_body(path, body)
+        balancer = self.balancer_for(path, model_of(path, request))
+        key = affinity_key(session, request) if balancer.name == "prefix_affinity" else None
         self.budget.deposit()
         tried: set[str] = set()
         attempt: Attempt | None = None
@@ -231,27 +232,6 @@ class Proxy:
             return await self._relay(attempt, send)
         raise Refused(502, f"the node failed to answer ({attempt.error})")
 
-    def _check(self, scope: Scope) -> dict[bytes, bytes]:
-        headers: dict[bytes, bytes] = {}
-        size = 0
-        lengths = 0
-        for key, value in scope["headers"]:
-            size += len(key) + len(value) + 4
-            if key == b"content-length":
-                lengths += 1
-            headers[key] = value
-        if size > self.settings.max_header_bytes:
-            raise Refused(431, f"request headers exceed {self.settings.max_header_bytes} bytes")
-        if lengths > 1 or (lengths and b"transfer-encoding" in headers):
-            raise Refused(400, "a request may carry one Content-Length, or Transfer-Encoding, not both")
-        length = headers.get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise Refused(400, "Content-Length is not a number")
-            if int(length) > self.settings.max_body_bytes:
-                raise Refused(413, f"request body exceeds {self.settings.max_body_bytes} bytes")
-        return headers
-
     async def _body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         size = 0
@@ -268,27 +248,31 @@ class Proxy:
                 return b"".join(chunks)
 
     @staticmethod
-    def _forward_headers(
-        scope: Scope, headers: dict[bytes, bytes], request_id: str
-    ) -> list[tuple[bytes, bytes]]:
-        kept = [
-            (k, v) for k, v in scope["headers"] if k not in _HOP and not k.startswith(_CLIENT_FORBIDDEN)
-            and k != b"x-request-id"
-        ]  # fmt: skip
+    def _forward_headers(scope: Scope, request_id: str) -> tuple[CIMultiDict[str], bytes | None]:
+        """The headers a node gets (the client's, less hop-by-hop and forwarding ones, plus the gateway's
+        own), built once per request; and the client's `X-Session-Id`, if any."""
+        fields: CIMultiDict[str] = CIMultiDict()
+        host = session = None
+        for key, value in scope["headers"]:
+            if key == b"host":
+                host = value
+            elif key == b"x-session-id":
+                session = value
+            if key not in _HOP and key != b"x-request-id" and not key.startswith(_CLIENT_FORBIDDEN):
+                fields.add(key.decode("latin-1"), value.decode("latin-1"))
         client = scope.get("client")
-        kept.append((b"x-forwarded-for", (client[0] if client else "unknown").encode()))
-        kept.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
-        if b"host" in headers:
-            kept.append((b"x-forwarded-host", headers[b"host"]))
-        kept.append((b"x-request-id", request_id.encode()))
-        return kept
+        fields.add("x-forwarded-for", client[0] if client else "unknown")
+        fields.add("x-forwarded-proto", scope.get("scheme", "http"))
+        if host is not None:
+            fields.add("x-forwarded-host", host.decode("latin-1"))
+        fields.add("x-request-id", request_id)
+        return fields, session
 
     async def _try(
-        self, backend: Backend, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
+        self, backend: Backend, method: str, url: str, fields: CIMultiDict[str], body: bytes
     ) -> Attempt:
-        """Send the request and wait for the node's status and headers; the body is read by `_relay`."""
+        """Send the request and wait for the node's status and headers; a small body is read too."""
         session = self.client(backend)
-        fields = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
         backend.acquire()
         attempt = Attempt(backend, started=time.perf_counter())
         try:
@@ -341,11 +325,10 @@ class Proxy:
         headers.append((b"x-edgegen-node", backend.name.encode()))
         streaming = response.content_type == "text/event-stream"
         try:
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
             if attempt.body is not None:  # read whole by `_try`: one piece
-                await send({"type": "http.response.start", "status": response.status, "headers": headers})
                 await send({"type": "http.response.body", "body": attempt.body, "more_body": False})
                 return response.status
-            await send({"type": "http.response.start", "status": response.status, "headers": headers})
             try:
                 async for chunk in response.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})

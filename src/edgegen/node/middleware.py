@@ -14,6 +14,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,6 +25,56 @@ from edgegen.observe.metrics import NodeMetrics
 
 access = logging.getLogger("edgegen.access")
 SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+Refusal = tuple[str, int]  # (message, status)
+
+
+class RequestIds:
+    """A request's id: its `X-Request-ID` when sane, else a new one — a random per-process prefix and a
+    counter, unique across workers and cheap."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(6)
+        self._counter = itertools.count(1)
+
+    def take(self, given: bytes | None) -> str:
+        if given is not None and SANE_ID.match(given):
+            return given.decode()
+        return f"{self._prefix}{next(self._counter):010x}"
+
+
+def read_head(
+    headers: Iterable[tuple[bytes, bytes]], max_header_bytes: int, max_body_bytes: int
+) -> tuple[bytes | None, Refusal | None]:
+    """One pass over a request's headers: the `X-Request-ID` it gave, and why its head alone refuses it
+    — headers over the limit (431), a smuggling shape (two Content-Lengths, or one with
+    Transfer-Encoding: 400), a body announced over the limit (413) — or None.
+
+    >>> read_head([(b"content-length", b"2"), (b"content-length", b"2")], 1024, 1024)
+    (None, ('Content-Length is invalid', 400))
+    """
+    given = None
+    content_length: bytes | None = None
+    chunked = False
+    header_bytes = 0
+    for key, value in headers:
+        header_bytes += len(key) + len(value) + 4
+        if key == b"x-request-id":
+            given = value
+        elif key == b"content-length":
+            # A second Content-Length is a smuggling shape: make it fail the digit check.
+            content_length = b"duplicate" if content_length is not None else value
+        elif key == b"transfer-encoding":
+            chunked = True
+    if header_bytes > max_header_bytes:
+        return given, (f"request headers exceed {max_header_bytes} bytes", 431)
+    if content_length is not None:
+        if chunked:
+            return given, ("a request may not carry both Content-Length and Transfer-Encoding", 400)
+        if not content_length.isdigit():
+            return given, ("Content-Length is invalid", 400)
+        if int(content_length) > max_body_bytes:
+            return given, (f"request body exceeds {max_body_bytes} bytes", 413)
+    return given, None
 
 
 class EdgeMiddleware:
@@ -40,32 +91,15 @@ class EdgeMiddleware:
         self.max_body = max_body_bytes
         self.max_headers = max_header_bytes
         self.access_log = access_log
-        # Generated ids: a random per-process prefix and a counter, unique across workers and cheap.
-        self._prefix = secrets.token_hex(6)
-        self._counter = itertools.count(1)
+        self.request_ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        given = None
-        content_length: bytes | None = None
-        chunked = False
-        header_bytes = 0
-        for key, value in scope["headers"]:
-            header_bytes += len(key) + len(value) + 4
-            if key == b"x-request-id":
-                given = value
-            elif key == b"content-length":
-                # A second Content-Length is a smuggling shape: make it fail the digit check.
-                content_length = b"duplicate" if content_length is not None else value
-            elif key == b"transfer-encoding":
-                chunked = True
-        if given is not None and SANE_ID.match(given):
-            rid = given.decode()
-        else:
-            rid = f"{self._prefix}{next(self._counter):010x}"
+        given, refusal = read_head(scope["headers"], self.max_headers, self.max_body)
+        rid = self.request_ids.take(given)
         token = request_id.set(rid)
         status = 500
         rid_header = (b"x-request-id", rid.encode())
@@ -78,7 +112,6 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            refusal = self._refuse(header_bytes, content_length, chunked)
             if refusal is not None:
                 message, code = refusal
                 access.info("request refused", extra={"status": code, "reason": message})
@@ -91,20 +124,6 @@ class EdgeMiddleware:
         finally:
             self._record(scope, status, time.perf_counter() - started)
             request_id.reset(token)
-
-    def _refuse(
-        self, header_bytes: int, content_length: bytes | None, chunked: bool
-    ) -> tuple[str, int] | None:
-        if header_bytes > self.max_headers:
-            return f"request headers exceed {self.max_headers} bytes", 431
-        if content_length is not None:
-            if chunked:
-                return "a request may not carry both Content-Length and Transfer-Encoding", 400
-            if not content_length.isdigit():
-                return "Content-Length is invalid", 400
-            if int(content_length) > self.max_body:
-                return f"request body exceeds {self.max_body} bytes", 413
-        return None
 
     def _limited(self, receive: Receive) -> Receive:
         seen = 0

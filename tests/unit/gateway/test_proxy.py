@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgegen.errors import ConfigError
-from edgegen.gateway.proxy import Proxy, RetryBudget, affinity_key, model_of
+from edgegen.gateway.proxy import Proxy, RetryBudget, affinity_key, json_body, model_of
 from edgegen.gateway.settings import RetrySettings, load_gateway_settings
 
 
@@ -24,19 +24,26 @@ def test_forwarded_headers_are_the_gateways_not_the_clients() -> None:
             (b"connection", b"keep-alive, x-secret"),
             (b"transfer-encoding", b"chunked"),
             (b"x-request-id", b"client-chosen"),
+            (b"x-session-id", b"chat-7"),
         ],
         "client": ("10.0.0.7", 5555),
         "scheme": "http",
     }
-    headers = dict(scope["headers"])  # type: ignore[arg-type]
-    forwarded = Proxy._forward_headers(scope, headers, "rid-1")
-    assert forwarded == [
-        (b"content-type", b"application/json"),
-        (b"x-forwarded-for", b"10.0.0.7"),
-        (b"x-forwarded-proto", b"http"),
-        (b"x-forwarded-host", b"edge.example"),
-        (b"x-request-id", b"rid-1"),
+    forwarded, session = Proxy._forward_headers(scope, "rid-1")
+    assert list(forwarded.items()) == [
+        ("content-type", "application/json"),
+        ("x-session-id", "chat-7"),
+        ("x-forwarded-for", "10.0.0.7"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", "edge.example"),
+        ("x-request-id", "rid-1"),
     ]
+    assert session == b"chat-7"
+
+
+def key_of(path: str, headers: dict[bytes, bytes], body: bytes) -> bytes | None:
+    """The key as the proxy computes it: from the session header and the body parsed once."""
+    return affinity_key(headers.get(b"x-session-id"), json_body(path, body))
 
 
 @pytest.mark.parametrize(
@@ -53,16 +60,16 @@ def test_forwarded_headers_are_the_gateways_not_the_clients() -> None:
     ],
 )  # fmt: skip
 def test_affinity_keys(path: str, headers: dict[bytes, bytes], body: bytes, key: bytes | None) -> None:
-    assert affinity_key(path, headers, body) == key
+    assert key_of(path, headers, body) == key
 
 
 def test_a_chat_keeps_its_key_as_it_grows() -> None:
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     longer = [*turns, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "More"}]
-    first = affinity_key("/v1/chat/completions", {}, json.dumps({"messages": turns}).encode())
-    later = affinity_key("/v1/chat/completions", {}, json.dumps({"messages": longer}).encode())
+    first = key_of("/v1/chat/completions", {}, json.dumps({"messages": turns}).encode())
+    later = key_of("/v1/chat/completions", {}, json.dumps({"messages": longer}).encode())
     assert first == later
-    other = affinity_key("/v1/chat/completions", {}, json.dumps({"messages": longer[1:]}).encode())
+    other = key_of("/v1/chat/completions", {}, json.dumps({"messages": longer[1:]}).encode())
     assert other != first
 
 
@@ -78,7 +85,7 @@ def test_a_chat_keeps_its_key_as_it_grows() -> None:
     ],
 )
 def test_the_model_a_request_names(path: str, body: bytes, model: str | None) -> None:
-    assert model_of(path, body) == model
+    assert model_of(path, json_body(path, body)) == model
 
 
 def test_the_retry_budget_refills_per_request_and_caps() -> None:
