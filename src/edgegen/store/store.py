@@ -26,6 +26,44 @@ Describe = Callable[[Path, Format], tuple[list[TensorSpec], list[TensorSpec]]]
 SUFFIX_FORMATS: dict[str, Format] = {".onnx": "onnx", ".tflite": "tflite", ".gguf": "gguf"}
 
 
+def format_of(model: Path) -> Format:
+    fmt = SUFFIX_FORMATS.get(model.suffix.lower())
+    if fmt is None:
+        raise StoreError(f"unknown model format {model.suffix!r}: use .onnx, .tflite or .gguf")
+    return fmt
+
+
+def manifest_for(
+    model: Path,
+    name: str,
+    version: str,
+    *,
+    task: str = "classification",
+    metadata: dict[str, object] | None = None,
+    producer: str = f"edgegen {__version__}",
+    describe: Describe | None = None,
+) -> Manifest:
+    """The manifest of a package directory that holds `model` (named model.onnx, .tflite or .gguf):
+    inputs and outputs read from the file, its sha256, and what the caller knows about it."""
+    fmt = format_of(model)
+    if describe is None:
+        from edgegen.executors import describe_model
+
+        describe = describe_model
+    inputs, outputs = describe(model, fmt)
+    return Manifest(
+        name=name,
+        version=version,
+        format=fmt,
+        task=task,
+        inputs=inputs,
+        outputs=outputs,
+        files={model.name: sha256_file(model)},
+        producer=producer,
+        metadata=metadata or {},
+    )
+
+
 @dataclass(frozen=True)
 class ModelPackage:
     """One verified version: its manifest and the directory holding its files."""
@@ -176,26 +214,10 @@ class ModelStore:
                 shutil.copyfile(src, staging / file)
             manifest = given.model_copy(update={"name": name, "version": version})
         elif source.is_file():
-            fmt = SUFFIX_FORMATS.get(source.suffix.lower())
-            if fmt is None:
-                raise StoreError(f"unknown model format {source.suffix!r}: use .onnx, .tflite or .gguf")
-            model_file = MODEL_FILES[fmt]
-            shutil.copyfile(source, staging / model_file)
-            if describe is None:
-                from edgegen.executors import describe_model
-
-                describe = describe_model
-            inputs, outputs = describe(staging / model_file, fmt)
-            manifest = Manifest(
-                name=name,
-                version=version,
-                format=fmt,
-                task=task,
-                inputs=inputs,
-                outputs=outputs,
-                files={model_file: sha256_file(staging / model_file)},
-                producer=f"edgegen {__version__}",
-                metadata=metadata,
+            model_file = staging / MODEL_FILES[format_of(source)]
+            shutil.copyfile(source, model_file)
+            manifest = manifest_for(
+                model_file, name, version, task=task, metadata=metadata, describe=describe
             )
         else:
             raise StoreError(f"{source} is neither a model file nor a package directory")
