@@ -255,8 +255,7 @@ class PrefixAffinity:
         """The node that owns `key` on the ring, whatever its load."""
         if nodes is not self._nodes:
             self._rebuild(nodes)
-        name = self._owners[bisect.bisect(self._ring, _point(key)) % len(self._ring)]
-        return next(node for node in nodes if node.name == name)
+        return self._by_name[self._owners[bisect.bisect(self._ring, _point(key)) % len(self._ring)]]
 
 
 BALANCERS: dict[str, type[RoundRobin | WeightedRoundRobin | LeastConnections | P2cEwma | PrefixAffinity]] = {

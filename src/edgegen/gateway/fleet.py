@@ -74,10 +74,10 @@ class Fleet:
     def add(self, entry: NodeEntry) -> NodeState:
         if any(state.backend.url == entry.url for state in self.nodes.values()):
             raise ConfigError(f"a node with URL {entry.url} is already in the fleet")
+        if entry.name is not None and entry.name in self.nodes:
+            raise ConfigError(f"a node named {entry.name!r} is already in the fleet")
         name = entry.name
-        while name is None or name in self.nodes:
-            if entry.name is not None:
-                raise ConfigError(f"a node named {entry.name!r} is already in the fleet")
+        while name is None or name in self.nodes:  # node-1, node-2, … skipping names taken
             name = f"node-{next(self._numbers)}"
         state = NodeState(Backend(name=name, url=entry.url, weight=entry.weight))
         self.nodes[name] = state
