@@ -28,6 +28,9 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
+InsecureOpt = Annotated[
+    bool, typer.Option("--insecure", help="allow listening beyond loopback without TLS and auth")
+]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="TOML settings file", envvar="EDGEGEN_CONFIG")
 ]
@@ -79,31 +82,79 @@ def serve(
     log_level: Annotated[
         str | None, typer.Option(help="debug|info|warning|error", envvar="EDGEGEN_LOG_LEVEL")
     ] = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Start a node serving every active model in the store."""
     from edgegen.observe.logs import configure_logging
 
+    if insecure:
+        os.environ["EDGEGEN_SECURITY__INSECURE"] = "true"
     settings = _settings(config, host=host, port=port, workers=workers, store=store, log_level=log_level)
+    _check_exposure(settings.host, settings.security, settings.tls)
     configure_logging(settings.log_level)
+    _announce_auth(settings)
     if settings.workers > 1:
         run_dir = settings.home / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metrics-", dir=run_dir)
-    _run_server("edgegen.node.app:app_from_environment", settings.host, settings.port, settings.workers)
+    _run_server(
+        "edgegen.node.app",
+        settings.host,
+        settings.port,
+        settings.workers,
+        tls=settings.tls.enabled,
+    )
 
 
-def _run_server(factory: str, host: str, port: int, workers: int = 1) -> None:
-    """uvicorn as every edgegen server runs: uvloop, httptools, our own JSON logs, no proxy headers."""
+def _check_exposure(host: str, security: Any, tls: Any) -> None:
+    from edgegen.security.settings import exposure_problem
+
+    problem = exposure_problem(host, security, tls)
+    if problem is not None:
+        raise EdgegenError(problem)
+    if security.insecure and not (tls.enabled and security.auth):
+        err.print(f"[yellow]warning:[/yellow] listening on {host} without TLS or auth (--insecure)")
+
+
+def _announce_auth(settings: Settings) -> None:
+    """Say how callers authenticate, and how to make the first admin key when there is none."""
+    from edgegen.security.keys import KeyStore
+
+    if not settings.security.auth:
+        err.print("[yellow]authentication is off[/yellow] (security.auth = false): every caller is admin")
+        return
+    store = KeyStore(settings.keys_file)
+    try:
+        has_admin = any(k.role == "admin" and k.revoked is None for k in store.list())
+    finally:
+        store.close()
+    err.print("every route but /v2/health/* and /metrics needs 'Authorization: Bearer <API key or JWT>'")
+    if not has_admin:
+        err.print(
+            "no admin key yet; create the first one (shown once) with:\n"
+            f"  EDGEGEN_HOME={settings.home} edgegen keys create --role admin --label first-admin",
+            highlight=False,
+        )
+
+
+def _run_server(module: str, host: str, port: int, workers: int = 1, *, tls: bool = False) -> None:
+    """uvicorn as every edgegen server runs: uvloop, httptools with a head deadline, our own JSON logs,
+    no proxy headers; HTTPS through the module's `ssl_context` when TLS is configured. `module` holds
+    `app_from_environment`, `ssl_context` and its HTTP protocol class."""
+    import importlib
+
     import uvicorn
 
+    server = importlib.import_module(module)
     uvicorn.run(
-        factory,
+        f"{module}:app_from_environment",
         factory=True,
         host=host,
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        http=server.HttpProtocol,
+        ssl_context_factory=server.ssl_context if tls else None,
         access_log=False,
         log_config=None,
         server_header=False,
@@ -126,6 +177,7 @@ def gateway(
     log_level: Annotated[
         str | None, typer.Option(help="debug|info|warning|error", envvar="EDGEGEN_GATEWAY_LOG_LEVEL")
     ] = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Start a gateway that balances the fleet's nodes behind one address."""
     from edgegen.gateway.settings import load_gateway_settings
@@ -135,9 +187,12 @@ def gateway(
     for key, value in flags.items():
         if value is not None:
             os.environ[f"EDGEGEN_GATEWAY_{key}"] = str(value)
+    if insecure:
+        os.environ["EDGEGEN_GATEWAY_SECURITY__INSECURE"] = "true"
     settings = load_gateway_settings()  # fail here, in one line, before the server starts
+    _check_exposure(settings.host, settings.security, settings.tls)
     configure_logging(settings.log_level)
-    _run_server("edgegen.gateway.app:app_from_environment", settings.host, settings.port)
+    _run_server("edgegen.gateway.app", settings.host, settings.port, tls=settings.tls.enabled)
 
 
 @models_app.command("list")
@@ -276,7 +331,7 @@ def optimize(
 def _keys(config: Path | None) -> Any:
     from edgegen.security.keys import KeyStore
 
-    return KeyStore(_settings(config).home / "security" / "keys.sqlite")
+    return KeyStore(_settings(config).keys_file)
 
 
 @keys_app.command("create")

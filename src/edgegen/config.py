@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edgegen.errors import ConfigError
+from edgegen.security.settings import SecuritySettings, TlsSettings
 
 
 def default_home() -> Path:
@@ -134,6 +135,12 @@ class Settings(EnvFirstSettings):
     onnx: OnnxSettings = Field(default_factory=OnnxSettings)
     tflite: TFLiteSettings = Field(default_factory=TFLiteSettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @property
+    def keys_file(self) -> Path:
+        return self.security.keys_file or self.home / "security" / "keys.sqlite"
 
     @property
     def store_dir(self) -> Path:

@@ -16,7 +16,10 @@ client or operator: they never carry a traceback, a file-system path or an inter
     │   ├── InvalidInput        shape, dtype, NaN/Inf, malformed JSON
     │   ├── PayloadTooLarge     body over the configured limit
     │   ├── HeadersTooLarge     request headers over the configured limit
-    │   └── ClientGone          the client disconnected before its answer was ready
+    │   ├── ClientGone          the client disconnected before its answer was ready
+    │   ├── RequestTimeout      the request's body did not arrive in time (408)
+    │   ├── Unauthorized        no credential, or one that authenticates nobody (401)
+    │   └── Forbidden           a credential that may not do this (403)
     ├── Overloaded              the model's queue is full; retry after `retry_after` seconds
     └── DeadlineExceeded        the request waited longer than its deadline
 """
@@ -75,6 +78,18 @@ class HeadersTooLarge(RequestError):
 
 
 class ClientGone(RequestError):
+    pass
+
+
+class RequestTimeout(RequestError):
+    pass
+
+
+class Unauthorized(RequestError):
+    pass
+
+
+class Forbidden(RequestError):
     pass
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from edgegen.security.keys import KeyStore
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -20,15 +22,27 @@ def free_port() -> int:
 
 
 class NodeProcess:
+    """A node; with `auth=False` (tests of other things) it runs with authentication explicitly off,
+    with `auth=True` an admin key is created in its home first (`admin_key`, `headers`)."""
+
     command = "serve"
+    env_prefix = "EDGEGEN_"
 
     def __init__(
-        self, home: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None
+        self,
+        home: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        auth: bool = False,
     ) -> None:
         self.home = home
         self.port = port or free_port()
         self.args = args
-        self.env = {**os.environ, "EDGEGEN_HOME": str(home), **(env or {})}
+        own = {f"{self.env_prefix}HOME": str(home), f"{self.env_prefix}SECURITY__AUTH": str(auth).lower()}
+        self.env = {**os.environ, "EDGEGEN_HOME": str(home), **own, **(env or {})}
+        self.admin_key = admin_key(home) if auth else ""
+        self.headers = {"Authorization": f"Bearer {self.admin_key}"} if auth else {}
         self.log_path = home / f"node-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
@@ -90,3 +104,13 @@ class GatewayProcess(NodeProcess):
     """`edgegen gateway --config FILE`; ready when some node can take traffic."""
 
     command = "gateway"
+    env_prefix = "EDGEGEN_GATEWAY_"
+
+
+def admin_key(home: Path) -> str:
+    """An admin API key in the key store under `home` (what `edgegen keys create --role admin` does)."""
+    store = KeyStore(home / "security" / "keys.sqlite")
+    try:
+        return store.create("admin", label="tests")[0]
+    finally:
+        store.close()

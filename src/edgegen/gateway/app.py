@@ -2,18 +2,22 @@
 
     /v2/health/live, /v2/health/ready   the gateway's own (ready: some node can take traffic)
     /metrics                            the gateway's Prometheus metrics
-    /gateway/nodes[/{name}]             the fleet at run time: list, add, re-weight, drain, remove
+    /gateway/nodes[/{name}]             the fleet at run time: list (operator), add, re-weight, drain,
+                                        remove (admin)
     everything else                     relayed to a node (proxy.py): /predict, /models/…, /v2/…, /v1/…
 
-Pure ASGI in front, so a relayed request costs no framework routing; the few admin routes are a
-FastAPI app behind it. Health checks run as one background task for the whole fleet.
+Every request passes the security gate first (security/gate.py: credentials, roles, rate limits,
+intrusion guard). Pure ASGI in front, so a relayed request costs no framework routing; the few admin
+routes are a FastAPI app behind it. Health checks run as one background task for the whole fleet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +38,8 @@ from edgegen.node.errors import install as install_error_handlers
 from edgegen.node.middleware import RequestIds, read_head
 from edgegen.observe.logs import AccessLog, request_id
 from edgegen.observe.metrics import LATENCY_BUCKETS
+from edgegen.security.gate import build_gate
+from edgegen.security.transport import GuardedHttpProtocol, server_context
 
 log = logging.getLogger("edgegen.gateway")
 
@@ -124,11 +130,20 @@ class Gateway:
         self.access_log = AccessLog(settings.access_log)
         self.request_ids = RequestIds()
         self.admin = self._admin_app()
+        self.gate = build_gate(
+            self._http,
+            settings.security,
+            settings.keys_file,
+            settings.home,
+            self.metrics.registry,
+            mutual_tls=settings.tls.mutual,
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=self.settings.health.timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as client:
+        connector = aiohttp.TCPConnector(ssl=self.proxy.node_ssl or True)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as client:
             task = asyncio.create_task(self._health_loop(client))
             try:
                 yield
@@ -151,8 +166,10 @@ class Gateway:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        if scope["type"] != "http":
-            return
+        if scope["type"] == "http":
+            await self.gate(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         if path.startswith(("/gateway/", "/metrics")) or path in ("/v2/health/live", "/v2/health/ready"):
             await self.admin(scope, receive, send)
@@ -262,3 +279,22 @@ def app_from_environment() -> Gateway:
     from edgegen.gateway.settings import load_gateway_settings
 
     return Gateway(load_gateway_settings())
+
+
+@functools.cache
+def _process_settings() -> GatewaySettings:
+    from edgegen.gateway.settings import load_gateway_settings
+
+    return load_gateway_settings()
+
+
+class HttpProtocol(GuardedHttpProtocol):
+    """The gateway's connections: the head deadline from `security.header_timeout_s`."""
+
+    def head_timeout(self) -> float:
+        return _process_settings().security.header_timeout_s
+
+
+def ssl_context(config: object, default: object) -> ssl.SSLContext:
+    """uvicorn's `ssl_context_factory` for the gateway's listener."""
+    return server_context(_process_settings().tls)

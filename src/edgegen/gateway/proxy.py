@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from starlette.types import Receive, Scope, Send
 from edgegen.gateway.balancers import Backend, Balancer, make_balancer
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.settings import GatewaySettings, RetrySettings
+from edgegen.security.auth import Principal
+from edgegen.security.transport import client_context
 
 log = logging.getLogger("edgegen.gateway")
 
@@ -41,6 +44,7 @@ _HOP = frozenset(
 )  # fmt: skip
 # A client must not choose what the gateway tells a node about the client (or, later, who it is).
 _CLIENT_FORBIDDEN = (b"x-forwarded-", b"forwarded", b"x-real-ip", b"x-edgegen-")
+_HOP_ID = _HOP | {b"x-request-id"}
 _HOP_RESPONSE = _HOP - {b"content-length"}  # the body is relayed as it came, so its length holds
 _IDEMPOTENT = re.compile(r"^/(predict|models/[^/]+/predict|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 _MODEL_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)/")
@@ -145,12 +149,15 @@ class Proxy:
         self._retiring: dict[Backend, aiohttp.ClientSession] = {}
         self._routes = sorted(settings.balancer.routes.items(), key=lambda kv: -len(kv[0]))
         self.retries = 0
+        self.node_ssl = node_ssl_context(settings)
 
     def client(self, backend: Backend) -> aiohttp.ClientSession:
         known = self._clients.get(backend.name)
         if known is None or known[0] != backend.url:
             s = self.settings
-            connector = aiohttp.TCPConnector(limit=s.max_connections_per_node, keepalive_timeout=30)
+            connector = aiohttp.TCPConnector(
+                limit=s.max_connections_per_node, keepalive_timeout=30, ssl=self.node_ssl or True
+            )
             timeout = aiohttp.ClientTimeout(connect=s.connect_timeout_s, sock_read=s.read_timeout_s)
             session = aiohttp.ClientSession(
                 base_url=backend.url,
@@ -194,7 +201,7 @@ class Proxy:
         body = await self._body(receive)
         path: str = scope["path"]
         method: str = scope["method"]
-        forward, session = self._forward_headers(scope, request_id)
+        forward, session = self._forward_headers(scope, request_id, vouch=self.node_ssl is not None)
         url = path + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
         idempotent = method in ("GET", "HEAD") or bool(_IDEMPOTENT.match(path))
         request = json_body(path, body)
@@ -248,18 +255,26 @@ class Proxy:
                 return b"".join(chunks)
 
     @staticmethod
-    def _forward_headers(scope: Scope, request_id: str) -> tuple[CIMultiDict[str], bytes | None]:
+    def _forward_headers(
+        scope: Scope, request_id: str, vouch: bool = False
+    ) -> tuple[CIMultiDict[str], bytes | None]:
         """The headers a node gets (the client's, less hop-by-hop and forwarding ones, plus the gateway's
-        own), built once per request; and the client's `X-Session-Id`, if any."""
+        own), built once per request; and the client's `X-Session-Id`, if any. With `vouch` (mutual TLS
+        to the node) the caller the gateway authenticated travels as `X-Edgegen-Principal` instead of
+        the client's credential, which then never leaves the gateway."""
         fields: CIMultiDict[str] = CIMultiDict()
         host = session = None
+        principal: Principal | None = scope.get("edgegen.principal")
+        skip = _HOP | {b"x-request-id", b"authorization"} if vouch and principal is not None else _HOP_ID
         for key, value in scope["headers"]:
             if key == b"host":
                 host = value
             elif key == b"x-session-id":
                 session = value
-            if key not in _HOP and key != b"x-request-id" and not key.startswith(_CLIENT_FORBIDDEN):
+            if key not in skip and not key.startswith(_CLIENT_FORBIDDEN):
                 fields.add(key.decode("latin-1"), value.decode("latin-1"))
+        if vouch and principal is not None:
+            fields.add("x-edgegen-principal", principal.to_header().decode())
         client = scope.get("client")
         fields.add("x-forwarded-for", client[0] if client else "unknown")
         fields.add("x-forwarded-proto", scope.get("scheme", "http"))
@@ -344,3 +359,9 @@ class Proxy:
         finally:
             await self._finish(attempt)
         return response.status
+
+
+def node_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
+    """The client side of mutual TLS to the nodes, when configured."""
+    tls = settings.nodes_tls
+    return client_context(tls.ca_file, tls.cert_file, tls.key_file) if tls is not None else None

@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from edgegen.config import EnvFirstSettings, read_toml, settings_error
+from edgegen.config import EnvFirstSettings, default_home, read_toml, settings_error
+from edgegen.security.settings import SecuritySettings, TlsSettings
 
 BalancerName = Literal[
     "round_robin", "weighted_round_robin", "least_connections", "p2c_ewma", "prefix_affinity"
@@ -79,11 +80,21 @@ class RetrySettings(_Section):
     budget_min: float = Field(10.0, ge=0, description="retries always available (a quiet gateway)")
 
 
+class NodesTls(_Section):
+    """How the gateway calls `https://` nodes: it checks them against this CA and shows its own
+    certificate (mutual TLS); a node then trusts the caller the gateway vouches for."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
 class GatewaySettings(EnvFirstSettings):
     model_config = SettingsConfigDict(
         env_prefix="EDGEGEN_GATEWAY_", env_nested_delimiter="__", extra="forbid"
     )
 
+    home: Path = Field(default_factory=default_home, description="where the gateway keeps its state")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -98,6 +109,13 @@ class GatewaySettings(EnvFirstSettings):
     connect_timeout_s: float = Field(1.0, gt=0)
     read_timeout_s: float = Field(300.0, gt=0, description="longest wait for a node's next bytes")
     max_connections_per_node: int = Field(256, ge=1)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="the gateway's own listener")
+    nodes_tls: NodesTls | None = Field(None, description="mutual TLS to https:// nodes")
+
+    @property
+    def keys_file(self) -> Path:
+        return self.security.keys_file or self.home / "security" / "keys.sqlite"
 
     @model_validator(mode="after")
     def _unique(self) -> GatewaySettings:

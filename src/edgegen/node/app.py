@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +28,8 @@ from edgegen.node.middleware import EdgeMiddleware
 from edgegen.node.state import NodeState, node_of
 from edgegen.observe.logs import AccessLog, configure_logging
 from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
+from edgegen.security.gate import build_gate
+from edgegen.security.transport import GuardedHttpProtocol, server_context
 from edgegen.store import ModelStore
 
 log = logging.getLogger("edgegen.node")
@@ -37,8 +41,17 @@ class NodeApp:
     def __init__(self, api: FastAPI, node: NodeState) -> None:
         self.api = api
         self.state = api.state
-        self._entry = EdgeMiddleware(
+        settings = node.settings
+        gate = build_gate(
             seed.SeedRoutes(api, node),
+            settings.security,
+            settings.keys_file,
+            settings.home,
+            node.metrics.registry,
+            mutual_tls=settings.tls.mutual,
+        )
+        self._entry = EdgeMiddleware(
+            gate,
             metrics=node.metrics,
             max_body_bytes=node.settings.max_body_bytes,
             max_header_bytes=node.settings.max_header_bytes,
@@ -111,3 +124,20 @@ def app_from_environment() -> NodeApp:
     settings = load_settings()
     configure_logging(settings.log_level)
     return create_app(settings)
+
+
+@functools.cache
+def _process_settings() -> Settings:
+    return load_settings()
+
+
+class HttpProtocol(GuardedHttpProtocol):
+    """The node's connections: the head deadline from `security.header_timeout_s`."""
+
+    def head_timeout(self) -> float:
+        return _process_settings().security.header_timeout_s
+
+
+def ssl_context(config: object, default: object) -> ssl.SSLContext:
+    """uvicorn's `ssl_context_factory` for a node: TLS from the settings (in every worker process)."""
+    return server_context(_process_settings().tls)

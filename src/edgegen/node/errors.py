@@ -19,6 +19,7 @@ from edgegen.errors import (
     DeadlineExceeded,
     EdgegenError,
     ExecutorError,
+    Forbidden,
     HeadersTooLarge,
     InvalidInput,
     InvalidName,
@@ -26,6 +27,8 @@ from edgegen.errors import (
     Overloaded,
     PayloadTooLarge,
     RequestError,
+    RequestTimeout,
+    Unauthorized,
 )
 
 log = logging.getLogger("edgegen.errors")
@@ -33,6 +36,9 @@ log = logging.getLogger("edgegen.errors")
 # Most specific first: the first class the error is an instance of decides the status.
 STATUS: tuple[tuple[type[EdgegenError], int], ...] = (
     (ClientGone, 499),  # nginx's "client closed request": nobody reads it, the logs and metrics do
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (RequestTimeout, 408),
     (InvalidName, 404),
     (ModelNotFound, 404),
     (PayloadTooLarge, 413),
@@ -54,6 +60,8 @@ def status_of(exc: EdgegenError) -> int:
 
 OPENAI_TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",

@@ -26,6 +26,7 @@ from edgegen.engine.sampling import SamplingParams
 from edgegen.errors import ClientGone, InvalidInput
 from edgegen.node.state import node_of
 from edgegen.node.tensors import parse_json
+from edgegen.security.auth import authorize_model, principal_of
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 MAX_STOPS = 16
@@ -127,6 +128,7 @@ _P = TypeVar("_P", bound=_Params)
 
 
 def _scheduler(request: Request, name: str) -> Scheduler:
+    authorize_model(request.scope, name)
     served = node_of(request).registry.get(name)
     request.state.model = name
     if served.scheduler is None:
@@ -209,8 +211,11 @@ def _json(content: dict[str, Any]) -> Response:
 @router.get("/models", summary="Models that generate text")
 async def list_models(request: Request) -> Response:
     registry = node_of(request).registry
+    principal = principal_of(request.scope)
     data = []
     for name in registry.names():
+        if not principal.allows_model(name):
+            continue
         served = registry.get(name)
         if served.scheduler is not None:
             created = calendar.timegm(time.strptime(served.manifest.created, "%Y-%m-%dT%H:%M:%SZ"))

@@ -23,6 +23,7 @@ from edgegen.errors import EdgegenError, InvalidInput
 from edgegen.node.errors import render
 from edgegen.node.state import NodeState
 from edgegen.node.tensors import parse_json, to_batch
+from edgegen.security.auth import authorize_model
 
 log = logging.getLogger("edgegen.errors")
 PREFIX, SUFFIX = "/models/", "/predict"
@@ -93,6 +94,7 @@ class SeedRoutes:
         await respond(send, 200, body)
 
     async def _predict(self, scope: Scope, receive: Receive, name: str) -> bytes:
+        authorize_model(scope, name)
         served = self.node.registry.get(name)
         scope.setdefault("state", {})["model"] = name
         batcher = served.fixed_shape()

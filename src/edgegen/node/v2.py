@@ -21,6 +21,7 @@ from edgegen.engine.registry import ServedModel
 from edgegen.errors import InvalidInput, ModelNotFound
 from edgegen.node.state import node_of
 from edgegen.node.tensors import cast, parse_json
+from edgegen.security.auth import authorize_model
 from edgegen.store import Manifest, TensorSpec
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
@@ -57,6 +58,7 @@ def _tensor_meta(spec: TensorSpec) -> dict[str, Any]:
 
 
 def _served(request: Request, name: str, version: str | None) -> ServedModel:
+    authorize_model(request.scope, name)
     served = node_of(request).registry.get(name)
     if version is not None and version != served.manifest.version:
         raise ModelNotFound(f"version {version!r} of model {name!r} is not served here")

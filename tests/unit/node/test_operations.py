@@ -13,6 +13,7 @@ from edgegen.optimize.layers import mlp_forward
 from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.store import ModelStore
 from tests.conftest import make_layers
+from tests.unit.node.conftest import admin_headers
 
 SAMPLE = {"input_data": [1.0] * 64}
 
@@ -77,7 +78,8 @@ def test_a_model_that_fails_its_hash_is_not_served_and_the_node_is_not_ready(
     model = store.open("digits-tflite").model_path
     model.write_bytes(model.read_bytes() + b"tampered")
     settings = Settings(home=tmp_path, store=store.root, store_poll_s=0)
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False, headers=admin_headers(settings)) as client:
         for _ in range(500):
             if client.app.state.node.registry.loaded:
                 break

@@ -1,0 +1,95 @@
+"""Security settings shared by the node (`[security]`, `[tls]`) and the gateway (same sections).
+
+[security]
+auth = true                          # every route but health and metrics needs a credential
+rate_per_key = 1000.0                # requests/s per credential (token bucket), burst twice that
+allow_networks = ["10.0.0.0/8"]      # empty: every network
+[security.jwt]
+algorithm = "EdDSA"
+public_key_file = "/etc/edgegen/idp.pub"
+[tls]
+cert_file = "node.crt"               # HTTPS (TLS ≥ 1.2)
+key_file = "node.key"
+client_ca_file = "ca.crt"            # mutual TLS: clients show a certificate of this CA
+crl_file = "crl.pem"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgegen.security.tokens import JwtSettings
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class SecuritySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    auth: bool = Field(True, description="require a credential on every route but health and metrics")
+    keys_file: Path | None = Field(None, description="API key store (default: HOME/security/keys.sqlite)")
+    audit_file: Path | None = Field(None, description="audit log (default: HOME/security/audit.sqlite)")
+    jwt: JwtSettings | None = Field(None, description="accept JWT bearer tokens signed this way")
+    rate_per_key: float = Field(1000.0, gt=0, description="requests/s one credential may make")
+    burst_per_key: int = Field(2000, ge=1)
+    rate_per_client: float = Field(2000.0, gt=0, description="requests/s one client address may make")
+    burst_per_client: int = Field(4000, ge=1)
+    max_streams_per_key: int = Field(16, ge=1, description="generations one credential may run at once")
+    allow_networks: list[Network] = Field(default_factory=list, description="empty: every network")
+    deny_networks: list[Network] = Field(default_factory=list)
+    ban_after_failures: int = Field(10, ge=1, description="failed authentications or probes before a ban")
+    ban_window_s: float = Field(60.0, gt=0)
+    ban_s: float = Field(300.0, gt=0, description="first ban; each later one of the client doubles")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's head must arrive within this")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this")
+    insecure: bool = Field(
+        False, description="allow listening beyond loopback without TLS and auth (never in production)"
+    )
+
+
+class TlsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path | None = Field(None, description="this server's certificate (PEM): serve HTTPS")
+    key_file: Path | None = None
+    client_ca_file: Path | None = Field(None, description="mutual TLS: accept client certificates of this CA")
+    client_certs: Literal["optional", "required"] = Field(
+        "required", description="with client_ca_file: must every client show a certificate?"
+    )
+    crl_file: Path | None = Field(None, description="revoked certificates (the CA's crl.pem)")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("mutual TLS (client_ca_file) needs cert_file and key_file")
+        if self.crl_file is not None and self.client_ca_file is None:
+            raise ValueError("crl_file checks client certificates: it needs client_ca_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca_file is not None
+
+
+def exposure_problem(host: str, security: SecuritySettings, tls: TlsSettings) -> str | None:
+    """Why listening on `host` with these settings is unsafe, or None. Loopback is always fine."""
+    if host in LOOPBACK_HOSTS or security.insecure:
+        return None
+    missing = [what for what, ok in (("TLS", tls.enabled), ("authentication", security.auth)) if not ok]
+    if not missing:
+        return None
+    return (
+        f"refusing to listen on {host} without {' and '.join(missing)}: set [tls] cert_file/key_file"
+        " and keep security.auth on, or pass --insecure if this network is trusted"
+    )

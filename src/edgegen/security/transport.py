@@ -1,0 +1,118 @@
+"""TLS and the HTTP connection, as a node and a gateway run them under uvicorn.
+
+- `server_context(tls)`: HTTPS with TLS ≥ 1.2; with `client_ca_file`, mutual TLS (client
+  certificates of our CA, required or optional) and the CA's revocation list checked.
+- `client_context(...)`: what a gateway uses to call nodes: verifies the node against our CA and
+  shows its own certificate.
+- `GuardedHttpProtocol`: uvicorn's httptools protocol plus two things it lacks — a deadline for a
+  request's head (a slowloris that trickles header bytes is cut off, where uvicorn's keep-alive timer
+  restarts on every byte), and the ASGI TLS extension (`scope["extensions"]["tls"]`) carrying the
+  verified client certificate's subject, from which the security gate reads the caller's role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from edgegen.security.settings import TlsSettings
+
+log = logging.getLogger("edgegen.security")
+_SHORT = {"commonName": "CN", "organizationalUnitName": "OU", "organizationName": "O"}
+_TIMEOUT_BODY = b'{"error":"the request head did not arrive in time"}'
+_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+)
+
+
+def server_context(tls: TlsSettings) -> ssl.SSLContext:
+    assert tls.cert_file is not None
+    assert tls.key_file is not None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    context.set_alpn_protocols(["http/1.1"])
+    if tls.client_ca_file is not None:
+        context.load_verify_locations(tls.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED if tls.client_certs == "required" else ssl.CERT_OPTIONAL
+        if tls.crl_file is not None:
+            context.load_verify_locations(tls.crl_file)
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return context
+
+
+def client_context(
+    ca_file: Path, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def subject_name(cert: dict[str, Any]) -> str:
+    """A peer certificate's subject as `CN=…,OU=…,O=…` (RFC 4514 order: most specific first).
+
+    >>> subject_name({"subject": ((("organizationalUnitName", "gateway"),), (("commonName", "gw1"),))})
+    'CN=gw1,OU=gateway'
+    """
+    parts = [f"{_SHORT.get(k, k)}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
+    return ",".join(reversed(parts))
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """A server overrides `head_timeout` with its own setting."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+    _tls: dict[str, Any] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            cert = ssl_object.getpeercert()
+            self._tls = {
+                "client_cert_name": subject_name(cert) if cert else None,
+                "tls_version": ssl_object.version(),
+                "cipher_suite": None,
+            }
+        self._arm()
+
+    def head_timeout(self) -> float:
+        return 10.0
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout(), self._head_too_slow)
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            log.info("request refused", extra={"status": 408, "reason": "request head too slow"})
+            self.transport.write(_TIMEOUT_RESPONSE)
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._tls is not None:
+            self.scope["extensions"] = {"tls": self._tls}  # type: ignore[typeddict-unknown-key]
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
