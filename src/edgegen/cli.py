@@ -65,10 +65,15 @@ def _settings(config: Path | None, **flags: object) -> Settings:
     return load_settings()
 
 
-def _store(config: Path | None, store: Path | None) -> Any:
+def _store(config: Path | None, store: Path | None, *, sign: bool = False) -> Any:
+    """The store as the node opens it (signatures checked as the node checks them); with `sign`,
+    every version added is signed with this machine's key."""
+    from edgegen.security.signing import Signer, store_trust
     from edgegen.store import ModelStore
 
-    return ModelStore(_settings(config, store=store).store_dir)
+    settings = _settings(config, store=store)
+    signer = Signer.local(settings.home) if sign else None
+    return ModelStore(settings.store_dir, trust=store_trust(settings), signer=signer)
 
 
 @app.command()
@@ -218,17 +223,22 @@ def models_add(
     version: Annotated[str | None, typer.Option(help="version (default: next integer)")] = None,
     activate: Annotated[bool | None, typer.Option("--activate/--no-activate", help="serve it now")] = None,
     task: Annotated[str, typer.Option(help="what the model does")] = "classification",
+    sign: Annotated[bool, typer.Option("--sign", help="sign it with this machine's key")] = False,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Add a model file or package to the store as a new version."""
+    """Add a model file or package to the store as a new version.
+
+    A package directory must carry a signature of a trusted key when the node requires signed models.
+    """
     metadata: dict[str, object] = {}
     if path.suffix.lower() == ".gguf":
         from edgegen.store.gguf import describe
 
         metadata = describe(path)[2]
         task = "text-generation"
-    manifest = _store(config, store).add(path, name, version, task=task, metadata=metadata, activate=activate)
+    model_store = _store(config, store, sign=sign)
+    manifest = model_store.add(path, name, version, task=task, metadata=metadata, activate=activate)
     err.print(f"added {manifest.name} version {manifest.version} ({manifest.format})")
 
 
@@ -238,6 +248,28 @@ def models_activate(name: str, version: str, config: ConfigOpt = None, store: St
     """Serve VERSION of NAME (atomic; the previous version stays for rollback)."""
     _store(config, store).activate(name, version)
     err.print(f"{name}: version {version} is active")
+
+
+@models_app.command("sign")
+@friendly
+def models_sign(
+    name: str,
+    version: Annotated[str | None, typer.Argument(help="default: the active version")] = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Sign a version (Ed25519, this machine's key: HOME/security/signing.key, made on first use).
+
+    Nodes that trust HOME/security/signing.pub (or list it in security.trusted_signers) serve it.
+    """
+    from edgegen.security.signing import Signer
+    from edgegen.store import ModelStore
+
+    settings = _settings(config, store=store)
+    signer = Signer.local(settings.home)
+    package = ModelStore(settings.store_dir).open(name, version)  # hashes checked before signing
+    signer.sign(package.path)
+    err.print(f"{name} version {package.manifest.version} signed with key {signer.key_id}")
 
 
 @models_app.command("verify")
@@ -268,10 +300,11 @@ def models_pull(
     """
     if name not in PULLABLE:
         raise EdgegenError(f"unknown model {name!r}; pullable models: {', '.join(PULLABLE)}")
-    model_store = _store(config, store)
+    model_store = _store(config, store, sign=True)  # what this machine built or fetched, it vouches for
     present = name in model_store.names() and model_store.active_version(name) is not None
     if present and not force:
         err.print(f"{name} is already in the store (version {model_store.active_version(name)})")
+        _vouch(model_store, name)
         return
     if name == "smollm2-135m":
         from edgegen.store.pull import pull_smollm2
@@ -296,6 +329,19 @@ def models_pull(
         built = build_digits(model_store)
     for model in built:
         err.print(f"added {model.name} version {model.version}, test accuracy {model.test_accuracy:.4f}")
+
+
+def _vouch(model_store: Any, name: str) -> None:
+    """Sign the versions of a pulled model that a store from before signing holds unsigned."""
+    from edgegen.store import ModelStore
+    from edgegen.store.manifest import SIGNATURE_FILE
+
+    unchecked = ModelStore(model_store.root)  # hashes only: the signature is what is missing
+    for version in model_store.versions(name):
+        package = unchecked.open(name, version)
+        if not (package.path / SIGNATURE_FILE).exists():
+            model_store.signer.sign(package.path)
+            err.print(f"signed {name} version {version} with this machine's key {model_store.signer.key_id}")
 
 
 @app.command()

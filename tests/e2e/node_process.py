@@ -63,13 +63,16 @@ class NodeProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                if self.ready_probe():
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"node not ready after {timeout} s:\n{self.log()[-3000:]}")
+
+    def ready_probe(self) -> bool:
+        return httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200
 
     def kill(self) -> None:
         """SIGKILL, as a crash: no graceful shutdown."""

@@ -23,12 +23,13 @@ from starlette.types import Receive, Scope, Send
 from edgegen import __version__
 from edgegen.config import Settings, load_settings
 from edgegen.engine.registry import ModelRegistry
-from edgegen.node import errors, openai, seed, v2
+from edgegen.node import admin, errors, openai, seed, v2
 from edgegen.node.middleware import EdgeMiddleware
 from edgegen.node.state import NodeState, node_of
 from edgegen.observe.logs import AccessLog, configure_logging
 from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
 from edgegen.security.gate import build_gate
+from edgegen.security.signing import store_trust
 from edgegen.security.transport import GuardedHttpProtocol, server_context
 from edgegen.store import ModelStore
 
@@ -50,6 +51,7 @@ class NodeApp:
             node.metrics.registry,
             mutual_tls=settings.tls.mutual,
         )
+        node.audit = gate.audit
         self._entry = EdgeMiddleware(
             gate,
             metrics=node.metrics,
@@ -64,7 +66,7 @@ class NodeApp:
 
 def create_app(settings: Settings) -> NodeApp:
     metrics = NodeMetrics()
-    store = ModelStore(settings.store_dir)
+    store = ModelStore(settings.store_dir, trust=store_trust(settings))
     registry = ModelRegistry(store, settings, observer=metrics, generation_observer=metrics)
     access_log = AccessLog(settings.access_log and settings.log_level in ("debug", "info"))
     node = NodeState(
@@ -104,6 +106,7 @@ def create_app(settings: Settings) -> NodeApp:
     errors.install(app)
     app.include_router(v2.router)
     app.include_router(openai.router)
+    app.include_router(admin.router)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def metrics_route(request: Request) -> Response:

@@ -21,6 +21,7 @@ from edgegen.errors import (
     ExecutorError,
     Forbidden,
     HeadersTooLarge,
+    IntegrityError,
     InvalidInput,
     InvalidName,
     ModelNotFound,
@@ -29,6 +30,7 @@ from edgegen.errors import (
     RequestError,
     RequestTimeout,
     Unauthorized,
+    Unprocessable,
 )
 
 log = logging.getLogger("edgegen.errors")
@@ -39,6 +41,8 @@ STATUS: tuple[tuple[type[EdgegenError], int], ...] = (
     (Unauthorized, 401),
     (Forbidden, 403),
     (RequestTimeout, 408),
+    (Unprocessable, 422),
+    (IntegrityError, 422),  # a package that fails its hashes or signature, named in a request
     (InvalidName, 404),
     (ModelNotFound, 404),
     (PayloadTooLarge, 413),

@@ -11,6 +11,7 @@ from edgegen.config import Settings
 from edgegen.engine.registry import ModelRegistry
 from edgegen.observe.logs import AccessLog
 from edgegen.observe.metrics import NodeMetrics
+from edgegen.security.audit import AuditLog
 from edgegen.store import ModelStore
 
 
@@ -21,6 +22,7 @@ class NodeState:
     registry: ModelRegistry
     metrics: NodeMetrics
     access_log: AccessLog
+    audit: AuditLog | None = None
     started: float = field(default_factory=time.monotonic)
 
 

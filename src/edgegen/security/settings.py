@@ -47,6 +47,12 @@ class SecuritySettings(BaseModel):
     ban_s: float = Field(300.0, gt=0, description="first ban; each later one of the client doubles")
     header_timeout_s: float = Field(10.0, gt=0, description="a request's head must arrive within this")
     body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this")
+    signed_models: Literal["auto", "required", "off"] = Field(
+        "auto",
+        description="serve only packages a trusted key signed; auto: as soon as this machine has a "
+        "signing key (HOME/security/signing.pub) or trusted_signers names one",
+    )
+    trusted_signers: list[Path] = Field(default_factory=list, description="Ed25519 public keys (PEM)")
     insecure: bool = Field(
         False, description="allow listening beyond loopback without TLS and auth (never in production)"
     )

@@ -2,6 +2,7 @@
 
     <store>/<name>/<version>/model.onnx | model.tflite | model.gguf
     <store>/<name>/<version>/manifest.json
+    <store>/<name>/<version>/manifest.sig   its Ed25519 signature (security/signing.py), when signed
     <store>/<name>/ACTIVE          the served version, one line
 
 A version directory appears whole or not at all (built beside it, then renamed), and ACTIVE is replaced
@@ -17,10 +18,22 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgegen import __version__
 from edgegen.errors import IntegrityError, ModelNotFound, StoreError, VersionExists
-from edgegen.store.manifest import MODEL_FILES, Format, Manifest, TensorSpec, check_name, sha256_file
+from edgegen.store.manifest import (
+    MODEL_FILES,
+    SIGNATURE_FILE,
+    Format,
+    Manifest,
+    TensorSpec,
+    check_name,
+    sha256_file,
+)
+
+if TYPE_CHECKING:
+    from edgegen.security.signing import Signer, Trust
 
 Describe = Callable[[Path, Format], tuple[list[TensorSpec], list[TensorSpec]]]
 SUFFIX_FORMATS: dict[str, Format] = {".onnx": "onnx", ".tflite": "tflite", ".gguf": "gguf"}
@@ -89,8 +102,13 @@ def _version_key(version: str) -> tuple[int, int | str]:
 
 
 class ModelStore:
-    def __init__(self, root: Path) -> None:
+    """`trust`: open (and so activate and serve) only packages a trusted key signed, and add a
+    package directory only when it is so signed. `signer`: sign every version this store adds."""
+
+    def __init__(self, root: Path, *, trust: Trust | None = None, signer: Signer | None = None) -> None:
         self.root = root
+        self.trust = trust
+        self.signer = signer
 
     # -- paths -------------------------------------------------------------------------------------
     def _inside(self, path: Path) -> Path:
@@ -151,6 +169,8 @@ class ModelStore:
                 raise IntegrityError(f"{name}/{version}: {file} is missing")
             if sha256_file(file_path) != expected:
                 raise IntegrityError(f"{name}/{version}: {file} does not match its sha256")
+        if self.trust is not None:
+            self.trust.verify(path, manifest)
         return ModelPackage(manifest, path)
 
     # -- writing -----------------------------------------------------------------------------------
@@ -207,6 +227,8 @@ class ModelStore:
     ) -> Manifest:
         if source.is_dir():
             given = Manifest.read(source / "manifest.json")
+            if self.trust is not None:
+                self.trust.verify(source, given)
             for file, expected in given.files.items():
                 src = source / file
                 if src.is_symlink() or not src.is_file() or sha256_file(src) != expected:
@@ -222,6 +244,11 @@ class ModelStore:
         else:
             raise StoreError(f"{source} is neither a model file nor a package directory")
         manifest.write(staging / "manifest.json")
+        signature = source / SIGNATURE_FILE
+        if self.signer is not None:
+            self.signer.sign(staging)
+        elif source.is_dir() and signature.is_file() and not signature.is_symlink():
+            shutil.copyfile(signature, staging / SIGNATURE_FILE)  # it covers the content, not the name
         return manifest
 
     def activate(self, name: str, version: str) -> ModelPackage:
