@@ -44,7 +44,7 @@ from rich.console import Console
 from edgegen.gateway.balancers import Backend, make_balancer
 from llm import prepare_home
 from predict import BIN, ensure_models, ensure_wrk, model_file, run_wrk, write_data
-from servers import Server, clean_env, free_port, machine_facts, start, stop
+from servers import UNAUTHENTICATED, Server, clean_env, free_port, machine_facts, start, stop
 
 console = Console()
 RESULTS = Path(__file__).parent / "results"
@@ -58,7 +58,8 @@ BALANCERS = ("round_robin", "weighted_round_robin", "least_connections", "p2c_ew
 def node(home: Path, name: str) -> Server:
     port = free_port()
     command = [str(BIN / "edgegen"), "serve", "--port", str(port)]
-    return Server(name, command, clean_env(EDGEGEN_HOME=str(home)), "/v2/health/ready", port)
+    env = clean_env(EDGEGEN_HOME=str(home), **UNAUTHENTICATED)
+    return Server(name, command, env, "/v2/health/ready", port)
 
 
 def gateway(root: Path, name: str, nodes: list[Server], balancer: str) -> Server:
@@ -68,7 +69,8 @@ def gateway(root: Path, name: str, nodes: list[Server], balancer: str) -> Server
     # Top-level keys come before the first table.
     config.write_text(f'access_log = false\n{"".join(lines)}[balancer]\ndefault = "{balancer}"\n')
     command = [str(BIN / "edgegen"), "gateway", "--config", str(config), "--port", str(port)]
-    return Server(name, command, clean_env(), "/v2/health/ready", port)
+    env = clean_env(EDGEGEN_GATEWAY_HOME=str(root), **UNAUTHENTICATED)
+    return Server(name, command, env, "/v2/health/ready", port)
 
 
 def nginx(root: Path, name: str, nodes: list[Server], method: str) -> Server:

@@ -1,9 +1,9 @@
 -- wrk script for bench/predict.py: POST /predict with real digit images, and check every answer.
 --
---   wrk -t C -c C -d 5s -s bench/predict.lua http://127.0.0.1:PORT -- DATA_FILE [PATH [CHECK]]
+--   wrk -t C -c C -d 5s -s bench/predict.lua http://127.0.0.1:PORT -- DATA_FILE [PATH [CHECK [KEY]]]
 --
 -- CHECK is "values" (default: the answer must carry the expected logits) or "shape" (any 10 numbers will
--- do: for the floor, which answers a constant).
+-- do: for the floor, which answers a constant). KEY, when given, goes in `Authorization: Bearer KEY`.
 -- DATA_FILE holds one sample a line: the JSON body, a tab, then the 10 expected logits separated by spaces
 -- (bench/predict.py computes them in-process with ONNX Runtime). Each thread cycles through all the bodies
 -- from its own offset. Run one connection per thread (-t C -c C): without pipelining HTTP/1.1 answers in
@@ -38,6 +38,9 @@ function init(args)
   local path = args[2] or "/predict"
   values = (args[3] or "values") ~= "shape"
   local headers = { ["Content-Type"] = "application/json" }
+  if args[4] and args[4] ~= "" then
+    headers["Authorization"] = "Bearer " .. args[4]
+  end
   for line in io.lines(data_file) do
     local body, logits = line:match("^(.-)\t(.*)$")
     local numbers = {}

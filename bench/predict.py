@@ -50,7 +50,18 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from servers import Server, clean_env, cpu_seconds, free_port, home_dir, machine_facts, memory_of, start, stop
+from servers import (
+    UNAUTHENTICATED,
+    Server,
+    clean_env,
+    cpu_seconds,
+    free_port,
+    home_dir,
+    machine_facts,
+    memory_of,
+    start,
+    stop,
+)
 
 BENCH = Path(__file__).resolve().parent
 BASELINES = BENCH / "baselines"
@@ -87,7 +98,7 @@ def define_servers(home: Path, first_body: bytes) -> list[Server]:
             node_home.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):
                 (node_home / "models").symlink_to(home / "models")
-            env = clean_env(EDGEGEN_HOME=str(node_home))
+            env = clean_env(EDGEGEN_HOME=str(node_home), **UNAUTHENTICATED)
             ready_path, ready_post = "/v2/health/ready", None
         else:
             env = clean_env(SEED_MODEL_PATH=str(tflite), SEED_PORT=str(port))
@@ -171,9 +182,12 @@ def ensure_wrk() -> str:
     return wrk
 
 
-def run_wrk(wrk: str, server: Server, concurrency: int, seconds: int, data: Path) -> dict[str, Any]:
+def run_wrk(
+    wrk: str, server: Server, concurrency: int, seconds: int, data: Path, key: str = ""
+) -> dict[str, Any]:
     command = [wrk, "-t", str(concurrency), "-c", str(concurrency), "-d", f"{seconds}s", "--timeout", "5s"]
     command += ["-s", str(LUA), f"http://127.0.0.1:{server.port}", "--", str(data), "/predict", server.check]
+    command += [key]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     for line in done.stdout.splitlines():
         if line.startswith("BENCH_JSON "):

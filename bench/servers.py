@@ -51,6 +51,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The baselines these benchmarks compare with have no authentication: our servers run without it too,
+# said explicitly. bench/security.py measures what authentication, rate limits and mutual TLS cost.
+UNAUTHENTICATED = {"EDGEGEN_SECURITY__AUTH": "false", "EDGEGEN_GATEWAY_SECURITY__AUTH": "false"}
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The caller's environment without its EDGEGEN_* and SEED_* settings, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGEGEN_", "SEED_"))}
@@ -71,7 +76,8 @@ def http_status(port: int, path: str, body: bytes | None = None, timeout: float 
 
 
 def start(server: Server, logs: Path, timeout_s: float = 180.0) -> None:
-    """Start the server in a new session (its own process group); wait until ready and time it."""
+    """Start the server in a new session (its own process group); wait until ready and time it
+    (a server with no `ready_path` is not waited for: something in front of it is)."""
     server.log = logs / f"{server.name}.log"
     with server.log.open("wb") as out:
         started = time.perf_counter()
@@ -79,7 +85,7 @@ def start(server: Server, logs: Path, timeout_s: float = 180.0) -> None:
             server.command, cwd=server.cwd, env=server.env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
-    while time.perf_counter() - started < timeout_s:
+    while server.ready_path and time.perf_counter() - started < timeout_s:
         if server.process.poll() is not None:
             raise RuntimeError(f"{server.name} exited with {server.process.returncode}: {tail(server.log)}")
         with contextlib.suppress(OSError, http.client.HTTPException):
@@ -87,6 +93,8 @@ def start(server: Server, logs: Path, timeout_s: float = 180.0) -> None:
                 server.startup_s = time.perf_counter() - started
                 return
         time.sleep(0.01)
+    if not server.ready_path:
+        return
     raise RuntimeError(f"{server.name} not ready after {timeout_s:.0f} s: {tail(server.log)}")
 
 

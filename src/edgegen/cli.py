@@ -24,6 +24,11 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once)
 app.add_typer(keys_app, name="keys")
 pki_app = typer.Typer(no_args_is_help=True, help="The fleet's CA: device certificates for mutual TLS.")
 app.add_typer(pki_app, name="pki")
+audit_app = typer.Typer(
+    invoke_without_command=True,
+    help="The fleet's vulnerability scan: import OSV advisories into the gateway, list what is affected.",
+)
+app.add_typer(audit_app, name="audit")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -486,3 +491,78 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+GatewayConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="gateway TOML", envvar="EDGEGEN_GATEWAY_CONFIG")
+]
+
+
+@audit_app.command("import")
+@friendly
+def audit_import(
+    file: Annotated[Path, typer.Argument(help="an OSV export (.zip) or OSV JSON (one record or a list)")],
+    config: GatewayConfigOpt = None,
+) -> None:
+    """Import OSV advisories (fetched elsewhere, e.g. osv-vulnerabilities PyPI/all.zip) into the gateway."""
+    from edgegen.gateway.settings import load_gateway_settings
+    from edgegen.security.vulns import AdvisoryDb
+
+    db = AdvisoryDb(load_gateway_settings(config).home / "security" / "advisories.sqlite")
+    try:
+        count = db.import_file(file)
+        err.print(f"imported {count} PyPI package advisories from {file.name}; {db.count()} in all")
+    finally:
+        db.close()
+
+
+@audit_app.callback()
+@friendly
+def audit_fleet(
+    context: typer.Context,
+    gateway_url: Annotated[
+        str, typer.Option("--gateway", help="the gateway's URL", envvar="EDGEGEN_GATEWAY_URL")
+    ] = "http://127.0.0.1:8080",
+    key: Annotated[str | None, typer.Option(help="an operator key", envvar="EDGEGEN_KEY")] = None,
+    ca: Annotated[Path | None, typer.Option(help="CA file for an https:// gateway")] = None,
+) -> None:
+    """List every node's vulnerable packages (exit status 1 when there are any)."""
+    if context.invoked_subcommand is not None:
+        return
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    if not gateway_url.startswith(("http://", "https://")):
+        raise EdgegenError("--gateway must be an http:// or https:// URL")
+    request = urllib.request.Request(f"{gateway_url.rstrip('/')}/gateway/audit")  # noqa: S310 (scheme checked)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    context_ = ssl.create_default_context(cafile=str(ca)) if ca else None
+    try:
+        with urllib.request.urlopen(request, timeout=60, context=context_) as response:  # noqa: S310  # nosec B310
+            report = json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise EdgegenError(
+            f"the gateway answered {exc.code}: {exc.read()[:200].decode(errors='replace')}"
+        ) from None
+    except OSError as exc:
+        raise EdgegenError(f"cannot reach the gateway at {gateway_url}: {exc}") from None
+    if not report["advisories"]:
+        err.print("no advisories imported yet: edgegen audit import FILE (an OSV export)")
+    table = Table("node", "package", "version", "advisory", "fixed in")
+    vulnerable = 0
+    for node, result in report["nodes"].items():
+        if "error" in result:
+            table.add_row(node, "-", "-", f"[red]not scanned: {result['error']}[/red]", "-")
+            continue
+        for finding in result["vulnerable"]:
+            vulnerable += 1
+            table.add_row(
+                node, finding["package"], finding["version"], finding["advisory"], finding["fixed"] or "-"
+            )
+    out.print(table)
+    err.print(f"{vulnerable} vulnerable package(s) across {len(report['nodes'])} scanned environment(s)")
+    if vulnerable:
+        raise typer.Exit(1)

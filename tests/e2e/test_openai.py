@@ -191,6 +191,8 @@ def test_a_client_that_disconnects_frees_its_sequence(node: NodeProcess, stream:
         ({"max_tokens": "ten"}, 400, "max_tokens"),
         ({"temperature": "hot"}, 400, "temperature"),
         ({"stream": "yes please"}, 400, "stream"),
+        ({"seed": -2}, 400, "seed"),  # schemathesis found a negative seed to be a 500
+        ({"seed": 2**64}, 400, "seed"),
     ],
 )
 def test_bad_requests_get_openai_errors(
@@ -202,25 +204,9 @@ def test_bad_requests_get_openai_errors(
     error = response.json()["error"]
     assert fragment in error["message"]
     assert error["type"] == "invalid_request_error"
-    assert (
-        httpx.post(
-            f"{node.url}/v1/chat/completions",
-            json={
-                **request,
-                **{
-                    "model": MODEL,
-                    "max_tokens": 2,
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "n": 1,
-                    "stop": None,
-                    "temperature": 0,
-                    "top_p": 1,
-                    "stream": False,
-                },
-            },
-        ).status_code
-        == 200
-    )
+    # and the node still answers a good request
+    good = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(f"{node.url}/v1/chat/completions", json=good).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,12 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def node2(node_home: Path) -> Iterator[NodeProcess]:
     process = NodeProcess(node_home, "--workers", "2").start()
+    # Ready means one worker answered ready; the other may still be loading its models. Each new
+    # connection lands on either, so many ready answers in a row mean both are.
+    streak = 0
+    while streak < 20:
+        ready = httpx.get(f"{process.url}/v2/health/ready").status_code == 200  # a new connection each
+        streak = streak + 1 if ready else 0
     try:
         yield process
     finally:
@@ -43,6 +49,7 @@ def test_two_worker_processes_serve_correct_answers(node2: NodeProcess, model_fi
             async def one(x: np.ndarray) -> np.ndarray:
                 async with gate:
                     response = await client.post("/predict", json={"input_data": x.tolist()})
+                assert response.status_code == 200, response.text
                 return np.array(response.json()["prediction"], dtype=np.float32)
 
             return await asyncio.gather(*(one(x) for x in inputs))

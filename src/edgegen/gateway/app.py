@@ -2,6 +2,7 @@
 
     /v2/health/live, /v2/health/ready   the gateway's own (ready: some node can take traffic)
     /metrics                            the gateway's Prometheus metrics
+    /gateway/audit                      every node's packages against the imported OSV advisories
     /gateway/nodes[/{name}]             the fleet at run time: list (operator), add, re-weight, drain,
                                         remove (admin)
     everything else                     relayed to a node (proxy.py): /predict, /models/…, /v2/…, /v1/…
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from edgegen.errors import ConfigError
+from edgegen.gateway.balancers import Backend
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.proxy import Attempt, Proxy, Refused
 from edgegen.gateway.settings import GatewaySettings, NodeEntry
@@ -38,8 +40,10 @@ from edgegen.node.errors import install as install_error_handlers
 from edgegen.node.middleware import RequestIds, read_head
 from edgegen.observe.logs import AccessLog, request_id
 from edgegen.observe.metrics import LATENCY_BUCKETS
+from edgegen.security.auth import Principal
 from edgegen.security.gate import build_gate
 from edgegen.security.transport import GuardedHttpProtocol, server_context
+from edgegen.security.vulns import AdvisoryDb, installed_packages
 
 log = logging.getLogger("edgegen.gateway")
 
@@ -71,6 +75,12 @@ class GatewayMetrics:
         )
         nodes.labels("known").set_function(lambda: len(fleet.nodes))
         nodes.labels("available").set_function(lambda: len(fleet.available()))
+        self.vulnerable = Gauge(
+            "edgegen_gateway_vulnerable_packages",
+            "Installed packages with a known advisory, per node (at the last GET /gateway/audit).",
+            ["node"],
+            registry=r,
+        )
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._statuses: dict[int, Any] = {}
 
@@ -218,6 +228,51 @@ class Gateway:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    def node_credentials(self) -> dict[str, str]:
+        """What the gateway shows a node for its own calls: over mutual TLS it vouches for itself as an
+        operator; otherwise the configured operator key, if any."""
+        if self.proxy.node_ssl is not None:
+            return {"x-edgegen-principal": Principal("gateway", "operator").to_header().decode()}
+        key = self.settings.nodes_key
+        return {"authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
+
+    async def scan_fleet(self) -> dict[str, Any]:
+        """Every node's installed packages (and the gateway's own) against the imported OSV advisories."""
+        db = AdvisoryDb(self.settings.home / "security" / "advisories.sqlite")
+        headers = self.node_credentials()
+
+        async def packages(backend: Backend) -> list[tuple[str, str]]:
+            async with self.proxy.client(backend).get("/admin/packages", headers=headers) as response:
+                if response.status != 200:
+                    raise ConfigError(f"the node answered {response.status} to GET /admin/packages")
+                body = await response.json()
+            return [(str(p["name"]), str(p["version"])) for p in body["packages"]]
+
+        async def one(backend: Backend) -> dict[str, Any]:
+            try:
+                found = await packages(backend)
+            except (aiohttp.ClientError, TimeoutError, ConfigError, KeyError, TypeError, ValueError) as exc:
+                return {"error": getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"}
+            return report(found)
+
+        def report(found: list[tuple[str, str]]) -> dict[str, Any]:
+            findings = db.scan(found)
+            return {"packages": len(found), "vulnerable": [f.__dict__ for f in findings]}
+
+        try:
+            backends = [state.backend for state in self.fleet.nodes.values()]
+            results = await asyncio.gather(*(one(b) for b in backends))
+            out = {
+                "gateway": report(installed_packages()),
+                **{b.name: r for b, r in zip(backends, results, strict=True)},
+            }
+            for name, result in out.items():
+                if "vulnerable" in result:
+                    self.metrics.vulnerable.labels(name).set(len(result["vulnerable"]))
+            return {"advisories": db.count(), "imported": db.last_import(), "nodes": out}
+        finally:
+            db.close()
+
     def _admin_app(self) -> FastAPI:
         app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
         install_error_handlers(app)  # the node's error shape: {"error": "..."}, 400 for a bad body
@@ -237,6 +292,10 @@ class Gateway:
         @app.get("/metrics")
         def metrics() -> Response:
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        @app.get("/gateway/audit")
+        async def audit() -> dict[str, Any]:
+            return await self.scan_fleet()
 
         @app.get("/gateway/nodes")
         def nodes() -> dict[str, Any]:

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import SettingsConfigDict
 
 from edgegen.config import EnvFirstSettings, default_home, read_toml, settings_error
@@ -112,6 +120,9 @@ class GatewaySettings(EnvFirstSettings):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     tls: TlsSettings = Field(default_factory=TlsSettings, description="the gateway's own listener")
     nodes_tls: NodesTls | None = Field(None, description="mutual TLS to https:// nodes")
+    nodes_key: SecretStr | None = Field(
+        None, description="an operator key the nodes accept, for the gateway's own calls without mutual TLS"
+    )
 
     @property
     def keys_file(self) -> Path:

@@ -4,6 +4,7 @@ certificate — the security gate decides, before any of this runs).
     GET  /admin/models                     every model in the store: versions, the active and served one
     POST /admin/models/{name}/activate     {"version": "3"}: check the package, serve it; a version
                                            that fails to load leaves the served one in place (422)
+    GET  /admin/packages                   installed Python packages, for the gateway's vulnerability scan
     GET  /admin/audit?limit=50             the audit log's last entries and whether its chain holds
 """
 
@@ -18,6 +19,7 @@ from starlette.responses import Response
 
 from edgegen.errors import InvalidInput, ModelNotFound, Unprocessable
 from edgegen.node.state import node_of
+from edgegen.security.vulns import installed_packages
 from edgegen.store.manifest import check_name
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -59,6 +61,14 @@ async def activate(name: str, change: Activation, request: Request) -> Response:
             node.store.activate(name, previous)
         raise Unprocessable(f"version {version} of {name!r} failed to load; version {served} is still served")
     return _json({"name": name, "active": version, "previous": previous})
+
+
+@router.get("/packages", summary="The Python packages this node runs (for the fleet's vulnerability scan)")
+async def packages(request: Request) -> Response:
+    node = node_of(request)
+    if node.packages is None:
+        node.packages = installed_packages()
+    return _json({"packages": [{"name": n, "version": v} for n, v in node.packages]})
 
 
 @router.get("/audit", summary="The audit log's last entries")

@@ -42,7 +42,8 @@ class _Params(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
-    seed: int | None = None
+    # -1: no seed (llama.cpp's convention, which clients carry over); numpy takes the rest as is.
+    seed: Annotated[int, Field(ge=-1, lt=2**64)] | None = None
     stop: str | list[str] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -78,7 +79,7 @@ class _Params(BaseModel):
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            seed=self.seed,
+            seed=self.seed if self.seed != -1 else None,
         )
 
     @property

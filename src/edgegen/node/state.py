@@ -23,6 +23,7 @@ class NodeState:
     metrics: NodeMetrics
     access_log: AccessLog
     audit: AuditLog | None = None
+    packages: list[tuple[str, str]] | None = None  # installed distributions, read on first request
     started: float = field(default_factory=time.monotonic)
 
 
