@@ -4,6 +4,10 @@ auth  One home (digits), two nodes side by side: `auth-off` (security.auth = fal
       key in every request, rate limits switched on but set above what wrk can send, so every request
       pays for its buckets without being refused). wrk + bench/predict.lua, every answer checked, at
       concurrency 1 and 64, in rounds A B A B. Target: auth-on p50 ≤ 1.05 × auth-off p50, each level.
+gate  In process: µs per request through the whole security gate (network list, ban check, both token
+      buckets, scan patterns, role, a cached API key) in front of an ASGI app that answers at once, against
+      the bare app — what the end-to-end `auth` comparison cannot show, since its auth-off node still
+      runs the gate's other checks. Median of 5 × 20,000 requests.
 mtls  The `auth-on` node again, and an HTTPS copy of it that wants client certificates of the fleet's CA;
       two gateways (both authenticating): `gw-plain` → the node over http, `gw-mtls` → the HTTPS node
       with its gateway certificate (connections kept alive). Concurrency 1 and 64, rounds A B A B.
@@ -17,10 +21,12 @@ Results go to bench/results/security-<timestamp>.json, with a summary printed at
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -92,6 +98,57 @@ def measure(
     return rows
 
 
+def gate_cost(keys_file: Path, key: str, requests: int = 20_000, repeats: int = 5) -> dict[str, float]:
+    """Median µs per request: the bare app, the gate with auth off, the gate with an API key."""
+    from prometheus_client import CollectorRegistry
+
+    from edgegen.security.auth import Authenticator
+    from edgegen.security.gate import SecurityGate, SecurityMetrics
+    from edgegen.security.settings import SecuritySettings
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    store = KeyStore(keys_file)
+    limits = {k.removeprefix("EDGEGEN_SECURITY__").lower(): float(v) for k, v in UNLIMITED.items()}
+    settings = SecuritySettings(**limits)  # type: ignore[arg-type]
+    variants = {
+        "bare app": app,
+        "gate, auth off": SecurityGate(
+            app, settings.model_copy(update={"auth": False}), Authenticator(store, None), None,
+            SecurityMetrics(CollectorRegistry()),
+        ),
+        "gate, API key": SecurityGate(
+            app, settings, Authenticator(store, None), None, SecurityMetrics(CollectorRegistry())
+        ),
+    }  # fmt: skip
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"content-length", b"2"),
+               (b"authorization", f"Bearer {key}".encode())]  # fmt: skip
+
+    async def run(entry: Any) -> float:
+        started = time.perf_counter()
+        for _ in range(requests):
+            scope = {"type": "http", "method": "POST", "path": "/predict", "raw_path": b"/predict",
+                     "query_string": b"", "headers": headers, "client": ("127.0.0.1", 40000)}  # fmt: skip
+            await entry(scope, receive, send)
+        return (time.perf_counter() - started) / requests * 1e6
+
+    out = {
+        name: statistics.median(asyncio.run(run(entry)) for _ in range(repeats))
+        for name, entry in variants.items()
+    }
+    store.close()
+    return out
+
+
 def compare(rows: list[dict[str, Any]], base: str, other: str) -> dict[str, Any]:
     """Per level: median and min–max, over rounds, of other's p50 / base's p50 and of the difference."""
     out = {}
@@ -148,6 +205,8 @@ def main() -> None:
             for server in (off, on, secure, plain_gw, mtls_gw):
                 start(server, root)
                 started.append(server)
+            result["gate_us"] = gate_cost(home / "security" / "keys.sqlite", key)
+            console.print(f"gate cost in process (µs/request): {result['gate_us']}")
             rows = measure([off, on], key, args.rounds, args.duration, data, wrk_bin, "auth")
             rows += measure([plain_gw, mtls_gw], key, args.rounds, args.duration, data, wrk_bin, "mtls")
         finally:

@@ -17,7 +17,6 @@ client or operator: they never carry a traceback, a file-system path or an inter
     │   ├── PayloadTooLarge     body over the configured limit
     │   ├── HeadersTooLarge     request headers over the configured limit
     │   ├── ClientGone          the client disconnected before its answer was ready
-    │   ├── RequestTimeout      the request's body did not arrive in time (408)
     │   ├── Unprocessable       well-formed, but cannot be done as asked (422)
     │   ├── Unauthorized        no credential, or one that authenticates nobody (401)
     │   └── Forbidden           a credential that may not do this (403)
@@ -79,10 +78,6 @@ class HeadersTooLarge(RequestError):
 
 
 class ClientGone(RequestError):
-    pass
-
-
-class RequestTimeout(RequestError):
     pass
 
 

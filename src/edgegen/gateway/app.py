@@ -348,10 +348,13 @@ def _process_settings() -> GatewaySettings:
 
 
 class HttpProtocol(GuardedHttpProtocol):
-    """The gateway's connections: the head deadline from `security.header_timeout_s`."""
+    """The gateway's connections: head and body deadlines from `[security]`."""
 
     def head_timeout(self) -> float:
         return _process_settings().security.header_timeout_s
+
+    def body_timeout(self) -> float:
+        return _process_settings().security.body_timeout_s
 
 
 def ssl_context(config: object, default: object) -> ssl.SSLContext:

@@ -28,7 +28,6 @@ from edgegen.errors import (
     Overloaded,
     PayloadTooLarge,
     RequestError,
-    RequestTimeout,
     Unauthorized,
     Unprocessable,
 )
@@ -40,7 +39,6 @@ STATUS: tuple[tuple[type[EdgegenError], int], ...] = (
     (ClientGone, 499),  # nginx's "client closed request": nobody reads it, the logs and metrics do
     (Unauthorized, 401),
     (Forbidden, 403),
-    (RequestTimeout, 408),
     (Unprocessable, 422),
     (IntegrityError, 422),  # a package that fails its hashes or signature, named in a request
     (InvalidName, 404),

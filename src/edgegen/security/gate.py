@@ -17,7 +17,6 @@ failed credentials and every admin call that changes something go to the audit l
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import math
@@ -30,7 +29,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edgegen.errors import RequestTimeout
 from edgegen.node.errors import error_body, is_openai
 from edgegen.security.audit import AuditLog
 from edgegen.security.auth import (
@@ -118,6 +116,7 @@ class SecurityGate:
         self.guard = IntrusionGuard(s.ban_after_failures, s.ban_window_s, s.ban_s)
         self.streams: dict[str, int] = {}
         self._networks: dict[str, bool] = {}  # address → allowed, decided once
+        self._roles: dict[tuple[str, bytes, str], str | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -130,11 +129,8 @@ class SecurityGate:
             await _refuse(send, status, message, headers, is_openai(scope["path"]))
             return
         scope["edgegen.principal"] = outcome
-        receive = self._timed(receive)
         generation = scope["path"] in GENERATION_PATHS
-        admin_change = scope["method"] not in ("GET", "HEAD") and required_role(
-            scope["method"], scope.get("raw_path") or scope["path"].encode(), scope["path"]
-        ) in ("operator", "admin")
+        admin_change = scope["method"] not in ("GET", "HEAD") and self._role(scope) in ("operator", "admin")
         if generation:
             self.streams[outcome.subject] = self.streams.get(outcome.subject, 0) + 1
         status = 500
@@ -173,10 +169,12 @@ class SecurityGate:
         path: str = scope["path"]
         raw: bytes = scope.get("raw_path") or path.encode()
         query: bytes = scope.get("query_string", b"")
-        if SCAN_PATTERNS.search(raw.decode("latin-1")) or SCAN_PATTERNS.search(query.decode("latin-1")):
+        if SCAN_PATTERNS.search(raw.decode("latin-1")) or (
+            query and SCAN_PATTERNS.search(query.decode("latin-1"))
+        ):
             self._failed(client, now, "probe", raw)
             return self._refusal("probe", 404, "not found")
-        role = required_role(scope["method"], raw, path)
+        role = self._role(scope)
         if role is None:
             return ANONYMOUS_ADMIN if not s.auth else Principal("anonymous", "user", models=())
         principal = self._authenticate(scope, client, now, admin=role != "user")
@@ -194,6 +192,15 @@ class SecurityGate:
                 "streams", 429, f"this credential already runs {s.max_streams_per_key} generations", 1.0
             )
         return principal
+
+    def _role(self, scope: Scope) -> str | None:
+        """The role this request needs; remembered per (method, raw path, path), most requests repeat."""
+        key = (scope["method"], scope.get("raw_path") or b"", scope["path"])
+        if key not in self._roles:
+            if len(self._roles) > 10_000:
+                self._roles.clear()
+            self._roles[key] = required_role(key[0], key[1] or key[2].encode(), key[2])
+        return self._roles[key]
 
     def _authenticate(self, scope: Scope, client: str, now: float, admin: bool) -> Principal | Refusal:
         if not self.settings.auth:
@@ -263,25 +270,6 @@ class SecurityGate:
                 self._networks.clear()
             self._networks[client] = allowed
         return allowed
-
-    def _timed(self, receive: Receive) -> Receive:
-        """`receive` whose body must arrive within `body_timeout_s`: a slow sender gets 408."""
-        deadline = self.clock() + self.settings.body_timeout_s
-        done = False
-
-        async def receive_timed() -> Message:
-            nonlocal done
-            if done:
-                return await receive()
-            try:
-                async with asyncio.timeout(max(0.0, deadline - self.clock())):
-                    message = await receive()
-            except TimeoutError:
-                raise RequestTimeout("the request body did not arrive in time") from None
-            done = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
-
-        return receive_timed
 
 
 async def _refuse(send: Send, status: int, message: str, headers: dict[str, str], openai: bool) -> None:
