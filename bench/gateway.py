@@ -43,7 +43,7 @@ from rich.console import Console
 
 from edgegen.gateway.balancers import Backend, make_balancer
 from llm import prepare_home
-from predict import BIN, ensure_models, ensure_wrk, model_file, run_wrk, write_data
+from predict import BIN, digits_workload, run_wrk
 from servers import UNAUTHENTICATED, Server, clean_env, free_port, machine_facts, start, stop
 
 console = Console()
@@ -327,11 +327,7 @@ def main() -> None:
     result: dict[str, Any] = {"date": stamp, "machine": machine_facts(), "command": " ".join(sys.argv)}
     with tempfile.TemporaryDirectory(prefix="edgegen-gateway-bench-") as tmp:
         root = Path(tmp)
-        home = root / "home"
-        ensure_models(home)
-        data = root / "data.txt"
-        write_data(model_file(home, "digits", "model.onnx"), 64, data)
-        wrk_bin = ensure_wrk()
+        home, data, wrk_bin = digits_workload(root)
         if "pick" not in skip:
             result["pick_us"] = pick_cost()
             console.print(f"pick cost over 1,000 nodes (µs): {result['pick_us']}")

@@ -182,6 +182,16 @@ def ensure_wrk() -> str:
     return wrk
 
 
+def digits_workload(root: Path) -> tuple[Path, Path, str]:
+    """For the benchmarks that drive nodes with wrk: a home under `root` with digits in its store, 64
+    request bodies with their expected logits, and the wrk binary."""
+    home = root / "home"
+    ensure_models(home)
+    data = root / "data.txt"
+    write_data(model_file(home, "digits", "model.onnx"), 64, data)
+    return home, data, ensure_wrk()
+
+
 def run_wrk(
     wrk: str, server: Server, concurrency: int, seconds: int, data: Path, key: str = ""
 ) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from rich.console import Console
 
 from edgegen.security.keys import KeyStore
 from edgegen.security.pki import Pki
-from predict import BIN, ensure_models, ensure_wrk, model_file, run_wrk, write_data
+from predict import BIN, digits_workload, run_wrk
 from servers import Server, clean_env, free_port, machine_facts, start, stop
 
 console = Console()
@@ -179,11 +179,7 @@ def main() -> None:
     result: dict[str, Any] = {"date": stamp, "machine": machine_facts(), "command": " ".join(sys.argv)}
     with tempfile.TemporaryDirectory(prefix="edgegen-security-bench-") as tmp:
         root = Path(tmp)
-        home = root / "home"
-        ensure_models(home)
-        data = root / "data.txt"
-        write_data(model_file(home, "digits", "model.onnx"), 64, data)
-        wrk_bin = ensure_wrk()
+        home, data, wrk_bin = digits_workload(root)
         keys = KeyStore(home / "security" / "keys.sqlite")
         key = keys.create("user", label="bench")[0]
         keys.close()

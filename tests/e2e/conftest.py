@@ -9,7 +9,7 @@ from edgegen.errors import StoreError
 from edgegen.store import ModelStore
 from edgegen.store.pull import pull_smollm2
 from tests.conftest import fill_store
-from tests.e2e.node_process import NodeProcess, assert_no_errors
+from tests.e2e.node_process import NodeProcess, running
 from tests.llm_models import write_tiny_llama
 
 # Small enough to start fast and to fill up in tests; 2 threads as on this machine.
@@ -32,12 +32,8 @@ def node_home(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, P
 
 @pytest.fixture(scope="module")
 def node(node_home: Path) -> Iterator[NodeProcess]:
-    process = NodeProcess(node_home, env={"EDGEGEN_STORE_POLL_S": "0.2", **LLM_ENV}).start()
-    try:
+    with running(NodeProcess(node_home, env={"EDGEGEN_STORE_POLL_S": "0.2", **LLM_ENV})) as process:
         yield process
-    finally:
-        process.stop()
-    assert_no_errors(process)
 
 
 @pytest.fixture(scope="session")

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 from edgegen.security.keys import KeyStore
+
+P = TypeVar("P", bound="NodeProcess")
 
 
 def free_port() -> int:
@@ -95,6 +100,17 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+@contextlib.contextmanager
+def running(process: P) -> Iterator[P]:
+    """Start a process, yield it, always stop it; then its log must hold no error of its own."""
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+    assert_no_errors(process)
 
 
 def assert_no_errors(process: NodeProcess) -> None:

@@ -18,7 +18,7 @@ from edgegen.security.pki import Pki
 from edgegen.security.signing import Signer
 from edgegen.store import ModelStore
 from tests.e2e.conftest import LLM_ENV
-from tests.e2e.node_process import GatewayProcess, NodeProcess, assert_no_errors
+from tests.e2e.node_process import GatewayProcess, NodeProcess, running
 from tests.llm_models import write_tiny_llama
 
 JWT_SECRET = "s" * 48
@@ -128,13 +128,8 @@ class SecureNode(NodeProcess):
 
 @pytest.fixture(scope="module")
 def node(fleet: Fleet) -> Iterator[SecureNode]:
-    process = SecureNode(fleet)
-    process.start()
-    try:
+    with running(SecureNode(fleet)) as process:
         yield process
-    finally:
-        process.stop()
-    assert_no_errors(process)
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +146,5 @@ def gateway(fleet: Fleet, node: SecureNode) -> Iterator[GatewayProcess]:
         **security_env(fleet, "EDGEGEN_GATEWAY_"),
         "EDGEGEN_GATEWAY_SECURITY__BAN_AFTER_FAILURES": "100000",
     }
-    process = GatewayProcess(fleet.home, "--config", str(config), env=env, auth=True)
-    process.start()
-    try:
+    with running(GatewayProcess(fleet.home, "--config", str(config), env=env, auth=True)) as process:
         yield process
-    finally:
-        process.stop()
-    assert_no_errors(process)

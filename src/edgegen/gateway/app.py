@@ -348,13 +348,9 @@ def _process_settings() -> GatewaySettings:
 
 
 class HttpProtocol(GuardedHttpProtocol):
-    """The gateway's connections: head and body deadlines from `[security]`."""
+    """The gateway's connections: head and body deadlines from its `[security]`."""
 
-    def head_timeout(self) -> float:
-        return _process_settings().security.header_timeout_s
-
-    def body_timeout(self) -> float:
-        return _process_settings().security.body_timeout_s
+    load = staticmethod(_process_settings)
 
 
 def ssl_context(config: object, default: object) -> ssl.SSLContext:

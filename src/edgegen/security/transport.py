@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -74,9 +75,11 @@ def subject_name(cert: dict[str, Any]) -> str:
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """A server overrides `head_timeout` and `body_timeout` with its own settings. Both deadlines are
-    one timer per request here, not a timeout around every `receive()` in the app (5 µs each)."""
+    """A server's subclass sets `load` to how it reads its settings (cached per process, in every worker);
+    the deadlines come from their `[security]`. Each is one timer per request, not a timeout around
+    every `receive()` in the app (5 µs each)."""
 
+    load: ClassVar[Callable[[], Any]]
     _head_timer: asyncio.TimerHandle | None = None
     _body_timer: asyncio.TimerHandle | None = None
     _tls: dict[str, Any] | None = None
@@ -94,10 +97,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm()
 
     def head_timeout(self) -> float:
-        return 10.0
+        return float(self.load().security.header_timeout_s)
 
     def body_timeout(self) -> float:
-        return 30.0
+        return float(self.load().security.body_timeout_s)
 
     def _arm(self) -> None:
         if self._head_timer is None:
