@@ -73,12 +73,14 @@ def _settings(config: Path | None, **flags: object) -> Settings:
 def _store(config: Path | None, store: Path | None, *, sign: bool = False) -> Any:
     """The store as the node opens it (signatures checked as the node checks them); with `sign`,
     every version added is signed with this machine's key."""
+    from edgegen.security.atrest import Keyring
     from edgegen.security.signing import Signer, store_trust
     from edgegen.store import ModelStore
 
     settings = _settings(config, store=store)
     signer = Signer.local(settings.home) if sign else None
-    return ModelStore(settings.store_dir, trust=store_trust(settings), signer=signer)
+    keyring = Keyring.load(settings.security.encryption_key_file)
+    return ModelStore(settings.store_dir, trust=store_trust(settings), signer=signer, keyring=keyring)
 
 
 @app.command()
@@ -223,7 +225,10 @@ def models_list(config: ConfigOpt = None, store: StoreOpt = None) -> None:
 @models_app.command("add")
 @friendly
 def models_add(
-    path: Annotated[Path, typer.Argument(help="a .onnx/.tflite/.gguf file or a package directory")],
+    path: Annotated[
+        Path,
+        typer.Argument(help="a .onnx/.tflite/.gguf file, a package directory or archive (.tar.gz, .zip)"),
+    ],
     name: Annotated[str, typer.Option(help="model name")],
     version: Annotated[str | None, typer.Option(help="version (default: next integer)")] = None,
     activate: Annotated[bool | None, typer.Option("--activate/--no-activate", help="serve it now")] = None,
@@ -267,14 +272,64 @@ def models_sign(
 
     Nodes that trust HOME/security/signing.pub (or list it in security.trusted_signers) serve it.
     """
+    from edgegen.security.atrest import Keyring
     from edgegen.security.signing import Signer
     from edgegen.store import ModelStore
 
     settings = _settings(config, store=store)
     signer = Signer.local(settings.home)
-    package = ModelStore(settings.store_dir).open(name, version)  # hashes checked before signing
+    keyring = Keyring.load(settings.security.encryption_key_file)
+    package = ModelStore(settings.store_dir, keyring=keyring).open(name, version)  # hashes checked first
+    package.close()
     signer.sign(package.path)
     err.print(f"{name} version {package.manifest.version} signed with key {signer.key_id}")
+
+
+@models_app.command("export")
+@friendly
+def models_export(
+    name: str,
+    version: Annotated[str | None, typer.Argument(help="default: the active version")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="default: NAME-VERSION.tar.gz here")] = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Write a version as one package archive (manifest, signature, files) for another node's `models add`."""
+    import tarfile
+
+    from edgegen.store.manifest import SIGNATURE_FILE
+
+    package = _store(config, store).open(name, version)  # checked (hashes, signature) before it leaves
+    manifest = package.manifest
+    target = out or Path(f"{name}-{manifest.version}.tar.gz")
+    members = {"manifest.json": package.path / "manifest.json", manifest.model_file: package.model_path}
+    if (package.path / SIGNATURE_FILE).is_file():
+        members[SIGNATURE_FILE] = package.path / SIGNATURE_FILE
+    try:
+        with tarfile.open(target, "x:gz") as archive:
+            for arcname, source in members.items():  # the plaintext: encryption at rest stays on this node
+                archive.add(source, arcname=arcname, recursive=False)
+    finally:
+        package.close()
+    err.print(f"{name} version {manifest.version} written to {target}")
+
+
+@models_app.command("encrypt")
+@friendly
+def models_encrypt(
+    name: str,
+    version: Annotated[str | None, typer.Argument(help="default: every version")] = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Encrypt a model's files at rest, or re-encrypt them under the newest key (rotation).
+
+    Keys: security.encryption_key_file or EDGEGEN_ENCRYPTION_KEYS (`id:base64`, the first encrypts).
+    """
+    model_store = _store(config, store)
+    for each in [version] if version is not None else model_store.versions(name):
+        written = model_store.encrypt(name, each)
+        err.print(f"{name} version {each}: {written} file(s) encrypted with key {model_store.keyring.active}")
 
 
 @models_app.command("verify")
@@ -341,9 +396,10 @@ def _vouch(model_store: Any, name: str) -> None:
     from edgegen.store import ModelStore
     from edgegen.store.manifest import SIGNATURE_FILE
 
-    unchecked = ModelStore(model_store.root)  # hashes only: the signature is what is missing
+    unchecked = ModelStore(model_store.root, keyring=model_store.keyring)  # the signature is what is missing
     for version in model_store.versions(name):
         package = unchecked.open(name, version)
+        package.close()
         if not (package.path / SIGNATURE_FILE).exists():
             model_store.signer.sign(package.path)
             err.print(f"signed {name} version {version} with this machine's key {model_store.signer.key_id}")

@@ -56,7 +56,9 @@ class NodeProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60) -> NodeProcess:
+    def start(self, timeout: float = 60, *, ready: bool = True) -> NodeProcess:
+        """Start and wait until ready (or, with `ready=False`, until merely live: for a node that is
+        expected never to be ready)."""
         command = [sys.executable, "-m", "edgegen", self.command, "--port", str(self.port), *self.args]
         self.started_at = time.monotonic()
         with self.log_path.open("wb") as log:
@@ -68,7 +70,7 @@ class NodeProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
-                if self.ready_probe():
+                if self.ready_probe() if ready else self.live_probe():
                     return self
             except httpx.TransportError:
                 pass
@@ -78,6 +80,9 @@ class NodeProcess:
 
     def ready_probe(self) -> bool:
         return httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200
+
+    def live_probe(self) -> bool:
+        return httpx.get(f"{self.url}/v2/health/live", timeout=1).status_code == 200
 
     def kill(self) -> None:
         """SIGKILL, as a crash: no graceful shutdown."""

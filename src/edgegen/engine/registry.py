@@ -19,7 +19,7 @@ from edgegen.engine.batching import BatchObserver, DynamicBatcher
 from edgegen.engine.generation import GenerationObserver, Scheduler
 from edgegen.errors import EdgegenError, InvalidInput, ModelNotFound, Overloaded
 from edgegen.executors import load_executor, load_llm
-from edgegen.store import Manifest, ModelStore
+from edgegen.store import Manifest, ModelPackage, ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class ServedModel:
     manifest: Manifest
     batcher: DynamicBatcher | None = None
     scheduler: Scheduler | None = None
+    package: ModelPackage | None = None  # holds the in-memory plaintext of a model encrypted at rest
 
     def fixed_shape(self) -> DynamicBatcher:
         """The batcher, or a clear refusal when this model generates text instead."""
@@ -48,12 +49,16 @@ class ServedModel:
             await self.batcher.drain()
         if self.scheduler is not None:
             await self.scheduler.close()
+        if self.package is not None:
+            self.package.close()
 
     async def close(self) -> None:
         if self.batcher is not None:
             await self.batcher.close()
         if self.scheduler is not None:
             await self.scheduler.close()
+        if self.package is not None:
+            self.package.close()
 
 
 class ModelRegistry:
@@ -125,6 +130,14 @@ class ModelRegistry:
 
     def _load(self, name: str, version: str) -> ServedModel:
         package = self._store.open(name, version)
+        try:
+            return self._serve(package)
+        except BaseException:
+            package.close()
+            raise
+
+    def _serve(self, package: ModelPackage) -> ServedModel:
+        name = package.manifest.name
         if package.manifest.format == "gguf":
             llm = self._settings.llm
             executor = load_llm(package.model_path, llm)
@@ -136,15 +149,14 @@ class ModelRegistry:
                 max_waiting=llm.max_waiting,
                 observer=self._generation_observer,
             )
-            return ServedModel(package.manifest, scheduler=scheduler)
+            return ServedModel(package.manifest, scheduler=scheduler, package=package)
         batching = self._settings.batching_for(name)
         executors = [
             load_executor(package.model_path, package.manifest.format, self._settings)
             for _ in range(batching.instances)
         ]
-        return ServedModel(
-            package.manifest, batcher=DynamicBatcher(name, executors, batching, self._observer)
-        )
+        batcher = DynamicBatcher(name, executors, batching, self._observer)
+        return ServedModel(package.manifest, batcher=batcher, package=package)
 
     def _drain(self, served: ServedModel) -> None:
         # The old version answers what it already queued, then frees its executors.

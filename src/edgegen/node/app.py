@@ -28,6 +28,7 @@ from edgegen.node.middleware import EdgeMiddleware
 from edgegen.node.state import NodeState, node_of
 from edgegen.observe.logs import AccessLog, configure_logging
 from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
+from edgegen.security.atrest import Keyring
 from edgegen.security.gate import build_gate
 from edgegen.security.signing import store_trust
 from edgegen.security.transport import GuardedHttpProtocol, server_context
@@ -66,7 +67,8 @@ class NodeApp:
 
 def create_app(settings: Settings) -> NodeApp:
     metrics = NodeMetrics()
-    store = ModelStore(settings.store_dir, trust=store_trust(settings))
+    keyring = Keyring.load(settings.security.encryption_key_file)
+    store = ModelStore(settings.store_dir, trust=store_trust(settings), keyring=keyring)
     registry = ModelRegistry(store, settings, observer=metrics, generation_observer=metrics)
     access_log = AccessLog(settings.access_log and settings.log_level in ("debug", "info"))
     node = NodeState(

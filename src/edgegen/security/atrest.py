@@ -22,8 +22,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from edgegen.errors import ConfigError, IntegrityError
+from edgegen.store.manifest import ENCRYPTED_MAGIC as MAGIC
 
-MAGIC = b"EGENC1"
 _KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 NONCE_BYTES = 12
 

@@ -55,6 +55,11 @@ class SecuritySettings(BaseModel):
         "signing key (HOME/security/signing.pub) or trusted_signers names one",
     )
     trusted_signers: list[Path] = Field(default_factory=list, description="Ed25519 public keys (PEM)")
+    encryption_key_file: Path | None = Field(
+        None,
+        description="AES-256 keys (id:base64 a line, the first encrypts) for data at rest; without it, "
+        "EDGEGEN_ENCRYPTION_KEYS if set; with neither, nothing is encrypted",
+    )
     insecure: bool = Field(
         False, description="allow listening beyond loopback without TLS and auth (never in production)"
     )

@@ -26,6 +26,7 @@ from edgegen.errors import IntegrityError, InvalidName
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SIGNATURE_FILE = "manifest.sig"  # security/signing.py: Ed25519 over the manifest
+ENCRYPTED_MAGIC = b"EGENC1"  # how a file encrypted at rest begins (security/atrest.py)
 MODEL_FILES = {"onnx": "model.onnx", "tflite": "model.tflite", "gguf": "model.gguf"}
 Format = Literal["onnx", "tflite", "gguf"]
 

@@ -12,6 +12,7 @@ Every path is built from validated names and checked to stay under the store roo
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -22,7 +23,9 @@ from typing import TYPE_CHECKING
 
 from edgegen import __version__
 from edgegen.errors import IntegrityError, ModelNotFound, StoreError, VersionExists
+from edgegen.store.archive import is_archive, unpacked
 from edgegen.store.manifest import (
+    ENCRYPTED_MAGIC,
     MODEL_FILES,
     SIGNATURE_FILE,
     Format,
@@ -33,7 +36,22 @@ from edgegen.store.manifest import (
 )
 
 if TYPE_CHECKING:
+    from edgegen.security.atrest import Keyring
     from edgegen.security.signing import Signer, Trust
+
+
+def encrypted_file(path: Path) -> bool:
+    with path.open("rb") as file:
+        return file.read(len(ENCRYPTED_MAGIC)) == ENCRYPTED_MAGIC
+
+
+def in_memory_file(data: bytes, name: str) -> int:
+    """A file descriptor of an anonymous in-memory file holding `data` (Linux memfd)."""
+    fd = os.memfd_create(f"edgegen-{name}", os.MFD_CLOEXEC)
+    with open(fd, "wb", closefd=False) as out:
+        out.write(data)
+    return fd
+
 
 Describe = Callable[[Path, Format], tuple[list[TensorSpec], list[TensorSpec]]]
 SUFFIX_FORMATS: dict[str, Format] = {".onnx": "onnx", ".tflite": "tflite", ".gguf": "gguf"}
@@ -79,14 +97,24 @@ def manifest_for(
 
 @dataclass(frozen=True)
 class ModelPackage:
-    """One verified version: its manifest and the directory holding its files."""
+    """One verified version: its manifest and the directory holding its files. When its model file is
+    encrypted at rest, `plain_fd` is an in-memory file (memfd) holding the verified plaintext, and
+    `model_path` names it: the executors open a path, and the plaintext never touches the disk."""
 
     manifest: Manifest
     path: Path
+    plain_fd: int | None = None
 
     @property
     def model_path(self) -> Path:
+        if self.plain_fd is not None:
+            return Path(f"/proc/self/fd/{self.plain_fd}")
         return self.path / self.manifest.model_file
+
+    def close(self) -> None:
+        """Free the in-memory plaintext, once whatever opened `model_path` is done with it."""
+        if self.plain_fd is not None:
+            os.close(self.plain_fd)
 
 
 @dataclass(frozen=True)
@@ -103,12 +131,22 @@ def _version_key(version: str) -> tuple[int, int | str]:
 
 class ModelStore:
     """`trust`: open (and so activate and serve) only packages a trusted key signed, and add a
-    package directory only when it is so signed. `signer`: sign every version this store adds."""
+    package directory only when it is so signed. `signer`: sign every version this store adds.
+    `keyring`: encrypt the files of every version it adds (AES-256-GCM, security/atrest.py) and
+    decrypt encrypted ones on open; manifests and signatures always describe the plaintext."""
 
-    def __init__(self, root: Path, *, trust: Trust | None = None, signer: Signer | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        trust: Trust | None = None,
+        signer: Signer | None = None,
+        keyring: Keyring | None = None,
+    ) -> None:
         self.root = root
         self.trust = trust
         self.signer = signer
+        self.keyring = keyring
 
     # -- paths -------------------------------------------------------------------------------------
     def _inside(self, path: Path) -> Path:
@@ -163,15 +201,51 @@ class ModelStore:
         manifest = Manifest.read(path / "manifest.json")
         if (manifest.name, manifest.version) != (name, version):
             raise IntegrityError(f"manifest of {name}/{version} names {manifest.name}/{manifest.version}")
-        for file, expected in manifest.files.items():
-            file_path = self._inside(path / file)
-            if not file_path.is_file():
-                raise IntegrityError(f"{name}/{version}: {file} is missing")
-            if sha256_file(file_path) != expected:
-                raise IntegrityError(f"{name}/{version}: {file} does not match its sha256")
         if self.trust is not None:
             self.trust.verify(path, manifest)
-        return ModelPackage(manifest, path)
+        plain_fd = None
+        try:
+            for file, expected in manifest.files.items():
+                file_path = self._inside(path / file)
+                if not file_path.is_file():
+                    raise IntegrityError(f"{name}/{version}: {file} is missing")
+                if encrypted_file(file_path):
+                    plain = self._decrypt(file_path, f"{name}/{version}/{file}")
+                    if hashlib.sha256(plain).hexdigest() != expected:
+                        raise IntegrityError(f"{name}/{version}: {file} does not match its sha256")
+                    if file == manifest.model_file:
+                        plain_fd = in_memory_file(plain, f"{name}-{version}")
+                elif sha256_file(file_path) != expected:
+                    raise IntegrityError(f"{name}/{version}: {file} does not match its sha256")
+        except BaseException:
+            if plain_fd is not None:
+                os.close(plain_fd)
+            raise
+        return ModelPackage(manifest, path, plain_fd)
+
+    def _decrypt(self, file_path: Path, context: str) -> bytes:
+        if self.keyring is None:
+            raise IntegrityError(f"{context} is encrypted at rest and this node has no encryption key")
+        return self.keyring.decrypt(file_path.read_bytes(), context.encode())
+
+    def encrypt(self, name: str, version: str) -> int:
+        """Encrypt a version's files in place, or re-encrypt them under the keyring's newest key
+        (rotation); return how many files were written. Checked first, replaced atomically."""
+        if self.keyring is None:
+            raise StoreError("no encryption key is configured (EDGEGEN_ENCRYPTION_KEYS or a key file)")
+        self.open(name, version).close()
+        path = self._version_dir(name, version)
+        written = 0
+        for file in Manifest.read(path / "manifest.json").files:
+            file_path, context = path / file, f"{name}/{version}/{file}".encode()
+            data = file_path.read_bytes()
+            encrypted = data.startswith(ENCRYPTED_MAGIC)
+            blob = self.keyring.rotate(data, context) if encrypted else self.keyring.encrypt(data, context)
+            tmp = file_path.with_name(f".{file}.{uuid.uuid4().hex}")
+            tmp.write_bytes(blob)
+            os.replace(tmp, file_path)
+            written += 1
+        return written
 
     # -- writing -----------------------------------------------------------------------------------
     def next_version(self, name: str) -> str:
@@ -192,12 +266,17 @@ class ModelStore:
         metadata: dict[str, object] | None = None,
         activate: bool | None = None,
     ) -> Manifest:
-        """Copy a model file or a package directory into the store as `name`/`version`.
+        """Copy a model file, a package directory or a package archive (store/archive.py: unpacked
+        safely, then taken as a directory) into the store as `name`/`version`.
 
         A bare file (`.onnx`, `.tflite`, `.gguf`) gets a manifest whose inputs and outputs `describe`
         reads from the file; a directory must hold a manifest whose hashes match. The first version
         of a model becomes active unless `activate` is False; later ones only when it is True.
         """
+        if is_archive(source):
+            with unpacked(source) as package_dir:
+                return self.add(package_dir, name, version, describe=describe, task=task, metadata=metadata,
+                                activate=activate)  # fmt: skip
         check_name(name)
         version = check_name(version, "version") if version is not None else self.next_version(name)
         staging = self.root / f".staging-{uuid.uuid4().hex}"
@@ -244,6 +323,10 @@ class ModelStore:
         else:
             raise StoreError(f"{source} is neither a model file nor a package directory")
         manifest.write(staging / "manifest.json")
+        if self.keyring is not None:
+            for file in manifest.files:
+                plain = (staging / file).read_bytes()
+                (staging / file).write_bytes(self.keyring.encrypt(plain, f"{name}/{version}/{file}".encode()))
         signature = source / SIGNATURE_FILE
         if self.signer is not None:
             self.signer.sign(staging)
@@ -251,11 +334,12 @@ class ModelStore:
             shutil.copyfile(signature, staging / SIGNATURE_FILE)  # it covers the content, not the name
         return manifest
 
-    def activate(self, name: str, version: str) -> ModelPackage:
+    def activate(self, name: str, version: str) -> Manifest:
         """Point ACTIVE at `version` after checking the package; the old version stays on disk."""
         package = self.open(name, version)
+        package.close()
         model_dir = self._model_dir(name)
         tmp = model_dir / f".ACTIVE.{uuid.uuid4().hex}"
         tmp.write_text(version + "\n", encoding="utf-8")
         os.replace(tmp, model_dir / "ACTIVE")
-        return package
+        return package.manifest
