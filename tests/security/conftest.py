@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import jwt
 import pytest
 
@@ -34,12 +35,22 @@ class Fleet:
     def headers(self, who: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[who]}"}
 
+    def admin_client(self, cert: str = "ops", key: str = "admin") -> httpx.Client:
+        """A client making admin calls as an operator would: an admin key and a client certificate."""
+        return httpx.Client(verify=self.client_tls(cert), headers=self.headers(key), timeout=30)
+
     def client_tls(self, cert: str | None = None, ca: Path | None = None) -> ssl.SSLContext:
         """What a client of the node uses: our CA, and a client certificate when named."""
         context = ssl.create_default_context(cafile=str(ca or self.pki / "ca.crt"))
         if cert is not None:
             context.load_cert_chain(self.pki / f"{cert}.crt", self.pki / f"{cert}.key")
         return context
+
+
+def error_of(response: httpx.Response) -> str:
+    """The message of an error answer, in either of the node's shapes."""
+    body = response.json()["error"]
+    return str(body["message"] if isinstance(body, dict) else body)
 
 
 def make_jwt(role: str = "user", lifetime: float = 300, **claims: object) -> str:

@@ -22,7 +22,7 @@ from edgegen.security.audit import AuditLog
 from edgegen.store import ModelStore
 from tests.e2e.node_process import GatewayProcess
 from tests.llm_models import write_tiny_llama
-from tests.security.conftest import JWT_SECRET, Fleet, SecureNode, make_jwt
+from tests.security.conftest import JWT_SECRET, Fleet, SecureNode, error_of, make_jwt
 
 SAMPLE = {"input_data": [0.0] * 64}
 CHAT = {"model": "tiny-llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -49,15 +49,6 @@ ROUTES = [
 
 def call(node: SecureNode, method: str, path: str, body: object = None, **kw: object) -> httpx.Response:
     return httpx.request(method, f"{node.url}{path}", json=body, verify=node.verify, timeout=30, **kw)  # type: ignore[arg-type]
-
-
-def admin_client(fleet: Fleet, cert: str = "ops") -> httpx.Client:
-    return httpx.Client(verify=fleet.client_tls(cert), headers=fleet.headers("admin"), timeout=30)
-
-
-def error_of(response: httpx.Response) -> str:
-    body = response.json()["error"]
-    return body["message"] if isinstance(body, dict) else body
 
 
 def still_serving(node: SecureNode, fleet: Fleet) -> None:
@@ -188,9 +179,9 @@ def test_admin_calls_need_an_admin_client_certificate(node: SecureNode, fleet: F
     without = call(node, "GET", "/admin/models", headers=fleet.headers("admin"))
     assert without.status_code == 403
     assert "certificate" in error_of(without)
-    with admin_client(fleet, cert="alice") as client:  # a valid certificate, of the user role
+    with fleet.admin_client(cert="alice") as client:  # a valid certificate, of the user role
         assert client.get(f"{node.url}/admin/models").status_code == 403
-    with admin_client(fleet) as client:
+    with fleet.admin_client() as client:
         assert client.get(f"{node.url}/admin/models").status_code == 200
 
 
@@ -397,7 +388,7 @@ def test_the_node_speaks_no_tls_older_than_1_2(node: SecureNode, fleet: Fleet) -
 
 # -- models ---------------------------------------------------------------------------------------------
 def _activate(fleet: Fleet, node: SecureNode, version: str) -> httpx.Response:
-    with admin_client(fleet) as client:
+    with fleet.admin_client() as client:
         return client.post(f"{node.url}/admin/models/digits/activate", json={"version": version})
 
 
@@ -415,7 +406,7 @@ def test_a_tampered_or_unsigned_package_is_refused_and_the_served_version_stays(
     refused = _activate(fleet, node, "2")
     assert refused.status_code == 422
     assert "signature does not match" in error_of(refused)
-    with admin_client(fleet) as client:
+    with fleet.admin_client() as client:
         served = {m["name"]: m for m in client.get(f"{node.url}/admin/models").json()["models"]}
     assert served["digits"]["served"] == "1"
     still_serving(node, fleet)
@@ -491,7 +482,7 @@ def test_secrets_never_reach_the_logs(node: SecureNode, gateway: GatewayProcess,
 
 
 def test_admin_actions_are_in_the_audit_log(node: SecureNode, fleet: Fleet) -> None:
-    with admin_client(fleet) as client:
+    with fleet.admin_client() as client:
         assert (
             client.post(f"{node.url}/admin/models/digits/activate", json={"version": "1"}).status_code == 200
         )

@@ -4,13 +4,20 @@ certificate — the security gate decides, before any of this runs).
     GET  /admin/models                     every model in the store: versions, the active and served one
     POST /admin/models/{name}/activate     {"version": "3"}: check the package, serve it; a version
                                            that fails to load leaves the served one in place (422)
+    POST /admin/models/{name}/pull         {"url": "https://…/pkg.tar.gz", "activate": true}: fetch a
+                                           signed package from an allowed source (security/sources.py)
     GET  /admin/packages                   installed Python packages, for the gateway's vulnerability scan
     GET  /admin/audit?limit=50             the audit log's last entries and whether its chain holds
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import tempfile
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -18,11 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from edgegen.errors import InvalidInput, ModelNotFound, Unprocessable
-from edgegen.node.state import node_of
+from edgegen.node.state import NodeState, node_of
+from edgegen.security.sources import check_source, download
 from edgegen.security.vulns import installed_packages
+from edgegen.store.archive import ARCHIVE_SUFFIXES
 from edgegen.store.manifest import check_name
 
 router = APIRouter(prefix="/admin", tags=["admin"])
+log = logging.getLogger("edgegen.admin")
 
 
 class Activation(BaseModel):
@@ -52,6 +62,12 @@ async def activate(name: str, change: Activation, request: Request) -> Response:
     version = check_name(change.version, "version")
     if version not in node.store.versions(name):
         raise ModelNotFound(f"model {name!r} has no version {version!r}")
+    previous = await _serve(node, name, version)
+    return _json({"name": name, "active": version, "previous": previous})
+
+
+async def _serve(node: NodeState, name: str, version: str) -> str | None:
+    """Activate and load `version`; on failure the previous one stays active and served. Returns it."""
     previous = node.store.active_version(name)
     node.store.activate(name, version)  # checks the package (hashes, signature) first
     await node.registry.refresh()
@@ -60,7 +76,43 @@ async def activate(name: str, change: Activation, request: Request) -> Response:
         if previous is not None:
             node.store.activate(name, previous)
         raise Unprocessable(f"version {version} of {name!r} failed to load; version {served} is still served")
-    return _json({"name": name, "active": version, "previous": previous})
+    return previous
+
+
+class Pull(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048)
+    version: str | None = Field(None, min_length=1, max_length=64)
+    activate: bool = False
+
+
+@router.post("/models/{name}/pull", status_code=201, summary="Add a signed package from an allowed source")
+async def pull(name: str, order: Pull, request: Request) -> Response:
+    """Only from `security.model_sources`, never from loopback, link-local or private addresses the
+    operator did not name, no redirects; the package must be an archive a trusted key signed."""
+    node = node_of(request)
+    check_name(name)
+    version = check_name(order.version, "version") if order.version is not None else None
+    security = node.settings.security
+    source = await asyncio.to_thread(check_source, order.url, security.model_sources)
+    suffix = next((s for s in ARCHIVE_SUFFIXES if urlsplit(order.url).path.lower().endswith(s)), None)
+    if suffix is None:
+        raise InvalidInput(f"a pulled package is an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+    if node.store.trust is None:
+        raise Unprocessable("this node trusts no signing key, so it cannot check a pulled package")
+    node.settings.home.mkdir(parents=True, exist_ok=True)  # downloads land beside the store, not in /tmp
+    with tempfile.TemporaryDirectory(prefix="edgegen-pull-", dir=node.settings.home) as tmp:
+        archive = Path(tmp) / f"package{suffix}"
+        size = await download(source, archive, security.max_pull_bytes, security.model_sources_ca)
+        manifest = await asyncio.to_thread(node.store.add, archive, name, version, activate=False)
+    log.info(
+        "model pulled", extra={"model": name, "version": manifest.version, "bytes": size, "host": source.host}
+    )
+    previous = await _serve(node, name, manifest.version) if order.activate else None
+    return _json(
+        {"name": name, "version": manifest.version, "activated": order.activate, "previous": previous}, 201
+    )
 
 
 @router.get("/packages", summary="The Python packages this node runs (for the fleet's vulnerability scan)")

@@ -60,6 +60,15 @@ class SecuritySettings(BaseModel):
         description="AES-256 keys (id:base64 a line, the first encrypts) for data at rest; without it, "
         "EDGEGEN_ENCRYPTION_KEYS if set; with neither, nothing is encrypted",
     )
+    model_sources: list[str] = Field(
+        default_factory=list,
+        description="URL prefixes a node may pull model packages from (POST /admin/models/{name}/pull); "
+        "empty: pulling by URL is off",
+    )
+    model_sources_ca: Path | None = Field(
+        None, description="CA bundle for the sources (default: the system's)"
+    )
+    max_pull_bytes: int = Field(16 << 30, ge=1024, description="largest package a pull may download")
     insecure: bool = Field(
         False, description="allow listening beyond loopback without TLS and auth (never in production)"
     )
