@@ -142,10 +142,12 @@ def _announce_auth(settings: Settings) -> None:
         store.close()
     err.print("every route but /v2/health/* and /metrics needs 'Authorization: Bearer <API key or JWT>'")
     if not has_admin:
+        command = sys.argv[0] if Path(sys.argv[0]).name == "edgegen" else f"{sys.executable} -m edgegen"
         err.print(
             "no admin key yet; create the first one (shown once) with:\n"
-            f"  EDGEGEN_HOME={settings.home} edgegen keys create --role admin --label first-admin",
+            f"  EDGEGEN_HOME={settings.home} {command} keys create --role admin --label first-admin",
             highlight=False,
+            soft_wrap=True,
         )
 
 

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -32,6 +33,8 @@ class NodeProcess:
 
     command = "serve"
     env_prefix = "EDGEGEN_"
+    scheme = "http"
+    verify: ssl.SSLContext | bool = True  # what clients check an https server's certificate against
 
     def __init__(
         self,
@@ -54,7 +57,7 @@ class NodeProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60, *, ready: bool = True) -> NodeProcess:
         """Start and wait until ready (or, with `ready=False`, until merely live: for a node that is
@@ -79,10 +82,10 @@ class NodeProcess:
         raise RuntimeError(f"node not ready after {timeout} s:\n{self.log()[-3000:]}")
 
     def ready_probe(self) -> bool:
-        return httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200
+        return httpx.get(f"{self.url}/v2/health/ready", timeout=1, verify=self.verify).status_code == 200
 
     def live_probe(self) -> bool:
-        return httpx.get(f"{self.url}/v2/health/live", timeout=1).status_code == 200
+        return httpx.get(f"{self.url}/v2/health/live", timeout=1, verify=self.verify).status_code == 200
 
     def kill(self) -> None:
         """SIGKILL, as a crash: no graceful shutdown."""

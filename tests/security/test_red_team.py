@@ -20,7 +20,7 @@ import pytest
 
 from edgegen.security.audit import AuditLog
 from edgegen.store import ModelStore
-from tests.e2e.node_process import GatewayProcess
+from tests.e2e.node_process import GatewayProcess, NodeProcess, running
 from tests.llm_models import write_tiny_llama
 from tests.security.conftest import JWT_SECRET, Fleet, SecureNode, error_of, make_jwt
 
@@ -436,16 +436,32 @@ def test_a_truncated_or_lying_gguf_is_refused_before_llama_cpp_sees_it(
 
 # -- abuse guard --------------------------------------------------------------------------------------------
 def test_rate_limits_ban_and_concurrent_streams(fleet: Fleet) -> None:
-    """A node with tight limits: per key 429 + Retry-After; a burst of bad keys bans the address (403),
-    which the metrics and the audit log report."""
+    """A node with tight limits: per key 429 + Retry-After; one generation at a time per key; a burst of
+    bad keys bans the address (403), which the audit log reports."""
     strict = SecureNode(
         fleet,
         EDGEGEN_SECURITY__RATE_PER_KEY="0.5",
         EDGEGEN_SECURITY__BURST_PER_KEY="3",
         EDGEGEN_SECURITY__BAN_AFTER_FAILURES="5",
         EDGEGEN_SECURITY__BAN_S="60",
+        EDGEGEN_SECURITY__MAX_STREAMS_PER_KEY="1",
     ).start()
     try:
+        llm = fleet.headers("llm-only")
+        story = {"model": "tiny-llm", "prompt": "a long story", "max_tokens": 1900, "stream": True}
+        story["temperature"] = 0  # greedy: this prompt then runs to max_tokens (no end-of-text)
+        with httpx.Client(verify=strict.verify, headers=llm, timeout=60) as client:
+            with client.stream("POST", f"{strict.url}/v1/completions", json=story) as stream:
+                assert stream.status_code == 200
+                lines = stream.iter_lines()  # kept: dropping the iterator would close the stream
+                assert next(lines).startswith("data: ")  # the generation is running
+                second = client.post(f"{strict.url}/v1/chat/completions", json=CHAT)
+                assert second.status_code == 429
+                assert "already runs 1 generations" in error_of(second)
+                other = call(strict, "POST", "/v1/chat/completions", CHAT, headers=fleet.headers("admin"))
+                assert other.status_code == 200  # another key has its own allowance
+            # the stream closed: its slot is the key's again
+            assert client.post(f"{strict.url}/v1/chat/completions", json=CHAT).status_code == 200
         user = fleet.headers("user")
         codes = [call(strict, "POST", "/predict", SAMPLE, headers=user).status_code for _ in range(5)]
         assert codes[:3] == [200, 200, 200]
@@ -494,13 +510,55 @@ def test_admin_actions_are_in_the_audit_log(node: SecureNode, fleet: Fleet) -> N
     assert mine[-1]["outcome"] == "ok"
 
 
-def test_listening_beyond_loopback_without_tls_and_auth_refuses_to_start(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "edgegen", "serve", "--host", "0.0.0.0", "--port", "0"],
+def test_a_fresh_node_says_how_to_make_the_first_admin_key(tmp_path: Path) -> None:
+    fresh = NodeProcess(tmp_path, env={"EDGEGEN_SECURITY__AUTH": "true"})  # no key made for it
+    with running(fresh):
+        assert httpx.get(f"{fresh.url}/v2", timeout=5).status_code == 401
+        lines = fresh.log()
+    assert "no admin key yet; create the first one (shown once) with:" in lines
+    # "EDGEGEN_HOME=… <python> -m edgegen keys create …": run what it says, the home as the environment
+    command = next(line for line in lines.splitlines() if "keys create --role admin" in line).split()
+    created = subprocess.run(
+        command[1:],
         env={"EDGEGEN_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    key = created.stdout.strip()
+    assert key.startswith("eg_")
+    with running(NodeProcess(tmp_path, env={"EDGEGEN_SECURITY__AUTH": "true"})) as node:
+        assert httpx.get(f"{node.url}/v2", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+@pytest.mark.parametrize("command", ["serve", "gateway"])
+def test_listening_beyond_loopback_without_tls_and_auth_refuses_to_start(
+    tmp_path: Path, command: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edgegen", command, "--host", "0.0.0.0", "--port", "0"],
+        env={"EDGEGEN_HOME": str(tmp_path), "EDGEGEN_GATEWAY_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 1
     assert "refusing to listen on 0.0.0.0 without TLS" in result.stderr
+
+
+def test_the_gateway_serves_https_to_its_clients(fleet: Fleet, node: SecureNode) -> None:
+    """The public listener on TLS (the gateway's certificate), in front of nodes on mutual TLS."""
+    pki = fleet.pki
+    config = fleet.home / "gateway-https.toml"
+    config.write_text(
+        f'[[nodes]]\nurl = "https://127.0.0.1:{node.port}"\n'
+        f'[nodes_tls]\nca_file = "{pki / "ca.crt"}"\n'
+        f'cert_file = "{pki / "gw.crt"}"\nkey_file = "{pki / "gw.key"}"\n'
+        f'[tls]\ncert_file = "{pki / "gw.crt"}"\nkey_file = "{pki / "gw.key"}"\n'
+    )
+    front = GatewayProcess(fleet.home, "--config", str(config), auth=True)
+    front.scheme, front.verify = "https", fleet.client_tls()
+    user = fleet.headers("user")
+    with running(front):
+        answer = httpx.post(f"{front.url}/predict", json=SAMPLE, headers=user, verify=front.verify)
+        assert answer.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):  # no plain HTTP on the same port
+            httpx.post(f"http://127.0.0.1:{front.port}/predict", json=SAMPLE, headers=user)
