@@ -8,7 +8,7 @@ runs it, counts what was really checked, and says which of three things happened
     exit 0  every package checked, no known vulnerability
     exit 1  known vulnerabilities (listed, with the fixed versions pip-audit names)
     exit 0  nothing or not everything could be checked: said plainly, with the offline way out
-            (`edgegen audit` with an OSV bundle fetched elsewhere — issue 6)
+            (`edgegen audit import` of an OSV bundle fetched elsewhere, then `edgegen audit`)
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ def main() -> int:
         reason = skipped[0]["skip_reason"]
         print(f"pip-audit: could NOT check {len(skipped)} of {len(deps)} packages: its vulnerability service")
         print(f"is not reachable from this machine (first reason: {reason}).")
-        print("This is not a clean bill of health; audit offline with an OSV advisory bundle instead.")
+        print(
+            "This is not a clean bill of health; audit offline instead: fetch an OSV export elsewhere"
+            " (osv-vulnerabilities PyPI/all.zip), then `edgegen audit import FILE` and `edgegen audit`."
+        )
         return 0
     print(f"pip-audit: {checked} packages checked, no known vulnerabilities")
     return 0
