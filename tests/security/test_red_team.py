@@ -435,18 +435,8 @@ def test_a_truncated_or_lying_gguf_is_refused_before_llama_cpp_sees_it(
 
 
 # -- abuse guard --------------------------------------------------------------------------------------------
-def test_rate_limits_ban_and_concurrent_streams(fleet: Fleet) -> None:
-    """A node with tight limits: per key 429 + Retry-After; one generation at a time per key; a burst of
-    bad keys bans the address (403), which the audit log reports."""
-    strict = SecureNode(
-        fleet,
-        EDGEGEN_SECURITY__RATE_PER_KEY="0.5",
-        EDGEGEN_SECURITY__BURST_PER_KEY="3",
-        EDGEGEN_SECURITY__BAN_AFTER_FAILURES="5",
-        EDGEGEN_SECURITY__BAN_S="60",
-        EDGEGEN_SECURITY__MAX_STREAMS_PER_KEY="1",
-    ).start()
-    try:
+def test_one_generation_at_a_time_per_key(fleet: Fleet) -> None:
+    with running(SecureNode(fleet, EDGEGEN_SECURITY__MAX_STREAMS_PER_KEY="1")) as strict:
         llm = fleet.headers("llm-only")
         story = {"model": "tiny-llm", "prompt": "a long story", "max_tokens": 1900, "stream": True}
         story["temperature"] = 0  # greedy: this prompt then runs to max_tokens (no end-of-text)
@@ -460,8 +450,25 @@ def test_rate_limits_ban_and_concurrent_streams(fleet: Fleet) -> None:
                 assert "already runs 1 generations" in error_of(second)
                 other = call(strict, "POST", "/v1/chat/completions", CHAT, headers=fleet.headers("admin"))
                 assert other.status_code == 200  # another key has its own allowance
-            # the stream closed: its slot is the key's again
-            assert client.post(f"{strict.url}/v1/chat/completions", json=CHAT).status_code == 200
+            # the client closed its stream: once the node has noticed, the slot is the key's again
+            until = time.monotonic() + 5
+            while (answer := client.post(f"{strict.url}/v1/chat/completions", json=CHAT)).status_code == 429:
+                assert time.monotonic() < until, answer.text
+                time.sleep(0.05)
+            assert answer.status_code == 200
+
+
+def test_rate_limits_and_a_ban(fleet: Fleet) -> None:
+    """A node with tight limits: per key 429 + Retry-After; a burst of bad keys bans the address (403),
+    which the audit log reports."""
+    strict = SecureNode(
+        fleet,
+        EDGEGEN_SECURITY__RATE_PER_KEY="0.5",
+        EDGEGEN_SECURITY__BURST_PER_KEY="3",
+        EDGEGEN_SECURITY__BAN_AFTER_FAILURES="5",
+        EDGEGEN_SECURITY__BAN_S="60",
+    ).start()
+    try:
         user = fleet.headers("user")
         codes = [call(strict, "POST", "/predict", SAMPLE, headers=user).status_code for _ in range(5)]
         assert codes[:3] == [200, 200, 200]
@@ -492,7 +499,7 @@ def test_secrets_never_reach_the_logs(node: SecureNode, gateway: GatewayProcess,
     call(node, "POST", "/predict", SAMPLE, headers={"Authorization": "Bearer eg_deadbeef_" + "Z" * 43})
     logs = node.log() + gateway.log()
     for key in fleet.keys.values():
-        assert key.split("_")[2] not in logs
+        assert key[len("eg_12345678_") :] not in logs  # the secret (which may itself hold "_")
     assert "Z" * 43 not in logs
     assert JWT_SECRET not in logs
 
@@ -560,5 +567,5 @@ def test_the_gateway_serves_https_to_its_clients(fleet: Fleet, node: SecureNode)
     with running(front):
         answer = httpx.post(f"{front.url}/predict", json=SAMPLE, headers=user, verify=front.verify)
         assert answer.status_code == 200
-        with pytest.raises(httpx.RemoteProtocolError):  # no plain HTTP on the same port
+        with pytest.raises(httpx.TransportError):  # no plain HTTP on the same port (reset or garbage)
             httpx.post(f"http://127.0.0.1:{front.port}/predict", json=SAMPLE, headers=user)

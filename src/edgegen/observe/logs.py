@@ -64,6 +64,21 @@ def configure_logging(level: str = "info") -> None:
         logging.getLogger(name).propagate = True
     # Our middleware writes the access line, with the request id and the model.
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("asyncio").addFilter(_client_tls_failures)
+
+
+# What the event loop reports at error level when a *client* breaks a TLS connection: plain HTTP sent to
+# an HTTPS port, a handshake with a refused certificate, a peer that vanished mid-record. The server is
+# fine; these are the client's errors (and a way to flood the error log), so they are kept at info.
+_CLIENT_TLS = ("Fatal error on SSL protocol", "SSL handshake failed", "Fatal error on transport")
+
+
+def _client_tls_failures(record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and str(record.msg).startswith(_CLIENT_TLS):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+        return logging.getLogger().isEnabledFor(logging.INFO)
+    return True
 
 
 class AccessLog:
