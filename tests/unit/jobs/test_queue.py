@@ -1,0 +1,247 @@
+"""The JobQueue contract: every backend passes the same tests (a test clock drives leases and back-off)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from edgegen.jobs.queue import Conflict, JobQueue, JobRequest, Status
+from edgegen.jobs.sqlite import SqliteJobQueue
+from edgegen.security.atrest import Keyring, new_key
+
+REQUEST = JobRequest("POST", "/predict", b'{"input_data": [1, 2, 3]}')
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+Factory = Callable[[], JobQueue]
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Factory, Clock]:
+    clock = Clock()
+
+    def make() -> JobQueue:
+        return SqliteJobQueue(tmp_path / "jobs.sqlite", max_attempts=3, backoff_s=1.0, clock=clock)
+
+    return make, clock
+
+
+@pytest.fixture
+async def queue(backend: tuple[Factory, Clock]) -> AsyncIterator[JobQueue]:
+    made = backend[0]()
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+def clock(backend: tuple[Factory, Clock]) -> Clock:
+    return backend[1]
+
+
+async def test_submit_get_and_count(queue: JobQueue) -> None:
+    job, created = await queue.submit("acme", REQUEST, priority=2)
+    assert created
+    assert job.status == Status.QUEUED
+    assert job.id.startswith("job_")
+    assert (await queue.get(job.id)) == job
+    assert await queue.get("job_" + "0" * 24) is None
+    assert (await queue.counts())["queued"] == 1
+
+
+async def test_idempotency_keys_are_per_owner_and_per_request(queue: JobQueue) -> None:
+    first, _ = await queue.submit("acme", REQUEST, idempotency_key="k1")
+    again, created = await queue.submit("acme", REQUEST, idempotency_key="k1")
+    assert (again.id, created) == (first.id, False)
+    other, created = await queue.submit("beta", REQUEST, idempotency_key="k1")
+    assert created
+    assert other.id != first.id
+    with pytest.raises(Conflict):
+        await queue.submit("acme", JobRequest("POST", "/predict", b"{}"), idempotency_key="k1")
+
+
+async def test_claims_go_by_priority_then_age(queue: JobQueue, clock: Clock) -> None:
+    ids = []
+    for priority in (0, 5, 5, 1):
+        ids.append((await queue.submit("acme", REQUEST, priority=priority))[0].id)
+        clock.now += 1
+    order = [(await queue.claim("w", 30)).id for _ in range(4)]  # type: ignore[union-attr]
+    assert order == [ids[1], ids[2], ids[3], ids[0]]
+    assert await queue.claim("w", 30) is None
+
+
+async def test_a_dead_workers_job_is_claimed_again_and_finishes_once(queue: JobQueue, clock: Clock) -> None:
+    job, _ = await queue.submit("acme", REQUEST)
+    first = await queue.claim("a", 10)
+    assert first is not None
+    assert first.status == Status.RUNNING
+    assert first.attempts == 1
+    assert await queue.claim("b", 10) is None  # leased
+    clock.now += 11  # a's lease expires: a died, or is too slow
+    second = await queue.claim("b", 10)
+    assert second is not None
+    assert (second.id, second.worker, second.attempts) == (job.id, "b", 2)
+    assert not await queue.heartbeat(job.id, "a", 10)
+    assert not await queue.finish(job.id, "a", 200, b"from a")  # a lost its lease
+    assert await queue.finish(job.id, "b", 200, b'{"prediction": [1]}')
+    assert not await queue.finish(job.id, "b", 200, b"again")
+    done = await queue.get(job.id)
+    assert done is not None
+    assert (done.status, done.response_status, done.response_body) == (
+        Status.SUCCEEDED,
+        200,
+        b'{"prediction": [1]}',
+    )
+
+
+async def test_heartbeats_keep_the_lease(queue: JobQueue, clock: Clock) -> None:
+    job, _ = await queue.submit("acme", REQUEST)
+    await queue.claim("a", 10)
+    for _ in range(5):
+        clock.now += 8
+        assert await queue.heartbeat(job.id, "a", 10, progress=0.5)
+    assert await queue.claim("b", 10) is None
+    current = await queue.get(job.id)
+    assert current is not None
+    assert current.progress == 0.5
+
+
+async def test_retries_back_off_then_fail(queue: JobQueue, clock: Clock) -> None:
+    job, _ = await queue.submit("acme", REQUEST)
+    for attempt in (1, 2):
+        claimed = await queue.claim("w", 10)
+        assert claimed is not None
+        retried = await queue.retry(job.id, "w", f"overloaded {attempt}")
+        assert retried is not None
+        assert retried.status == Status.QUEUED
+        assert await queue.claim("w", 10) is None  # backing off
+        clock.now += 2.0**attempt  # 1 s, then 2 s
+    await queue.claim("w", 10)
+    dead = await queue.retry(job.id, "w", "overloaded 3")
+    assert dead is not None
+    assert (dead.status, dead.error, dead.attempts) == (Status.FAILED, "overloaded 3", 3)
+    assert await queue.retry(job.id, "w", "again") is None
+
+
+async def test_a_job_that_keeps_killing_its_workers_ends_failed(queue: JobQueue, clock: Clock) -> None:
+    job, _ = await queue.submit("acme", REQUEST)
+    for worker in ("a", "b", "c"):
+        assert (await queue.claim(worker, 5)) is not None
+        clock.now += 6
+    assert await queue.claim("d", 5) is None
+    dead = await queue.get(job.id)
+    assert dead is not None
+    assert dead.status == Status.FAILED
+    assert "stopped answering" in (dead.error or "")
+
+
+async def test_cancel_queued_and_running(queue: JobQueue) -> None:
+    waiting, _ = await queue.submit("acme", REQUEST, priority=0)
+    running, _ = await queue.submit("acme", REQUEST, priority=9)
+    assert (await queue.claim("w", 30)).id == running.id  # type: ignore[union-attr]
+    assert (await queue.cancel(waiting.id)).status == Status.CANCELLED  # type: ignore[union-attr]
+    assert (await queue.cancel(running.id)).status == Status.CANCELLED  # type: ignore[union-attr]
+    assert not await queue.heartbeat(running.id, "w", 30)  # the worker learns it should stop
+    assert not await queue.finish(running.id, "w", 200, b"{}")
+    assert await queue.claim("w", 30) is None
+    assert await queue.cancel("job_" + "1" * 24) is None
+    finished = await queue.cancel(running.id)
+    assert finished is not None
+    assert finished.status == Status.CANCELLED
+
+
+async def test_a_client_error_is_a_failed_job_with_its_answer(queue: JobQueue) -> None:
+    job, _ = await queue.submit("acme", REQUEST)
+    await queue.claim("w", 30)
+    assert await queue.finish(job.id, "w", 400, b'{"error": "bad input"}')
+    done = await queue.get(job.id)
+    assert done is not None
+    assert (done.status, done.response_status) == (Status.FAILED, 400)
+
+
+async def test_purge_drops_only_old_finished_jobs(queue: JobQueue, clock: Clock) -> None:
+    old, _ = await queue.submit("acme", REQUEST)
+    await queue.cancel(old.id)
+    waiting, _ = await queue.submit("acme", REQUEST)
+    clock.now += 100
+    recent, _ = await queue.submit("acme", REQUEST)
+    await queue.cancel(recent.id)
+    assert await queue.purge(clock.now - 50) == 1
+    assert await queue.get(old.id) is None
+    assert await queue.get(waiting.id) is not None
+    assert await queue.get(recent.id) is not None
+
+
+async def test_jobs_survive_a_reopen(backend: tuple[Factory, Clock]) -> None:
+    make, _ = backend
+    first = make()
+    job, _ = await first.submit("acme", REQUEST)
+    await first.claim("w", 30)
+    await first.close()
+    again = make()
+    try:
+        found = await again.get(job.id)
+        assert found is not None
+        assert (found.status, found.worker, found.request) == (Status.RUNNING, "w", REQUEST)
+    finally:
+        await again.close()
+
+
+def test_concurrent_workers_never_share_a_job(backend: tuple[Factory, Clock]) -> None:
+    """Four connections claim at once until the queue is empty: each job is claimed exactly once."""
+    make, _ = backend
+
+    async def fill() -> None:
+        queue = make()
+        for _ in range(200):
+            await queue.submit("acme", REQUEST)
+        await queue.close()
+
+    asyncio.run(fill())
+    claimed: list[list[str]] = [[] for _ in range(4)]
+
+    def work(index: int) -> None:
+        async def run() -> None:
+            queue = make()
+            while (job := await queue.claim(f"w{index}", 60)) is not None:
+                claimed[index].append(job.id)
+                assert await queue.finish(job.id, f"w{index}", 200, b"{}")
+            await queue.close()
+
+        asyncio.run(run())
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    everything = [job for worker in claimed for job in worker]
+    assert len(everything) == len(set(everything)) == 200
+
+
+def test_sqlite_bodies_are_encrypted_at_rest(tmp_path: Path) -> None:
+    async def run() -> bytes | None:
+        queue = SqliteJobQueue(tmp_path / "jobs.sqlite", keyring=Keyring.parse(f"k1:{new_key()}"))
+        job, _ = await queue.submit(
+            "acme", JobRequest("POST", "/predict", b'{"input_data": "secret-payload"}')
+        )
+        await queue.claim("w", 30)
+        await queue.finish(job.id, "w", 200, b'{"prediction": "secret-answer"}')
+        found = await queue.get(job.id)
+        await queue.close()
+        return found.response_body if found is not None else None
+
+    assert asyncio.run(run()) == b'{"prediction": "secret-answer"}'
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("jobs.sqlite*"))
+    assert b"secret-payload" not in raw
+    assert b"secret-answer" not in raw
