@@ -37,7 +37,12 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_WHEELS)/.built | $(BIN)/python
 	$(PIP) install -q $(PIP_FLAGS) --find-links $(LLAMA_WHEELS) -e '.[node,optimize,dev]'
 	touch $@
 
-setup: $(VENV)/.installed
+# The job queue's Redis backend is tested against a real redis-server (Debian's package).
+/usr/bin/redis-server:
+	command -v apt-get >/dev/null || { echo "install redis-server (7.x) for the jobs tests"; exit 1; }
+	apt-get install -y -qq redis-server || { apt-get update -qq && apt-get install -y -qq redis-server; }
+
+setup: $(VENV)/.installed /usr/bin/redis-server
 
 serve: setup
 	$(BIN)/edgegen models pull digits

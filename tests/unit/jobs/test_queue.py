@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from edgegen.jobs.queue import Conflict, JobQueue, JobRequest, Status
+from edgegen.jobs.redis import RedisJobQueue
 from edgegen.jobs.sqlite import SqliteJobQueue
 from edgegen.security.atrest import Keyring, new_key
 
@@ -27,12 +29,20 @@ class Clock:
 Factory = Callable[[], JobQueue]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "redis"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Factory, Clock]:
     clock = Clock()
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        prefix = f"test:{uuid.uuid4().hex}:"  # each test its own queue in the one server
 
-    def make() -> JobQueue:
-        return SqliteJobQueue(tmp_path / "jobs.sqlite", max_attempts=3, backoff_s=1.0, clock=clock)
+        def make() -> JobQueue:
+            return RedisJobQueue(url, prefix=prefix, max_attempts=3, backoff_s=1.0, clock=clock)
+
+    else:
+
+        def make() -> JobQueue:
+            return SqliteJobQueue(tmp_path / "jobs.sqlite", max_attempts=3, backoff_s=1.0, clock=clock)
 
     return make, clock
 
@@ -245,3 +255,17 @@ def test_sqlite_bodies_are_encrypted_at_rest(tmp_path: Path) -> None:
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("jobs.sqlite*"))
     assert b"secret-payload" not in raw
     assert b"secret-answer" not in raw
+
+
+async def test_redis_streams_hold_only_waiting_and_running_work(redis_url: str) -> None:
+    queue = RedisJobQueue(redis_url, prefix=f"test:{uuid.uuid4().hex}:")
+    try:
+        ids = [(await queue.submit("acme", REQUEST, priority=p % 10))[0].id for p in range(30)]
+        await queue.cancel(ids[0])
+        while (job := await queue.claim("w", 30)) is not None:
+            await queue.finish(job.id, "w", 200, b"{}")
+        lengths = [await queue._redis.xlen(f"{queue.prefix}ready:{p}") for p in range(10)]
+        assert lengths == [0] * 10
+        assert (await queue.counts())["succeeded"] == 29
+    finally:
+        await queue.close()
