@@ -97,6 +97,25 @@ class LlmSettings(BaseModel):
     timeout_s: float = Field(300.0, gt=0, description="deadline of one generation")
 
 
+class JobsSettings(BaseModel):
+    """Asynchronous jobs (POST /v1/jobs): a persistent queue and a pool of workers in the node."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    path: Path | None = Field(None, description="SQLite file (default: HOME/jobs/jobs.sqlite)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="with backend = redis")
+    workers: int = Field(2, ge=0, le=64, description="jobs run at once; 0: this node runs none")
+    reserved: int = Field(
+        1, ge=0, le=64, description="workers that run even while live requests are in flight (the rest wait)"
+    )
+    lease_s: float = Field(30.0, gt=0, description="a job whose worker is silent this long runs again")
+    max_attempts: int = Field(3, ge=1, le=100)
+    backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles each time")
+    retention_s: float = Field(86_400.0, gt=0, description="finished jobs are kept this long")
+    poll_s: float = Field(0.05, gt=0, le=10, description="an idle worker looks for work this often")
+
+
 class EnvFirstSettings(BaseSettings):
     """Settings whose environment variables outrank the TOML file (which arrives as init values)."""
 
@@ -137,6 +156,7 @@ class Settings(EnvFirstSettings):
     llm: LlmSettings = Field(default_factory=LlmSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
 
     @property
     def keys_file(self) -> Path:

@@ -18,6 +18,7 @@ client or operator: they never carry a traceback, a file-system path or an inter
     │   ├── HeadersTooLarge     request headers over the configured limit
     │   ├── ClientGone          the client disconnected before its answer was ready
     │   ├── Unprocessable       well-formed, but cannot be done as asked (422)
+    │   ├── Conflict            an idempotency key reused for another request (409)
     │   ├── Unauthorized        no credential, or one that authenticates nobody (401)
     │   └── Forbidden           a credential that may not do this (403)
     ├── Overloaded              the model's queue is full; retry after `retry_after` seconds
@@ -82,6 +83,10 @@ class ClientGone(RequestError):
 
 
 class Unprocessable(RequestError):
+    pass
+
+
+class Conflict(RequestError):
     pass
 
 

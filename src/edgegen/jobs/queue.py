@@ -24,12 +24,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from edgegen.errors import RequestError
-
-
-class Conflict(RequestError):
-    """An idempotency key reused for another request."""
-
 
 class Status(StrEnum):
     QUEUED = "queued"

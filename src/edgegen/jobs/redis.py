@@ -28,7 +28,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from edgegen.jobs.queue import Conflict, Job, JobRequest, Status, backoff, new_job_id
+from edgegen.errors import Conflict
+from edgegen.jobs.queue import Job, JobRequest, Status, backoff, new_job_id
 from edgegen.security.atrest import Keyring
 
 PRIORITIES = range(9, -1, -1)  # claimed highest first

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgegen.jobs.queue import FINAL, Conflict, Job, JobRequest, Status, backoff, new_job_id
+from edgegen.errors import Conflict
+from edgegen.jobs.queue import FINAL, Job, JobRequest, Status, backoff, new_job_id
 from edgegen.security.atrest import Keyring
 
 _SCHEMA = """

@@ -11,7 +11,10 @@ import contextlib
 import functools
 import gc
 import logging
+import os
+import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +26,11 @@ from starlette.types import Receive, Scope, Send
 from edgegen import __version__
 from edgegen.config import Settings, load_settings
 from edgegen.engine.registry import ModelRegistry
-from edgegen.node import admin, errors, openai, seed, v2
+from edgegen.jobs.queue import JobQueue, JobRequest
+from edgegen.jobs.sqlite import SqliteJobQueue
+from edgegen.jobs.workers import JobWorkers
+from edgegen.node import admin, errors, jobs, openai, seed, v2
+from edgegen.node.jobs import run_in_process
 from edgegen.node.middleware import EdgeMiddleware
 from edgegen.node.state import NodeState, node_of
 from edgegen.observe.logs import AccessLog, configure_logging
@@ -44,8 +51,9 @@ class NodeApp:
         self.api = api
         self.state = api.state
         settings = node.settings
+        self.routes = seed.SeedRoutes(api, node)  # what job workers call: the routes, behind the gate
         gate = build_gate(
-            seed.SeedRoutes(api, node),
+            self.routes,
             settings.security,
             settings.keys_file,
             settings.home,
@@ -61,6 +69,10 @@ class NodeApp:
             access_log=node.access_log,
         )
 
+    @property
+    def inflight(self) -> int:
+        return self._entry.inflight
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
 
@@ -72,28 +84,47 @@ def create_app(settings: Settings) -> NodeApp:
     registry = ModelRegistry(store, settings, observer=metrics, generation_observer=metrics)
     access_log = AccessLog(settings.access_log and settings.log_level in ("debug", "info"))
     node = NodeState(
-        settings=settings, store=store, registry=registry, metrics=metrics, access_log=access_log
-    )
+        settings=settings, store=store, registry=registry, metrics=metrics, access_log=access_log,
+        jobs=open_queue(settings, keyring),
+    )  # fmt: skip
+    entry: list[NodeApp] = []  # the app built below, which the job workers call into
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Models load in the background: /v2/health/live answers at once, /ready once they are in.
+        workers: JobWorkers | None = None
+
         async def load() -> None:
+            nonlocal workers
             await registry.refresh()
             # What start-up allocated lives as long as the process: keep the collector off it.
             gc.freeze()
             metrics.models_loaded.set(len(registry.names()))
             log.info("node ready", extra={"models": registry.names(), "ready": registry.ready})
+            if node.jobs is not None and settings.jobs.workers:  # once the models are in, not before
+                app_ = entry[0]
+
+                async def run(request: JobRequest, owner: str) -> tuple[int, bytes]:
+                    return await run_in_process(app_.routes, request, owner)
+
+                workers = JobWorkers(node.jobs, run, settings.jobs, lambda: app_.inflight, worker_name())
+                await workers.start()
             if settings.store_poll_s > 0:
                 await registry.watch(settings.store_poll_s)
 
         loader = asyncio.create_task(load(), name="model-loader")
+        purger = asyncio.create_task(purge_jobs(node.jobs, settings.jobs.retention_s), name="job-purger")
         try:
             yield
         finally:
-            loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loader
+            for task in (loader, purger):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if workers is not None:
+                await workers.stop()
+            if node.jobs is not None:
+                await node.jobs.close()
             await registry.close()
             access_log.flush()
 
@@ -109,6 +140,7 @@ def create_app(settings: Settings) -> NodeApp:
     app.include_router(v2.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(jobs.router)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def metrics_route(request: Request) -> Response:
@@ -122,7 +154,34 @@ def create_app(settings: Settings) -> NodeApp:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return NodeApp(app, node)
+    entry.append(NodeApp(app, node))
+    return entry[0]
+
+
+def open_queue(settings: Settings, keyring: Keyring | None) -> JobQueue:
+    s = settings.jobs
+    if s.backend == "redis":
+        from edgegen.jobs.redis import RedisJobQueue
+
+        return RedisJobQueue(s.redis_url, max_attempts=s.max_attempts, backoff_s=s.backoff_s, keyring=keyring)
+    path = s.path or settings.home / "jobs" / "jobs.sqlite"
+    return SqliteJobQueue(path, max_attempts=s.max_attempts, backoff_s=s.backoff_s, keyring=keyring)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def purge_jobs(queue: JobQueue | None, retention_s: float) -> None:
+    """Finished jobs are kept `retention_s`, then dropped (checked every minute)."""
+    while queue is not None:
+        try:
+            dropped = await queue.purge(time.time() - retention_s)
+            if dropped:
+                log.info("jobs purged", extra={"count": dropped})
+        except Exception:
+            log.exception("job purge failed")
+        await asyncio.sleep(60)
 
 
 def app_from_environment() -> NodeApp:

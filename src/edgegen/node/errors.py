@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from edgegen.errors import (
     ClientGone,
+    Conflict,
     DeadlineExceeded,
     EdgegenError,
     ExecutorError,
@@ -40,6 +41,7 @@ STATUS: tuple[tuple[type[EdgegenError], int], ...] = (
     (Unauthorized, 401),
     (Forbidden, 403),
     (Unprocessable, 422),
+    (Conflict, 409),
     (IntegrityError, 422),  # a package that fails its hashes or signature, named in a request
     (InvalidName, 404),
     (ModelNotFound, 404),

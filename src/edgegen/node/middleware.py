@@ -92,6 +92,7 @@ class EdgeMiddleware:
         self.max_headers = max_header_bytes
         self.access_log = access_log
         self.request_ids = RequestIds()
+        self.inflight = 0  # live requests being answered (the job workers give way to them)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,6 +112,7 @@ class EdgeMiddleware:
                 message["headers"] = [*message.get("headers", []), rid_header]
             await send(message)
 
+        self.inflight += 1
         try:
             if refusal is not None:
                 message, code = refusal
@@ -122,6 +124,7 @@ class EdgeMiddleware:
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         finally:
+            self.inflight -= 1
             self._record(scope, status, time.perf_counter() - started)
             request_id.reset(token)
 

@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from edgegen.config import Settings
 from edgegen.engine.registry import ModelRegistry
+from edgegen.jobs.queue import JobQueue
 from edgegen.observe.logs import AccessLog
 from edgegen.observe.metrics import NodeMetrics
 from edgegen.security.audit import AuditLog
@@ -24,6 +25,7 @@ class NodeState:
     access_log: AccessLog
     audit: AuditLog | None = None
     packages: list[tuple[str, str]] | None = None  # installed distributions, read on first request
+    jobs: JobQueue | None = None
     started: float = field(default_factory=time.monotonic)
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgegen.jobs.queue import Conflict, JobQueue, JobRequest, Status
+from edgegen.errors import Conflict
+from edgegen.jobs.queue import JobQueue, JobRequest, Status
 from edgegen.jobs.redis import RedisJobQueue
 from edgegen.jobs.sqlite import SqliteJobQueue
 from edgegen.security.atrest import Keyring, new_key

@@ -1,0 +1,98 @@
+"""The node's job workers: claim, run through the node's own routes, heartbeat, finish — live traffic first.
+
+    workers = JobWorkers(queue, run, settings.jobs, live=lambda: middleware.inflight, name="node-a")
+    await workers.start() … await workers.stop()
+
+`run(request, owner)` answers a job's request exactly as the live route would (status and body); the
+node passes its routes behind the security gate, so a job goes through the same batcher or scheduler as a
+live request. Workers beyond `reserved` wait while live requests are in flight, so a burst of jobs never
+starves interactive traffic; the reserved ones keep the queue moving. While a job runs, its lease is
+renewed every third of `lease_s`; a renewal that fails (the job was cancelled, or the lease lost) stops
+the run. A 5xx or 429 answer, or an exception, is retried with back-off; any other answer finishes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from edgegen.config import JobsSettings
+from edgegen.jobs.queue import Job, JobQueue, JobRequest
+
+log = logging.getLogger("edgegen.jobs")
+Runner = Callable[[JobRequest, str], Awaitable[tuple[int, bytes]]]
+
+
+class JobWorkers:
+    def __init__(
+        self, queue: JobQueue, run: Runner, settings: JobsSettings, live: Callable[[], int], name: str
+    ) -> None:
+        self.queue, self.run, self.settings, self.live, self.name = queue, run, settings, live, name
+        self._tasks: list[asyncio.Task[None]] = []
+        self.running = 0  # jobs in progress, for metrics
+
+    async def start(self) -> None:
+        for index in range(self.settings.workers):
+            reserved = index < self.settings.reserved
+            task = asyncio.create_task(
+                self._loop(f"{self.name}/{index}", reserved), name=f"job-worker-{index}"
+            )
+            self._tasks.append(task)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def _loop(self, worker: str, reserved: bool) -> None:
+        idle = self.settings.poll_s
+        while True:
+            try:
+                if not reserved and self.live() > 0:
+                    await asyncio.sleep(idle)
+                    continue
+                job = await self.queue.claim(worker, self.settings.lease_s)
+                if job is None:
+                    await asyncio.sleep(idle)
+                    continue
+                await self._execute(job, worker)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a queue hiccup must not end the worker
+                log.exception("job worker failed", extra={"worker": worker})
+                await asyncio.sleep(1.0)
+
+    async def _execute(self, job: Job, worker: str) -> None:
+        self.running += 1
+        attempt = asyncio.create_task(self.run(job.request, job.owner))
+        keeper = asyncio.create_task(self._keep_lease(job.id, worker, attempt))
+        try:
+            status, body = await attempt
+        except asyncio.CancelledError:
+            if not keeper.done() or keeper.result() is not False:
+                raise  # the node is stopping: the lease runs out and another worker takes the job
+            log.info("job stopped", extra={"job": job.id, "reason": "cancelled or its lease was lost"})
+            return
+        except Exception as exc:
+            log.warning("job failed", extra={"job": job.id, "reason": f"{type(exc).__name__}: {exc}"})
+            await self.queue.retry(job.id, worker, f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            keeper.cancel()
+            self.running -= 1
+        if status >= 500 or status == 429:
+            await self.queue.retry(job.id, worker, f"the route answered {status}")
+        elif not await self.queue.finish(job.id, worker, status, body):
+            log.info("job result discarded", extra={"job": job.id, "reason": "cancelled or lease lost"})
+
+    async def _keep_lease(self, job_id: str, worker: str, attempt: asyncio.Task[tuple[int, bytes]]) -> bool:
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            if not await self.queue.heartbeat(job_id, worker, self.settings.lease_s):
+                attempt.cancel()
+                return False

@@ -1,0 +1,183 @@
+"""The jobs API on a real node: answers equal the live route's, bad input is a clear 4xx, tenants do not
+see each other's jobs, and a node killed with SIGKILL mid-queue loses and repeats nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from edgegen.jobs.sqlite import SqliteJobQueue
+from edgegen.security.keys import KeyStore
+from tests.e2e.conftest import LLM_ENV
+from tests.e2e.node_process import NodeProcess, running
+
+CHAT = {
+    "model": "tiny-llm",
+    "messages": [{"role": "user", "content": "hello"}],
+    "max_tokens": 6,
+    "temperature": 0,
+}
+
+
+def predict(x: list[float]) -> dict[str, object]:
+    """A job order for the seed's route."""
+    return {"method": "POST", "url": "/predict", "body": {"input_data": x}}
+
+
+async def counts(path: Path) -> dict[str, int]:
+    queue = SqliteJobQueue(path)
+    try:
+        return await queue.counts()
+    finally:
+        await queue.close()
+
+
+def key(home: Path, tenant: str) -> dict[str, str]:
+    store = KeyStore(home / "security" / "keys.sqlite")
+    try:
+        return {"Authorization": f"Bearer {store.create('user', tenant=tenant)[0]}"}
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def jobs_node(node_home: Path) -> Iterator[NodeProcess]:
+    with running(NodeProcess(node_home, env=LLM_ENV, auth=True)) as process:
+        yield process
+
+
+def wait_final(client: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, object]:
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_a_job_answers_as_the_live_route(jobs_node: NodeProcess, node_home: Path) -> None:
+    x = np.random.default_rng(3).uniform(0, 16, 64).round(2).tolist()
+    with httpx.Client(base_url=jobs_node.url, headers=key(node_home, "acme"), timeout=30) as client:
+        live_predict = client.post("/predict", json={"input_data": x}).json()
+        live_chat = client.post("/v1/chat/completions", json=CHAT).json()
+        submitted = client.post(
+            "/v1/jobs", json={"method": "POST", "url": "/predict", "body": {"input_data": x}}
+        )
+        assert submitted.status_code == 202
+        assert submitted.json()["status"] == "queued"
+        chat = client.post("/v1/jobs", json={"method": "POST", "url": "/v1/chat/completions", "body": CHAT})
+        done = wait_final(client, submitted.json()["id"])
+        assert done["status"] == "succeeded"
+        assert done["response"] == {"status_code": 200, "body": live_predict}
+        missing = client.post("/v1/jobs", json={**predict(x), "url": "/models/nope/predict"}).json()
+        failed = wait_final(client, missing["id"])  # accepted, then answered as the live route would: 404
+        assert (failed["status"], failed["response"]["status_code"]) == ("failed", 404)  # type: ignore[index]
+        chat_done = wait_final(client, chat.json()["id"])
+        assert chat_done["response"]["body"]["choices"] == live_chat["choices"]  # type: ignore[index]
+
+
+def test_idempotency_keys(jobs_node: NodeProcess, node_home: Path) -> None:
+    order = {"method": "POST", "url": "/predict", "body": {"input_data": [1.0] * 64}}
+    with httpx.Client(base_url=jobs_node.url, headers=key(node_home, "acme"), timeout=30) as client:
+        first = client.post("/v1/jobs", json=order, headers={"Idempotency-Key": "order-17"})
+        again = client.post("/v1/jobs", json=order, headers={"Idempotency-Key": "order-17"})
+        assert (first.status_code, again.status_code) == (202, 200)
+        assert first.json()["id"] == again.json()["id"]
+        other = client.post(
+            "/v1/jobs", json={**order, "priority": 3}, headers={"Idempotency-Key": "order-17"}
+        )
+        assert other.status_code == 200  # priority is not part of the request: same job
+        changed = {**order, "body": {"input_data": [2.0] * 64}}
+        conflict = client.post("/v1/jobs", json=changed, headers={"Idempotency-Key": "order-17"})
+        assert conflict.status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("order", "status", "fragment"),
+    [
+        ({"method": "POST", "url": "/admin/models", "body": {}}, 400, "url"),
+        ({"method": "GET", "url": "/predict", "body": {}}, 400, "method"),
+        ({"method": "POST", "url": "/predict", "body": "text"}, 400, "body"),
+        ({"method": "POST", "url": "/predict", "body": {}, "priority": 99}, 400, "priority"),
+        ({"method": "POST", "url": "/v1/chat/completions", "body": {**CHAT, "stream": True}}, 400, "stream"),
+        ({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}, 400, "model"),
+        ({"method": "POST", "url": "/models/../predict", "body": {}}, 400, "url"),
+        ({"method": "POST", "url": "/predict", "body": {}, "extra": 1}, 400, "extra"),
+    ],
+)
+def test_bad_jobs_are_refused(
+    jobs_node: NodeProcess, node_home: Path, order: dict[str, object], status: int, fragment: str
+) -> None:
+    with httpx.Client(base_url=jobs_node.url, headers=key(node_home, "acme"), timeout=30) as client:
+        response = client.post("/v1/jobs", json=order)
+        assert response.status_code == status, response.text
+        assert fragment in response.text
+
+
+def test_ids_tenants_and_sizes(jobs_node: NodeProcess, node_home: Path) -> None:
+    acme, beta = key(node_home, "acme"), key(node_home, "beta")
+    with httpx.Client(base_url=jobs_node.url, timeout=30) as client:
+        job = client.post("/v1/jobs", headers=acme, json=predict([0.0] * 64)).json()
+        assert client.get(f"/v1/jobs/{job['id']}", headers=beta).status_code == 404
+        assert client.delete(f"/v1/jobs/{job['id']}", headers=beta).status_code == 404
+        assert client.get("/v1/jobs/not-an-id", headers=acme).status_code == 400
+        assert client.get(f"/v1/jobs/job_{'0' * 24}", headers=acme).status_code == 404
+        assert client.get(f"/v1/jobs/{job['id']}").status_code == 401
+        huge = {"method": "POST", "url": "/predict", "body": {"input_data": [0.0] * 3_000_000}}
+        assert client.post("/v1/jobs", headers=acme, json=huge).status_code == 413
+        assert client.get(f"/v1/jobs/{job['id']}", headers=acme).status_code == 200
+
+
+def test_cancel_a_queued_job(node_home: Path, tmp_path: Path) -> None:
+    env = {**LLM_ENV, "EDGEGEN_JOBS__WORKERS": "0", "EDGEGEN_JOBS__PATH": str(tmp_path / "jobs.sqlite")}
+    idle = NodeProcess(node_home, env=env, auth=True)
+    with running(idle), httpx.Client(base_url=idle.url, headers=key(node_home, "acme"), timeout=30) as client:
+        job = client.post("/v1/jobs", json=predict([0.0] * 64)).json()
+        cancelled = client.delete(f"/v1/jobs/{job['id']}")
+        assert cancelled.json()["status"] == "cancelled"
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
+def test_sigkill_mid_queue_loses_nothing_and_finishes_nothing_twice(node_home: Path, tmp_path: Path) -> None:
+    """Submit 300 jobs, SIGKILL the node while they run, start it again: every job ends succeeded, once,
+    with the answer for its own input."""
+    env = {**LLM_ENV, "EDGEGEN_JOBS__PATH": str(tmp_path / "jobs.sqlite"), "EDGEGEN_JOBS__LEASE_S": "2",
+           "EDGEGEN_JOBS__WORKERS": "4"}  # fmt: skip
+    inputs = np.random.default_rng(7).uniform(0, 16, (300, 64)).round(3)
+    headers = key(node_home, "acme")
+    first = NodeProcess(node_home, env=env, auth=True).start()
+    try:
+        with httpx.Client(base_url=first.url, headers=headers, timeout=30) as client:
+            expected = {}
+            ids = []
+            for x in inputs:
+                job = client.post("/v1/jobs", json=predict(x.tolist())).json()
+                ids.append(job["id"])
+                expected[job["id"]] = x
+            until = time.monotonic() + 30
+            while client.get(f"/v1/jobs/{ids[len(ids) // 3]}").json()["status"] != "succeeded":
+                assert time.monotonic() < until
+                time.sleep(0.01)
+    finally:
+        first.kill()
+    at_kill = asyncio.run(counts(tmp_path / "jobs.sqlite"))
+    assert at_kill["queued"] + at_kill["running"] > 0, at_kill  # the kill did land mid-queue
+    assert at_kill["succeeded"] > 0, at_kill
+    second = NodeProcess(node_home, env=env, auth=True, port=first.port)
+    with running(second), httpx.Client(base_url=second.url, headers=headers, timeout=30) as client:
+        live = {
+            i: client.post("/predict", json={"input_data": expected[i].tolist()}).json() for i in ids[:20]
+        }
+        jobs = [wait_final(client, job_id) for job_id in ids]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 300
+    assert all(j["response"]["status_code"] == 200 for j in jobs)  # type: ignore[index]
+    for job in jobs[:9]:
+        assert job["response"]["body"] == live[job["id"]]  # type: ignore[index]
+    assert max(int(j["attempts"]) for j in jobs) <= 2  # type: ignore[call-overload]
