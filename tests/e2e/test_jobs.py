@@ -146,25 +146,23 @@ def test_cancel_a_queued_job(node_home: Path, tmp_path: Path) -> None:
 
 
 def test_sigkill_mid_queue_loses_nothing_and_finishes_nothing_twice(node_home: Path, tmp_path: Path) -> None:
-    """Submit 300 jobs, SIGKILL the node while they run, start it again: every job ends succeeded, once,
-    with the answer for its own input."""
+    """40 generation jobs first (priority 9, slow) and 300 predictions (priority 0); SIGKILL the node
+    while generations run; start it again: every job ends succeeded, once, with its own answer."""
     env = {**LLM_ENV, "EDGEGEN_JOBS__PATH": str(tmp_path / "jobs.sqlite"), "EDGEGEN_JOBS__LEASE_S": "2",
            "EDGEGEN_JOBS__WORKERS": "4"}  # fmt: skip
     inputs = np.random.default_rng(7).uniform(0, 16, (300, 64)).round(3)
+    chat = {**CHAT, "max_tokens": 48}
     headers = key(node_home, "acme")
     first = NodeProcess(node_home, env=env, auth=True).start()
     try:
         with httpx.Client(base_url=first.url, headers=headers, timeout=30) as client:
-            expected = {}
-            ids = []
-            for x in inputs:
-                job = client.post("/v1/jobs", json=predict(x.tolist())).json()
-                ids.append(job["id"])
-                expected[job["id"]] = x
+            order = {"method": "POST", "url": "/v1/chat/completions", "body": chat, "priority": 9}
+            chats = [client.post("/v1/jobs", json=order).json()["id"] for _ in range(40)]
+            predictions = {client.post("/v1/jobs", json=predict(x.tolist())).json()["id"]: x for x in inputs}
             until = time.monotonic() + 30
-            while client.get(f"/v1/jobs/{ids[len(ids) // 3]}").json()["status"] != "succeeded":
+            while client.get(f"/v1/jobs/{chats[4]}").json()["status"] != "succeeded":
                 assert time.monotonic() < until
-                time.sleep(0.01)
+                time.sleep(0.005)
     finally:
         first.kill()
     at_kill = asyncio.run(counts(tmp_path / "jobs.sqlite"))
@@ -172,12 +170,13 @@ def test_sigkill_mid_queue_loses_nothing_and_finishes_nothing_twice(node_home: P
     assert at_kill["succeeded"] > 0, at_kill
     second = NodeProcess(node_home, env=env, auth=True, port=first.port)
     with running(second), httpx.Client(base_url=second.url, headers=headers, timeout=30) as client:
-        live = {
-            i: client.post("/predict", json={"input_data": expected[i].tolist()}).json() for i in ids[:20]
-        }
-        jobs = [wait_final(client, job_id) for job_id in ids]
-    assert [j["status"] for j in jobs] == ["succeeded"] * 300
-    assert all(j["response"]["status_code"] == 200 for j in jobs)  # type: ignore[index]
-    for job in jobs[:9]:
-        assert job["response"]["body"] == live[job["id"]]  # type: ignore[index]
-    assert max(int(j["attempts"]) for j in jobs) <= 2  # type: ignore[call-overload]
+        live_chat = client.post("/v1/chat/completions", json=chat).json()["choices"]
+        some = list(predictions)[:9]
+        live = {i: client.post("/predict", json={"input_data": predictions[i].tolist()}).json() for i in some}
+        jobs = {job_id: wait_final(client, job_id) for job_id in [*chats, *predictions]}
+    assert [j["status"] for j in jobs.values()] == ["succeeded"] * 340
+    for job_id in chats:
+        assert jobs[job_id]["response"]["body"]["choices"] == live_chat  # type: ignore[index]
+    for job_id in some:
+        assert jobs[job_id]["response"]["body"] == live[job_id]  # type: ignore[index]
+    assert max(int(j["attempts"]) for j in jobs.values()) <= 2  # type: ignore[call-overload]

@@ -31,7 +31,17 @@ class JobWorkers:
     ) -> None:
         self.queue, self.run, self.settings, self.live, self.name = queue, run, settings, live, name
         self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
         self.running = 0  # jobs in progress, for metrics
+
+    def notify(self) -> None:
+        """A job was just queued here: idle workers look now instead of at their next poll."""
+        self._wake.set()
+
+    async def _idle(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
+        self._wake.clear()
 
     async def start(self) -> None:
         for index in range(self.settings.workers):
@@ -50,15 +60,14 @@ class JobWorkers:
         self._tasks.clear()
 
     async def _loop(self, worker: str, reserved: bool) -> None:
-        idle = self.settings.poll_s
         while True:
             try:
                 if not reserved and self.live() > 0:
-                    await asyncio.sleep(idle)
+                    await asyncio.sleep(self.settings.poll_s)
                     continue
                 job = await self.queue.claim(worker, self.settings.lease_s)
                 if job is None:
-                    await asyncio.sleep(idle)
+                    await self._idle()
                     continue
                 await self._execute(job, worker)
             except asyncio.CancelledError:

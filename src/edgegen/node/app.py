@@ -109,6 +109,7 @@ def create_app(settings: Settings) -> NodeApp:
 
                 workers = JobWorkers(node.jobs, run, settings.jobs, lambda: app_.inflight, worker_name())
                 await workers.start()
+                node.job_workers = workers
             if settings.store_poll_s > 0:
                 await registry.watch(settings.store_poll_s)
 

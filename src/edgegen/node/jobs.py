@@ -110,6 +110,8 @@ async def create(request: Request) -> Response:
     job, created = await node.jobs.submit(
         owner_of(principal), job_request, priority=order.priority, idempotency_key=key
     )
+    if created and node.job_workers is not None:
+        node.job_workers.notify()
     return _json(view(job), 202 if created else 200)
 
 

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from edgegen.config import Settings
 from edgegen.engine.registry import ModelRegistry
 from edgegen.jobs.queue import JobQueue
+from edgegen.jobs.workers import JobWorkers
 from edgegen.observe.logs import AccessLog
 from edgegen.observe.metrics import NodeMetrics
 from edgegen.security.audit import AuditLog
@@ -26,6 +27,7 @@ class NodeState:
     audit: AuditLog | None = None
     packages: list[tuple[str, str]] | None = None  # installed distributions, read on first request
     jobs: JobQueue | None = None
+    job_workers: JobWorkers | None = None  # set once the models are loaded
     started: float = field(default_factory=time.monotonic)
 
 
