@@ -44,10 +44,9 @@ from rich.console import Console
 from edgegen.gateway.balancers import Backend, make_balancer
 from llm import prepare_home
 from predict import BIN, digits_workload, run_wrk
-from servers import UNAUTHENTICATED, Server, clean_env, free_port, machine_facts, start, stop
+from servers import UNAUTHENTICATED, Server, clean_env, free_port, machine_facts, save_result, start, stop
 
 console = Console()
-RESULTS = Path(__file__).parent / "results"
 BASELINES = Path(__file__).parent / "baselines"
 SLOW_MS = 10.0  # what the slow node's link adds to each request
 UNEVEN_CLIENTS = 4
@@ -355,10 +354,7 @@ def main() -> None:
                 p90 = statistics.quantiles(warm, n=10)[-1]
                 result.setdefault("affinity_ttft_ms", {})[name] = {"p50": statistics.median(warm), "p90": p90}
                 console.print(f"affinity {name}: TTFT p50 {statistics.median(warm):.0f} ms, p90 {p90:.0f} ms")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"gateway-{stamp}.json"
-    out.write_text(json.dumps(result, indent=1, default=str))
-    console.print(f"results: {out}")
+    console.print(f"results: {save_result('gateway', result)}")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,9 @@ from edgegen.jobs.queue import JobQueue, JobRequest
 from edgegen.jobs.redis import RedisJobQueue
 from edgegen.jobs.sqlite import SqliteJobQueue
 from predict import BIN, ensure_models
-from servers import UNAUTHENTICATED, Server, clean_env, free_port, machine_facts, start, stop
+from servers import UNAUTHENTICATED, Server, clean_env, free_port, machine_facts, save_result, start, stop
 
 console = Console()
-RESULTS = Path(__file__).parent / "results"
 REQUEST = JobRequest("POST", "/predict", json.dumps({"input_data": [0.0] * 64}).encode())
 
 
@@ -158,10 +157,7 @@ def main() -> None:
             stop(redis)
         result["crash"] = crash(home, root)
         console.print(f"crash: {result['crash']}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"jobs-{stamp}.json"
-    out.write_text(json.dumps(result, indent=1, default=str))
-    console.print(f"results: {out}")
+    console.print(f"results: {save_result('jobs', result)}")
 
 
 if __name__ == "__main__":

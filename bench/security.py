@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -36,10 +35,9 @@ from rich.console import Console
 from edgegen.security.keys import KeyStore
 from edgegen.security.pki import Pki
 from predict import BIN, digits_workload, run_wrk
-from servers import Server, clean_env, free_port, machine_facts, start, stop
+from servers import Server, clean_env, free_port, machine_facts, save_result, start, stop
 
 console = Console()
-RESULTS = Path(__file__).parent / "results"
 LEVELS = (1, 64)
 # High enough that wrk never meets them: the buckets are taken on every request, never empty.
 UNLIMITED = {
@@ -219,10 +217,7 @@ def main() -> None:
                 f"{added[0]:.3f} ms ({added[1]:.3f}–{added[2]:.3f}) over {f['base_p50_ms']:.3f} ms; "
                 f"wrong {f['wrong']}, errors {f['errors']}"
             )
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"security-{stamp}.json"
-    out.write_text(json.dumps(result, indent=1, default=str))
-    console.print(f"results: {out}")
+    console.print(f"results: {save_result('security', result)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import platform
 import signal
@@ -169,3 +170,12 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "loadavg_at_start": os.getloadavg(),
     }
+
+
+def save_result(kind: str, result: dict[str, Any]) -> Path:
+    """Write a benchmark's result to bench/results/<kind>-<its date>.json (not committed); return the path."""
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    out = results / f"{kind}-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=1, default=str))
+    return out
