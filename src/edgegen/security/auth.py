@@ -112,10 +112,6 @@ def required_role(method: str, raw_path: bytes, path: str) -> Role | None:
     return max(roles, key=lambda role: -1 if role is None else ROLES.index(role))
 
 
-def is_admin_path(raw_path: bytes, path: str) -> bool:
-    return required_role("GET", raw_path, path) in ("operator", "admin")
-
-
 class Authenticator:
     def __init__(
         self,

@@ -60,12 +60,6 @@ class ApiKey:
     created: float
     revoked: float | None = None
 
-    def allows_model(self, model: str) -> bool:
-        return self.models is None or model in self.models
-
-    def at_least(self, role: Role) -> bool:
-        return ROLES.index(self.role) >= ROLES.index(role)
-
 
 def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()

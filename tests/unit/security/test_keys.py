@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgegen.errors import ConfigError
+from edgegen.security.auth import Authenticator
 from edgegen.security.keys import KeyStore
 
 
@@ -26,13 +27,16 @@ def test_a_key_verifies_to_what_it_grants(store: KeyStore) -> None:
     found = store.verify(token)
     assert found == key
     assert (found.role, found.models, found.tenant, found.label) == ("user", ("digits",), "acme", "ci")
-    assert found.allows_model("digits")
-    assert not found.allows_model("smollm2-135m")
-    assert not found.at_least("operator")
-    _, admin = store.create("admin")
+    # What a request carrying it may do (the gate's view of the key)
+    principal = Authenticator(store, None).authenticate(token)
+    assert principal.allows_model("digits")
+    assert not principal.allows_model("smollm2-135m")
+    assert not principal.at_least("operator")
+    admin_token, admin = store.create("admin")
     assert admin.models is None
-    assert admin.allows_model("anything")
-    assert admin.at_least("operator")
+    admin_principal = Authenticator(store, None).authenticate(admin_token)
+    assert admin_principal.allows_model("anything")
+    assert admin_principal.at_least("operator")
 
 
 @pytest.mark.parametrize(
