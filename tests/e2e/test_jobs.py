@@ -146,26 +146,39 @@ def test_cancel_a_queued_job(node_home: Path, tmp_path: Path) -> None:
 
 
 def test_sigkill_mid_queue_loses_nothing_and_finishes_nothing_twice(node_home: Path, tmp_path: Path) -> None:
-    """40 generation jobs first (priority 9, slow) and 300 predictions (priority 0); SIGKILL the node
-    while generations run; start it again: every job ends succeeded, once, with its own answer."""
-    env = {**LLM_ENV, "EDGEGEN_JOBS__PATH": str(tmp_path / "jobs.sqlite"), "EDGEGEN_JOBS__LEASE_S": "2",
-           "EDGEGEN_JOBS__WORKERS": "4"}  # fmt: skip
+    """40 generation jobs (priority 9, slow) and 300 predictions (priority 0) accepted by a node that runs
+    none (so the backlog does not depend on how fast this machine is), SIGKILLed; a second node runs them
+    and is SIGKILLed while generations run; a third finishes: every job ends succeeded, once, with its
+    own answer."""
+    path = tmp_path / "jobs.sqlite"
+    env = {
+        **LLM_ENV,
+        "EDGEGEN_JOBS__PATH": str(path),
+        "EDGEGEN_JOBS__LEASE_S": "2",
+        "EDGEGEN_JOBS__WORKERS": "4",
+    }
     inputs = np.random.default_rng(7).uniform(0, 16, (300, 64)).round(3)
     chat = {**CHAT, "max_tokens": 48}
     headers = key(node_home, "acme")
-    first = NodeProcess(node_home, env=env, auth=True).start()
+    accepting = NodeProcess(node_home, env={**env, "EDGEGEN_JOBS__WORKERS": "0"}, auth=True).start()
     try:
-        with httpx.Client(base_url=first.url, headers=headers, timeout=30) as client:
+        with httpx.Client(base_url=accepting.url, headers=headers, timeout=30) as client:
             order = {"method": "POST", "url": "/v1/chat/completions", "body": chat, "priority": 9}
             chats = [client.post("/v1/jobs", json=order).json()["id"] for _ in range(40)]
             predictions = {client.post("/v1/jobs", json=predict(x.tolist())).json()["id"]: x for x in inputs}
+    finally:
+        accepting.kill()
+    assert asyncio.run(counts(path))["queued"] == 340
+    first = NodeProcess(node_home, env=env, auth=True, port=accepting.port).start()
+    try:
+        with httpx.Client(base_url=first.url, headers=headers, timeout=30) as client:
             until = time.monotonic() + 30
             while client.get(f"/v1/jobs/{chats[4]}").json()["status"] != "succeeded":
                 assert time.monotonic() < until
                 time.sleep(0.005)
     finally:
         first.kill()
-    at_kill = asyncio.run(counts(tmp_path / "jobs.sqlite"))
+    at_kill = asyncio.run(counts(path))
     assert at_kill["queued"] + at_kill["running"] > 0, at_kill  # the kill did land mid-queue
     assert at_kill["succeeded"] > 0, at_kill
     second = NodeProcess(node_home, env=env, auth=True, port=first.port)
