@@ -63,6 +63,7 @@ class ModelOverrides(BaseModel):
     max_queue_size: int | None = Field(None, ge=1)
     instances: int | None = Field(None, ge=1, le=16)
     inline_max_us: int | None = Field(None, ge=0, le=100_000)
+    cache: bool | None = Field(None, description="keep this model's answers in the response cache")
 
 
 class OnnxSettings(BaseModel):
@@ -116,6 +117,21 @@ class JobsSettings(BaseModel):
     poll_s: float = Field(0.05, gt=0, le=10, description="an idle worker looks for work this often")
 
 
+class CacheSettings(BaseModel):
+    """The response cache: answers to deterministic requests, in memory and on disk (`cache/`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    memory_bytes: int = Field(64 * 2**20, ge=0, description="in-memory tier; 0: none")
+    disk_bytes: int = Field(512 * 2**20, ge=0, description="disk tier; 0: none")
+    path: Path | None = Field(
+        None, description="SQLite file of the disk tier (default: HOME/cache/responses.sqlite)"
+    )
+    ttl_s: float = Field(3600.0, gt=0, description="an answer is served from the cache this long")
+    max_entry_bytes: int = Field(4 * 2**20, ge=1, description="larger answers are not kept")
+
+
 class EnvFirstSettings(BaseSettings):
     """Settings whose environment variables outrank the TOML file (which arrives as init values)."""
 
@@ -157,6 +173,7 @@ class Settings(EnvFirstSettings):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
 
     @property
     def keys_file(self) -> Path:
@@ -171,11 +188,17 @@ class Settings(EnvFirstSettings):
         """Where the wheels that carry default models are kept once downloaded."""
         return self.home / "cache" / "wheels"
 
+    def caches(self, model: str) -> bool:
+        """Whether `model`'s answers go to the response cache."""
+        override = self.models.get(model)
+        chosen = override.cache if override is not None else None
+        return self.cache.enabled if chosen is None else chosen and self.cache.enabled
+
     def batching_for(self, model: str) -> BatchSettings:
         override = self.models.get(model)
         if override is None:
             return self.batching
-        return self.batching.model_copy(update=override.model_dump(exclude_none=True))
+        return self.batching.model_copy(update=override.model_dump(exclude_none=True, exclude={"cache"}))
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:

@@ -27,6 +27,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def tenant_headers(home: Path, tenant: str) -> dict[str, str]:
+    """Headers carrying a new user key of `tenant`, made in the node's key store."""
+    store = KeyStore(home / "security" / "keys.sqlite")
+    try:
+        return {"Authorization": f"Bearer {store.create('user', tenant=tenant)[0]}"}
+    finally:
+        store.close()
+
+
 class NodeProcess:
     """A node; with `auth=False` (tests of other things) it runs with authentication explicitly off,
     with `auth=True` an admin key is created in its home first (`admin_key`, `headers`)."""

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from edgegen.jobs.sqlite import SqliteJobQueue
-from edgegen.security.keys import KeyStore
 from tests.e2e.conftest import LLM_ENV
-from tests.e2e.node_process import NodeProcess, running
+from tests.e2e.node_process import NodeProcess, running, tenant_headers
 
 CHAT = {
     "model": "tiny-llm",
@@ -38,14 +37,6 @@ async def counts(path: Path) -> dict[str, int]:
         await queue.close()
 
 
-def key(home: Path, tenant: str) -> dict[str, str]:
-    store = KeyStore(home / "security" / "keys.sqlite")
-    try:
-        return {"Authorization": f"Bearer {store.create('user', tenant=tenant)[0]}"}
-    finally:
-        store.close()
-
-
 @pytest.fixture(scope="module")
 def jobs_node(node_home: Path) -> Iterator[NodeProcess]:
     with running(NodeProcess(node_home, env=LLM_ENV, auth=True)) as process:
@@ -64,7 +55,9 @@ def wait_final(client: httpx.Client, job_id: str, timeout: float = 60) -> dict[s
 
 def test_a_job_answers_as_the_live_route(jobs_node: NodeProcess, node_home: Path) -> None:
     x = np.random.default_rng(3).uniform(0, 16, 64).round(2).tolist()
-    with httpx.Client(base_url=jobs_node.url, headers=key(node_home, "acme"), timeout=30) as client:
+    with httpx.Client(
+        base_url=jobs_node.url, headers=tenant_headers(node_home, "acme"), timeout=30
+    ) as client:
         live_predict = client.post("/predict", json={"input_data": x}).json()
         live_chat = client.post("/v1/chat/completions", json=CHAT).json()
         submitted = client.post(
@@ -85,7 +78,9 @@ def test_a_job_answers_as_the_live_route(jobs_node: NodeProcess, node_home: Path
 
 def test_idempotency_keys(jobs_node: NodeProcess, node_home: Path) -> None:
     order = {"method": "POST", "url": "/predict", "body": {"input_data": [1.0] * 64}}
-    with httpx.Client(base_url=jobs_node.url, headers=key(node_home, "acme"), timeout=30) as client:
+    with httpx.Client(
+        base_url=jobs_node.url, headers=tenant_headers(node_home, "acme"), timeout=30
+    ) as client:
         first = client.post("/v1/jobs", json=order, headers={"Idempotency-Key": "order-17"})
         again = client.post("/v1/jobs", json=order, headers={"Idempotency-Key": "order-17"})
         assert (first.status_code, again.status_code) == (202, 200)
@@ -115,14 +110,16 @@ def test_idempotency_keys(jobs_node: NodeProcess, node_home: Path) -> None:
 def test_bad_jobs_are_refused(
     jobs_node: NodeProcess, node_home: Path, order: dict[str, object], status: int, fragment: str
 ) -> None:
-    with httpx.Client(base_url=jobs_node.url, headers=key(node_home, "acme"), timeout=30) as client:
+    with httpx.Client(
+        base_url=jobs_node.url, headers=tenant_headers(node_home, "acme"), timeout=30
+    ) as client:
         response = client.post("/v1/jobs", json=order)
         assert response.status_code == status, response.text
         assert fragment in response.text
 
 
 def test_ids_tenants_and_sizes(jobs_node: NodeProcess, node_home: Path) -> None:
-    acme, beta = key(node_home, "acme"), key(node_home, "beta")
+    acme, beta = tenant_headers(node_home, "acme"), tenant_headers(node_home, "beta")
     with httpx.Client(base_url=jobs_node.url, timeout=30) as client:
         job = client.post("/v1/jobs", headers=acme, json=predict([0.0] * 64)).json()
         assert client.get(f"/v1/jobs/{job['id']}", headers=beta).status_code == 404
@@ -138,7 +135,10 @@ def test_ids_tenants_and_sizes(jobs_node: NodeProcess, node_home: Path) -> None:
 def test_cancel_a_queued_job(node_home: Path, tmp_path: Path) -> None:
     env = {**LLM_ENV, "EDGEGEN_JOBS__WORKERS": "0", "EDGEGEN_JOBS__PATH": str(tmp_path / "jobs.sqlite")}
     idle = NodeProcess(node_home, env=env, auth=True)
-    with running(idle), httpx.Client(base_url=idle.url, headers=key(node_home, "acme"), timeout=30) as client:
+    with (
+        running(idle),
+        httpx.Client(base_url=idle.url, headers=tenant_headers(node_home, "acme"), timeout=30) as client,
+    ):
         job = client.post("/v1/jobs", json=predict([0.0] * 64)).json()
         cancelled = client.delete(f"/v1/jobs/{job['id']}")
         assert cancelled.json()["status"] == "cancelled"
@@ -159,7 +159,7 @@ def test_sigkill_mid_queue_loses_nothing_and_finishes_nothing_twice(node_home: P
     }
     inputs = np.random.default_rng(7).uniform(0, 16, (300, 64)).round(3)
     chat = {**CHAT, "max_tokens": 48}
-    headers = key(node_home, "acme")
+    headers = tenant_headers(node_home, "acme")
     accepting = NodeProcess(node_home, env={**env, "EDGEGEN_JOBS__WORKERS": "0"}, auth=True).start()
     try:
         with httpx.Client(base_url=accepting.url, headers=headers, timeout=30) as client:

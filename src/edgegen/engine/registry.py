@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgegen.config import Settings
@@ -68,8 +69,12 @@ class ModelRegistry:
         settings: Settings,
         observer: BatchObserver | None = None,
         generation_observer: GenerationObserver | None = None,
+        on_swap: Callable[[str, Manifest | None], None] | None = None,
     ) -> None:
+        """`on_swap(name, manifest)` hears of each version that starts serving, and of each model that
+        stops (`None`): the response cache drops the answers of the others."""
         self._store = store
+        self._on_swap = on_swap
         self._settings = settings
         self._observer = observer
         self._generation_observer = generation_observer
@@ -119,6 +124,7 @@ class ModelRegistry:
             served.start()
             self._models[name] = served
             self._failed.pop(name, None)
+            self._swapped(name, served.manifest)
             log.info(
                 "model loaded", extra={"model": name, "version": version, "format": served.manifest.format}
             )
@@ -126,6 +132,7 @@ class ModelRegistry:
                 self._drain(current)
         for name in set(self._models) - set(wanted):
             self._drain(self._models.pop(name))
+            self._swapped(name, None)
         self.loaded = True
 
     def _load(self, name: str, version: str) -> ServedModel:
@@ -157,6 +164,10 @@ class ModelRegistry:
         ]
         batcher = DynamicBatcher(name, executors, batching, self._observer)
         return ServedModel(package.manifest, batcher=batcher, package=package)
+
+    def _swapped(self, name: str, manifest: Manifest | None) -> None:
+        if self._on_swap is not None:
+            self._on_swap(name, manifest)
 
     def _drain(self, served: ServedModel) -> None:
         # The old version answers what it already queued, then frees its executors.

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from edgegen import __version__
+from edgegen.cache import ResponseCache
 from edgegen.config import Settings, load_settings
 from edgegen.engine.registry import ModelRegistry
 from edgegen.jobs.queue import JobQueue, JobRequest
@@ -81,11 +82,15 @@ def create_app(settings: Settings) -> NodeApp:
     metrics = NodeMetrics()
     keyring = Keyring.load(settings.security.encryption_key_file)
     store = ModelStore(settings.store_dir, trust=store_trust(settings), keyring=keyring)
-    registry = ModelRegistry(store, settings, observer=metrics, generation_observer=metrics)
+    cache = ResponseCache(settings, keyring, metrics) if settings.cache.enabled else None
+    registry = ModelRegistry(
+        store, settings, observer=metrics, generation_observer=metrics,
+        on_swap=cache.invalidate if cache is not None else None,
+    )  # fmt: skip
     access_log = AccessLog(settings.access_log and settings.log_level in ("debug", "info"))
     node = NodeState(
         settings=settings, store=store, registry=registry, metrics=metrics, access_log=access_log,
-        jobs=open_queue(settings, keyring),
+        jobs=open_queue(settings, keyring), cache=cache,
     )  # fmt: skip
     entry: list[NodeApp] = []  # the app built below, which the job workers call into
 
@@ -127,6 +132,8 @@ def create_app(settings: Settings) -> NodeApp:
             if node.jobs is not None:
                 await node.jobs.close()
             await registry.close()
+            if cache is not None:
+                cache.close()
             access_log.flush()
 
     app = FastAPI(

@@ -46,10 +46,6 @@ class JobCreate(BaseModel):
     priority: int = Field(0, ge=0, le=9)
 
 
-def owner_of(principal: Principal) -> str:
-    return principal.tenant or principal.subject
-
-
 def view(job: Job) -> dict[str, Any]:
     response = None
     if job.response_status is not None:
@@ -108,7 +104,7 @@ async def create(request: Request) -> Response:
     authorize_model(request.scope, _model_of(order.url, order.body, node.settings.default_model))
     job_request = JobRequest(order.method, order.url, orjson.dumps(order.body, option=orjson.OPT_SORT_KEYS))
     job, created = await node.jobs.submit(
-        owner_of(principal), job_request, priority=order.priority, idempotency_key=key
+        principal.owner, job_request, priority=order.priority, idempotency_key=key
     )
     if created and node.job_workers is not None:
         node.job_workers.notify()
@@ -121,7 +117,7 @@ async def _own(request: Request, job_id: str) -> Job:
         raise InvalidInput("a job id reads job_ and 24 hex digits")
     job = await node.jobs.get(job_id) if node.jobs is not None else None
     principal = principal_of(request.scope)
-    if job is None or (job.owner != owner_of(principal) and not principal.at_least("admin")):
+    if job is None or (job.owner != principal.owner and not principal.at_least("admin")):
         raise ModelNotFound(f"no job {job_id}")  # another tenant's job is as absent as a missing one
     return job
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -21,7 +22,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.responses import Response, StreamingResponse
 
-from edgegen.engine.generation import Generation, Scheduler
+from edgegen.cache.keys import generation_key
+from edgegen.engine.generation import Event, Generation, Scheduler, Usage
+from edgegen.engine.registry import ServedModel
 from edgegen.engine.sampling import SamplingParams
 from edgegen.errors import ClientGone, InvalidInput
 from edgegen.node.state import node_of
@@ -128,16 +131,69 @@ def _parse(model: type[_P], body: bytes) -> _P:
 _P = TypeVar("_P", bound=_Params)
 
 
-def _scheduler(request: Request, name: str) -> Scheduler:
+def _generator(request: Request, name: str) -> tuple[ServedModel, Scheduler]:
     authorize_model(request.scope, name)
     served = node_of(request).registry.get(name)
     request.state.model = name
     if served.scheduler is None:
         raise InvalidInput(f"model {name!r} does not generate text; use /v2/models/{name}/infer or /predict")
-    return served.scheduler
+    return served, served.scheduler
 
 
-def _usage(generation: Generation) -> dict[str, Any]:
+class Replay:
+    """A generation answered from the response cache: its whole text as one event."""
+
+    def __init__(self, cached: bytes) -> None:
+        data = orjson.loads(cached)
+        self.text: str = data["text"]
+        self.finish_reason: str = data["finish_reason"]
+        prompt = int(data["prompt_tokens"])
+        self.usage = Usage(prompt, int(data["completion_tokens"]), cached_tokens=prompt)
+
+    async def events(self) -> AsyncIterator[Event]:
+        yield Event(self.text, self.finish_reason)
+
+    def cancel(self) -> None:
+        pass
+
+
+class Recorded:
+    """A generation whose finished text is stored in the response cache."""
+
+    def __init__(self, generation: Generation, done: Callable[[bytes], None]) -> None:
+        self._generation = generation
+        self._done = done
+
+    @property
+    def usage(self) -> Usage:
+        return self._generation.usage
+
+    async def events(self) -> AsyncIterator[Event]:
+        parts = []
+        async for event in self._generation.events():
+            parts.append(event.text)
+            if event.finish_reason is not None:
+                usage = self.usage
+                self._done(
+                    orjson.dumps(
+                        {
+                            "text": "".join(parts),
+                            "finish_reason": event.finish_reason,
+                            "prompt_tokens": usage.prompt_tokens,
+                            "completion_tokens": usage.completion_tokens,
+                        }
+                    )
+                )
+            yield event
+
+    def cancel(self) -> None:
+        self._generation.cancel()
+
+
+Source = Generation | Replay | Recorded
+
+
+def _usage(generation: Source) -> dict[str, Any]:
     usage = generation.usage
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -152,8 +208,10 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def _collect(request: Request, generation: Generation) -> tuple[str, str]:
+async def _collect(request: Request, generation: Source) -> tuple[str, str]:
     """The whole text and finish reason; cancels the generation if the client leaves first."""
+    if isinstance(generation, Replay):
+        return generation.text, generation.finish_reason
 
     async def run() -> tuple[str, str]:
         parts, reason = [], "stop"
@@ -185,7 +243,7 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 
 async def _stream(
-    generation: Generation, head: dict[str, Any], piece: Any, include_usage: bool
+    generation: Source, head: dict[str, Any], piece: Any, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """SSE chunks; leaving early (the client went away) cancels the generation."""
     try:
@@ -205,8 +263,8 @@ async def _stream(
         generation.cancel()
 
 
-def _json(content: dict[str, Any]) -> Response:
-    return Response(orjson.dumps(content), media_type="application/json")
+def _json(content: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), media_type="application/json", headers=headers)
 
 
 @router.get("/models", summary="Models that generate text")
@@ -227,11 +285,12 @@ async def list_models(request: Request) -> Response:
 @router.post("/chat/completions", summary="Chat completion (OpenAI)")
 async def chat_completions(request: Request) -> Response:
     body = _parse(ChatRequest, await request.body())
-    scheduler = _scheduler(request, body.model)
+    served, scheduler = _generator(request, body.model)
     executor = scheduler.executor
     chat = executor.render_chat([{"role": m.role, "content": m.text} for m in body.messages])
-    prompt = executor.tokenize(chat, special=True)
-    generation = _submit(request, scheduler, body, prompt, body.max_completion_tokens or body.max_tokens)
+    generation, headers = _generate(
+        request, served, body, chat, True, body.max_completion_tokens or body.max_tokens
+    )
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
 
@@ -241,7 +300,7 @@ async def chat_completions(request: Request) -> Response:
             return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason}
 
         return _sse_response(
-            generation, {**head, "object": "chat.completion.chunk"}, piece, body.include_usage
+            generation, {**head, "object": "chat.completion.chunk"}, piece, body.include_usage, headers
         )
     text, reason = await _collect(request, generation)
     message = {"role": "assistant", "content": text}
@@ -251,16 +310,16 @@ async def chat_completions(request: Request) -> Response:
             "object": "chat.completion",
             "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
             "usage": _usage(generation),
-        }
+        },
+        headers,
     )
 
 
 @router.post("/completions", summary="Text completion (OpenAI)")
 async def completions(request: Request) -> Response:
     body = _parse(CompletionRequest, await request.body())
-    scheduler = _scheduler(request, body.model)
-    prompt = scheduler.executor.tokenize(body.text, special=False)
-    generation = _submit(request, scheduler, body, prompt, body.max_tokens)
+    served, _ = _generator(request, body.model)
+    generation, headers = _generate(request, served, body, body.text, False, body.max_tokens)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
 
@@ -269,7 +328,9 @@ async def completions(request: Request) -> Response:
                 return None
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
 
-        return _sse_response(generation, {**head, "object": "text_completion"}, piece, body.include_usage)
+        return _sse_response(
+            generation, {**head, "object": "text_completion"}, piece, body.include_usage, headers
+        )
     text, reason = await _collect(request, generation)
     return _json(
         {
@@ -277,27 +338,49 @@ async def completions(request: Request) -> Response:
             "object": "text_completion",
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
             "usage": _usage(generation),
-        }
+        },
+        headers,
     )
 
 
-def _submit(
-    request: Request, scheduler: Scheduler, body: _Params, prompt: list[int], max_tokens: int | None
-) -> Generation:
-    room = scheduler.executor.n_ctx_seq - len(prompt)
-    settings = node_of(request).settings
-    return scheduler.submit(
-        prompt,
-        body.sampling,
-        max_tokens=max_tokens if max_tokens is not None else max(room, 1),
-        stop=body.stops,
-        timeout_s=settings.llm.timeout_s,
+def _generate(
+    request: Request, served: ServedModel, body: _Params, text: str, special: bool, max_tokens: int | None
+) -> tuple[Source, dict[str, str]]:
+    """The answer's source — the response cache, or a new generation (recorded when it may be cached) —
+    and the headers that say which. The cache key holds the prompt's text, not its tokens: a hit skips
+    tokenizing (llama.cpp's tokenizer is the dearest part of a hit)."""
+    assert served.scheduler is not None
+    scheduler = served.scheduler
+    node = node_of(request)
+    params, stops = body.sampling, body.stops
+    cache, ticket = node.cache, None
+    if cache is not None:
+        n_ctx = scheduler.executor.n_ctx_seq
+
+        def key(owner: str, model: str, tag: str) -> bytes:
+            return generation_key(owner, model, tag, text, special, params, max_tokens, n_ctx, stops)
+
+        deterministic = params.greedy or params.seed is not None
+        ticket = cache.ticket(request.scope, served.manifest, key, deterministic=deterministic)
+        if ticket is not None and (cached := cache.lookup(ticket)) is not None:
+            return Replay(cached), ticket.headers
+    prompt = scheduler.executor.tokenize(text, special=special)
+    budget = max_tokens if max_tokens is not None else max(scheduler.executor.n_ctx_seq - len(prompt), 1)
+    generation = scheduler.submit(
+        prompt, params, max_tokens=budget, stop=stops, timeout_s=node.settings.llm.timeout_s
     )
+    if cache is None or ticket is None:
+        return generation, {}
+    if ticket.write:
+        return Recorded(generation, functools.partial(cache.store, ticket)), ticket.headers
+    return generation, ticket.headers
 
 
-def _sse_response(generation: Generation, head: dict[str, Any], piece: Any, include_usage: bool) -> Response:
+def _sse_response(
+    generation: Source, head: dict[str, Any], piece: Any, include_usage: bool, headers: dict[str, str]
+) -> Response:
     return StreamingResponse(
         _stream(generation, head, piece, include_usage),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
     )

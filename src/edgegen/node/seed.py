@@ -80,7 +80,7 @@ class SeedRoutes:
             await respond(send, 405, orjson.dumps({"error": "method not allowed"}), {"Allow": "POST"})
             return
         try:
-            body = await self._predict(scope, receive, route[1])
+            body, headers = await self._predict(scope, receive, route[1])
         except _ClientGone:
             return
         except EdgegenError as exc:
@@ -91,13 +91,13 @@ class SeedRoutes:
             log.exception("unhandled error")
             await respond(send, 500, orjson.dumps({"error": "internal error"}))
             return
-        await respond(send, 200, body)
+        await respond(send, 200, body, headers)
 
-    async def _predict(self, scope: Scope, receive: Receive, name: str) -> bytes:
+    async def _predict(self, scope: Scope, receive: Receive, name: str) -> tuple[bytes, dict[str, str]]:
         authorize_model(scope, name)
         served = self.node.registry.get(name)
         scope.setdefault("state", {})["model"] = name
-        batcher = served.fixed_shape()
+        served.fixed_shape()
         manifest = served.manifest
         if len(manifest.inputs) != 1:
             raise InvalidInput(f"model {name!r} takes several inputs; use /v2/models/{name}/infer")
@@ -106,10 +106,11 @@ class SeedRoutes:
             raise InvalidInput('the body must be a JSON object with an "input_data" list')
         spec = manifest.inputs[0]
         batch = to_batch(payload["input_data"], spec)
-        outputs = await batcher.submit({spec.name: batch}, self.node.settings.request_timeout_s)
-        return orjson.dumps(
+        outputs, headers = await self.node.infer(scope, served, {spec.name: batch})
+        body = orjson.dumps(
             {"prediction": outputs[manifest.outputs[0].name]}, option=orjson.OPT_SERIALIZE_NUMPY
         )
+        return body, headers
 
 
 _OPERATION: dict[str, Any] = {

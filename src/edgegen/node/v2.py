@@ -199,7 +199,7 @@ def _requested_outputs(header: dict[str, Any], manifest: Manifest) -> list[tuple
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     node = node_of(request)
     served = _served(request, name, version)
-    batcher = served.fixed_shape()
+    served.fixed_shape()
     manifest = served.manifest
     head, binary = _split_body(request, await request.body())
     header = parse_json(head)
@@ -227,7 +227,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("id must be a string")
 
-    outputs = await batcher.submit(feeds, node.settings.request_timeout_s)
+    outputs, headers = await node.infer(request.scope, served, feeds)
 
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []
@@ -250,11 +250,11 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         answer["id"] = request_id
     head_out = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
-        return Response(head_out, media_type="application/json")
+        return Response(head_out, media_type="application/json", headers=headers)
     return Response(
         head_out + b"".join(chunks),
         media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(len(head_out))},
+        headers={**headers, "Inference-Header-Content-Length": str(len(head_out))},
     )
 
 

@@ -21,6 +21,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from edgegen.cache.memory import Removed
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -118,6 +120,44 @@ class NodeMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.cache_hits = Counter(
+            "edgegen_cache_hits_total",
+            "Answers served from the response cache.",
+            ["model", "tier"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "edgegen_cache_misses_total",
+            "Cacheable requests computed because the cache lacked their answer.",
+            ["model"],
+            registry=r,
+        )
+        self.cache_bypasses = Counter(
+            "edgegen_cache_bypasses_total",
+            "Requests of a cached model that did not read the cache (sampled, or Cache-Control: no-cache).",
+            ["model"],
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "edgegen_cache_evictions_total",
+            "Entries removed: to stay in bounds (size), expired, or invalidated by a new model version.",
+            ["tier", "reason"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "edgegen_cache_bytes",
+            "Bytes held by each cache tier.",
+            ["tier"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.cache_entries = Gauge(
+            "edgegen_cache_entries",
+            "Entries held by each cache tier.",
+            ["tier"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self._children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self._per_model: dict[str, tuple[Any, Any, Any, Any]] = {}
         if not self.multiprocess:
@@ -164,6 +204,28 @@ class NodeMetrics:
     def on_token(self, model: str, seconds: float) -> None:
         self.inter_token_seconds.labels(model).observe(seconds)
         self.generated_tokens.labels(model).inc()
+
+    # CacheObserver
+    def on_lookup(self, model: str, result: str, tier: str | None) -> None:
+        if result == "hit":
+            self.cache_hits.labels(model, tier).inc()
+        elif result == "miss":
+            self.cache_misses.labels(model).inc()
+        else:
+            self.cache_bypasses.labels(model).inc()
+
+    def on_removed(self, tier: str, removed: Removed) -> None:
+        for reason, count in (
+            ("size", removed.size),
+            ("expired", removed.expired),
+            ("invalidated", removed.invalidated),
+        ):
+            if count:
+                self.cache_evictions.labels(tier, reason).inc(count)
+
+    def on_size(self, tier: str, size: int, entries: int) -> None:
+        self.cache_bytes.labels(tier).set(size)
+        self.cache_entries.labels(tier).set(entries)
 
     def observe_request(self, route: str, method: str, model: str, status: int, seconds: float) -> None:
         # Label lookups cost more than the observation; routes x models x statuses stay few.

@@ -68,6 +68,11 @@ class Keyring:
         env = os.environ.get("EDGEGEN_ENCRYPTION_KEYS")
         return cls.parse(env) if env else None
 
+    @property
+    def ids(self) -> frozenset[str]:
+        """The ids of every key held: what the keyring can decrypt."""
+        return frozenset(self._keys)
+
     def encrypt(self, data: bytes, context: bytes = b"") -> bytes:
         key_id = self.active.encode()
         header = MAGIC + bytes([len(key_id)]) + key_id

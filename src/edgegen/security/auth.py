@@ -41,6 +41,11 @@ class Principal:
     models: tuple[str, ...] | None = None  # None: every model
     tenant: str | None = None
 
+    @property
+    def owner(self) -> str:
+        """Whose jobs and cached answers this caller's are: its tenant, else the credential alone."""
+        return self.tenant or self.subject
+
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models
 

@@ -1,0 +1,186 @@
+"""The disk tier: one SQLite file (WAL), bounded in bytes, shared by a node's worker processes.
+
+Each write is one transaction, so a process killed mid-write leaves the entry absent or whole, never
+torn. Values are sealed with the node's keyring when it has one (AES-GCM, the entry's key as
+associated data, so a value moved to another row fails to open); entries sealed with a key the keyring
+no longer holds, or stored in plaintext before encryption was switched on, are dropped at open.
+Least recently used entries go first once the file holds more than its bound (expired ones before
+them). Reads run on the caller's thread with their own connection; writes belong on one writer thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from edgegen.cache.memory import Entry, Removed
+from edgegen.errors import IntegrityError
+from edgegen.security.atrest import Keyring
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key BLOB PRIMARY KEY,
+    model TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    stored REAL NOT NULL,
+    expires REAL NOT NULL,
+    used REAL NOT NULL,
+    size INTEGER NOT NULL,
+    key_id TEXT,
+    value BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_used ON entries (used);
+CREATE INDEX IF NOT EXISTS entries_model ON entries (model, tag);
+CREATE INDEX IF NOT EXISTS entries_expires ON entries (expires);
+"""
+ROW_OVERHEAD = 100  # bytes a row costs beside its key and value (columns, index entries)
+LOW_WATER = 0.9  # eviction goes down to this share of the bound, so it does not run on every write
+
+
+def _connect(path: Path, busy_ms: int) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute(f"PRAGMA busy_timeout={busy_ms}")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+class DiskTier:
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int,
+        keyring: Keyring | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # cached answers are the tenants' data
+        self.max_bytes = max_bytes
+        self._keyring = keyring
+        self._clock = clock
+        self._writer = _connect(path, 10_000)
+        self._writer.executescript(SCHEMA)
+        self._drop_unreadable()
+        self._reader = _connect(path, 200)
+        self.bytes = self.entries = 0
+        self._measure()
+
+    def _measure(self) -> None:
+        """Count bytes and entries afresh: other processes write to the same file."""
+        count, total = self._writer.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
+        self.entries, self.bytes = int(count), int(total)
+
+    def _drop_unreadable(self) -> None:
+        if self._keyring is None:
+            dropped = self._writer.execute("DELETE FROM entries WHERE key_id IS NOT NULL").rowcount
+        else:
+            ids = sorted(self._keyring.ids)
+            marks = ",".join("?" * len(ids))
+            dropped = self._writer.execute(
+                f"DELETE FROM entries WHERE key_id IS NULL OR key_id NOT IN ({marks})",  # noqa: S608 (marks only)
+                ids,
+            ).rowcount
+        if dropped:
+            log.info("cached answers dropped: sealed with another key", extra={"count": dropped})
+
+    def get(self, key: bytes) -> Entry | None:
+        """The entry under `key` if it is there, unexpired and opens; call `touch` on a hit."""
+        row = self._reader.execute(
+            "SELECT model, tag, stored, expires, key_id, value FROM entries WHERE key = ?", (key,)
+        ).fetchone()
+        if row is None:
+            return None
+        model, tag, stored, expires, key_id, value = row
+        if expires <= self._clock():
+            return None
+        if key_id is not None:
+            if self._keyring is None:
+                return None
+            try:
+                value = self._keyring.decrypt(value, b"cache/" + key)
+            except IntegrityError as exc:
+                log.warning("a cached answer did not open; it is ignored", extra={"reason": exc.message})
+                return None
+        return Entry(value, model, tag, stored, expires)
+
+    def touch(self, key: bytes) -> None:
+        self._writer.execute("UPDATE entries SET used = ? WHERE key = ?", (self._clock(), key))
+
+    def put(self, key: bytes, entry: Entry, removed: Removed) -> None:
+        value, key_id = entry.value, None
+        if self._keyring is not None:
+            value, key_id = self._keyring.encrypt(value, b"cache/" + key), self._keyring.active
+        size = len(value) + len(key) + ROW_OVERHEAD
+        if size > self.max_bytes:
+            return
+        with self._transaction() as db:
+            old = db.execute("SELECT size FROM entries WHERE key = ?", (key,)).fetchone()
+            db.execute(
+                "INSERT OR REPLACE INTO entries (key, model, tag, stored, expires, used, size, key_id, value)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    entry.model,
+                    entry.tag,
+                    entry.stored,
+                    entry.expires,
+                    self._clock(),
+                    size,
+                    key_id,
+                    value,
+                ),
+            )
+            self.bytes += size - (old[0] if old else 0)
+            self.entries += 0 if old else 1
+            if self.bytes > self.max_bytes:
+                self._evict(db, removed)
+
+    def _evict(self, db: sqlite3.Connection, removed: Removed) -> None:
+        """Expired entries first; if not enough, the least recently used down to the low-water mark."""
+        removed.expired += db.execute("DELETE FROM entries WHERE expires <= ?", (self._clock(),)).rowcount
+        self._measure()
+        if self.bytes <= self.max_bytes:
+            return
+        goal = int(self.max_bytes * LOW_WATER)
+        while self.bytes > goal:
+            victims = db.execute("SELECT key, size FROM entries ORDER BY used LIMIT 64").fetchall()
+            if not victims:
+                break
+            for key, size in victims:
+                db.execute("DELETE FROM entries WHERE key = ?", (key,))
+                self.bytes -= size
+                self.entries -= 1
+                removed.size += 1
+                if self.bytes <= goal:
+                    break
+
+    def invalidate(self, model: str, keep_tag: str | None, removed: Removed) -> None:
+        with self._transaction() as db:
+            gone = db.execute(
+                "DELETE FROM entries WHERE model = ? AND tag IS NOT ?", (model, keep_tag)
+            ).rowcount
+            removed.invalidated += gone
+            self._measure()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._writer
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()

@@ -1,0 +1,170 @@
+"""The two tiers on their own: bounds in bytes, LRU order, expiry, invalidation by model version, and
+the disk tier's sealing with the node's keyring."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from edgegen.cache.disk import DiskTier
+from edgegen.cache.memory import ENTRY_OVERHEAD, Entry, MemoryTier, Removed
+from edgegen.security.atrest import Keyring, new_key
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def entry(value: bytes, clock: Clock, *, model: str = "m", tag: str = "t1", ttl: float = 60) -> Entry:
+    return Entry(value, model, tag, clock.now, clock.now + ttl)
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(32, "little")
+
+
+def test_memory_keeps_the_recently_used_within_its_bytes() -> None:
+    clock = Clock()
+    size = 100 + 32 + ENTRY_OVERHEAD
+    tier = MemoryTier(3 * size, clock)
+    removed = Removed()
+    for i in range(3):
+        tier.put(key(i), entry(bytes(100), clock), removed)
+    assert tier.get(key(0), removed) is not None  # 0 is now the most recent; 1 the least
+    tier.put(key(3), entry(bytes(100), clock), removed)
+    assert tier.get(key(1), removed) is None
+    assert all(tier.get(key(i), removed) is not None for i in (0, 2, 3))
+    assert (tier.bytes, len(tier), removed.size) == (3 * size, 3, 1)
+
+
+def test_memory_replaces_in_place_and_refuses_what_cannot_fit() -> None:
+    clock = Clock()
+    tier = MemoryTier(1_000, clock)
+    removed = Removed()
+    tier.put(key(1), entry(b"a" * 100, clock), removed)
+    tier.put(key(1), entry(b"b" * 200, clock), removed)
+    assert tier.bytes == 200 + 32 + ENTRY_OVERHEAD
+    tier.put(key(2), entry(bytes(2_000), clock), removed)
+    assert tier.get(key(2), removed) is None
+    found = tier.get(key(1), removed)
+    assert found is not None
+    assert found.value == b"b" * 200
+    assert removed.size == 0
+
+
+def test_memory_entries_expire() -> None:
+    clock = Clock()
+    tier = MemoryTier(10_000, clock)
+    removed = Removed()
+    tier.put(key(1), entry(b"x", clock, ttl=10), removed)
+    clock.now += 9.9
+    assert tier.get(key(1), removed) is not None
+    clock.now += 0.2
+    assert tier.get(key(1), removed) is None
+    assert (removed.expired, tier.bytes, len(tier)) == (1, 0, 0)
+
+
+def test_memory_invalidation_keeps_only_the_served_version() -> None:
+    clock = Clock()
+    tier = MemoryTier(10_000, clock)
+    removed = Removed()
+    tier.put(key(1), entry(b"old", clock, tag="t1"), removed)
+    tier.put(key(2), entry(b"new", clock, tag="t2"), removed)
+    tier.put(key(3), entry(b"other", clock, model="n", tag="t1"), removed)
+    tier.invalidate("m", "t2", removed)
+    assert tier.get(key(1), removed) is None
+    assert tier.get(key(2), removed) is not None
+    assert tier.get(key(3), removed) is not None
+    tier.invalidate("n", None, removed)
+    assert tier.get(key(3), removed) is None
+    assert removed.invalidated == 2
+
+
+def test_disk_survives_reopening_and_stays_within_its_bytes(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "cache" / "responses.sqlite"
+    tier = DiskTier(path, 20_000, clock=clock)
+    removed = Removed()
+    for i in range(30):
+        clock.now += 1
+        tier.put(key(i), entry(bytes([i]) * 1_000, clock), removed)
+        tier.touch(key(0))  # a hot entry outlives its neighbours
+    assert tier.bytes <= 20_000
+    assert removed.size > 0
+    tier.close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    again = DiskTier(path, 20_000, clock=clock)
+    assert again.entries == len(sqlite3.connect(path).execute("SELECT key FROM entries").fetchall())
+    assert again.get(key(0)) is not None
+    assert again.get(key(1)) is None
+    found = again.get(key(29))
+    assert found is not None
+    assert found.value == bytes([29]) * 1_000
+    assert found.model == "m"
+    clock.now += 61
+    assert again.get(key(29)) is None  # expired
+    again.close()
+
+
+def test_disk_invalidation_and_eviction_of_the_expired_first(tmp_path: Path) -> None:
+    clock = Clock()
+    tier = DiskTier(tmp_path / "c.sqlite", 10_200, clock=clock)  # 9 entries
+    removed = Removed()
+    tier.put(key(1), entry(b"a" * 1_000, clock, tag="t1", ttl=1), removed)
+    tier.put(key(2), entry(b"b" * 1_000, clock, tag="t2"), removed)
+    tier.invalidate("m", "t2", removed)
+    assert removed.invalidated == 1
+    assert tier.entries == 1
+    tier.put(key(3), entry(b"c" * 1_000, clock, ttl=1), removed)
+    clock.now += 2
+    for i in range(4, 12):
+        tier.put(key(i), entry(bytes(1_000), clock), removed)
+    assert removed.expired == 1
+    assert tier.get(key(2)) is not None
+    tier.close()
+
+
+def test_disk_values_are_sealed_and_a_foreign_key_drops_them(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "c.sqlite"
+    first = new_key()
+    tier = DiskTier(path, 100_000, Keyring.parse(f"k1:{first}"), clock)
+    secret = b"the answer for tenant acme: 42"
+    tier.put(key(1), entry(secret, clock), Removed())
+    tier.close()
+    assert secret not in b"".join(f.read_bytes() for f in tmp_path.iterdir() if f.is_file())
+    plain = DiskTier(tmp_path / "plain" / "c.sqlite", 100_000, clock=clock)
+    plain.put(key(1), entry(secret, clock), Removed())
+    plain.close()
+    assert secret in (tmp_path / "plain" / "c.sqlite").read_bytes()  # what the keyring hides
+    rotated = DiskTier(path, 100_000, Keyring.parse(f"k2:{new_key()},k1:{first}"), clock)
+    found = rotated.get(key(1))
+    assert found is not None
+    assert found.value == secret
+    rotated.close()
+    stranger = DiskTier(path, 100_000, Keyring.parse(f"k3:{new_key()}"), clock)
+    assert stranger.entries == 0
+    assert stranger.get(key(1)) is None
+    stranger.close()
+
+
+def test_disk_refuses_a_value_moved_to_another_key(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "c.sqlite"
+    tier = DiskTier(path, 100_000, Keyring.parse(f"k1:{new_key()}"), clock)
+    tier.put(key(1), entry(b"for key one", clock), Removed())
+    tier.put(key(2), entry(b"for key two", clock), Removed())
+    db = sqlite3.connect(path)
+    db.execute(
+        "UPDATE entries SET value = (SELECT value FROM entries WHERE key = ?) WHERE key = ?", (key(1), key(2))
+    )
+    db.commit()
+    assert tier.get(key(2)) is None
+    found = tier.get(key(1))
+    assert found is not None
+    assert found.value == b"for key one"
+    tier.close()
