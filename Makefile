@@ -59,6 +59,7 @@ bench: setup
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/security.py
 	$(BIN)/python bench/jobs.py
+	$(BIN)/python bench/cache.py
 
 # Static analysis of our code (bandit: any finding fails) and known vulnerabilities of the installed
 # dependencies (pip-audit: says plainly when its service cannot be reached). Not part of `make test`.

@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from rich.console import Console
 from edgegen.gateway.balancers import Backend, make_balancer
 from llm import prepare_home
 from predict import BIN, digits_workload, run_wrk
-from servers import UNAUTHENTICATED, Server, clean_env, free_port, machine_facts, save_result, start, stop
+from servers import LIKE_BASELINES, Server, clean_env, free_port, new_result, save_result, start, stop
 
 console = Console()
 BASELINES = Path(__file__).parent / "baselines"
@@ -57,7 +56,7 @@ BALANCERS = ("round_robin", "weighted_round_robin", "least_connections", "p2c_ew
 def node(home: Path, name: str) -> Server:
     port = free_port()
     command = [str(BIN / "edgegen"), "serve", "--port", str(port)]
-    env = clean_env(EDGEGEN_HOME=str(home), **UNAUTHENTICATED)
+    env = clean_env(EDGEGEN_HOME=str(home), **LIKE_BASELINES)
     return Server(name, command, env, "/v2/health/ready", port)
 
 
@@ -68,7 +67,7 @@ def gateway(root: Path, name: str, nodes: list[Server], balancer: str) -> Server
     # Top-level keys come before the first table.
     config.write_text(f'access_log = false\n{"".join(lines)}[balancer]\ndefault = "{balancer}"\n')
     command = [str(BIN / "edgegen"), "gateway", "--config", str(config), "--port", str(port)]
-    env = clean_env(EDGEGEN_GATEWAY_HOME=str(root), **UNAUTHENTICATED)
+    env = clean_env(EDGEGEN_GATEWAY_HOME=str(root), **LIKE_BASELINES)
     return Server(name, command, env, "/v2/health/ready", port)
 
 
@@ -322,8 +321,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated: overhead, uneven, affinity, pick")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    result: dict[str, Any] = {"date": stamp, "machine": machine_facts(), "command": " ".join(sys.argv)}
+    result = new_result()
     with tempfile.TemporaryDirectory(prefix="edgegen-gateway-bench-") as tmp:
         root = Path(tmp)
         home, data, wrk_bin = digits_workload(root)

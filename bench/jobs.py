@@ -22,10 +22,8 @@ import os
 import shutil
 import signal
 import statistics
-import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ from edgegen.jobs.queue import JobQueue, JobRequest
 from edgegen.jobs.redis import RedisJobQueue
 from edgegen.jobs.sqlite import SqliteJobQueue
 from predict import BIN, ensure_models
-from servers import UNAUTHENTICATED, Server, clean_env, free_port, machine_facts, save_result, start, stop
+from servers import LIKE_BASELINES, Server, clean_env, free_port, new_result, save_result, start, stop
 
 console = Console()
 REQUEST = JobRequest("POST", "/predict", json.dumps({"input_data": [0.0] * 64}).encode())
@@ -64,7 +62,7 @@ async def queue_rates(queue: JobQueue, n: int) -> dict[str, float]:
 def node(home: Path, name: str, jobs_env: dict[str, str], port: int | None = None) -> Server:
     port = port or free_port()
     command = [str(BIN / "edgegen"), "serve", "--port", str(port)]
-    env = clean_env(EDGEGEN_HOME=str(home), **UNAUTHENTICATED, **jobs_env)
+    env = clean_env(EDGEGEN_HOME=str(home), **LIKE_BASELINES, **jobs_env)
     return Server(name, command, env, "/v2/health/ready", port)
 
 
@@ -123,8 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=5000)
     args = parser.parse_args()
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    result: dict[str, Any] = {"date": stamp, "machine": machine_facts(), "command": " ".join(sys.argv)}
+    result = new_result()
     with tempfile.TemporaryDirectory(prefix="edgegen-jobs-bench-") as tmp:
         root = Path(tmp)
         home = root / "home"

@@ -58,7 +58,7 @@ from llm_client import Stream, Wave, chat_body, new_client, stream_chat, wave
 from llm_inprocess import Ceiling, Floor, InProcessRun, copy_bandwidth, gguf_tensor_bytes
 from llm_report import Summary, markdown, print_report, summarize, targets
 from servers import (
-    UNAUTHENTICATED,
+    LIKE_BASELINES,
     Server,
     clean_env,
     free_port,
@@ -138,7 +138,7 @@ def define_servers(home: Path, model_file: Path) -> list[Server]:
         EDGEGEN_LLM__MAX_NUM_SEQS=str(MAX_NUM_SEQS),
         EDGEGEN_LLM__CTX_PER_SEQ=str(N_CTX),
         EDGEGEN_LLM__N_BATCH=str(N_BATCH),
-        **UNAUTHENTICATED,
+        **LIKE_BASELINES,
     )
     ours = [str(BIN / "edgegen"), "serve", "--port", str(ours_port)]
     theirs = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file)]

@@ -51,7 +51,7 @@ from rich.console import Console
 from rich.table import Table
 
 from servers import (
-    UNAUTHENTICATED,
+    LIKE_BASELINES,
     Server,
     clean_env,
     cpu_seconds,
@@ -98,7 +98,7 @@ def define_servers(home: Path, first_body: bytes) -> list[Server]:
             node_home.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):
                 (node_home / "models").symlink_to(home / "models")
-            env = clean_env(EDGEGEN_HOME=str(node_home), **UNAUTHENTICATED)
+            env = clean_env(EDGEGEN_HOME=str(node_home), **LIKE_BASELINES)
             ready_path, ready_post = "/v2/health/ready", None
         else:
             env = clean_env(SEED_MODEL_PATH=str(tflite), SEED_PORT=str(port))

@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from rich.console import Console
 from edgegen.security.keys import KeyStore
 from edgegen.security.pki import Pki
 from predict import BIN, digits_workload, run_wrk
-from servers import Server, clean_env, free_port, machine_facts, save_result, start, stop
+from servers import Server, clean_env, free_port, new_result, save_result, start, stop
 
 console = Console()
 LEVELS = (1, 64)
@@ -52,8 +50,9 @@ def node(home: Path, name: str, auth: bool, tls: dict[str, str] | None = None) -
     port = free_port()
     command = [str(BIN / "edgegen"), "serve", "--port", str(port)]
     env = clean_env(
-        EDGEGEN_HOME=str(home), EDGEGEN_SECURITY__AUTH=str(auth).lower(), EDGEGEN_ACCESS_LOG="false"
-    )
+        EDGEGEN_HOME=str(home), EDGEGEN_SECURITY__AUTH=str(auth).lower(), EDGEGEN_ACCESS_LOG="false",
+        EDGEGEN_CACHE__ENABLED="false",
+    )  # fmt: skip
     env.update(UNLIMITED)
     env.update(tls or {})
     # bench/servers.py probes readiness over plain HTTP; the HTTPS node is known ready once the gateway
@@ -173,8 +172,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=int, default=5)
     args = parser.parse_args()
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    result: dict[str, Any] = {"date": stamp, "machine": machine_facts(), "command": " ".join(sys.argv)}
+    result = new_result()
     with tempfile.TemporaryDirectory(prefix="edgegen-security-bench-") as tmp:
         root = Path(tmp)
         home, data, wrk_bin = digits_workload(root)

@@ -13,10 +13,12 @@ import platform
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +54,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# The baselines these benchmarks compare with have no authentication: our servers run without it too,
-# said explicitly. bench/security.py measures what authentication, rate limits and mutual TLS cost.
-UNAUTHENTICATED = {"EDGEGEN_SECURITY__AUTH": "false", "EDGEGEN_GATEWAY_SECURITY__AUTH": "false"}
+# The baselines these benchmarks compare with have no authentication and no response cache: our servers
+# run without them too, said explicitly (the workloads repeat their inputs, which a cache would answer).
+# bench/security.py measures what authentication, rate limits and mutual TLS cost; bench/cache.py the cache.
+LIKE_BASELINES = {
+    "EDGEGEN_SECURITY__AUTH": "false",
+    "EDGEGEN_GATEWAY_SECURITY__AUTH": "false",
+    "EDGEGEN_CACHE__ENABLED": "false",
+}
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -170,6 +177,12 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "loadavg_at_start": os.getloadavg(),
     }
+
+
+def new_result() -> dict[str, Any]:
+    """What every result file starts with: when (UTC, also its name), where, and the command."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return {"date": stamp, "machine": machine_facts(), "command": " ".join(sys.argv)}
 
 
 def save_result(kind: str, result: dict[str, Any]) -> Path:
