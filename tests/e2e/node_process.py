@@ -27,6 +27,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def metric(node: NodeProcess, prefix: str) -> float:
+    """The value of the first sample on the node's /metrics whose line starts with `prefix` (0 if none)."""
+    for line in httpx.get(f"{node.url}/metrics", verify=node.verify).text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def tenant_headers(home: Path, tenant: str) -> dict[str, str]:
     """Headers carrying a new user key of `tenant`, made in the node's key store."""
     store = KeyStore(home / "security" / "keys.sqlite")

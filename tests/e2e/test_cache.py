@@ -17,8 +17,7 @@ from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.store import ModelStore
 from tests.conftest import fill_store, make_layers
 from tests.e2e.conftest import LLM_ENV
-from tests.e2e.node_process import NodeProcess, running, tenant_headers
-from tests.e2e.test_openai import metric
+from tests.e2e.node_process import NodeProcess, metric, running, tenant_headers
 
 CHAT = {
     "model": "tiny-llm",

@@ -14,7 +14,7 @@ import pytest
 
 from edgegen.jobs.sqlite import SqliteJobQueue
 from tests.e2e.conftest import LLM_ENV
-from tests.e2e.node_process import NodeProcess, running, tenant_headers
+from tests.e2e.node_process import NodeProcess, metric, running, tenant_headers
 
 CHAT = {
     "model": "tiny-llm",
@@ -39,7 +39,10 @@ async def counts(path: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def jobs_node(node_home: Path) -> Iterator[NodeProcess]:
-    with running(NodeProcess(node_home, env=LLM_ENV, auth=True)) as process:
+    # No response cache: a job's answer must be computed, to compare with the live one (test_cache.py
+    # shows jobs answered from the cache).
+    env = {**LLM_ENV, "EDGEGEN_CACHE__ENABLED": "false"}
+    with running(NodeProcess(node_home, env=env, auth=True)) as process:
         yield process
 
 
@@ -74,6 +77,19 @@ def test_a_job_answers_as_the_live_route(jobs_node: NodeProcess, node_home: Path
         assert (failed["status"], failed["response"]["status_code"]) == ("failed", 404)  # type: ignore[index]
         chat_done = wait_final(client, chat.json()["id"])
         assert chat_done["response"]["body"]["choices"] == live_chat["choices"]  # type: ignore[index]
+
+
+def test_job_metrics(jobs_node: NodeProcess, node_home: Path) -> None:
+    runs = metric(jobs_node, 'edgegen_job_runs_total{outcome="finished"}')
+    with httpx.Client(
+        base_url=jobs_node.url, headers=tenant_headers(node_home, "acme"), timeout=30
+    ) as client:
+        job = client.post("/v1/jobs", json=predict([2.0] * 64)).json()
+        wait_final(client, job["id"])
+    assert metric(jobs_node, 'edgegen_job_runs_total{outcome="finished"}') == runs + 1
+    assert metric(jobs_node, 'edgegen_jobs{status="succeeded"}') >= 1
+    assert metric(jobs_node, 'edgegen_jobs{status="queued"}') == 0
+    assert metric(jobs_node, "edgegen_job_run_duration_seconds_count") >= 1
 
 
 def test_idempotency_keys(jobs_node: NodeProcess, node_home: Path) -> None:

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.node_process import NodeProcess
+from tests.e2e.node_process import NodeProcess, metric
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-llm"
@@ -134,13 +134,6 @@ def test_curl_without_content_type_streams(node: NodeProcess) -> None:
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-
-
-def metric(node: NodeProcess, prefix: str) -> float:
-    for line in httpx.get(f"{node.url}/metrics").text.splitlines():
-        if line.startswith(prefix):
-            return float(line.split()[-1])
-    return 0.0
 
 
 RUNNING = f'edgegen_sequences{{model="{MODEL}",state="running"}}'

@@ -16,20 +16,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from edgegen.config import JobsSettings
-from edgegen.jobs.queue import Job, JobQueue, JobRequest
+from edgegen.jobs.queue import Job, JobQueue, JobRequest, Status
 
 log = logging.getLogger("edgegen.jobs")
 Runner = Callable[[JobRequest, str], Awaitable[tuple[int, bytes]]]
 
 
+class JobObserver(Protocol):
+    def on_job_run(self, outcome: str, seconds: float) -> None: ...
+
+
 class JobWorkers:
     def __init__(
-        self, queue: JobQueue, run: Runner, settings: JobsSettings, live: Callable[[], int], name: str
+        self,
+        queue: JobQueue,
+        run: Runner,
+        settings: JobsSettings,
+        live: Callable[[], int],
+        name: str,
+        observer: JobObserver | None = None,
     ) -> None:
         self.queue, self.run, self.settings, self.live, self.name = queue, run, settings, live, name
+        self.observer = observer
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self.running = 0  # jobs in progress, for metrics
@@ -77,6 +90,13 @@ class JobWorkers:
                 await asyncio.sleep(1.0)
 
     async def _execute(self, job: Job, worker: str) -> None:
+        started = time.perf_counter()
+        outcome = await self._attempt(job, worker)
+        if self.observer is not None:
+            self.observer.on_job_run(outcome, time.perf_counter() - started)
+
+    async def _attempt(self, job: Job, worker: str) -> str:
+        """Run one attempt of `job` and record its outcome in the queue; return the outcome's name."""
         self.running += 1
         attempt = asyncio.create_task(self.run(job.request, job.owner))
         keeper = asyncio.create_task(self._keep_lease(job.id, worker, attempt))
@@ -86,18 +106,25 @@ class JobWorkers:
             if not keeper.done() or keeper.result() is not False:
                 raise  # the node is stopping: the lease runs out and another worker takes the job
             log.info("job stopped", extra={"job": job.id, "reason": "cancelled or its lease was lost"})
-            return
+            return "stopped"
         except Exception as exc:
             log.warning("job failed", extra={"job": job.id, "reason": f"{type(exc).__name__}: {exc}"})
-            await self.queue.retry(job.id, worker, f"{type(exc).__name__}: {exc}")
-            return
+            return await self._retry(job, worker, f"{type(exc).__name__}: {exc}")
         finally:
             keeper.cancel()
             self.running -= 1
         if status >= 500 or status == 429:
-            await self.queue.retry(job.id, worker, f"the route answered {status}")
-        elif not await self.queue.finish(job.id, worker, status, body):
+            return await self._retry(job, worker, f"the route answered {status}")
+        if not await self.queue.finish(job.id, worker, status, body):
             log.info("job result discarded", extra={"job": job.id, "reason": "cancelled or lease lost"})
+            return "stopped"
+        return "finished"
+
+    async def _retry(self, job: Job, worker: str, error: str) -> str:
+        after = await self.queue.retry(job.id, worker, error)
+        if after is None:
+            return "stopped"
+        return "failed" if after.status == Status.FAILED else "retried"
 
     async def _keep_lease(self, job_id: str, worker: str, attempt: asyncio.Task[tuple[int, bytes]]) -> bool:
         while True:

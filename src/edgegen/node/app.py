@@ -112,7 +112,9 @@ def create_app(settings: Settings) -> NodeApp:
                 async def run(request: JobRequest, owner: str) -> tuple[int, bytes]:
                     return await run_in_process(app_.routes, request, owner)
 
-                workers = JobWorkers(node.jobs, run, settings.jobs, lambda: app_.inflight, worker_name())
+                workers = JobWorkers(
+                    node.jobs, run, settings.jobs, lambda: app_.inflight, worker_name(), observer=metrics
+                )
                 await workers.start()
                 node.job_workers = workers
             if settings.store_poll_s > 0:
@@ -152,7 +154,15 @@ def create_app(settings: Settings) -> NodeApp:
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def metrics_route(request: Request) -> Response:
-        return Response(node_of(request).metrics.render(), media_type=CONTENT_TYPE)
+        node = node_of(request)
+        if node.jobs is not None:
+            try:
+                counts = await node.jobs.counts()
+            except Exception:  # a queue that cannot answer (Redis away) leaves the last counts
+                log.warning("job counts unavailable for /metrics", exc_info=True)
+            else:
+                node.metrics.on_jobs(counts, node.job_workers.running if node.job_workers else 0)
+        return Response(node.metrics.render(), media_type=CONTENT_TYPE)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -158,6 +158,32 @@ class NodeMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.jobs = Gauge(
+            "edgegen_jobs",
+            "Jobs in the node's queue by status (read at each scrape).",
+            ["status"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.jobs_running_here = Gauge(
+            "edgegen_job_workers_busy",
+            "Job workers running a job now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.job_runs = Counter(
+            "edgegen_job_runs_total",
+            "Job attempts by outcome: finished (any answer but 5xx/429), retried, failed (out of attempts), "
+            "stopped (cancelled or lease lost).",
+            ["outcome"],
+            registry=r,
+        )
+        self.job_run_seconds = Histogram(
+            "edgegen_job_run_duration_seconds",
+            "Time of one job attempt, from claim to its outcome.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self._per_model: dict[str, tuple[Any, Any, Any, Any]] = {}
         if not self.multiprocess:
@@ -226,6 +252,16 @@ class NodeMetrics:
     def on_size(self, tier: str, size: int, entries: int) -> None:
         self.cache_bytes.labels(tier).set(size)
         self.cache_entries.labels(tier).set(entries)
+
+    # JobObserver
+    def on_job_run(self, outcome: str, seconds: float) -> None:
+        self.job_runs.labels(outcome).inc()
+        self.job_run_seconds.observe(seconds)
+
+    def on_jobs(self, counts: dict[str, int], busy: int) -> None:
+        for status, count in counts.items():
+            self.jobs.labels(status).set(count)
+        self.jobs_running_here.set(busy)
 
     def observe_request(self, route: str, method: str, model: str, status: int, seconds: float) -> None:
         # Label lookups cost more than the observation; routes x models x statuses stay few.

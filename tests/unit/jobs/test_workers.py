@@ -1,0 +1,69 @@
+"""The worker pool against a real SQLite queue: what each answer does to a job, and what the pool reports."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from edgegen.config import JobsSettings
+from edgegen.jobs.queue import JobRequest, Status
+from edgegen.jobs.sqlite import SqliteJobQueue
+from edgegen.jobs.workers import JobWorkers
+
+REQUEST = JobRequest("POST", "/predict", b'{"input_data": [1, 2, 3]}')
+
+
+class Outcomes:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_job_run(self, outcome: str, seconds: float) -> None:
+        assert seconds >= 0
+        self.seen.append(outcome)
+
+
+async def run_until_final(answers: list[tuple[int, bytes]], tmp_path: Path) -> tuple[Status, list[str], int]:
+    queue = SqliteJobQueue(tmp_path / "jobs.sqlite", max_attempts=3, backoff_s=0.01)
+    job, _ = await queue.submit("acme", REQUEST)
+    calls: list[str] = []
+
+    async def run(request: JobRequest, owner: str) -> tuple[int, bytes]:
+        assert (request, owner) == (REQUEST, "acme")
+        calls.append(owner)
+        return answers[min(len(calls), len(answers)) - 1]
+
+    outcomes = Outcomes()
+    settings = JobsSettings(workers=1, reserved=1, poll_s=0.005, lease_s=5)
+    workers = JobWorkers(queue, run, settings, live=lambda: 0, name="test", observer=outcomes)
+    await workers.start()
+    try:
+        for _ in range(1000):
+            current = await queue.get(job.id)
+            assert current is not None
+            if current.status in (Status.SUCCEEDED, Status.FAILED):
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        await workers.stop()
+        await queue.close()
+    return current.status, outcomes.seen, len(calls)
+
+
+@pytest.mark.parametrize(
+    ("answers", "status", "outcomes"),
+    [
+        ([(200, b"{}")], Status.SUCCEEDED, ["finished"]),
+        ([(404, b"{}")], Status.FAILED, ["finished"]),  # at once, with the route's answer as its response
+        ([(503, b""), (429, b""), (200, b"{}")], Status.SUCCEEDED, ["retried", "retried", "finished"]),
+        ([(500, b"")], Status.FAILED, ["retried", "retried", "failed"]),
+    ],
+)
+def test_each_answer_moves_the_job_and_is_reported(
+    tmp_path: Path, answers: list[tuple[int, bytes]], status: Status, outcomes: list[str]
+) -> None:
+    final, seen, calls = asyncio.run(run_until_final(answers, tmp_path))
+    assert final == status
+    assert seen == outcomes
+    assert calls == len(outcomes)
