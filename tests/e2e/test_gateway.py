@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,45 @@ def test_the_seed_request_through_the_gateway_is_the_nodes_answer(
     assert all(a.json() == direct for a in answers)
     # Least connections with equal loads takes turns: every node served some.
     assert Counter(a.headers["x-edgegen-node"] for a in answers) == {"n0": 3, "n1": 3, "n2": 3}
+
+
+def wait_job(client: httpx.Client, job_id: str) -> httpx.Response:
+    for _ in range(600):
+        answer = client.get(f"/v1/jobs/{job_id}")
+        if answer.status_code != 200 or answer.json()["status"] in ("succeeded", "failed", "cancelled"):
+            return answer
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_jobs_are_found_on_the_node_that_holds_them(
+    gateway: GatewayProcess, fleet: list[NodeProcess], tmp_path: Path
+) -> None:
+    """Each node keeps its own jobs (SQLite): the gateway sends a job's GET and DELETE to its node, those
+    it saw submitted at once, the others (sent to a node directly, or before a gateway restart) by asking
+    the nodes in turn."""
+    order = {"method": "POST", "url": "/predict", "body": {"input_data": PIXELS}}
+    expected = httpx.post(f"{fleet[0].url}/predict", json={"input_data": PIXELS}).json()
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        through = [client.post("/v1/jobs", json=order) for _ in range(6)]
+        homes = {r.json()["id"]: r.headers["x-edgegen-node"] for r in through}
+        homes |= {
+            httpx.post(f"{n.url}/v1/jobs", json=order).json()["id"]: f"n{i}" for i, n in enumerate(fleet)
+        }
+        assert len(set(homes.values())) == 3
+        for job_id, home in homes.items():
+            found = wait_job(client, job_id)
+            assert found.status_code == 200, found.text
+            assert found.headers["x-edgegen-node"] == home
+            assert found.json()["response"] == {"status_code": 200, "body": expected}
+        cancelled = client.delete(f"/v1/jobs/{next(iter(homes))}")  # finished already: its state, unchanged
+        assert (cancelled.status_code, cancelled.json()["status"]) == (200, "succeeded")
+        assert client.get(f"/v1/jobs/job_{'0' * 24}").status_code == 404
+        assert client.get("/v1/jobs/not-a-job-id").status_code == 400
+    with running_gateway(tmp_path, fleet) as fresh, httpx.Client(base_url=fresh.url, timeout=30) as client:
+        for job_id, home in homes.items():  # a gateway that saw none of them
+            found = client.get(f"/v1/jobs/{job_id}")
+            assert (found.status_code, found.headers["x-edgegen-node"]) == (200, home)
 
 
 def test_kserve_v2_and_errors_pass_through(gateway: GatewayProcess) -> None:

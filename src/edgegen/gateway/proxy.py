@@ -12,14 +12,21 @@ byte went to the client. Each retry spends one token of a budget that every requ
 
 A node that dies mid-stream: an SSE stream gets a last `data: {"error": …}` event and ends; any
 other body is cut off (the client sees a short read, never a silently truncated success).
+
+Jobs. A job lives in the queue of the node that accepted it (SQLite), or in one all nodes share
+(Redis). The gateway remembers which node answered each `POST /v1/jobs` and sends `GET`/`DELETE
+/v1/jobs/{id}` there; a job it has not seen (the gateway restarted, the job went to a node directly)
+is looked for on each available node in turn. A job whose node is unavailable is a 503, not a 404.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +56,8 @@ _HOP_RESPONSE = _HOP - {b"content-length"}  # the body is relayed as it came, so
 _IDEMPOTENT = re.compile(r"^/(predict|models/[^/]+/predict|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 _MODEL_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)/")
 _RETRY_STATUS = frozenset({502, 503, 504})
+_JOB = re.compile(r"^/v1/jobs/([^/]+)$")
+JOBS_REMEMBERED = 100_000  # job -> node entries kept (~150 bytes each); older ones are looked for again
 AFFINITY_BYTES = 512  # how much of a prompt decides where it goes
 WHOLE_BODY_BYTES = 1 << 20  # answers up to this size are read whole and relayed in one send
 
@@ -133,6 +142,23 @@ def model_of(path: str, request: dict[str, Any] | None) -> str | None:
     return model if isinstance(model, str) else None
 
 
+class JobHomes:
+    """Which node holds which job, most recent first, bounded."""
+
+    def __init__(self, capacity: int = JOBS_REMEMBERED) -> None:
+        self.capacity = capacity
+        self._homes: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, job_id: str, node: str) -> None:
+        self._homes[job_id] = node
+        self._homes.move_to_end(job_id)
+        if len(self._homes) > self.capacity:
+            self._homes.popitem(last=False)
+
+    def get(self, job_id: str) -> str | None:
+        return self._homes.get(job_id)
+
+
 class Proxy:
     def __init__(
         self,
@@ -150,6 +176,7 @@ class Proxy:
         self._routes = sorted(settings.balancer.routes.items(), key=lambda kv: -len(kv[0]))
         self.retries = 0
         self.node_ssl = node_ssl_context(settings)
+        self.job_homes = JobHomes()
 
     def client(self, backend: Backend) -> aiohttp.ClientSession:
         known = self._clients.get(backend.name)
@@ -203,6 +230,8 @@ class Proxy:
         method: str = scope["method"]
         forward, session = self._forward_headers(scope, request_id, vouch=self.node_ssl is not None)
         url = path + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
+        if method in ("GET", "DELETE") and (job := _JOB.match(path)):
+            return await self._job(job.group(1), method, url, forward, send)
         idempotent = method in ("GET", "HEAD") or bool(_IDEMPOTENT.match(path))
         request = json_body(path, body)
         balancer = self.balancer_for(path, model_of(path, request))
@@ -229,15 +258,42 @@ class Proxy:
             attempt = await self._try(backend, method, url, forward, body)
             response = attempt.response
             if response is not None and not (idempotent and response.status in _RETRY_STATUS):
-                return await self._relay(attempt, send)
+                break
             # Here: no answer, or an idempotent request's 502/503/504. Only what never reached a node is
             # safe to send again when the request is not idempotent.
             if response is None and attempt.reached and not idempotent:
                 break
         assert attempt is not None
-        if attempt.response is not None:
+        if attempt.response is None:
+            raise Refused(502, f"the node failed to answer ({attempt.error})")
+        if method == "POST" and path == "/v1/jobs" and attempt.body and attempt.response.status in (200, 202):
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+                self.job_homes.remember(str(orjson.loads(attempt.body)["id"]), attempt.backend.name)
+        return await self._relay(attempt, send)
+
+    async def _job(self, job_id: str, method: str, url: str, forward: CIMultiDict[str], send: Send) -> int:
+        """A job's state or cancellation, from the node that holds it (looked for when not known)."""
+        available = self.fleet.available()
+        home = self.job_homes.get(job_id)
+        if home is not None and all(b.name != home for b in available):
+            raise Refused(503, f"node {home!r}, which holds job {job_id}, is unavailable; retry later")
+        candidates = sorted(available, key=lambda b: b.name != home)  # the known node first
+        silent: list[str] = []
+        for backend in candidates:
+            attempt = await self._try(backend, method, url, forward, b"")
+            response = attempt.response
+            if response is None:
+                silent.append(backend.name)
+                continue
+            if response.status == 404 and (backend is not candidates[-1] or silent):
+                await self._finish(attempt)
+                continue
+            if response.status != 404:
+                self.job_homes.remember(job_id, backend.name)
             return await self._relay(attempt, send)
-        raise Refused(502, f"the node failed to answer ({attempt.error})")
+        if silent:
+            raise Refused(503, f"job {job_id} is not on the nodes that answered; {len(silent)} did not")
+        raise Refused(503, "no node is available to take this request")
 
     async def _body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
