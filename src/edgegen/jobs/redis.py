@@ -11,12 +11,12 @@ Layout, under the prefix:
     status:<status>       set of ids per status, for counts
     idem:<owner>:<key>    → id: idempotency keys
 
-Every state change is one Lua script, atomic on the server. A worker reads the highest-priority stream
-first with XREADGROUP (each entry goes to one consumer only); a job whose lease expired gets a new stream
-entry (or fails, out of attempts). An entry is acknowledged and deleted once its job leaves it (finished,
-retried, reclaimed, cancelled), so the streams hold only waiting and running work. Times come from the
-caller's clock, as in the SQLite backend, so both pass the same tests. Run Redis with `appendonly yes`
-for crash safety.
+Every state change is one Lua script, atomic on the server; a claim is one round trip. A worker reads
+the highest-priority stream first with XREADGROUP (each entry goes to one consumer only); a job whose
+lease expired gets a new stream entry (or fails, out of attempts). An entry is acknowledged and deleted
+once its job leaves it (finished, retried, reclaimed, cancelled), so the streams hold only waiting and
+running work. Times come from the caller's clock, as in the SQLite backend, so both pass the same tests.
+Run Redis with `appendonly yes` for crash safety.
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ from edgegen.security.atrest import Keyring
 PRIORITIES = range(9, -1, -1)  # claimed highest first
 GROUP = "workers"
 
-# KEYS: prefix. ARGV: id, owner, method, url, body, priority, now, idem. Returns {created, id}.
+# KEYS: prefix. ARGV: id, owner, method, url, body, priority, now, idem.
+# Returns {created, id, the job's hash as HGETALL gives it}.
 _SUBMIT = """
 local p = KEYS[1]
 local id, owner, idem = ARGV[1], ARGV[2], ARGV[8]
 if idem ~= '' then
   local found = redis.call('GET', p .. 'idem:' .. owner .. ':' .. idem)
-  if found then return {0, found} end
+  if found then return {0, found, redis.call('HGETALL', p .. 'job:' .. found)} end
   redis.call('SET', p .. 'idem:' .. owner .. ':' .. idem, id)
 end
 local entry = redis.call('XADD', p .. 'ready:' .. ARGV[6], '*', 'id', id)
@@ -49,13 +50,16 @@ redis.call('HSET', p .. 'job:' .. id, 'owner', owner, 'method', ARGV[3], 'url', 
   'priority', ARGV[6], 'status', 'queued', 'attempts', 0, 'created', ARGV[7], 'updated', ARGV[7],
   'not_before', 0, 'progress', 0, 'idem', idem, 'entry', entry)
 redis.call('SADD', p .. 'status:queued', id)
-return {1, id}
+return {1, id, redis.call('HGETALL', p .. 'job:' .. id)}
 """
 
-# Move due retries into their streams; turn expired leases into new entries or failures.
-# KEYS: prefix. ARGV: now, max_attempts.
-_MAINTAIN = """
-local p, now, max = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+# One claim, one round trip: move due retries into their streams and turn expired leases into new entries
+# (or failures, out of attempts); then read the highest-priority stream that has an entry (XREADGROUP
+# does not block inside a script) and start its job, skipping entries that went stale (their job was
+# cancelled or re-queued since). KEYS: prefix. ARGV: now, max_attempts, worker, lease_until.
+# Returns {id, the job's hash as HGETALL gives it}, or false when nothing waits.
+_CLAIM = """
+local p, now, max, worker, lease_until = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local function move(id, from, to)
   redis.call('SREM', p .. 'status:' .. from, id)
   redis.call('SADD', p .. 'status:' .. to, id)
@@ -86,26 +90,27 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'leases', '-inf', '(' .. no
     move(id, 'running', 'queued')
   end
 end
-return 0
-"""
-
-# KEYS: prefix. ARGV: id, entry, worker, lease_until, now. Returns 1 when started, 0 when stale.
-_START = """
-local p, id = KEYS[1], ARGV[1]
-local key = p .. 'job:' .. id
-local priority = redis.call('HGET', key, 'priority')
-if not priority then return 0 end
-if redis.call('HGET', key, 'status') ~= 'queued' or redis.call('HGET', key, 'entry') ~= ARGV[2] then
-  redis.call('XACK', p .. 'ready:' .. priority, 'workers', ARGV[2])
-  redis.call('XDEL', p .. 'ready:' .. priority, ARGV[2])
-  return 0
+for priority = 9, 0, -1 do
+  local stream = p .. 'ready:' .. priority
+  while true do
+    local read = redis.call('XREADGROUP', 'GROUP', 'workers', worker, 'COUNT', 1, 'STREAMS', stream, '>')
+    if not read or #read[1][2] == 0 then break end
+    local entry, fields = read[1][2][1][1], read[1][2][1][2]
+    local id = fields[2]
+    local key = p .. 'job:' .. id
+    if redis.call('HGET', key, 'status') == 'queued' and redis.call('HGET', key, 'entry') == entry then
+      redis.call('HINCRBY', key, 'attempts', 1)
+      redis.call('HSET', key, 'status', 'running', 'worker', worker, 'lease_until', lease_until,
+        'updated', now)
+      redis.call('ZADD', p .. 'leases', lease_until, id)
+      move(id, 'queued', 'running')
+      return {id, redis.call('HGETALL', key)}
+    end
+    redis.call('XACK', stream, 'workers', entry)
+    redis.call('XDEL', stream, entry)
+  end
 end
-redis.call('HINCRBY', key, 'attempts', 1)
-redis.call('HSET', key, 'status', 'running', 'worker', ARGV[3], 'lease_until', ARGV[4], 'updated', ARGV[5])
-redis.call('ZADD', p .. 'leases', ARGV[4], id)
-redis.call('SREM', p .. 'status:queued', id)
-redis.call('SADD', p .. 'status:running', id)
-return 1
+return false
 """
 
 # The lease holder only. KEYS: prefix. ARGV: id, worker, now, then per action.
@@ -178,6 +183,11 @@ return #ids
 """
 
 
+def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
+    """HGETALL's reply inside a script's answer: a flat list of names and values."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 class RedisJobQueue:
     def __init__(
         self,
@@ -194,8 +204,8 @@ class RedisJobQueue:
         self.keyring, self.clock = keyring, clock
         self._scripts = {
             name: self._redis.register_script(source)
-            for name, source in (("submit", _SUBMIT), ("maintain", _MAINTAIN), ("start", _START),
-                                 ("holder", _HOLDER), ("cancel", _CANCEL), ("purge", _PURGE))
+            for name, source in (("submit", _SUBMIT), ("claim", _CLAIM), ("holder", _HOLDER),
+                                 ("cancel", _CANCEL), ("purge", _PURGE))
         }  # fmt: skip
         self._groups_ready = False
 
@@ -263,12 +273,11 @@ class RedisJobQueue:
             raise ValueError("priority is 0 to 9")
         await self._groups()
         job_id = new_job_id()
-        created, found = await self._run(
+        created, found, flat = await self._run(
             "submit", job_id, owner, request.method, request.url, self._seal(job_id, "request", request.body),
             priority, self.clock(), idempotency_key or "",
         )  # fmt: skip
-        job = await self.get(found.decode())
-        assert job is not None
+        job = self._job(found.decode(), _fields(flat))
         if not created and job.request != request:
             raise Conflict("this Idempotency-Key was used for another request")
         return job, bool(created)
@@ -280,18 +289,11 @@ class RedisJobQueue:
     async def claim(self, worker: str, lease_s: float) -> Job | None:
         await self._groups()
         now = self.clock()
-        await self._run("maintain", now, self.max_attempts)
-        for priority in PRIORITIES:
-            stream = f"{self.prefix}ready:{priority}"
-            while True:
-                read = await self._redis.xreadgroup(GROUP, worker, {stream: ">"}, count=1)
-                if not read or not read[0][1]:
-                    break
-                entry, fields = read[0][1][0]
-                job_id = fields[b"id"].decode()
-                if await self._run("start", job_id, entry, worker, now + lease_s, now):
-                    return await self.get(job_id)
-        return None
+        claimed = await self._run("claim", now, self.max_attempts, worker, now + lease_s)
+        if not claimed:
+            return None
+        job_id, flat = claimed
+        return self._job(job_id.decode(), _fields(flat))
 
     async def heartbeat(
         self, job_id: str, worker: str, lease_s: float, progress: float | None = None
