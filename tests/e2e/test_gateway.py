@@ -15,6 +15,7 @@ import numpy as np
 import openai
 import pytest
 
+from edgegen import __version__
 from tests.conftest import fill_store
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import GatewayProcess, NodeProcess, assert_no_errors
@@ -37,7 +38,7 @@ def gateway_config(path: Path, nodes: list[NodeProcess], extra: str = "") -> Pat
         "".join(lines)
         + '[balancer]\ndefault = "least_connections"\n'
         + 'routes = { "/v1/chat/completions" = "prefix_affinity" }\n'
-        + "[health]\ninterval_s = 0.2\ntimeout_s = 0.5\n"
+        + "[health]\ninterval_s = 0.2\ntimeout_s = 0.5\nstatus_interval_s = 0.2\n"
         + extra
     )
     return path
@@ -129,6 +130,29 @@ def test_jobs_are_found_on_the_node_that_holds_them(
         for job_id, home in homes.items():  # a gateway that saw none of them
             found = client.get(f"/v1/jobs/{job_id}")
             assert (found.status_code, found.headers["x-edgegen-node"]) == (200, home)
+
+
+def test_the_fleet_view_shows_each_node(gateway: GatewayProcess, fleet: list[NodeProcess]) -> None:
+    for _ in range(30):
+        assert httpx.post(f"{gateway.url}/predict", json={"input_data": PIXELS}).status_code == 200
+    time.sleep(0.5)  # two status rounds: CPU use is a difference between two of them
+    view = httpx.get(f"{gateway.url}/gateway/fleet").json()
+    assert (view["known"], view["available"]) == (3, 3)
+    assert view["requests_per_s"] > 0
+    for node in view["nodes"]:
+        assert node["healthy"] is True
+        assert node["version"] == __version__
+        assert node["models"] == {"digits": "1", "digits-tflite": "1", "tiny-llm": "1"}
+        assert 0 <= node["last_seen_s"] < 2
+        assert node["status_error"] is None
+        assert node["load"]["cpu_cores"] is not None
+        assert node["load"]["rss_bytes"] > 0
+        traffic = node["traffic"]
+        assert traffic["requests_per_s"] > 0  # least connections spread the 30 requests
+        assert 0 < traffic["p50_ms"] <= traffic["p99_ms"]
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    for node in ("n0", "n1", "n2"):
+        assert f'edgegen_gateway_node_available{{node="{node}"}} 1.0' in metrics
 
 
 def test_kserve_v2_and_errors_pass_through(gateway: GatewayProcess) -> None:

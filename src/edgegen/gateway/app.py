@@ -3,6 +3,8 @@
     /v2/health/live, /v2/health/ready   the gateway's own (ready: some node can take traffic)
     /metrics                            the gateway's Prometheus metrics
     /gateway/audit                      every node's packages against the imported OSV advisories
+    /gateway/fleet                      every node at a glance: health, routing state, load, version,
+                                        models, p50/p99 and rates as the gateway saw them, last seen
     /gateway/nodes[/{name}]             the fleet at run time: list (operator), add, re-weight, drain,
                                         remove (admin)
     everything else                     relayed to a node (proxy.py): /predict, /models/…, /v2/…, /v1/…
@@ -20,19 +22,22 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 from fastapi import FastAPI, HTTPException, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from edgegen.errors import ConfigError
 from edgegen.gateway.balancers import Backend
 from edgegen.gateway.fleet import Fleet
+from edgegen.gateway.fleet import NodeState as FleetNode
 from edgegen.gateway.proxy import Attempt, Proxy, Refused
 from edgegen.gateway.settings import GatewaySettings, NodeEntry
 from edgegen.node.errors import error_response, is_openai
@@ -53,6 +58,7 @@ _OUTCOMES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 class GatewayMetrics:
     def __init__(self, fleet: Fleet, proxy: Proxy) -> None:
+        self.fleet = fleet
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.upstream = Histogram(
@@ -75,6 +81,7 @@ class GatewayMetrics:
         )
         nodes.labels("known").set_function(lambda: len(fleet.nodes))
         nodes.labels("available").set_function(lambda: len(fleet.available()))
+        r.register(FleetCollector(fleet))
         self.vulnerable = Gauge(
             "edgegen_gateway_vulnerable_packages",
             "Installed packages with a known advisory, per node (at the last GET /gateway/audit).",
@@ -91,6 +98,7 @@ class GatewayMetrics:
         else:
             assert attempt.response is not None
             outcome = _OUTCOMES[attempt.response.status // 100]
+        self.fleet.record_try(attempt.backend, seconds, outcome in ("error", "5xx"))
         # Labelled children are looked up once per (node, outcome): labels() costs more than the update.
         children = self._children.get((name, outcome))
         if children is None:
@@ -106,6 +114,32 @@ class GatewayMetrics:
         if child is None:
             child = self._statuses[status] = self.responses.labels(str(status))
         child.inc()
+
+
+class FleetCollector(Collector):
+    """Per-node gauges read from the fleet at each scrape (nodes come and go at run time)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        available = GaugeMetricFamily(
+            "edgegen_gateway_node_available", "1 when the node takes traffic now.", labels=["node"]
+        )
+        in_flight = GaugeMetricFamily(
+            "edgegen_gateway_node_in_flight", "Requests at the node from this gateway now.", labels=["node"]
+        )
+        seen = GaugeMetricFamily(
+            "edgegen_gateway_node_last_seen_seconds", "Since the node last passed a check.", labels=["node"]
+        )
+        taking = {b.name for b in self.fleet.available()}
+        now = time.time()
+        for name, state in self.fleet.nodes.items():
+            available.add_metric([name], float(name in taking))
+            in_flight.add_metric([name], state.backend.in_flight)
+            if state.last_seen is not None:
+                seen.add_metric([name], now - state.last_seen)
+        yield from (available, in_flight, seen)
 
 
 class NodeUpdate(BaseModel):
@@ -154,13 +188,14 @@ class Gateway:
         timeout = aiohttp.ClientTimeout(total=self.settings.health.timeout_s)
         connector = aiohttp.TCPConnector(ssl=self.proxy.node_ssl or True)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as client:
-            task = asyncio.create_task(self._health_loop(client))
+            tasks = [asyncio.create_task(self._health_loop(client)), asyncio.create_task(self._status_loop())]
             try:
                 yield
             finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                for task in tasks:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 await self.proxy.close()
                 self.access_log.flush()
 
@@ -171,6 +206,26 @@ class Gateway:
             except Exception:  # a failing check round must not end the checks
                 log.exception("health check round failed")
             await asyncio.sleep(self.settings.health.interval_s)
+
+    async def _status_loop(self) -> None:
+        """Every node's GET /admin/status, for the fleet view: version, models, load."""
+        headers = self.node_credentials()
+        timeout = aiohttp.ClientTimeout(total=self.settings.health.timeout_s * 2)
+
+        async def one(state: FleetNode) -> None:
+            try:
+                client = self.proxy.client(state.backend)
+                async with client.get("/admin/status", headers=headers, timeout=timeout) as response:
+                    if response.status != 200:
+                        state.status_error = f"GET /admin/status answered {response.status}"
+                        return
+                    state.record_status(await response.json())
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                state.status_error = f"{type(exc).__name__}: {exc}"
+
+        while True:
+            await asyncio.gather(*(one(state) for state in list(self.fleet.nodes.values())))
+            await asyncio.sleep(self.settings.health.status_interval_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -300,6 +355,16 @@ class Gateway:
         @app.get("/gateway/nodes")
         def nodes() -> dict[str, Any]:
             return {"nodes": fleet.snapshot()}
+
+        @app.get("/gateway/fleet")
+        def fleet_view() -> dict[str, Any]:
+            view = fleet.view()
+            return {
+                "nodes": view,
+                "known": len(view),
+                "available": len(fleet.available()),
+                "requests_per_s": round(sum(n["traffic"]["requests_per_s"] for n in view), 3),
+            }
 
         @app.post("/gateway/nodes", status_code=201)
         def add(entry: NodeEntry) -> dict[str, object]:

@@ -18,15 +18,44 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from edgegen.errors import ConfigError
 from edgegen.gateway.balancers import Backend
 from edgegen.gateway.settings import HealthSettings, NodeEntry, OutlierSettings
 
 log = logging.getLogger("edgegen.gateway")
+RECENT_TRIES = 2048  # per node, for the fleet view's latency quantiles and rates
+WINDOW_S = 60.0  # the fleet view's rates and quantiles cover this much of the recent past
+
+
+@dataclass
+class Traffic:
+    """A node's recent tries at the gateway: (monotonic time, seconds, failed), newest last."""
+
+    tries: deque[tuple[float, float, bool]] = field(default_factory=lambda: deque(maxlen=RECENT_TRIES))
+
+    def add(self, now: float, seconds: float, failed: bool) -> None:
+        self.tries.append((now, seconds, failed))
+
+    def view(self, now: float) -> dict[str, Any]:
+        recent = sorted(s for t, s, _ in self.tries if now - t <= WINDOW_S)
+        failed = sum(f for t, _, f in self.tries if now - t <= WINDOW_S)
+        # A busy node fills the deque in less than the window: its rates are over the span it covers.
+        full = len(self.tries) == self.tries.maxlen
+        span = max(min(WINDOW_S, now - self.tries[0][0]) if full else WINDOW_S, 1e-3)
+        return {
+            "window_s": round(span, 3),
+            "requests_per_s": round(len(recent) / span, 3),
+            "errors_per_s": round(failed / span, 3),
+            "p50_ms": round(statistics.median(recent) * 1000, 3) if recent else None,
+            "p99_ms": round(recent[math.ceil(0.99 * len(recent)) - 1] * 1000, 3) if recent else None,
+        }
 
 
 @dataclass(eq=False)
@@ -39,6 +68,44 @@ class NodeState:
     consecutive_errors: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
+    last_seen: float | None = None  # wall-clock time of its last passed check
+    status: dict[str, Any] | None = None  # its last GET /admin/status
+    status_error: str | None = None
+    cpu_cores: float | None = None  # CPU time per second between its last two statuses
+    traffic: Traffic = field(default_factory=Traffic)
+
+    def record_status(self, status: dict[str, Any]) -> None:
+        previous = self.status
+        if previous is not None and "cpu_seconds" in status and "cpu_seconds" in previous:
+            elapsed = float(status["time"]) - float(previous["time"])
+            if elapsed > 0:
+                self.cpu_cores = round(
+                    (float(status["cpu_seconds"]) - float(previous["cpu_seconds"])) / elapsed, 3
+                )
+        self.status, self.status_error = status, None
+
+    def view(self, now: float, wall: float) -> dict[str, Any]:
+        """The fleet view of this node: routing state, load, version, recent traffic as the gateway saw it."""
+        status = self.status or {}
+        return {
+            **self.describe(now),
+            "last_seen_s": round(wall - self.last_seen, 3) if self.last_seen is not None else None,
+            "version": status.get("version"),
+            "models": status.get("models"),
+            "ready": status.get("ready"),
+            "uptime_s": status.get("uptime_s"),
+            "load": {
+                "in_flight": status.get("in_flight"),
+                "cpu_cores": self.cpu_cores,
+                "cpus": status.get("cpus"),
+                "rss_bytes": status.get("rss_bytes"),
+                "load_average": status.get("load_average"),
+            },
+            "jobs": status.get("jobs"),
+            "cache": status.get("cache"),
+            "status_error": self.status_error,
+            "traffic": self.traffic.view(now),
+        }
 
     def describe(self, now: float) -> dict[str, object]:
         b = self.backend
@@ -120,6 +187,7 @@ class Fleet:
             return  # removed while its check was in flight
         if ok:
             state.passes, state.fails = state.passes + 1, 0
+            state.last_seen = time.time()
             if not state.healthy and state.passes >= self.health.healthy_after:
                 state.healthy = True
                 log.info("node healthy again", extra={"node": name})
@@ -163,3 +231,12 @@ class Fleet:
     def snapshot(self) -> list[dict[str, object]]:
         now = self.clock()
         return [state.describe(now) for state in self.nodes.values()]
+
+    def record_try(self, backend: Backend, seconds: float, failed: bool) -> None:
+        state = self.nodes.get(backend.name)
+        if state is not None:
+            state.traffic.add(self.clock(), seconds, failed)
+
+    def view(self) -> list[dict[str, Any]]:
+        now, wall = self.clock(), time.time()
+        return [state.view(now, wall) for state in self.nodes.values()]

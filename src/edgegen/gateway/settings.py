@@ -71,6 +71,9 @@ class HealthSettings(_Section):
     timeout_s: float = Field(1.0, gt=0)
     healthy_after: int = Field(1, ge=1, description="consecutive passes that bring a node back")
     unhealthy_after: int = Field(2, ge=1, description="consecutive failures that take a node out")
+    status_interval_s: float = Field(
+        5.0, gt=0, description="how often each node's GET /admin/status is read for the fleet view"
+    )
 
 
 class OutlierSettings(_Section):

@@ -6,6 +6,8 @@ certificate — the security gate decides, before any of this runs).
                                            that fails to load leaves the served one in place (422)
     POST /admin/models/{name}/pull         {"url": "https://…/pkg.tar.gz", "activate": true}: fetch a
                                            signed package from an allowed source (security/sources.py)
+    GET  /admin/status                     version, models served, load (CPU time, memory, requests in
+                                           flight), jobs and cache: what the gateway's fleet view shows
     GET  /admin/packages                   installed Python packages, for the gateway's vulnerability scan
     GET  /admin/audit?limit=50             the audit log's last entries and whether its chain holds
 """
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +28,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from edgegen import __version__
 from edgegen.errors import InvalidInput, ModelNotFound, Unprocessable
 from edgegen.node.state import NodeState, node_of
 from edgegen.security.sources import check_source, download
@@ -43,6 +48,37 @@ class Activation(BaseModel):
 
 def _json(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+@router.get("/status", summary="What the node serves and how loaded it is")
+async def status(request: Request) -> Response:
+    node = node_of(request)
+    registry = node.registry
+    out: dict[str, Any] = {
+        "version": __version__,
+        "uptime_s": round(time.monotonic() - node.started, 3),
+        "ready": registry.ready,
+        "models": {name: registry.get(name).manifest.version for name in registry.names()},
+        "in_flight": node.in_flight(),
+        "time": time.time(),
+        "cpus": os.cpu_count() or 0,
+        "load_average": list(os.getloadavg()),
+    }
+    system = node.metrics.system
+    if system is not None:
+        usage = system.usage()
+        out |= {"cpu_seconds": round(usage.user_s + usage.system_s, 3), "rss_bytes": usage.rss_bytes}
+    if node.jobs is not None:
+        out["jobs"] = await node.jobs.counts()
+    if node.cache is not None:
+        memory, disk = node.cache.memory, node.cache.disk
+        out["cache"] = {
+            "memory_bytes": memory.bytes if memory else 0,
+            "memory_entries": len(memory) if memory else 0,
+            "disk_bytes": disk.bytes if disk else 0,
+            "disk_entries": disk.entries if disk else 0,
+        }
+    return _json(out)
 
 
 @router.get("/models", summary="The model store: versions, active and served")

@@ -79,7 +79,7 @@ class NodeApp:
 
 
 def create_app(settings: Settings) -> NodeApp:
-    metrics = NodeMetrics()
+    metrics = NodeMetrics(settings.home)
     keyring = Keyring.load(settings.security.encryption_key_file)
     store = ModelStore(settings.store_dir, trust=store_trust(settings), keyring=keyring)
     cache = ResponseCache(settings, keyring, metrics) if settings.cache.enabled else None
@@ -173,6 +173,7 @@ def create_app(settings: Settings) -> NodeApp:
 
     app.openapi = openapi  # type: ignore[method-assign]
     entry.append(NodeApp(app, node))
+    node.in_flight = lambda: entry[0].inflight
     return entry[0]
 
 

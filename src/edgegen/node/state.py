@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ class NodeState:
     job_workers: JobWorkers | None = None  # set once the models are loaded
     cache: ResponseCache | None = None
     started: float = field(default_factory=time.monotonic)
+    in_flight: Callable[[], int] = lambda: 0  # requests being answered now (the app sets it)
 
     async def infer(
         self, scope: Mapping[str, Any], served: ServedModel, feeds: dict[str, np.ndarray]

@@ -8,6 +8,7 @@ adds them up, so any worker answers for the whole node.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -22,6 +23,7 @@ from prometheus_client import (
 )
 
 from edgegen.cache.memory import Removed
+from edgegen.observe.system import SystemCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -29,9 +31,12 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class NodeMetrics:
-    def __init__(self) -> None:
+    def __init__(self, home: Path | None = None) -> None:
+        """`home`: the node's EDGEGEN_HOME, whose filesystem the disk figures describe; with it, the
+        machine's and the node processes' figures are exported too (observe/system.py)."""
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry(auto_describe=True)
+        self.system = SystemCollector(home, self.multiprocess) if home is not None else None
         r = self.registry
         self.request_seconds = Histogram(
             "edgegen_request_duration_seconds",
@@ -189,6 +194,8 @@ class NodeMetrics:
         if not self.multiprocess:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
+            if self.system is not None:
+                r.register(self.system)
 
     # BatchObserver
     def _model_children(self, model: str) -> tuple[Any, Any, Any, Any]:
@@ -280,5 +287,7 @@ class NodeMetrics:
         if self.multiprocess:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            if self.system is not None:
+                registry.register(self.system)
             return generate_latest(registry)
         return generate_latest(self.registry)
