@@ -6,6 +6,7 @@ import functools
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -29,6 +30,8 @@ audit_app = typer.Typer(
     help="The fleet's vulnerability scan: import OSV advisories into the gateway, list what is affected.",
 )
 app.add_typer(audit_app, name="audit")
+logs_app = typer.Typer(no_args_is_help=True, help="The fleet's logs, kept by the gateway.")
+app.add_typer(logs_app, name="logs")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -556,6 +559,90 @@ GatewayConfigOpt = Annotated[
 ]
 
 
+def _gateway_get(gateway_url: str, path: str, key: str | None, ca: Path | None, **params: Any) -> Any:
+    """GET a gateway route (JSON), with an operator key; clear errors when it fails."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if not gateway_url.startswith(("http://", "https://")):
+        raise EdgegenError("--gateway must be an http:// or https:// URL")
+    query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+    url = f"{gateway_url.rstrip('/')}{path}" + (f"?{query}" if query else "")
+    request = urllib.request.Request(url)  # noqa: S310 (scheme checked)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    context_ = ssl.create_default_context(cafile=str(ca)) if ca else None
+    try:
+        with urllib.request.urlopen(request, timeout=60, context=context_) as response:  # noqa: S310  # nosec B310
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise EdgegenError(
+            f"the gateway answered {exc.code}: {exc.read()[:200].decode(errors='replace')}"
+        ) from None
+    except OSError as exc:
+        raise EdgegenError(f"cannot reach the gateway at {gateway_url}: {exc}") from None
+
+
+def _since(value: str | None) -> float | None:
+    """`10m`, `2h`, `1d`, `30s` ago, or seconds since the epoch, as seconds since the epoch."""
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if value[-1:] in units:
+            return time.time() - float(value[:-1]) * units[value[-1]]
+        return float(value)
+    except ValueError:
+        raise EdgegenError(
+            f"{value!r} is not a time: give 30s, 10m, 2h, 1d, or seconds since the epoch"
+        ) from None
+
+
+GatewayUrlOpt = Annotated[
+    str, typer.Option("--gateway", help="the gateway's URL", envvar="EDGEGEN_GATEWAY_URL")
+]
+KeyOpt = Annotated[str | None, typer.Option(help="an operator key", envvar="EDGEGEN_KEY")]
+CaOpt = Annotated[Path | None, typer.Option(help="CA file for an https:// gateway")]
+
+
+@logs_app.command("query")
+@friendly
+def logs_query(
+    gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
+    key: KeyOpt = None,
+    ca: CaOpt = None,
+    node: Annotated[str | None, typer.Option(help="one node's lines")] = None,
+    level: Annotated[str | None, typer.Option(help="this level and above: debug|info|warning|error")] = None,
+    since: Annotated[str | None, typer.Option(help="from: 30s, 10m, 2h, 1d ago, or epoch seconds")] = None,
+    until: Annotated[str | None, typer.Option(help="until: as --since")] = None,
+    request_id: Annotated[str | None, typer.Option("--request-id", help="one request's lines")] = None,
+    text: Annotated[str | None, typer.Option(help="lines holding this phrase (full-text search)")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many, the newest")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object a line")] = False,
+) -> None:
+    """The fleet's logs, as the nodes shipped them to the gateway, oldest first."""
+    import json
+
+    window = {"since": _since(since), "until": _since(until)}
+    answer = _gateway_get(
+        gateway_url, "/gateway/logs", key, ca, node=node, level=level, request_id=request_id, text=text,
+        limit=limit, **window,
+    )  # fmt: skip
+    for line in answer["lines"]:
+        if as_json:
+            out.print(json.dumps(line), markup=False, highlight=False, soft_wrap=True)
+            continue
+        rest = {
+            k: v for k, v in line.items() if k not in ("node", "seq", "time", "ts", "level", "logger", "msg")
+        }
+        fields = " ".join(f"{k}={v}" for k, v in rest.items())
+        head = f"{line.get('ts', '')} {line['node']} {line.get('level', ''):7} {line.get('logger', '')}:"
+        out.print(f"{head} {line.get('msg', '')} {fields}", markup=False, highlight=False, soft_wrap=True)
+
+
 @audit_app.command("import")
 @friendly
 def audit_import(
@@ -578,35 +665,14 @@ def audit_import(
 @friendly
 def audit_fleet(
     context: typer.Context,
-    gateway_url: Annotated[
-        str, typer.Option("--gateway", help="the gateway's URL", envvar="EDGEGEN_GATEWAY_URL")
-    ] = "http://127.0.0.1:8080",
-    key: Annotated[str | None, typer.Option(help="an operator key", envvar="EDGEGEN_KEY")] = None,
-    ca: Annotated[Path | None, typer.Option(help="CA file for an https:// gateway")] = None,
+    gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
+    key: KeyOpt = None,
+    ca: CaOpt = None,
 ) -> None:
     """List every node's vulnerable packages (exit status 1 when there are any)."""
     if context.invoked_subcommand is not None:
         return
-    import json
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    if not gateway_url.startswith(("http://", "https://")):
-        raise EdgegenError("--gateway must be an http:// or https:// URL")
-    request = urllib.request.Request(f"{gateway_url.rstrip('/')}/gateway/audit")  # noqa: S310 (scheme checked)
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    context_ = ssl.create_default_context(cafile=str(ca)) if ca else None
-    try:
-        with urllib.request.urlopen(request, timeout=60, context=context_) as response:  # noqa: S310  # nosec B310
-            report = json.load(response)
-    except urllib.error.HTTPError as exc:
-        raise EdgegenError(
-            f"the gateway answered {exc.code}: {exc.read()[:200].decode(errors='replace')}"
-        ) from None
-    except OSError as exc:
-        raise EdgegenError(f"cannot reach the gateway at {gateway_url}: {exc}") from None
+    report = _gateway_get(gateway_url, "/gateway/audit", key, ca)
     if not report["advisories"]:
         err.print("no advisories imported yet: edgegen audit import FILE (an OSV export)")
     table = Table("node", "package", "version", "advisory", "fixed in")

@@ -22,7 +22,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edgegen.errors import ConfigError
@@ -132,6 +132,24 @@ class CacheSettings(BaseModel):
     max_entry_bytes: int = Field(4 * 2**20, ge=1, description="larger answers are not kept")
 
 
+class LogsSettings(BaseModel):
+    """Shipping this node's logs to a gateway (`gateway/logstore.py` keeps and searches them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ship_to: str | None = Field(
+        None, description="the gateway's URL, e.g. https://gw:8080; unset: no shipping"
+    )
+    node: str | None = Field(None, description="this node's name in the fleet's logs (default: host:port)")
+    key: SecretStr | None = Field(None, description="an operator API key for the gateway (EDGEGEN_LOGS__KEY)")
+    ca_file: Path | None = Field(None, description="CA that signed the gateway's certificate (https)")
+    interval_s: float = Field(1.0, gt=0, le=60, description="lines are spooled and sent this often")
+    batch: int = Field(1000, ge=1, le=100_000, description="lines per request to the gateway")
+    spool_bytes: int = Field(256 * 2**20, ge=2**20, description="spool bound; beyond it the oldest lines go")
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="least level shipped")
+    access: bool = Field(True, description="ship the access log too (the gateway's analysis reads it)")
+
+
 class EnvFirstSettings(BaseSettings):
     """Settings whose environment variables outrank the TOML file (which arrives as init values)."""
 
@@ -174,6 +192,7 @@ class Settings(EnvFirstSettings):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    logs: LogsSettings = Field(default_factory=LogsSettings)
 
     @property
     def keys_file(self) -> Path:

@@ -5,6 +5,8 @@
     /gateway/audit                      every node's packages against the imported OSV advisories
     /gateway/fleet                      every node at a glance: health, routing state, load, version,
                                         models, p50/p99 and rates as the gateway saw them, last seen
+    /gateway/logs                       POST: a node's shipped log lines; GET: search the fleet's logs
+    /gateway/alerts                     error-rate spikes and latency regressions found in them
     /gateway/nodes[/{name}]             the fleet at run time: list (operator), add, re-weight, drain,
                                         remove (admin)
     everything else                     relayed to a node (proxy.py): /predict, /models/…, /v2/…, /v1/…
@@ -23,10 +25,11 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
-from fastapi import FastAPI, HTTPException, Response
+import orjson
+from fastapi import FastAPI, HTTPException, Query, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -34,10 +37,13 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
-from edgegen.errors import ConfigError
+from edgegen.errors import ConfigError, InvalidInput
+from edgegen.gateway.alerts import Analyzer
 from edgegen.gateway.balancers import Backend
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.fleet import NodeState as FleetNode
+from edgegen.gateway.logstore import MAX_LIMIT, LogStore
+from edgegen.gateway.logstore import Query as LogQuery
 from edgegen.gateway.proxy import Attempt, Proxy, Refused
 from edgegen.gateway.settings import GatewaySettings, NodeEntry
 from edgegen.node.errors import error_response, is_openai
@@ -82,6 +88,7 @@ class GatewayMetrics:
         nodes.labels("known").set_function(lambda: len(fleet.nodes))
         nodes.labels("available").set_function(lambda: len(fleet.available()))
         r.register(FleetCollector(fleet))
+        self.alerts = Counter("edgegen_gateway_alerts", "Alerts raised, by kind.", ["kind"], registry=r)
         self.vulnerable = Gauge(
             "edgegen_gateway_vulnerable_packages",
             "Installed packages with a known advisory, per node (at the last GET /gateway/audit).",
@@ -142,6 +149,21 @@ class FleetCollector(Collector):
         yield from (available, in_flight, seen)
 
 
+class AlertCollector(Collector):
+    """1 for every alert active now (gateway/alerts.py)."""
+
+    def __init__(self, analyzer: Analyzer) -> None:
+        self.analyzer = analyzer
+
+    def collect(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily(
+            "edgegen_gateway_alert_active", "Alerts active now.", labels=["kind", "node", "model"]
+        )
+        for kind, node, model in list(self.analyzer.active):
+            active.add_metric([kind, node, model], 1.0)
+        yield active
+
+
 class NodeUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -171,6 +193,10 @@ class Gateway:
             self.fleet.add(entry)
         self.proxy = Proxy(settings, self.fleet, on_done=lambda a, s: self.metrics.attempt(a, s))
         self.metrics = GatewayMetrics(self.fleet, self.proxy)
+        self.logs = LogStore(settings.logs.path or settings.home / "logs" / "fleet.sqlite")
+        self._logs_lock = asyncio.Lock()  # one SQLite connection, used from worker threads in turn
+        self.analyzer = Analyzer(settings.alerts, on_raise=lambda a: self.metrics.alerts.labels(a.kind).inc())
+        self.metrics.registry.register(AlertCollector(self.analyzer))
         self.access_log = AccessLog(settings.access_log)
         self.request_ids = RequestIds()
         self.admin = self._admin_app()
@@ -188,7 +214,13 @@ class Gateway:
         timeout = aiohttp.ClientTimeout(total=self.settings.health.timeout_s)
         connector = aiohttp.TCPConnector(ssl=self.proxy.node_ssl or True)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as client:
-            tasks = [asyncio.create_task(self._health_loop(client)), asyncio.create_task(self._status_loop())]
+            loops = (
+                self._health_loop(client),
+                self._status_loop(),
+                self._analysis_loop(),
+                self._purge_loop(),
+            )
+            tasks = [asyncio.create_task(loop) for loop in loops]
             try:
                 yield
             finally:
@@ -198,6 +230,7 @@ class Gateway:
                         await task
                 await self.proxy.close()
                 self.access_log.flush()
+                self.logs.close()
 
     async def _health_loop(self, client: aiohttp.ClientSession) -> None:
         while True:
@@ -206,6 +239,50 @@ class Gateway:
             except Exception:  # a failing check round must not end the checks
                 log.exception("health check round failed")
             await asyncio.sleep(self.settings.health.interval_s)
+
+    async def _analysis_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.alerts.evaluate_s)
+            try:
+                self.analyzer.evaluate()
+            except Exception:
+                log.exception("log analysis failed")
+
+    async def _purge_loop(self) -> None:
+        while True:
+            try:
+                async with self._logs_lock:
+                    before = time.time() - self.settings.logs.retention_s
+                    dropped = await asyncio.to_thread(self.logs.purge, before)
+                if dropped:
+                    log.info("fleet log lines purged", extra={"count": dropped})
+            except Exception:
+                log.exception("fleet log purge failed")
+            await asyncio.sleep(60)
+
+    async def receive_logs(self, body: bytes) -> dict[str, int]:
+        """A node's batch of log lines: kept, then read by the analysis."""
+        try:
+            batch = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise InvalidInput("the body must be JSON: {node, spool, entries}") from None
+        if not isinstance(batch, dict):
+            raise InvalidInput("the body must be a JSON object: {node, spool, entries}")
+        node, spool, entries = batch.get("node"), batch.get("spool"), batch.get("entries")
+        if not isinstance(node, str) or not 0 < len(node) <= 128 or not node.isprintable():
+            raise InvalidInput("node must be a printable name of 1 to 128 characters")
+        if not isinstance(spool, str) or not 0 < len(spool) <= 64 or not spool.isalnum():
+            raise InvalidInput("spool must be 1 to 64 letters and digits")
+        if not isinstance(entries, list) or len(entries) > self.settings.logs.max_batch:
+            raise InvalidInput(f"entries must be a list of at most {self.settings.logs.max_batch} lines")
+        async with self._logs_lock:
+            lines = await asyncio.to_thread(self.logs.add, node, spool, entries)
+        self.analyzer.observe(lines)
+        return {"stored": len(lines)}
+
+    async def search_logs(self, query: LogQuery) -> list[dict[str, Any]]:
+        async with self._logs_lock:
+            return await asyncio.to_thread(self.logs.query, query)
 
     async def _status_loop(self) -> None:
         """Every node's GET /admin/status, for the fleet view: version, models, load."""
@@ -355,6 +432,30 @@ class Gateway:
         @app.get("/gateway/nodes")
         def nodes() -> dict[str, Any]:
             return {"nodes": fleet.snapshot()}
+
+        @app.post("/gateway/logs")
+        async def logs_in(request: Request) -> dict[str, int]:
+            return await self.receive_logs(await request.body())
+
+        @app.get("/gateway/logs")
+        async def logs_out(
+            node: str | None = None,
+            level: str | None = None,
+            since: float | None = None,
+            until: float | None = None,
+            request_id: str | None = None,
+            text: Annotated[str | None, Query(max_length=1000)] = None,
+            limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+        ) -> dict[str, Any]:
+            query = LogQuery(node, level, since, until, request_id, text, limit)
+            return {"lines": await self.search_logs(query)}
+
+        @app.get("/gateway/alerts")
+        def alerts() -> dict[str, Any]:
+            return {
+                "active": [a.view() for a in self.analyzer.active.values()],
+                "recent": [a.view() for a in reversed(self.analyzer.recent)],
+            }
 
         @app.get("/gateway/fleet")
         def fleet_view() -> dict[str, Any]:

@@ -91,6 +91,26 @@ class RetrySettings(_Section):
     budget_min: float = Field(10.0, ge=0, description="retries always available (a quiet gateway)")
 
 
+class LogStoreSettings(_Section):
+    """The fleet's logs, shipped by the nodes (`[logs] ship_to` on a node): kept and searchable here."""
+
+    path: Path | None = Field(None, description="SQLite file (default: HOME/logs/fleet.sqlite)")
+    retention_s: float = Field(7 * 86_400.0, gt=0, description="lines older than this are dropped")
+    max_batch: int = Field(10_000, ge=1, description="lines one POST /gateway/logs may carry")
+
+
+class AlertSettings(_Section):
+    """Analysis of the shipped access lines per node and model: error-rate spikes, latency regressions."""
+
+    window_s: float = Field(60.0, gt=0, description="the recent span compared with the baseline")
+    baseline_s: float = Field(600.0, gt=0, description="the span before it that sets what is normal")
+    evaluate_s: float = Field(5.0, gt=0, description="how often the comparison runs")
+    min_requests: int = Field(20, ge=1, description="fewer requests in the window say nothing")
+    error_rate: float = Field(0.05, gt=0, le=1, description="a window's 5xx share that is a spike at least")
+    error_factor: float = Field(3.0, ge=1, description="... and this many times the baseline's share")
+    latency_factor: float = Field(1.5, gt=1, description="a window's p50 this many times the baseline's")
+
+
 class NodesTls(_Section):
     """How the gateway calls `https://` nodes: it checks them against this CA and shows its own
     certificate (mutual TLS); a node then trusts the caller the gateway vouches for."""
@@ -123,6 +143,8 @@ class GatewaySettings(EnvFirstSettings):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     tls: TlsSettings = Field(default_factory=TlsSettings, description="the gateway's own listener")
     nodes_tls: NodesTls | None = Field(None, description="mutual TLS to https:// nodes")
+    logs: LogStoreSettings = Field(default_factory=LogStoreSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     nodes_key: SecretStr | None = Field(
         None, description="an operator key the nodes accept, for the gateway's own calls without mutual TLS"
     )

@@ -36,6 +36,7 @@ from edgegen.node.middleware import EdgeMiddleware
 from edgegen.node.state import NodeState, node_of
 from edgegen.observe.logs import AccessLog, configure_logging
 from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
+from edgegen.observe.shipping import LogShipper, ShipHandler, default_node_name
 from edgegen.security.atrest import Keyring
 from edgegen.security.gate import build_gate
 from edgegen.security.signing import store_trust
@@ -120,6 +121,7 @@ def create_app(settings: Settings) -> NodeApp:
             if settings.store_poll_s > 0:
                 await registry.watch(settings.store_poll_s)
 
+        shipper = start_shipping(settings, access_log)
         loader = asyncio.create_task(load(), name="model-loader")
         purger = asyncio.create_task(purge_jobs(node.jobs, settings.jobs.retention_s), name="job-purger")
         try:
@@ -137,6 +139,8 @@ def create_app(settings: Settings) -> NodeApp:
             if cache is not None:
                 cache.close()
             access_log.flush()
+            if shipper is not None:
+                stop_shipping(shipper)
 
     app = FastAPI(
         title="edgegen node",
@@ -185,6 +189,31 @@ def open_queue(settings: Settings, keyring: Keyring | None) -> JobQueue:
         return RedisJobQueue(s.redis_url, max_attempts=s.max_attempts, backoff_s=s.backoff_s, keyring=keyring)
     path = s.path or settings.home / "jobs" / "jobs.sqlite"
     return SqliteJobQueue(path, max_attempts=s.max_attempts, backoff_s=s.backoff_s, keyring=keyring)
+
+
+def start_shipping(settings: Settings, access_log: AccessLog) -> LogShipper | None:
+    """With `[logs] ship_to`, this process's log lines (and access lines) go to the gateway too."""
+    s = settings.logs
+    if s.ship_to is None:
+        return None
+    headers = {"authorization": f"Bearer {s.key.get_secret_value()}"} if s.key is not None else {}
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=s.ca_file) if s.ca_file else True
+    shipper = LogShipper(
+        s.ship_to, s.node or default_node_name(settings.port), settings.home / "logs" / "spool.sqlite",
+        headers=headers, verify=verify, interval_s=s.interval_s, batch=s.batch, spool_bytes=s.spool_bytes,
+    )  # fmt: skip
+    logging.getLogger().addHandler(ShipHandler(shipper, logging.getLevelName(s.level.upper())))
+    if s.access:
+        access_log.sinks.append(shipper.add)
+    shipper.start()
+    return shipper
+
+
+def stop_shipping(shipper: LogShipper) -> None:
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, ShipHandler) and h.shipper is shipper]:
+        root.removeHandler(handler)
+    shipper.stop()
 
 
 def worker_name() -> str:

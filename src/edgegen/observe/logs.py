@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -94,6 +95,7 @@ class AccessLog:
         self, enabled: bool = True, fd: int = 2, flush_s: float = 0.2, max_bytes: int = 64 * 1024
     ) -> None:
         self.enabled = enabled
+        self.sinks: list[Callable[[list[bytes]], None]] = []  # also get each flush's lines (log shipping)
         self._fd = fd
         self._flush_s = flush_s
         self._max_bytes = max_bytes
@@ -120,6 +122,8 @@ class AccessLog:
             self._timer = None
         if not self._lines:
             return
+        for sink in self.sinks:
+            sink([line[:-1] for line in self._lines])
         data = memoryview(b"".join(self._lines))
         self._lines.clear()
         self._size = 0

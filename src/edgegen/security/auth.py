@@ -95,6 +95,8 @@ def authorize_model(scope: Mapping[str, Any], model: str) -> None:
 def _role_for(path: bytes, method: str) -> Role | None:
     if path in PUBLIC_PATHS and method in ("GET", "HEAD"):
         return None
+    if path == b"/gateway/logs":
+        return "operator"  # nodes ship their logs with an operator key; reading them is an operator's too
     if path == b"/admin" or path == b"/gateway" or path.startswith(ADMIN_PREFIXES):
         # Reading the fleet is an operator's business; changing it, an admin's.
         if path.startswith((b"/gateway/", b"/admin/keys", b"/admin/audit")) and method not in ("GET", "HEAD"):

@@ -1,0 +1,157 @@
+"""The fleet's logs at the gateway: every node's JSON lines, in one SQLite file with full-text search.
+
+    POST /gateway/logs   {"node": "n1", "spool": "…", "entries": [[seq, {line}], …]} from a node's shipper
+    GET  /gateway/logs   ?node=&level=&since=&until=&request_id=&text=&limit=   (oldest first)
+
+(node, spool, seq) is unique — `spool` names the node's spool file, so a node whose spool was made
+anew starts its numbers again without colliding — and a node sends in order, so lines numbered beyond
+the last kept are the new ones: a batch sent twice is kept once. Lines sort by their time, then node and
+sequence. Text search is FTS5 over the whole line, phrase-matched. Lines older than
+`retention_s` are dropped every minute.
+"""
+
+from __future__ import annotations
+
+import calendar
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edgegen.errors import InvalidInput
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS logs (
+    id INTEGER PRIMARY KEY,
+    node TEXT NOT NULL,
+    spool TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    level TEXT NOT NULL,
+    logger TEXT NOT NULL,
+    request_id TEXT,
+    line TEXT NOT NULL,
+    UNIQUE (node, spool, seq)
+);
+CREATE INDEX IF NOT EXISTS logs_ts ON logs (ts);
+CREATE INDEX IF NOT EXISTS logs_request ON logs (request_id) WHERE request_id IS NOT NULL;
+CREATE VIRTUAL TABLE IF NOT EXISTS logs_text USING fts5 (line, content='logs', content_rowid='id');
+CREATE TRIGGER IF NOT EXISTS logs_text_add AFTER INSERT ON logs BEGIN
+    INSERT INTO logs_text (rowid, line) VALUES (new.id, new.line);
+END;
+CREATE TRIGGER IF NOT EXISTS logs_text_drop AFTER DELETE ON logs BEGIN
+    INSERT INTO logs_text (logs_text, rowid, line) VALUES ('delete', old.id, old.line);
+END;
+"""
+LEVELS = ("debug", "info", "warning", "error", "critical")
+MAX_LIMIT = 10_000
+
+
+def parse_ts(value: object) -> float | None:
+    """Our lines' `ts` (`2026-11-27T12:00:00.123Z`) as seconds since the epoch."""
+    if not isinstance(value, str) or len(value) < 20 or not value.endswith("Z"):
+        return None
+    try:
+        whole = calendar.timegm(time.strptime(value[:19], "%Y-%m-%dT%H:%M:%S"))
+        return whole + float("0" + value[19:-1]) if value[19] == "." else float(whole)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Query:
+    node: str | None = None
+    level: str | None = None  # this level and above
+    since: float | None = None
+    until: float | None = None
+    request_id: str | None = None
+    text: str | None = None
+    limit: int = 100
+
+
+class LogStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def add(self, node: str, spool: str, entries: list[Any]) -> list[dict[str, Any]]:
+        """Keep a node's batch; return the lines that were new (for the analysis), with node and time."""
+        last = self._db.execute(
+            "SELECT MAX(seq) FROM logs WHERE node = ? AND spool = ?", (node, spool)
+        ).fetchone()[0]
+        rows, lines = [], []
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int):
+                raise InvalidInput("each entry must be [sequence number, log line object]")
+            seq, line = entry
+            if not isinstance(line, dict):
+                raise InvalidInput("each log line must be a JSON object")
+            if last is not None and seq <= last:
+                continue  # sent before; its acknowledgement was lost
+            ts = parse_ts(line.get("ts")) or time.time()
+            level = str(line.get("level", "info")).lower()
+            request_id = line.get("request_id") if isinstance(line.get("request_id"), str) else None
+            text = orjson.dumps(line).decode()
+            rows.append((node, spool, seq, ts, level, str(line.get("logger", "")), request_id, text))
+            lines.append({**line, "node": node, "time": ts})
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO logs (node, spool, seq, ts, level, logger, request_id, line)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return lines
+
+    def query(self, q: Query) -> list[dict[str, Any]]:
+        where, args = [], []
+        if q.node is not None:
+            where.append("logs.node = ?")
+            args.append(q.node)
+        if q.level is not None:
+            if q.level not in LEVELS:
+                raise InvalidInput(f"level must be one of {', '.join(LEVELS)}")
+            wanted = LEVELS[LEVELS.index(q.level) :]
+            where.append(f"logs.level IN ({','.join('?' * len(wanted))})")
+            args += wanted
+        if q.since is not None:
+            where.append("logs.ts >= ?")
+            args.append(q.since)
+        if q.until is not None:
+            where.append("logs.ts < ?")
+            args.append(q.until)
+        if q.request_id is not None:
+            where.append("logs.request_id = ?")
+            args.append(q.request_id)
+        source = "logs"
+        if q.text and "\x00" in q.text:
+            raise InvalidInput("text must not hold a NUL character")
+        if q.text:
+            source = "logs JOIN logs_text ON logs_text.rowid = logs.id"
+            where.append("logs_text MATCH ?")
+            args.append('"' + q.text.replace('"', '""') + '"')  # one phrase: FTS syntax never leaks in
+        if not 1 <= q.limit <= MAX_LIMIT:
+            raise InvalidInput(f"limit must be 1 to {MAX_LIMIT}")
+        sql = (
+            f"SELECT logs.node, logs.seq, logs.ts, logs.line FROM {source}"  # noqa: S608 (fixed fragments)
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY logs.ts DESC, logs.node DESC, logs.seq DESC LIMIT ?"
+        )
+        rows = self._db.execute(sql, [*args, q.limit]).fetchall()
+        return [{"node": n, "seq": s, "time": ts, **orjson.loads(line)} for n, s, ts, line in reversed(rows)]
+
+    def purge(self, before: float) -> int:
+        return self._db.execute("DELETE FROM logs WHERE ts < ?", (before,)).rowcount
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,78 @@
+"""The gateway's store of the fleet's logs: kept once, in order, searchable, bounded in time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgegen.errors import InvalidInput
+from edgegen.gateway.logstore import LogStore, Query, parse_ts
+
+
+def line(i: int, **fields: Any) -> dict[str, Any]:
+    ts = f"2026-11-27T12:00:{i:02d}.250Z"
+    return {"ts": ts, "level": "info", "logger": "edgegen.access", "msg": "request", **fields}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LogStore:
+    return LogStore(tmp_path / "logs" / "fleet.sqlite")
+
+
+def test_timestamps() -> None:
+    assert parse_ts("2026-11-27T12:00:01.250Z") == pytest.approx(1795780801.25)
+    assert parse_ts("2026-11-27T12:00:01Z") == 1795780801.0
+    for bad in (None, 17, "yesterday", "2026-11-27T12:00:01.250", "2026-13-27T12:00:01.250Z"):
+        assert parse_ts(bad) is None
+
+
+def test_a_batch_sent_twice_is_kept_once_and_order_holds(store: LogStore) -> None:
+    batch = [[i, line(i, request_id=f"r{i}")] for i in range(1, 6)]
+    assert len(store.add("n1", "spoolA", batch)) == 5
+    assert store.add("n1", "spoolA", batch[2:]) == []  # its acknowledgement was lost: resent
+    assert len(store.add("n1", "spoolA", [*batch[3:], [6, line(6)]])) == 1
+    assert len(store.add("n1", "spoolB", batch)) == 5  # a new spool numbers from 1 again
+    assert len(store.add("n2", "spoolA", batch)) == 5
+    got = store.query(Query(node="n1", limit=100))
+    assert [g["seq"] for g in got] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+    assert [g["time"] for g in got] == sorted(g["time"] for g in got)
+
+
+def test_filters_and_text_search(store: LogStore) -> None:
+    failed = {**line(2), "level": "error", "msg": "model failed"}
+    store.add("n1", "a", [[1, line(1, request_id="abc")], [2, failed], [3, {**line(3), "level": "warning"}]])
+    store.add("n2", "a", [[1, {**line(4), "msg": "model loaded", "model": "digits"}]])
+    assert [g["seq"] for g in store.query(Query(level="warning"))] == [2, 3]
+    assert [g["seq"] for g in store.query(Query(request_id="abc"))] == [1]
+    assert [g["node"] for g in store.query(Query(text="model"))] == ["n1", "n2"]
+    assert store.query(Query(text="model failed"))[0]["level"] == "error"
+    assert store.query(Query(text="failed model")) == []  # a phrase, in order
+    assert len(store.query(Query(since=parse_ts(line(2)["ts"]), until=parse_ts(line(4)["ts"])))) == 2
+    assert [g["seq"] for g in store.query(Query(node="n1", limit=2))] == [2, 3]  # the newest, oldest first
+    for hostile in ('"', "NEAR(a b)", "msg:*", "') OR 1=1 --", "a AND", "*"):
+        assert isinstance(store.query(Query(text=hostile)), list)  # FTS syntax never reaches the engine
+    with pytest.raises(InvalidInput):
+        store.query(Query(text="a\x00b"))
+    with pytest.raises(InvalidInput):
+        store.query(Query(level="loud"))
+    with pytest.raises(InvalidInput):
+        store.query(Query(limit=0))
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [[["1", line(1)]], [[1]], [[1, "not an object"]], [[True, line(1)]], ["x"], [[1.5, line(1)]]],
+)
+def test_malformed_entries_are_refused_whole(store: LogStore, entries: list[Any]) -> None:
+    with pytest.raises(InvalidInput):
+        store.add("n1", "a", [[0, line(0)], *entries])
+    assert store.query(Query()) == []
+
+
+def test_purge_drops_old_lines_and_their_text(store: LogStore) -> None:
+    store.add("n1", "a", [[i, {**line(i), "msg": f"word{i}"}] for i in range(10)])
+    assert store.purge(parse_ts(line(5)["ts"]) or 0) == 5
+    assert [g["seq"] for g in store.query(Query())] == [5, 6, 7, 8, 9]
+    assert store.query(Query(text="word1")) == []
