@@ -42,7 +42,12 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_WHEELS)/.built | $(BIN)/python
 	command -v apt-get >/dev/null || { echo "install redis-server (7.x) for the jobs tests"; exit 1; }
 	apt-get install -y -qq redis-server || { apt-get update -qq && apt-get install -y -qq redis-server; }
 
-setup: $(VENV)/.installed /usr/bin/redis-server
+# The dashboard is tested in a real headless browser: Debian's chromium, driven by Playwright (no download).
+/usr/bin/chromium:
+	command -v apt-get >/dev/null || { echo "install chromium for the dashboard test"; exit 1; }
+	apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+setup: $(VENV)/.installed /usr/bin/redis-server /usr/bin/chromium
 
 serve: setup
 	$(BIN)/edgegen models pull digits

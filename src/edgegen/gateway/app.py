@@ -7,6 +7,7 @@
                                         models, p50/p99 and rates as the gateway saw them, last seen
     /gateway/logs                       POST: a node's shipped log lines; GET: search the fleet's logs
     /gateway/alerts                     error-rate spikes and latency regressions found in them
+    /dashboard                          the fleet on one web page (public page; its data needs a key)
     /gateway/nodes[/{name}]             the fleet at run time: list (operator), add, re-weight, drain,
                                         remove (admin)
     everything else                     relayed to a node (proxy.py): /predict, /models/…, /v2/…, /v1/…
@@ -25,6 +26,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
+from importlib import resources
 from typing import Annotated, Any
 
 import aiohttp
@@ -313,7 +315,10 @@ class Gateway:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        if path.startswith(("/gateway/", "/metrics")) or path in ("/v2/health/live", "/v2/health/ready"):
+        if path.startswith(("/gateway/", "/metrics", "/dashboard")) or path in (
+            "/v2/health/live",
+            "/v2/health/ready",
+        ):
             await self.admin(scope, receive, send)
             return
         started = time.perf_counter()
@@ -457,6 +462,16 @@ class Gateway:
                 "recent": [a.view() for a in reversed(self.analyzer.recent)],
             }
 
+        @app.get("/dashboard")
+        def dashboard() -> Response:
+            return dashboard_file("index.html")
+
+        @app.get("/dashboard/{name}")
+        def dashboard_asset(name: str) -> Response:
+            if name not in ("app.js", "app.css"):
+                raise HTTPException(404, "no such file")
+            return dashboard_file(name)
+
         @app.get("/gateway/fleet")
         def fleet_view() -> dict[str, Any]:
             view = fleet.view()
@@ -497,6 +512,28 @@ class Gateway:
             return state.describe(fleet.clock())
 
         return app
+
+
+DASHBOARD_TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8",
+                   "css": "text/css; charset=utf-8"}  # fmt: skip
+# The page loads only its own script and style, and talks only to this gateway.
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+@functools.cache
+def _dashboard_bytes(name: str) -> bytes:
+    return (resources.files("edgegen.gateway") / "dashboard" / name).read_bytes()
+
+
+def dashboard_file(name: str) -> Response:
+    media_type = DASHBOARD_TYPES[name.rsplit(".", 1)[1]]
+    return Response(_dashboard_bytes(name), media_type=media_type, headers=DASHBOARD_HEADERS)
 
 
 def app_from_environment() -> Gateway:

@@ -27,7 +27,17 @@ from edgegen.errors import Forbidden
 from edgegen.security.keys import ROLES, KeyStore, Role
 from edgegen.security.tokens import InvalidToken, JwtVerifier
 
-PUBLIC_PATHS = frozenset({b"/v2/health/live", b"/v2/health/ready", b"/metrics"})
+# The dashboard's page, script and style hold no data (the page fetches it with the operator's key).
+PUBLIC_PATHS = frozenset(
+    {
+        b"/v2/health/live",
+        b"/v2/health/ready",
+        b"/metrics",
+        b"/dashboard",
+        b"/dashboard/app.js",
+        b"/dashboard/app.css",
+    }
+)
 ADMIN_PREFIXES = (b"/admin/", b"/gateway/")
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
