@@ -65,6 +65,7 @@ bench: setup
 	$(BIN)/python bench/security.py
 	$(BIN)/python bench/jobs.py
 	$(BIN)/python bench/cache.py
+	$(BIN)/python bench/workers.py
 
 # Static analysis of our code (bandit: any finding fails) and known vulnerabilities of the installed
 # dependencies (pip-audit: says plainly when its service cannot be reached). Not part of `make test`.

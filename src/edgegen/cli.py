@@ -32,6 +32,8 @@ audit_app = typer.Typer(
 app.add_typer(audit_app, name="audit")
 logs_app = typer.Typer(no_args_is_help=True, help="The fleet's logs, kept by the gateway.")
 app.add_typer(logs_app, name="logs")
+deploy_app = typer.Typer(no_args_is_help=True, help="Deployment files: a hardened systemd unit.")
+app.add_typer(deploy_app, name="deploy")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -545,6 +547,30 @@ def pki_revoke(name: str, config: ConfigOpt = None) -> None:
     """Revoke a certificate: it goes into HOME/pki/crl.pem."""
     serial = _pki(config).revoke(name)
     err.print(f"revoked {name} (serial {serial:x}); crl.pem rewritten")
+
+
+@deploy_app.command("systemd")
+@friendly
+def deploy_systemd(
+    gateway: Annotated[
+        bool, typer.Option("--gateway", help="a unit for the gateway (default: a node)")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="unit and state directory name")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="port (default 8000, gateway 8080)")] = None,
+    workers: Annotated[int, typer.Option(help="node server processes")] = 1,
+    config: Annotated[Path | None, typer.Option(help="a TOML config the service reads")] = None,
+    output: Annotated[Path | None, typer.Option(help="write here instead of stdout")] = None,
+) -> None:
+    """Print a hardened systemd unit that runs this environment's edgegen as a node or a gateway."""
+    from edgegen.deploy import systemd_unit
+
+    unit = systemd_unit(gateway=gateway, name=name, host=host, port=port, workers=workers, config=config)
+    if output is None:
+        out.print(unit, end="", markup=False, highlight=False, soft_wrap=True)
+    else:
+        output.write_text(unit)
+        err.print(f"wrote {output}")
 
 
 def main() -> None:
