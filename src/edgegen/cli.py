@@ -32,6 +32,8 @@ audit_app = typer.Typer(
 app.add_typer(audit_app, name="audit")
 logs_app = typer.Typer(no_args_is_help=True, help="The fleet's logs, kept by the gateway.")
 app.add_typer(logs_app, name="logs")
+admin_app = typer.Typer(no_args_is_help=True, help="Manage the fleet through its gateway.")
+app.add_typer(admin_app, name="admin")
 deploy_app = typer.Typer(no_args_is_help=True, help="Deployment files: a hardened systemd unit.")
 app.add_typer(deploy_app, name="deploy")
 out = Console()
@@ -163,9 +165,12 @@ def _run_server(module: str, host: str, port: int, workers: int = 1, *, tls: boo
     import importlib
 
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from edgegen.node import lifecycle
 
     server = importlib.import_module(module)
-    uvicorn.run(
+    config = uvicorn.Config(
         f"{module}:app_from_environment",
         factory=True,
         host=host,
@@ -178,8 +183,17 @@ def _run_server(module: str, host: str, port: int, workers: int = 1, *, tls: boo
         log_config=None,
         server_header=False,
         proxy_headers=False,  # forwarded headers are the gateway's business, never a client's
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=60,  # in-flight requests and streams finish (a gateway drains first)
     )
+    if workers > 1:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    config.load_app()
+    lifecycle.SERVER = uvicorn.Server(config)
+    lifecycle.SERVER.run()
+    if not lifecycle.SERVER.started:
+        raise typer.Exit(3)  # it could not start (uvicorn said why)
+    lifecycle.restart_if_asked()
 
 
 @app.command()
@@ -549,6 +563,25 @@ def pki_revoke(name: str, config: ConfigOpt = None) -> None:
     err.print(f"revoked {name} (serial {serial:x}); crl.pem rewritten")
 
 
+@admin_app.command("restart")
+@friendly
+def admin_restart(
+    node: Annotated[
+        str | None, typer.Argument(help="the node's name in the gateway (default: every node)")
+    ] = None,
+    gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
+    key: Annotated[str | None, typer.Option(help="an admin key", envvar="EDGEGEN_KEY")] = None,
+    ca: CaOpt = None,
+) -> None:
+    """Restart a node (or every node, one after another) without dropping a request: drained first."""
+    from urllib.parse import quote
+
+    path = f"/gateway/nodes/{quote(node, safe='')}/restart" if node else "/gateway/restart"
+    answer = _gateway_call("POST", gateway_url, path, key, ca)
+    for result in answer.get("restarted", [answer]):
+        err.print(f"{result['node']}: drained in {result['drained_s']} s, back in {result['took_s']} s")
+
+
 @deploy_app.command("systemd")
 @friendly
 def deploy_systemd(
@@ -587,6 +620,13 @@ GatewayConfigOpt = Annotated[
 
 def _gateway_get(gateway_url: str, path: str, key: str | None, ca: Path | None, **params: Any) -> Any:
     """GET a gateway route (JSON), with an operator key; clear errors when it fails."""
+    return _gateway_call("GET", gateway_url, path, key, ca, **params)
+
+
+def _gateway_call(
+    method: str, gateway_url: str, path: str, key: str | None, ca: Path | None, **params: Any
+) -> Any:
+    """Call a gateway route (JSON answer) with a key; clear errors when it fails."""
     import json
     import ssl
     import urllib.error
@@ -597,12 +637,12 @@ def _gateway_get(gateway_url: str, path: str, key: str | None, ca: Path | None, 
         raise EdgegenError("--gateway must be an http:// or https:// URL")
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
     url = f"{gateway_url.rstrip('/')}{path}" + (f"?{query}" if query else "")
-    request = urllib.request.Request(url)  # noqa: S310 (scheme checked)
+    request = urllib.request.Request(url, method=method)  # noqa: S310 (scheme checked)
     if key:
         request.add_header("Authorization", f"Bearer {key}")
     context_ = ssl.create_default_context(cafile=str(ca)) if ca else None
     try:
-        with urllib.request.urlopen(request, timeout=60, context=context_) as response:  # noqa: S310  # nosec B310
+        with urllib.request.urlopen(request, timeout=600, context=context_) as response:  # noqa: S310  # nosec B310
             return json.load(response)
     except urllib.error.HTTPError as exc:
         raise EdgegenError(

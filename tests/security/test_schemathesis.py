@@ -23,8 +23,9 @@ from schemathesis.errors import FailureGroup
 from edgegen.node.openai import ChatRequest, CompletionRequest
 from tests.security.conftest import Fleet, SecureNode
 
-# Changes which version of a model is served, in the store that the other modules of this package share.
-EXCLUDED = {("POST", "/admin/models/{name}/activate")}
+# Changes which version of a model is served, in the store that the other modules of this package share;
+# restarts the node under test (tests/e2e/test_operations.py restarts nodes, under load).
+EXCLUDED = {("POST", "/admin/models/{name}/activate"), ("POST", "/admin/restart")}
 EXAMPLES = 25  # per operation and way of generating: about 700 requests, 15 s on 2 cores
 MODELS = ("digits", "tiny-llm")  # what the fleet's store holds; random names only ever reach a 404
 LLM, CONTEXT, TOKENS = "tiny-llm", 2048, 8  # the context: EDGEGEN_LLM__CTX_PER_SEQ in tests.e2e.conftest

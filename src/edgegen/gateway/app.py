@@ -373,6 +373,71 @@ class Gateway:
         key = self.settings.nodes_key
         return {"authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
 
+    async def node_call(
+        self,
+        state: FleetNode,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        limit_s: float = 10,
+    ) -> tuple[int, Any]:
+        """One admin call of the gateway's own to a node: (status, JSON answer or None)."""
+        client = self.proxy.client(state.backend)
+        async with client.request(
+            method,
+            path,
+            json=body,
+            headers=self.node_credentials(),
+            timeout=aiohttp.ClientTimeout(total=limit_s),
+        ) as response:
+            try:
+                return response.status, await response.json(content_type=None)
+            except ValueError:
+                return response.status, None
+
+    async def restart_node(self, name: str) -> dict[str, Any]:
+        """Drain `name` (no new requests; wait for those it has), restart it in place, wait until a new
+        process of it is ready, put it back. Requests never meet it down."""
+        ops = self.settings.operations
+        state = self.fleet.nodes.get(name)
+        if state is None:
+            raise HTTPException(404, f"no node named {name!r}")
+        began = time.monotonic()
+        self.fleet.set_draining(name, True)
+        log.info("draining node for a restart", extra={"node": name})
+        try:
+            while time.monotonic() - began < ops.drain_timeout_s:
+                if not state.backend.in_flight:  # every request it had is answered
+                    break
+                await asyncio.sleep(0.02)
+            drained_s = time.monotonic() - began
+            status, before = await self.node_call(state, "GET", "/admin/status")
+            if status != 200:
+                raise HTTPException(502, f"node {name!r} answered {status} to GET /admin/status")
+            status, _ = await self.node_call(state, "POST", "/admin/restart")
+            if status != 202:
+                raise HTTPException(502, f"node {name!r} answered {status} to POST /admin/restart")
+            after = await self._ready_again(state, before)
+        finally:
+            self.fleet.set_draining(name, False)
+        state.record_status(after)
+        log.info("node restarted", extra={"node": name, "took_s": round(time.monotonic() - began, 3)})
+        return {"node": name, "drained_s": round(drained_s, 3), "took_s": round(time.monotonic() - began, 3),
+                "started_before": before["started_at"], "started": after["started_at"]}  # fmt: skip
+
+    async def _ready_again(self, state: FleetNode, before: dict[str, Any]) -> dict[str, Any]:
+        """The node's status once a process newer than `before`'s answers and is ready."""
+        deadline = time.monotonic() + self.settings.operations.restart_timeout_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            try:
+                status, now = await self.node_call(state, "GET", "/admin/status", limit_s=2)
+            except (aiohttp.ClientError, TimeoutError):
+                continue  # between the old process and the new one
+            if status == 200 and now["started_at"] > before["started_at"] and now["ready"]:
+                return now  # type: ignore[no-any-return]
+        raise HTTPException(504, f"node {state.backend.name!r} was not ready again in time")
+
     async def scan_fleet(self) -> dict[str, Any]:
         """Every node's installed packages (and the gateway's own) against the imported OSV advisories."""
         db = AdvisoryDb(self.settings.home / "security" / "advisories.sqlite")
@@ -501,6 +566,15 @@ class Gateway:
                 fleet.set_draining(name, change.draining)
             log.info("node changed", extra={"node": name, **change.model_dump(exclude_none=True)})
             return fleet.nodes[name].describe(fleet.clock())
+
+        @app.post("/gateway/nodes/{name}/restart")
+        async def restart_one(name: str) -> dict[str, Any]:
+            return await self.restart_node(name)
+
+        @app.post("/gateway/restart")
+        async def restart_all() -> dict[str, Any]:
+            """Every node in turn, so the fleet keeps serving."""
+            return {"restarted": [await self.restart_node(name) for name in list(fleet.nodes)]}
 
         @app.delete("/gateway/nodes/{name}")
         async def remove(name: str) -> dict[str, object]:

@@ -111,6 +111,15 @@ class AlertSettings(_Section):
     latency_factor: float = Field(1.5, gt=1, description="a window's p50 this many times the baseline's")
 
 
+class OperationsSettings(_Section):
+    """Restarts and rollouts the gateway runs on its nodes."""
+
+    drain_timeout_s: float = Field(60.0, gt=0, description="longest wait for a node's in-flight requests")
+    restart_timeout_s: float = Field(120.0, gt=0, description="longest wait for a restarted node to be ready")
+    observe_s: float = Field(5.0, ge=0, description="a rolled-out node is watched this long before the next")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="5xx share that fails a rolled-out node")
+
+
 class NodesTls(_Section):
     """How the gateway calls `https://` nodes: it checks them against this CA and shows its own
     certificate (mutual TLS); a node then trusts the caller the gateway vouches for."""
@@ -144,6 +153,7 @@ class GatewaySettings(EnvFirstSettings):
     tls: TlsSettings = Field(default_factory=TlsSettings, description="the gateway's own listener")
     nodes_tls: NodesTls | None = Field(None, description="mutual TLS to https:// nodes")
     logs: LogStoreSettings = Field(default_factory=LogStoreSettings)
+    operations: OperationsSettings = Field(default_factory=OperationsSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     nodes_key: SecretStr | None = Field(
         None, description="an operator key the nodes accept, for the gateway's own calls without mutual TLS"

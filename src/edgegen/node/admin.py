@@ -9,6 +9,8 @@ certificate — the security gate decides, before any of this runs).
     GET  /admin/status                     version, models served, load (CPU time, memory, requests in
                                            flight), jobs and cache: what the gateway's fleet view shows
     GET  /admin/packages                   installed Python packages, for the gateway's vulnerability scan
+    POST /admin/restart                    restart in place, gracefully (node/lifecycle.py); a gateway
+                                           drains the node first (POST /gateway/nodes/{name}/restart)
     GET  /admin/audit?limit=50             the audit log's last entries and whether its chain holds
 """
 
@@ -29,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from edgegen import __version__
-from edgegen.errors import InvalidInput, ModelNotFound, Unprocessable
+from edgegen.errors import Conflict, InvalidInput, ModelNotFound, Unprocessable
+from edgegen.node.lifecycle import can_restart, request_restart
 from edgegen.node.state import NodeState, node_of
 from edgegen.security.sources import check_source, download
 from edgegen.security.vulns import installed_packages
@@ -60,6 +63,8 @@ async def status(request: Request) -> Response:
         "ready": registry.ready,
         "models": {name: registry.get(name).manifest.version for name in registry.names()},
         "in_flight": node.in_flight(),
+        "pid": os.getpid(),
+        "started_at": round(time.time() - (time.monotonic() - node.started), 3),
         "time": time.time(),
         "cpus": os.cpu_count() or 0,
         "load_average": list(os.getloadavg()),
@@ -79,6 +84,18 @@ async def status(request: Request) -> Response:
             "disk_entries": disk.entries if disk else 0,
         }
     return _json(out)
+
+
+@router.post("/restart", status_code=202, summary="Restart the node in place, gracefully")
+async def restart(request: Request) -> Response:
+    node = node_of(request)
+    multiprocess = node.metrics.multiprocess
+    if not can_restart(multiprocess):
+        raise Conflict("this node was not started by `edgegen serve`; its supervisor restarts it")
+    # (the security gate writes the call to the audit log, as every admin change)
+    # After this answer is on its way: the shutdown waits for in-flight requests, this one included.
+    asyncio.get_running_loop().call_later(0.05, request_restart, multiprocess)
+    return _json({"restarting": True, "pid": os.getpid(), "workers": multiprocess}, 202)
 
 
 @router.get("/models", summary="The model store: versions, active and served")
