@@ -582,6 +582,53 @@ def admin_restart(
         err.print(f"{result['node']}: drained in {result['drained_s']} s, back in {result['took_s']} s")
 
 
+@admin_app.command("rollout")
+@friendly
+def admin_rollout(
+    model: Annotated[str, typer.Argument(help="the model to change")],
+    version: Annotated[str | None, typer.Option(help="a version the nodes hold")] = None,
+    url: Annotated[
+        str | None, typer.Option(help="a signed package each node pulls (an allowed source)")
+    ] = None,
+    node: Annotated[list[str] | None, typer.Option(help="only these nodes, in this order (repeat)")] = None,
+    gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
+    key: Annotated[str | None, typer.Option(help="an admin key", envvar="EDGEGEN_KEY")] = None,
+    ca: CaOpt = None,
+) -> None:
+    """Roll a model version out, node by node, behind a health gate; a failure rolls every node back."""
+    order = {"model": model, "version": version, "url": url, "nodes": node}
+    _report_rollout(_gateway_call("POST", gateway_url, "/gateway/rollout", key, ca, body=order))
+
+
+@admin_app.command("rollback")
+@friendly
+def admin_rollback(
+    model: Annotated[str, typer.Argument(help="the model to change")],
+    version: Annotated[
+        str | None, typer.Option(help="this version (default: before the last rollout)")
+    ] = None,
+    gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
+    key: Annotated[str | None, typer.Option(help="an admin key", envvar="EDGEGEN_KEY")] = None,
+    ca: CaOpt = None,
+) -> None:
+    """Put the versions served before the last rollout back (or roll `--version` out)."""
+    order = {"model": model, "version": version}
+    _report_rollout(_gateway_call("POST", gateway_url, "/gateway/rollback", key, ca, body=order))
+
+
+def _report_rollout(answer: dict[str, Any]) -> None:
+    for step in answer.get("nodes", []):
+        err.print(f"{step['node']}: {step['previous']} -> {step['version']} ({step['took_s']} s)")
+    if "failed" in answer:
+        err.print(f"[red]stopped at {answer['failed']}:[/red] {answer['reason']}", highlight=False)
+    for step in answer.get("rolled_back", []):
+        err.print(
+            f"{step['node']}: back to {step['version']}" + ("" if step["restored"] else " [red]FAILED[/red]")
+        )
+    if not answer["ok"]:
+        raise typer.Exit(1)
+
+
 @deploy_app.command("systemd")
 @friendly
 def deploy_systemd(
@@ -624,9 +671,15 @@ def _gateway_get(gateway_url: str, path: str, key: str | None, ca: Path | None, 
 
 
 def _gateway_call(
-    method: str, gateway_url: str, path: str, key: str | None, ca: Path | None, **params: Any
+    method: str,
+    gateway_url: str,
+    path: str,
+    key: str | None,
+    ca: Path | None,
+    body: Any = None,
+    **params: Any,
 ) -> Any:
-    """Call a gateway route (JSON answer) with a key; clear errors when it fails."""
+    """Call a gateway route (JSON body and answer) with a key; clear errors when it fails."""
     import json
     import ssl
     import urllib.error
@@ -637,7 +690,10 @@ def _gateway_call(
         raise EdgegenError("--gateway must be an http:// or https:// URL")
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
     url = f"{gateway_url.rstrip('/')}{path}" + (f"?{query}" if query else "")
-    request = urllib.request.Request(url, method=method)  # noqa: S310 (scheme checked)
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 (scheme checked)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
     if key:
         request.add_header("Authorization", f"Bearer {key}")
     context_ = ssl.create_default_context(cafile=str(ca)) if ca else None

@@ -1,20 +1,27 @@
 """Remote operations through the gateway on real nodes: a restart under load drops nothing — the node
-is drained first (its streams finish), restarted in place, and put back once a new process is ready."""
+is drained first (its streams finish), restarted in place, and put back once a new process is ready —;
+a model version rolls out node by node, a bad one stops at the health gate and is rolled back, and an
+explicit rollback puts the earlier versions back."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import orjson
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from tests.conftest import fill_store
+from edgegen.optimize.onnx_export import mlp_to_onnx
+from edgegen.store import ModelStore
+from tests.conftest import fill_store, make_layers
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import GatewayProcess, NodeProcess, running
 from tests.llm_models import write_tiny_llama
@@ -33,10 +40,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
         "".join(f'[[nodes]]\nurl = "{n.url}"\nname = "n{i}"\n' for i, n in enumerate(nodes))
         + '[balancer]\nroutes = { "/v1/chat/completions" = "round_robin" }\n'
         + "[health]\ninterval_s = 0.2\ntimeout_s = 0.5\nstatus_interval_s = 0.5\n"
+        + "[operations]\nobserve_s = 0.5\n"
     )
+    broken = ('"msg":"inference failed","request_id"',)  # the rollout test's broken version, on purpose
     with (
-        running(nodes[0]),
-        running(nodes[1]),
+        running(nodes[0], broken),
+        running(nodes[1], broken),
         running(GatewayProcess(root, "--config", str(config))) as gateway,
     ):
         yield gateway
@@ -101,3 +110,71 @@ def test_the_command_restarts_a_node(fleet: GatewayProcess) -> None:
     )
     assert missing.returncode == 1
     assert "answered 404" in missing.stderr
+
+
+def broken_onnx(path: Path) -> Path:
+    """A model that loads, then fails every inference: its Reshape asks for a shape no input has."""
+    shape = numpy_helper.from_array(np.array([7, 3], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["logits"])],
+        "broken",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def served(gateway: GatewayProcess) -> dict[str, str]:
+    view = httpx.get(f"{gateway.url}/gateway/fleet").json()
+    return {node["name"]: node["models"]["digits"] for node in view["nodes"]}
+
+
+def test_a_rollout_a_bad_rollout_and_a_rollback(fleet: GatewayProcess, tmp_path: Path) -> None:
+    good = tmp_path / "good.onnx"
+    good.write_bytes(mlp_to_onnx(make_layers(seed=5)))
+    for i in range(2):  # each node's store gets version 2 (good) and 3 (loads, then fails every inference)
+        store = ModelStore(fleet.home / f"node{i}" / "models")
+        assert store.add(good, "digits", activate=False).version == "2"
+        assert store.add(broken_onnx(tmp_path / "bad.onnx"), "digits", activate=False).version == "3"
+    done = httpx.post(
+        f"{fleet.url}/gateway/rollout", json={"model": "digits", "version": "2"}, timeout=120
+    ).json()
+    assert done["ok"] is True
+    assert [(n["node"], n["previous"], n["version"]) for n in done["nodes"]] == [
+        ("n0", "1", "2"),
+        ("n1", "1", "2"),
+    ]
+    time.sleep(1.2)  # the fleet view reads statuses every 0.5 s
+    assert served(fleet) == {"n0": "2", "n1": "2"}
+    command = [
+        sys.executable,
+        "-m",
+        "edgegen",
+        "admin",
+        "rollout",
+        "digits",
+        "--version",
+        "3",
+        "--gateway",
+        fleet.url,
+    ]
+    bad = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert "stopped at n0" in bad.stderr
+    assert "probe inference answered 500" in bad.stderr
+    assert "n0: back to 2" in bad.stderr
+    time.sleep(1.2)
+    assert served(fleet) == {"n0": "2", "n1": "2"}  # n1 never saw version 3; n0 went back
+    assert httpx.post(f"{fleet.url}/predict", json={"input_data": [1.0] * 64}).status_code == 200
+    back = subprocess.run(
+        [*command[:4], "rollback", "digits", *command[8:]], capture_output=True, text=True, timeout=120
+    )
+    assert back.returncode == 0, back.stderr
+    time.sleep(1.2)
+    assert served(fleet) == {"n0": "1", "n1": "1"}  # the versions before the last rollout that went through
+    refused = httpx.post(f"{fleet.url}/gateway/rollout", json={"model": "digits"})
+    assert refused.status_code == 400  # neither a version nor a url

@@ -8,6 +8,8 @@
     /gateway/logs                       POST: a node's shipped log lines; GET: search the fleet's logs
     /gateway/alerts                     error-rate spikes and latency regressions found in them
     /dashboard                          the fleet on one web page (public page; its data needs a key)
+    /gateway/rollout, /gateway/rollback a model version across the fleet, node by node, health-gated
+    /gateway/nodes/{name}/restart       drain, restart in place, back once ready (/gateway/restart: all)
     /gateway/nodes[/{name}]             the fleet at run time: list (operator), add, re-weight, drain,
                                         remove (admin)
     everything else                     relayed to a node (proxy.py): /predict, /models/…, /v2/…, /v1/…
@@ -47,6 +49,7 @@ from edgegen.gateway.fleet import NodeState as FleetNode
 from edgegen.gateway.logstore import MAX_LIMIT, LogStore
 from edgegen.gateway.logstore import Query as LogQuery
 from edgegen.gateway.proxy import Attempt, Proxy, Refused
+from edgegen.gateway.rollout import GateFailed, RollbackOrder, RolloutOrder, Rollouts
 from edgegen.gateway.settings import GatewaySettings, NodeEntry
 from edgegen.node.errors import error_response, is_openai
 from edgegen.node.errors import install as install_error_handlers
@@ -199,6 +202,7 @@ class Gateway:
         self._logs_lock = asyncio.Lock()  # one SQLite connection, used from worker threads in turn
         self.analyzer = Analyzer(settings.alerts, on_raise=lambda a: self.metrics.alerts.labels(a.kind).inc())
         self.metrics.registry.register(AlertCollector(self.analyzer))
+        self.rollouts = Rollouts(self.fleet, self.node_call, settings.operations)
         self.access_log = AccessLog(settings.access_log)
         self.request_ids = RequestIds()
         self.admin = self._admin_app()
@@ -380,14 +384,20 @@ class Gateway:
         path: str,
         body: dict[str, Any] | None = None,
         limit_s: float = 10,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
-        """One admin call of the gateway's own to a node: (status, JSON answer or None)."""
+        """The gateway's own call to a node, with its node credentials: (status, JSON answer or None)."""
         client = self.proxy.client(state.backend)
         async with client.request(
             method,
             path,
             json=body,
-            headers=self.node_credentials(),
+            # (the node client sends no Content-Type of its own: relayed requests carry the client's)
+            headers={
+                **self.node_credentials(),
+                **({"content-type": "application/json"} if body else {}),
+                **(headers or {}),
+            },
             timeout=aiohttp.ClientTimeout(total=limit_s),
         ) as response:
             try:
@@ -570,6 +580,20 @@ class Gateway:
         @app.post("/gateway/nodes/{name}/restart")
         async def restart_one(name: str) -> dict[str, Any]:
             return await self.restart_node(name)
+
+        @app.post("/gateway/rollout")
+        async def rollout(order: RolloutOrder) -> dict[str, Any]:
+            try:
+                return await self.rollouts.rollout(order)
+            except GateFailed as exc:
+                raise HTTPException(409, str(exc)) from None
+
+        @app.post("/gateway/rollback")
+        async def rollback(order: RollbackOrder) -> dict[str, Any]:
+            try:
+                return await self.rollouts.rollback(order)
+            except GateFailed as exc:
+                raise HTTPException(409, str(exc)) from None
 
         @app.post("/gateway/restart")
         async def restart_all() -> dict[str, Any]:

@@ -1,0 +1,236 @@
+"""Rolling a model version out across the fleet, one node at a time, behind a health gate.
+
+    POST /gateway/rollout   {"model": "digits", "version": "3"}               a version the nodes hold
+                            {"model": "digits", "url": "https://…/pkg.tar.gz"}  a signed package each
+                                                                               node pulls (allowed sources)
+    POST /gateway/rollback  {"model": "digits"[, "version": "2"]}             the versions served before
+                                                                               the last rollout, or this one
+
+Per node, in the fleet's order: note the version it serves, activate (or pull and activate) the new one,
+then the gate — the node serves the new version and is ready, a probe inference (zeros of the model's
+input shape; one token for a language model) answers 200, and for `observe_s` the traffic the gateway sends
+it stays under `max_error_rate` 5xx. A node that fails the gate goes back to its version, so do the nodes
+already done, and the rollout stops: the fleet ends where it began.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgegen.gateway.fleet import Fleet
+from edgegen.gateway.fleet import NodeState as FleetNode
+from edgegen.gateway.settings import OperationsSettings
+
+log = logging.getLogger("edgegen.gateway")
+NodeCall = Callable[..., Awaitable[tuple[int, Any]]]
+NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+class RolloutOrder(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=NAME)
+    version: str | None = Field(None, pattern=NAME)
+    url: str | None = Field(None, max_length=2048)
+    nodes: list[str] | None = Field(None, description="these nodes, in this order (default: the fleet)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RolloutOrder:
+        if (self.version is None) == (self.url is None):
+            raise ValueError("give a version the nodes hold, or the url of a package to pull")
+        return self
+
+
+class RollbackOrder(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=NAME)
+    version: str | None = Field(
+        None, pattern=NAME, description="default: each node's version before the last rollout"
+    )
+
+
+class GateFailed(Exception):
+    pass
+
+
+@dataclass
+class Step:
+    node: str
+    previous: str | None
+    version: str | None = None
+    took_s: float = 0.0
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "previous": self.previous,
+            "version": self.version,
+            "took_s": round(self.took_s, 3),
+        }
+
+
+@dataclass
+class Rollouts:
+    fleet: Fleet
+    call: NodeCall  # (state, method, path, body=None, limit_s=10) -> (status, JSON)
+    settings: OperationsSettings
+    before: dict[str, dict[str, str | None]] = field(default_factory=dict)  # model -> node -> version
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def rollout(self, order: RolloutOrder) -> dict[str, Any]:
+        async with self.lock:  # one change of the fleet at a time
+            states = self._targets(order.nodes)
+            done: list[Step] = []
+            for state in states:
+                step = Step(state.backend.name, await self._served(state, order.model))
+                began = time.monotonic()
+                try:
+                    step.version = await self._change(state, order)
+                    await self._gate(state, order.model, step.version)
+                except GateFailed as exc:
+                    log.warning(
+                        "rollout stopped", extra={"node": step.node, "model": order.model, "reason": str(exc)}
+                    )
+                    restored = await self._restore(order.model, [step, *reversed(done)])
+                    return {"ok": False, "model": order.model, "failed": step.node, "reason": str(exc),
+                            "rolled_back": restored}  # fmt: skip
+                step.took_s = time.monotonic() - began
+                done.append(step)
+                log.info(
+                    "rollout step done",
+                    extra={"node": step.node, "model": order.model, "version": step.version},
+                )
+            self.before[order.model] = {step.node: step.previous for step in done}
+            return {"ok": True, "model": order.model, "nodes": [step.view() for step in done]}
+
+    async def rollback(self, order: RollbackOrder) -> dict[str, Any]:
+        if order.version is not None:
+            return await self.rollout(RolloutOrder(model=order.model, version=order.version))
+        before = self.before.get(order.model)
+        if not before:
+            raise GateFailed(
+                f"no rollout of {order.model!r} to roll back since this gateway started; name a version"
+            )
+        async with self.lock:
+            restored = await self._restore(
+                order.model, [Step(node, version) for node, version in before.items()]
+            )
+        self.before.pop(order.model, None)
+        return {"ok": all(r["restored"] for r in restored), "model": order.model, "rolled_back": restored}
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    def _targets(self, names: list[str] | None) -> list[FleetNode]:
+        chosen = names if names is not None else list(self.fleet.nodes)
+        unknown = [n for n in chosen if n not in self.fleet.nodes]
+        if unknown:
+            raise GateFailed(f"unknown nodes: {', '.join(unknown)}")
+        return [self.fleet.nodes[n] for n in chosen]
+
+    async def _served(self, state: FleetNode, model: str) -> str | None:
+        status, answer = await self.call(state, "GET", "/admin/models")
+        if status != 200:
+            raise GateFailed(f"{state.backend.name}: GET /admin/models answered {status}")
+        return next((m["served"] for m in answer["models"] if m["name"] == model), None)
+
+    async def _change(self, state: FleetNode, order: RolloutOrder) -> str:
+        name = state.backend.name
+        if order.url is not None:
+            status, answer = await self.call(
+                state,
+                "POST",
+                f"/admin/models/{order.model}/pull",
+                {"url": order.url, "activate": True},
+                limit_s=600,
+            )
+            if status != 201:
+                raise GateFailed(f"{name}: the pull answered {status}: {_reason(answer)}")
+            return str(answer["version"])
+        assert order.version is not None
+        status, answer = await self.call(
+            state, "POST", f"/admin/models/{order.model}/activate", {"version": order.version}, limit_s=300
+        )
+        if status != 200:
+            raise GateFailed(
+                f"{name}: activating version {order.version} answered {status}: {_reason(answer)}"
+            )
+        return order.version
+
+    async def _gate(self, state: FleetNode, model: str, version: str) -> None:
+        name, s = state.backend.name, self.settings
+        deadline = time.monotonic() + s.restart_timeout_s
+        while True:
+            status, answer = await self.call(state, "GET", "/admin/status")
+            if status == 200 and answer["ready"] and answer["models"].get(model) == version:
+                break
+            if time.monotonic() > deadline:
+                raise GateFailed(f"{name}: not ready with version {version} in time")
+            await asyncio.sleep(0.2)
+        await self._probe(state, model)
+        traffic = state.traffic
+        before = len(traffic.tries)
+        await asyncio.sleep(s.observe_s)
+        recent = list(traffic.tries)[before:] if len(traffic.tries) > before else []
+        failed = sum(f for _, _, f in recent)
+        if len(recent) >= 10 and failed / len(recent) > s.max_error_rate:
+            raise GateFailed(f"{name}: {failed} of {len(recent)} requests failed while it was watched")
+
+    async def _probe(self, state: FleetNode, model: str) -> None:
+        """One inference on the new version, computed (not from the response cache): it must answer 200."""
+        name = state.backend.name
+        status, meta = await self.call(state, "GET", f"/v2/models/{model}")
+        if status != 200:
+            raise GateFailed(f"{name}: GET /v2/models/{model} answered {status}")
+        if meta["platform"] == "llama.cpp_gguf":
+            path, body = (
+                "/v1/completions",
+                {"model": model, "prompt": "ping", "max_tokens": 1, "temperature": 0},
+            )
+        else:
+            inputs = []
+            for tensor in meta["inputs"]:
+                shape = [1 if d < 0 else d for d in tensor["shape"]]
+                count = 1
+                for d in shape:
+                    count *= d
+                inputs.append({"name": tensor["name"], "shape": shape, "datatype": tensor["datatype"],
+                               "data": [0] * count})  # fmt: skip
+            path, body = f"/v2/models/{model}/infer", {"inputs": inputs}
+        status, answer = await self.call(
+            state, "POST", path, body, limit_s=60, headers={"cache-control": "no-store, no-cache"}
+        )
+        if status != 200:
+            raise GateFailed(f"{name}: the probe inference answered {status}: {_reason(answer)}")
+
+    async def _restore(self, model: str, steps: list[Step]) -> list[dict[str, Any]]:
+        """Each node of `steps` back to its previous version (those that had one)."""
+        restored = []
+        for step in steps:
+            state = self.fleet.nodes.get(step.node)
+            if state is None or step.previous is None:
+                restored.append({"node": step.node, "version": step.previous, "restored": state is not None})
+                continue
+            status, answer = await self.call(
+                state, "POST", f"/admin/models/{model}/activate", {"version": step.previous}, limit_s=300
+            )
+            ok = status == 200
+            if not ok:
+                log.error(
+                    "rollback failed", extra={"node": step.node, "model": model, "reason": _reason(answer)}
+                )
+            restored.append({"node": step.node, "version": step.previous, "restored": ok})
+        return restored
+
+
+def _reason(answer: Any) -> str:
+    if isinstance(answer, dict):
+        error = answer.get("error")
+        return str(error.get("message") if isinstance(error, dict) else error)
+    return "no JSON answer"
