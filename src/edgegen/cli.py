@@ -34,6 +34,8 @@ logs_app = typer.Typer(no_args_is_help=True, help="The fleet's logs, kept by the
 app.add_typer(logs_app, name="logs")
 admin_app = typer.Typer(no_args_is_help=True, help="Manage the fleet through its gateway.")
 app.add_typer(admin_app, name="admin")
+config_app = typer.Typer(no_args_is_help=True, help="Nodes' settings: read, change (validated, persisted).")
+admin_app.add_typer(config_app, name="config")
 deploy_app = typer.Typer(no_args_is_help=True, help="Deployment files: a hardened systemd unit.")
 app.add_typer(deploy_app, name="deploy")
 out = Console()
@@ -580,6 +582,51 @@ def admin_restart(
     answer = _gateway_call("POST", gateway_url, path, key, ca)
     for result in answer.get("restarted", [answer]):
         err.print(f"{result['node']}: drained in {result['drained_s']} s, back in {result['took_s']} s")
+
+
+@config_app.command("get")
+@friendly
+def admin_config_get(
+    node: Annotated[str, typer.Argument(help="the node's name in the gateway")],
+    gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
+    key: KeyOpt = None,
+    ca: CaOpt = None,
+) -> None:
+    """A node's settings in force (JSON; secrets as stars) and those changed remotely."""
+    import json
+    from urllib.parse import quote
+
+    answer = _gateway_get(gateway_url, f"/gateway/config/{quote(node, safe='')}", key, ca)
+    out.print(json.dumps(answer, indent=2), markup=False, highlight=False, soft_wrap=True)
+
+
+@config_app.command("set")
+@friendly
+def admin_config_set(
+    changes: Annotated[list[str], typer.Argument(help="SETTING=VALUE, e.g. cache.ttl_s=60 log_level=debug")],
+    node: Annotated[list[str] | None, typer.Option(help="only these nodes (repeat; default: all)")] = None,
+    gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
+    key: Annotated[str | None, typer.Option(help="an admin key", envvar="EDGEGEN_KEY")] = None,
+    ca: CaOpt = None,
+) -> None:
+    """Change settings on the fleet's nodes: validated, persisted, applied at once where they can be."""
+    import json
+
+    parsed: dict[str, Any] = {}
+    for item in changes:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise EdgegenError(f"{item!r}: give SETTING=VALUE")
+        try:
+            parsed[name] = json.loads(text)  # numbers, true/false; anything else is a string
+        except json.JSONDecodeError:
+            parsed[name] = text
+    answer = _gateway_call(
+        "PATCH", gateway_url, "/gateway/config", key, ca, body={"changes": parsed, "nodes": node}
+    )
+    for name, result in answer["nodes"].items():
+        later = f"; at the next restart: {', '.join(result['on_restart'])}" if result["on_restart"] else ""
+        err.print(f"{name}: applied {', '.join(result['applied']) or 'nothing yet'}{later}")
 
 
 @admin_app.command("rollout")

@@ -1,7 +1,8 @@
 """Typed settings, read once at start-up.
 
 Sources, strongest first: `EDGEGEN_*` environment variables (every CLI flag sets its twin, so a flag
-always wins), then the TOML file named by `--config` / `EDGEGEN_CONFIG`, then the defaults below.
+always wins), then the changes made remotely (`HOME/config/remote.toml`, node/remote_config.py), then
+the TOML file named by `--config` / `EDGEGEN_CONFIG`, then the defaults below.
 Nested fields use a double underscore: `EDGEGEN_ONNX__INTRA_OP_THREADS=2`.
 
 Example TOML:
@@ -239,9 +240,29 @@ def load_settings(config_file: Path | None = None) -> Settings:
     path = config_file or (Path(os.environ["EDGEGEN_CONFIG"]) if os.environ.get("EDGEGEN_CONFIG") else None)
     values = read_toml(path, "config file") if path is not None else {}
     try:
-        return Settings(**values)
+        settings = Settings(**values)
+        remote = read_remote(settings.home)  # changes made through PATCH /admin/config, over the file
+        return Settings(**_merge(values, remote)) if remote else settings
     except ValidationError as exc:
         raise settings_error(exc, "EDGEGEN_*") from None
+
+
+def remote_path(home: Path) -> Path:
+    """Where a node keeps the settings changed remotely (node/remote_config.py)."""
+    return home / "config" / "remote.toml"
+
+
+def read_remote(home: Path) -> dict[str, Any]:
+    path = remote_path(home)
+    return read_toml(path, "remote configuration") if path.exists() else {}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both else value
+    return merged
 
 
 def settings_error(exc: ValidationError, variables: str) -> ConfigError:

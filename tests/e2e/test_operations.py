@@ -178,3 +178,28 @@ def test_a_rollout_a_bad_rollout_and_a_rollback(fleet: GatewayProcess, tmp_path:
     assert served(fleet) == {"n0": "1", "n1": "1"}  # the versions before the last rollout that went through
     refused = httpx.post(f"{fleet.url}/gateway/rollout", json={"model": "digits"})
     assert refused.status_code == 400  # neither a version nor a url
+
+
+def test_a_config_change_reaches_every_node(fleet: GatewayProcess) -> None:
+    command = [sys.executable, "-m", "edgegen", "admin", "config", "set", "cache.ttl_s=42.5",
+               "batching.max_batch_size=8", "--gateway", fleet.url]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for name in ("n0", "n1"):
+        assert f"{name}: applied cache.ttl_s; at the next restart: batching.max_batch_size" in done.stderr
+        config = httpx.get(f"{fleet.url}/gateway/config/{name}").json()
+        assert config["settings"]["cache"]["ttl_s"] == 42.5  # at once
+        assert config["settings"]["batching"]["max_batch_size"] == 32  # not before a restart
+        assert config["remote"] == {"cache": {"ttl_s": 42.5}, "batching": {"max_batch_size": 8}}
+    refusals = [({"cache.ttl_s": -1}, 400), ({"security.auth": False}, 403), ({"port": 1}, 403), ({}, 400),
+                ({"nope.x": 1}, 400), ({"batching": 3}, 400), ({"log_level": "loud"}, 400)]  # fmt: skip
+    for changes, status in refusals:
+        refused = httpx.patch(f"{fleet.url}/gateway/config", json={"changes": changes})
+        assert refused.status_code == status, (changes, refused.text)
+    assert httpx.get(f"{fleet.url}/gateway/config/n1").json()["remote"]["cache"] == {
+        "ttl_s": 42.5
+    }  # untouched
+    assert httpx.post(f"{fleet.url}/gateway/nodes/n0/restart", timeout=180).status_code == 200
+    restarted = httpx.get(f"{fleet.url}/gateway/config/n0").json()["settings"]
+    assert restarted["batching"]["max_batch_size"] == 8  # read from the remote settings at start
+    assert restarted["cache"]["ttl_s"] == 42.5

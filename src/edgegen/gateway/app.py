@@ -10,6 +10,7 @@
     /dashboard                          the fleet on one web page (public page; its data needs a key)
     /gateway/rollout, /gateway/rollback a model version across the fleet, node by node, health-gated
     /gateway/nodes/{name}/restart       drain, restart in place, back once ready (/gateway/restart: all)
+    /gateway/config                     GET …/{node}: a node's settings; PATCH: change them on every node
     /gateway/nodes[/{name}]             the fleet at run time: list (operator), add, re-weight, drain,
                                         remove (admin)
     everything else                     relayed to a node (proxy.py): /predict, /models/…, /v2/…, /v1/…
@@ -167,6 +168,13 @@ class AlertCollector(Collector):
         for kind, node, model in list(self.analyzer.active):
             active.add_metric([kind, node, model], 1.0)
         yield active
+
+
+class ConfigOrder(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    changes: dict[str, Any]
+    nodes: list[str] | None = None
 
 
 class NodeUpdate(BaseModel):
@@ -580,6 +588,36 @@ class Gateway:
         @app.post("/gateway/nodes/{name}/restart")
         async def restart_one(name: str) -> dict[str, Any]:
             return await self.restart_node(name)
+
+        @app.get("/gateway/config/{name}")
+        async def node_config(name: str) -> Any:
+            state = fleet.nodes.get(name)
+            if state is None:
+                raise HTTPException(404, f"no node named {name!r}")
+            status, answer = await self.node_call(state, "GET", "/admin/config")
+            if status != 200:
+                raise HTTPException(502, f"node {name!r} answered {status}")
+            return answer
+
+        @app.patch("/gateway/config")
+        async def change_config(order: ConfigOrder) -> dict[str, Any]:
+            """The same change on each node in turn; a change a node refuses stops there (the others keep
+            theirs: every node validates the same way, so the first refusal is the usual one)."""
+            names = order.nodes if order.nodes is not None else list(fleet.nodes)
+            if unknown := [n for n in names if n not in fleet.nodes]:
+                raise HTTPException(404, f"unknown nodes: {', '.join(unknown)}")
+            results = {}
+            for name in names:
+                status, answer = await self.node_call(
+                    fleet.nodes[name], "PATCH", "/admin/config", {"changes": order.changes}
+                )
+                if status != 200:
+                    error = answer.get("error") if isinstance(answer, dict) else None
+                    raise HTTPException(
+                        status if 400 <= status < 500 else 502, f"node {name!r}: {error or status}"
+                    )
+                results[name] = answer
+            return {"nodes": results}
 
         @app.post("/gateway/rollout")
         async def rollout(order: RolloutOrder) -> dict[str, Any]:

@@ -8,6 +8,9 @@ certificate — the security gate decides, before any of this runs).
                                            signed package from an allowed source (security/sources.py)
     GET  /admin/status                     version, models served, load (CPU time, memory, requests in
                                            flight), jobs and cache: what the gateway's fleet view shows
+    GET  /admin/config                     the settings in force (secrets as stars) and those changed remotely
+    PATCH /admin/config                    {"changes": {"cache.ttl_s": 60, …}}: validated, persisted, applied
+                                           at once where the setting allows, else at the next restart
     GET  /admin/packages                   installed Python packages, for the gateway's vulnerability scan
     POST /admin/restart                    restart in place, gracefully (node/lifecycle.py); a gateway
                                            drains the node first (POST /gateway/nodes/{name}/restart)
@@ -31,7 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from edgegen import __version__
+from edgegen.config import read_remote
 from edgegen.errors import Conflict, InvalidInput, ModelNotFound, Unprocessable
+from edgegen.node import remote_config
 from edgegen.node.lifecycle import can_restart, request_restart
 from edgegen.node.state import NodeState, node_of
 from edgegen.security.sources import check_source, download
@@ -84,6 +89,23 @@ async def status(request: Request) -> Response:
             "disk_entries": disk.entries if disk else 0,
         }
     return _json(out)
+
+
+class ConfigChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    changes: dict[str, Any]
+
+
+@router.get("/config", summary="The settings in force, and those changed remotely")
+async def config(request: Request) -> Response:
+    settings = node_of(request).settings
+    return _json({"settings": remote_config.effective(settings), "remote": read_remote(settings.home)})
+
+
+@router.patch("/config", summary="Change settings: validated, persisted, applied live where they can be")
+async def change_config(order: ConfigChange, request: Request) -> Response:
+    return _json(remote_config.change(node_of(request).settings, order.changes))
 
 
 @router.post("/restart", status_code=202, summary="Restart the node in place, gracefully")
