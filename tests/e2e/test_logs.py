@@ -92,6 +92,7 @@ def test_a_request_is_found_by_its_id(setup: tuple[NodeProcess, GatewayProcess])
     assert "n0" in text
     assert "request_id=req-one" in text
     assert lines(gateway, node="n0", text="node ready")  # the node's own log lines came too
+    assert lines(gateway, text="HTTP Request") == []  # not the shipper's own requests, line after line
 
 
 def test_lines_from_a_cut_off_node_arrive_after_it_reconnects(
