@@ -3,6 +3,7 @@ back at start, live where the setting is read anew."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from edgegen.config import load_settings, read_remote
 from edgegen.errors import Forbidden, InvalidInput
-from edgegen.node.remote_config import change
+from edgegen.node.remote_config import apply_live, change, watch
 
 
 @pytest.fixture
@@ -80,3 +81,28 @@ def test_odd_strings_survive_the_file(home: Path) -> None:
     value = 'quote " backslash \\ newline-free ünïcode'
     change(load_settings(), {"default_model": value})
     assert load_settings().default_model == value
+
+
+def test_another_worker_takes_the_live_settings(home: Path) -> None:
+    mine, theirs = load_settings(), load_settings()  # two processes of one node
+    change(mine, {"cache.ttl_s": 7, "batching.max_batch_size": 3})
+    assert theirs.cache.ttl_s == 3600.0
+    assert apply_live(theirs) == ["cache.ttl_s"]
+    assert (theirs.cache.ttl_s, theirs.batching.max_batch_size) == (7.0, 32)
+    assert apply_live(theirs) == []  # nothing new
+
+
+def test_the_watch_applies_what_another_worker_wrote(home: Path) -> None:
+    async def run() -> float:
+        settings, other = load_settings(), load_settings()
+        task = asyncio.create_task(watch(settings, 0.01))
+        await asyncio.sleep(0.05)
+        change(other, {"llm.timeout_s": 12})
+        for _ in range(300):
+            if settings.llm.timeout_s == 12:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return settings.llm.timeout_s
+
+    assert asyncio.run(run()) == 12.0

@@ -30,7 +30,7 @@ from edgegen.engine.registry import ModelRegistry
 from edgegen.jobs.queue import JobQueue, JobRequest
 from edgegen.jobs.sqlite import SqliteJobQueue
 from edgegen.jobs.workers import JobWorkers
-from edgegen.node import admin, errors, jobs, openai, seed, v2
+from edgegen.node import admin, errors, jobs, openai, remote_config, seed, v2
 from edgegen.node.jobs import run_in_process
 from edgegen.node.middleware import EdgeMiddleware
 from edgegen.node.state import NodeState, node_of
@@ -119,7 +119,10 @@ def create_app(settings: Settings) -> NodeApp:
                 await workers.start()
                 node.job_workers = workers
             if settings.store_poll_s > 0:
-                await registry.watch(settings.store_poll_s)
+                await asyncio.gather(
+                    registry.watch(settings.store_poll_s),
+                    remote_config.watch(settings, settings.store_poll_s),
+                )
 
         shipper = start_shipping(settings, access_log)
         loader = asyncio.create_task(load(), name="model-loader")

@@ -4,7 +4,8 @@ A change names settings by path (`cache.ttl_s`, `batching.max_batch_size`, `log_
 Each is validated against its field (type and bounds) before anything changes; then all are written to
 `HOME/config/remote.toml`, which the node reads at start over its own config file (the environment and
 command-line flags still win). Those in `LIVE` take effect at once in the process that answered; the
-others at the next restart, and the answer says which. Where the node is reached from, who may call it
+others at the next restart, and the answer says which; other worker processes of the node take the live
+ones within `store_poll_s` (`watch`). Where the node is reached from, who may call it
 and where it keeps its data (`host`, `port`, `home`, `store`, `security.*`, `tls.*`) are changed on the
 node itself, never remotely; a setting the node's environment sets is refused too, since the environment
 would win over it.
@@ -12,6 +13,7 @@ would win over it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -83,13 +85,61 @@ def change(settings: Settings, changes: dict[str, Any]) -> dict[str, Any]:
     applied = []
     for key, holder, name, value in checked:
         if key in LIVE:
-            setattr(holder, name, value)
-            if key == "log_level":
-                logging.getLogger().setLevel(str(value).upper())
+            _set(key, holder, name, value)
             applied.append(key)
     later = [key for key, *_ in checked if key not in LIVE]
     log.info("configuration changed", extra={"applied": applied, "on_restart": later})
     return {"applied": applied, "on_restart": later, "remote": stored}
+
+
+def _set(key: str, holder: BaseModel, name: str, value: Any) -> None:
+    setattr(holder, name, value)
+    if key == "log_level":
+        logging.getLogger().setLevel(str(value).upper())
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        out |= _flat(value, path + ".") if isinstance(value, dict) else {path: value}
+    return out
+
+
+def apply_live(settings: Settings) -> list[str]:
+    """Take the live settings of the remote file that differ from those in force (another worker process
+    of this node wrote them); return their names. A value that no longer validates is left out, logged."""
+    applied = []
+    for key, value in _flat(read_remote(settings.home)).items():
+        if key not in LIVE:
+            continue
+        holder, name, adapter = _field(settings, key)
+        try:
+            valid = adapter.validate_python(value)
+        except ValidationError:
+            log.warning("remote setting not applied: invalid", extra={"setting": key})
+            continue
+        if getattr(holder, name) != valid:
+            _set(key, holder, name, valid)
+            applied.append(key)
+    if applied:
+        log.info("remote settings applied", extra={"applied": applied})
+    return applied
+
+
+async def watch(settings: Settings, interval: float) -> None:
+    """Apply the live settings whenever the remote file changes (with --workers, each process watches)."""
+    path = remote_path(settings.home)
+    seen = path.stat().st_mtime_ns if path.exists() else None
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            now = path.stat().st_mtime_ns if path.exists() else None
+            if now != seen:
+                seen = now
+                apply_live(settings)
+        except Exception:  # a bad file must not end the watch
+            log.exception("remote settings not read")
 
 
 def _write(path: Path, values: dict[str, Any]) -> None:
