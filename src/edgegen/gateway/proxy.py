@@ -267,7 +267,7 @@ class Proxy:
         if attempt.response is None:
             raise Refused(502, f"the node failed to answer ({attempt.error})")
         if method == "POST" and path == "/v1/jobs" and attempt.body and attempt.response.status in (200, 202):
-            with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
                 self.job_homes.remember(str(orjson.loads(attempt.body)["id"]), attempt.backend.name)
         return await self._relay(attempt, send)
 

@@ -27,10 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.fleet import NodeState as FleetNode
 from edgegen.gateway.settings import OperationsSettings
+from edgegen.store.manifest import NAME_PATTERN
 
 log = logging.getLogger("edgegen.gateway")
 NodeCall = Callable[..., Awaitable[tuple[int, Any]]]
-NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+NAME = NAME_PATTERN.pattern  # model names and versions, as the store has them
 
 
 class RolloutOrder(BaseModel):
