@@ -10,17 +10,17 @@ them). Reads run on the caller's thread with their own connection; writes belong
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from edgegen.cache.memory import Entry, Removed
 from edgegen.errors import IntegrityError
 from edgegen.security.atrest import Keyring
+from edgegen.sqlite import connect, transaction
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,6 @@ ROW_OVERHEAD = 100  # bytes a row costs beside its key and value (columns, index
 LOW_WATER = 0.9  # eviction goes down to this share of the bound, so it does not run on every write
 
 
-def _connect(path: Path, busy_ms: int) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute(f"PRAGMA busy_timeout={busy_ms}")
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    return db
-
-
 class DiskTier:
     def __init__(
         self,
@@ -60,16 +52,16 @@ class DiskTier:
         keyring: Keyring | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # cached answers are the tenants' data
         self.max_bytes = max_bytes
         self._keyring = keyring
         self._clock = clock
-        self._writer = _connect(path, 10_000)
+        self._writer = connect(path, 10_000)
         self._writer.executescript(SCHEMA)
         self._drop_unreadable()
-        self._reader = _connect(path, 200)
+        self._reader = connect(path, 200)
         self.bytes = self.entries = 0
         self._measure()
 
@@ -121,7 +113,7 @@ class DiskTier:
         size = len(value) + len(key) + ROW_OVERHEAD
         if size > self.max_bytes:
             return
-        with self._transaction() as db:
+        with transaction(self._writer) as db:
             old = db.execute("SELECT size FROM entries WHERE key = ?", (key,)).fetchone()
             db.execute(
                 "INSERT OR REPLACE INTO entries (key, model, tag, stored, expires, used, size, key_id, value)"
@@ -163,23 +155,12 @@ class DiskTier:
                     break
 
     def invalidate(self, model: str, keep_tag: str | None, removed: Removed) -> None:
-        with self._transaction() as db:
+        with transaction(self._writer) as db:
             gone = db.execute(
                 "DELETE FROM entries WHERE model = ? AND tag IS NOT ?", (model, keep_tag)
             ).rowcount
             removed.invalidated += gone
             self._measure()
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._writer
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
         self._reader.close()

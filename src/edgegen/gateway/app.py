@@ -496,6 +496,11 @@ class Gateway:
     def _admin_app(self) -> FastAPI:
         app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
         install_error_handlers(app)  # the node's error shape: {"error": "..."}, 400 for a bad body
+
+        async def refused_change(_request: Request, exc: Exception) -> Response:
+            return error_response(str(exc), 409)  # a rollout or rollback that cannot be made
+
+        app.add_exception_handler(GateFailed, refused_change)
         fleet, proxy = self.fleet, self.proxy
 
         @app.get("/v2/health/live")
@@ -621,17 +626,11 @@ class Gateway:
 
         @app.post("/gateway/rollout")
         async def rollout(order: RolloutOrder) -> dict[str, Any]:
-            try:
-                return await self.rollouts.rollout(order)
-            except GateFailed as exc:
-                raise HTTPException(409, str(exc)) from None
+            return await self.rollouts.rollout(order)
 
         @app.post("/gateway/rollback")
         async def rollback(order: RollbackOrder) -> dict[str, Any]:
-            try:
-                return await self.rollouts.rollback(order)
-            except GateFailed as exc:
-                raise HTTPException(409, str(exc)) from None
+            return await self.rollouts.rollback(order)
 
         @app.post("/gateway/restart")
         async def restart_all() -> dict[str, Any]:

@@ -13,7 +13,6 @@ sequence. Text search is FTS5 over the whole line, phrase-matched. Lines older t
 from __future__ import annotations
 
 import calendar
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import orjson
 
 from edgegen.errors import InvalidInput
+from edgegen.sqlite import connect, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS logs (
@@ -74,10 +74,7 @@ class Query:
 
 class LogStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = connect(path)
         self._db.executescript(SCHEMA)
 
     def add(self, node: str, spool: str, entries: list[Any]) -> list[dict[str, Any]]:
@@ -100,17 +97,12 @@ class LogStore:
             text = orjson.dumps(line).decode()
             rows.append((node, spool, seq, ts, level, str(line.get("logger", "")), request_id, text))
             lines.append({**line, "node": node, "time": ts})
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.executemany(
+        with transaction(self._db) as db:
+            db.executemany(
                 "INSERT OR IGNORE INTO logs (node, spool, seq, ts, level, logger, request_id, line)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
         return lines
 
     def query(self, q: Query) -> list[dict[str, Any]]:

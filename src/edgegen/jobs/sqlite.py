@@ -8,7 +8,6 @@ Request and response bodies are encrypted at rest when a keyring is given (secur
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from edgegen.errors import Conflict
 from edgegen.jobs.queue import FINAL, Job, JobRequest, Status, backoff, new_job_id
 from edgegen.security.atrest import Keyring
+from edgegen.sqlite import connect, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -60,10 +60,7 @@ class SqliteJobQueue:
         keyring: Keyring | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = connect(path)
         self._db.executescript(_SCHEMA)
         self.max_attempts, self.backoff_s, self.keyring, self.clock = max_attempts, backoff_s, keyring, clock
 
@@ -86,9 +83,6 @@ class SqliteJobQueue:
             progress,
         )  # fmt: skip
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
-
     def _row(self, job_id: str) -> tuple[Any, ...] | None:
         row: tuple[Any, ...] | None = self._db.execute(_SELECT_ONE, (job_id,)).fetchone()
         return row
@@ -98,7 +92,7 @@ class SqliteJobQueue:
         self, owner: str, request: JobRequest, *, priority: int = 0, idempotency_key: str | None = None
     ) -> tuple[Job, bool]:
         now = self.clock()
-        with self._transaction():
+        with transaction(self._db):
             if idempotency_key is not None:
                 found = self._db.execute(
                     "SELECT id FROM jobs WHERE owner = ? AND idem = ?", (owner, idempotency_key)
@@ -123,7 +117,7 @@ class SqliteJobQueue:
 
     async def claim(self, worker: str, lease_s: float) -> Job | None:
         now = self.clock()
-        with self._transaction():
+        with transaction(self._db):
             # Abandoned leases first: their workers died; those out of attempts end here, failed.
             self._db.execute(
                 "UPDATE jobs SET status = 'failed', updated = ?, worker = NULL, lease_until = NULL,"
@@ -158,7 +152,7 @@ class SqliteJobQueue:
         self, job_id: str, worker: str, lease_s: float, progress: float | None = None
     ) -> bool:
         now = self.clock()
-        with self._transaction():
+        with transaction(self._db):
             return bool(
                 self._db.execute(
                     "UPDATE jobs SET lease_until = ?, updated = ?, progress = coalesce(?, progress)"
@@ -170,7 +164,7 @@ class SqliteJobQueue:
     async def finish(self, job_id: str, worker: str, status_code: int, body: bytes) -> bool:
         now = self.clock()
         status = Status.SUCCEEDED if status_code < 400 else Status.FAILED
-        with self._transaction():
+        with transaction(self._db):
             return bool(
                 self._db.execute(
                     "UPDATE jobs SET status = ?, response_status = ?, response_body = ?, updated = ?,"
@@ -181,7 +175,7 @@ class SqliteJobQueue:
 
     async def retry(self, job_id: str, worker: str, error: str) -> Job | None:
         now = self.clock()
-        with self._transaction():
+        with transaction(self._db):
             row = self._row(job_id)
             if row is None:
                 return None
@@ -204,7 +198,7 @@ class SqliteJobQueue:
 
     async def cancel(self, job_id: str) -> Job | None:
         now = self.clock()
-        with self._transaction():
+        with transaction(self._db):
             self._db.execute(
                 "UPDATE jobs SET status = 'cancelled', updated = ?, lease_until = NULL"
                 " WHERE id = ? AND status IN ('queued', 'running')",
@@ -215,7 +209,7 @@ class SqliteJobQueue:
 
     async def purge(self, finished_before: float) -> int:
         finals = tuple(s.value for s in FINAL)
-        with self._transaction():
+        with transaction(self._db):
             return int(
                 self._db.execute(
                     "DELETE FROM jobs WHERE status IN (?, ?, ?) AND updated < ?", (*finals, finished_before)
@@ -228,16 +222,3 @@ class SqliteJobQueue:
 
     async def close(self) -> None:
         self._db.close()
-
-
-class _Transaction:
-    """`BEGIN IMMEDIATE` … `COMMIT`, or `ROLLBACK` on any exception."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")

@@ -18,7 +18,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import sqlite3
 import ssl
 import threading
 import uuid
@@ -30,6 +29,7 @@ import httpx
 import orjson
 
 from edgegen.observe.logs import JsonFormatter
+from edgegen.sqlite import connect, transaction
 
 log = logging.getLogger("edgegen.logs")
 MAX_BACKOFF_S = 30.0
@@ -51,10 +51,7 @@ class LogShipper:
         self.url = url.rstrip("/") + "/gateway/logs"
         self.node = node
         self.interval_s, self.batch, self.spool_bytes = interval_s, batch, spool_bytes
-        spool.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._db = sqlite3.connect(spool, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = connect(spool)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, line BLOB NOT NULL)"
         )
@@ -108,14 +105,9 @@ class LogShipper:
             lines, self._pending = self._pending, []
         if not lines:
             return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.executemany("INSERT INTO spool (line) VALUES (?)", ((line,) for line in lines))
+        with transaction(self._db) as db:
+            db.executemany("INSERT INTO spool (line) VALUES (?)", ((line,) for line in lines))
             dropped = self._trim()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
         if dropped:
             self.dropped += dropped
             log.warning("log spool full: oldest lines dropped", extra={"dropped": dropped})
