@@ -51,10 +51,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
         yield gateway
 
 
-def stream(gateway: GatewayProcess, out: list[tuple[str, list[str]]]) -> None:
+def stream(gateway: GatewayProcess, out: list[tuple[str, list[str]]], started: threading.Barrier) -> None:
     body = {"model": "tiny-llm", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 200,
             "temperature": 0.8, "stream": True}  # fmt: skip
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120) as response:
+        started.wait(timeout=60)  # its node is chosen: the restart may begin
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
         out.append((response.headers["x-edgegen-node"], events))
 
@@ -73,10 +74,12 @@ def test_a_restart_under_load_drops_nothing(fleet: GatewayProcess) -> None:
 
     streams: list[tuple[str, list[str]]] = []
     workers = [threading.Thread(target=load) for _ in range(2)]
-    workers += [threading.Thread(target=stream, args=(fleet, streams)) for _ in range(2)]
+    started = threading.Barrier(3)  # both streams under way (round robin: one on each node), and this test
+    workers += [threading.Thread(target=stream, args=(fleet, streams, started)) for _ in range(2)]
     for worker in workers:
         worker.start()
     try:
+        started.wait(timeout=60)
         restarted = httpx.post(f"{fleet.url}/gateway/nodes/n0/restart", timeout=180)
     finally:
         stop.set()
