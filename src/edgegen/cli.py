@@ -38,6 +38,8 @@ config_app = typer.Typer(no_args_is_help=True, help="Nodes' settings: read, chan
 admin_app.add_typer(config_app, name="config")
 deploy_app = typer.Typer(no_args_is_help=True, help="Deployment files: a hardened systemd unit.")
 app.add_typer(deploy_app, name="deploy")
+software_app = typer.Typer(no_args_is_help=True, help="edgegen's own upgrades: signed wheels, environments.")
+app.add_typer(software_app, name="software")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -113,6 +115,7 @@ def serve(
     settings = _settings(config, host=host, port=port, workers=workers, store=store, log_level=log_level)
     _check_exposure(settings.host, settings.security, settings.tls)
     configure_logging(settings.log_level)
+    _move_to_software(settings)
     _announce_auth(settings)
     if settings.workers > 1:
         run_dir = settings.home / "run"
@@ -124,7 +127,17 @@ def serve(
         settings.port,
         settings.workers,
         tls=settings.tls.enabled,
+        home=settings.home,
     )
+
+
+def _move_to_software(settings: Settings) -> None:
+    """Run the environment this node's software state names (an upgrade, its trial, or a way back)."""
+    from edgegen.node import lifecycle, software
+
+    python = software.boot(settings)
+    if python is not None:
+        lifecycle.become(python)
 
 
 def _check_exposure(host: str, security: Any, tls: Any) -> None:
@@ -160,13 +173,18 @@ def _announce_auth(settings: Settings) -> None:
         )
 
 
-def _run_server(module: str, host: str, port: int, workers: int = 1, *, tls: bool = False) -> None:
+def _run_server(
+    module: str, host: str, port: int, workers: int = 1, *, tls: bool = False, home: Path | None = None
+) -> None:
     """uvicorn as every edgegen server runs: uvloop, httptools with a head deadline, our own JSON logs,
     no proxy headers; HTTPS through the module's `ssl_context` when TLS is configured. `module` holds
-    `app_from_environment`, `ssl_context` and its HTTP protocol class."""
+    `app_from_environment`, `ssl_context` and its HTTP protocol class. A node (`home`) may then restart
+    in place or become another software environment (node/lifecycle.py)."""
     import importlib
+    import logging
 
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
     from edgegen.node import lifecycle
@@ -188,14 +206,26 @@ def _run_server(module: str, host: str, port: int, workers: int = 1, *, tls: boo
         timeout_graceful_shutdown=60,  # in-flight requests and streams finish (a gateway drains first)
     )
     if workers > 1:
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
+        if home is not None:
+            lifecycle.after_exit(
+                home, failed_start=any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
+            )
         return
-    config.load_app()
-    lifecycle.SERVER = uvicorn.Server(config)
-    lifecycle.SERVER.run()
+    try:
+        config.load_app()
+        lifecycle.SERVER = uvicorn.Server(config)
+        lifecycle.SERVER.run()
+    except Exception:
+        logging.getLogger("edgegen.node").exception("the server failed to start")
+        if home is not None:
+            lifecycle.after_exit(home, failed_start=True)
+        raise
+    if home is not None:
+        lifecycle.after_exit(home, failed_start=not lifecycle.SERVER.started)
     if not lifecycle.SERVER.started:
         raise typer.Exit(3)  # it could not start (uvicorn said why)
-    lifecycle.restart_if_asked()
 
 
 @app.command()
@@ -663,6 +693,69 @@ def admin_rollback(
     _report_rollout(_gateway_call("POST", gateway_url, "/gateway/rollback", key, ca, body=order))
 
 
+@admin_app.command("upgrade")
+@friendly
+def admin_upgrade(
+    wheel: Annotated[Path, typer.Argument(help="an edgegen wheel", exists=True, dir_okay=False)],
+    signature: Annotated[
+        Path | None, typer.Option(help="its signature (default: WHEEL.sig, from `edgegen software sign`)")
+    ] = None,
+    node: Annotated[list[str] | None, typer.Option(help="only these nodes, in this order (repeat)")] = None,
+    gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
+    key: Annotated[str | None, typer.Option(help="an admin key", envvar="EDGEGEN_KEY")] = None,
+    ca: CaOpt = None,
+) -> None:
+    """Upgrade edgegen on the nodes, one at a time, each health-gated; a failure puts every node back."""
+    signature = signature or wheel.with_name(wheel.name + ".sig")
+    if not signature.is_file():
+        raise EdgegenError(f"no signature at {signature}: sign the wheel with `edgegen software sign`")
+    headers = {"X-Edgegen-Wheel": wheel.name, "X-Edgegen-Signature": signature.read_text().strip()}
+    answer = _gateway_call(
+        "POST", gateway_url, "/gateway/upgrade", key, ca, raw=(wheel.read_bytes(), headers),
+        nodes=",".join(node) if node else None,
+    )  # fmt: skip
+    for step in answer["nodes"]:
+        err.print(f"{step['node']}: {step['previous']} -> {step['env']} ({step.get('took_s', 0)} s)")
+    if not answer["ok"]:
+        err.print(f"[red]stopped at {answer['failed']}:[/red] {answer['reason']}", highlight=False)
+        for back in answer["rolled_back"]:
+            err.print(
+                f"{back['node']}: back on {back['env']}" + ("" if back["restored"] else " [red]FAILED[/red]")
+            )
+        raise typer.Exit(1)
+
+
+@software_app.command("sign")
+@friendly
+def software_sign(
+    wheel: Annotated[Path, typer.Argument(help="an edgegen wheel", exists=True, dir_okay=False)],
+    key: Annotated[
+        Path | None, typer.Option(help="an Ed25519 private key, PEM (default: this machine's signing key)")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Sign a wheel for the fleet's nodes (WHEEL.sig beside it); nodes trust the key's public half."""
+    from edgegen.security.signing import Signer
+
+    signer = Signer.load(key) if key else Signer.local(_settings(config).home)
+    target = wheel.with_name(wheel.name + ".sig")
+    target.write_bytes(signer.record(wheel.read_bytes()))
+    err.print(f"{target} written (key {signer.key_id})")
+
+
+@software_app.command("status")
+@friendly
+def software_status(config: ConfigOpt = None) -> None:
+    """This node's edgegen environments (JSON): current, previous, on trial, the last failure."""
+    import json
+
+    from edgegen.node import software
+
+    home = _settings(config).home
+    view = software.read_state(home) | {"environments": software.environments(home)}
+    out.print(json.dumps(view, indent=2), markup=False, highlight=False, soft_wrap=True)
+
+
 def _report_rollout(answer: dict[str, Any]) -> None:
     for step in answer.get("nodes", []):
         err.print(f"{step['node']}: {step['previous']} -> {step['version']} ({step['took_s']} s)")
@@ -724,9 +817,12 @@ def _gateway_call(
     key: str | None,
     ca: Path | None,
     body: Any = None,
+    *,
+    raw: tuple[bytes, dict[str, str]] | None = None,
     **params: Any,
 ) -> Any:
-    """Call a gateway route (JSON body and answer) with a key; clear errors when it fails."""
+    """Call a gateway route (JSON body, or `raw` bytes and their headers; a JSON answer) with a key;
+    clear errors when it fails."""
     import json
     import ssl
     import urllib.error
@@ -738,9 +834,10 @@ def _gateway_call(
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
     url = f"{gateway_url.rstrip('/')}{path}" + (f"?{query}" if query else "")
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 (scheme checked)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    if raw is not None:
+        data, headers = raw[0], {"Content-Type": "application/octet-stream", **raw[1]}
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310 (scheme checked)
     if key:
         request.add_header("Authorization", f"Bearer {key}")
     context_ = ssl.create_default_context(cafile=str(ca)) if ca else None

@@ -151,6 +151,17 @@ class LogsSettings(BaseModel):
     access: bool = Field(True, description="ship the access log too (the gateway's analysis reads it)")
 
 
+class SoftwareSettings(BaseModel):
+    """Upgrades of edgegen itself on this node (node/software.py): signed wheels, environments on trial."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trial_s: float = Field(
+        300.0, gt=0, description="a new version not confirmed healthy this long after it starts is left"
+    )
+    keep: int = Field(3, ge=1, le=20, description="environments kept besides the current and previous ones")
+
+
 class EnvFirstSettings(BaseSettings):
     """Settings whose environment variables outrank the TOML file (which arrives as init values)."""
 
@@ -194,6 +205,7 @@ class Settings(EnvFirstSettings):
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     logs: LogsSettings = Field(default_factory=LogsSettings)
+    software: SoftwareSettings = Field(default_factory=SoftwareSettings)
 
     @property
     def keys_file(self) -> Path:

@@ -10,6 +10,7 @@
     /dashboard                          the fleet on one web page (public page; its data needs a key)
     /gateway/rollout, /gateway/rollback a model version across the fleet, node by node, health-gated
     /gateway/nodes/{name}/restart       drain, restart in place, back once ready (/gateway/restart: all)
+    /gateway/upgrade                    edgegen itself on the nodes (a signed wheel), node by node, gated
     /gateway/config                     GET …/{node}: a node's settings; PATCH: change them on every node
     /gateway/nodes[/{name}]             the fleet at run time: list (operator), add, re-weight, drain,
                                         remove (admin)
@@ -34,7 +35,7 @@ from typing import Annotated, Any
 
 import aiohttp
 import orjson
-from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -52,6 +53,7 @@ from edgegen.gateway.logstore import Query as LogQuery
 from edgegen.gateway.proxy import Attempt, Proxy, Refused
 from edgegen.gateway.rollout import GateFailed, RollbackOrder, RolloutOrder, Rollouts
 from edgegen.gateway.settings import GatewaySettings, NodeEntry
+from edgegen.gateway.upgrade import Upgrades, Wheel
 from edgegen.node.errors import error_response, is_openai
 from edgegen.node.errors import install as install_error_handlers
 from edgegen.node.middleware import RequestIds, read_head
@@ -211,6 +213,7 @@ class Gateway:
         self.analyzer = Analyzer(settings.alerts, on_raise=lambda a: self.metrics.alerts.labels(a.kind).inc())
         self.metrics.registry.register(AlertCollector(self.analyzer))
         self.rollouts = Rollouts(self.fleet, self.node_call, settings.operations)
+        self.upgrades = Upgrades(self.rollouts, self.node_call, self.drained, self.ready_again)
         self.access_log = AccessLog(settings.access_log)
         self.request_ids = RequestIds()
         self.admin = self._admin_app()
@@ -393,17 +396,21 @@ class Gateway:
         body: dict[str, Any] | None = None,
         limit_s: float = 10,
         headers: dict[str, str] | None = None,
+        data: bytes | None = None,
     ) -> tuple[int, Any]:
-        """The gateway's own call to a node, with its node credentials: (status, JSON answer or None)."""
+        """The gateway's own call to a node, with its node credentials: (status, JSON answer or None).
+        The body is `body` as JSON, or the bytes `data`."""
         client = self.proxy.client(state.backend)
+        # (the node client sends no Content-Type of its own: relayed requests carry the client's)
+        kind = "application/json" if body else "application/octet-stream" if data is not None else None
         async with client.request(
             method,
             path,
             json=body,
-            # (the node client sends no Content-Type of its own: relayed requests carry the client's)
+            data=data,
             headers={
                 **self.node_credentials(),
-                **({"content-type": "application/json"} if body else {}),
+                **({"content-type": kind} if kind else {}),
                 **(headers or {}),
             },
             timeout=aiohttp.ClientTimeout(total=limit_s),
@@ -416,34 +423,41 @@ class Gateway:
     async def restart_node(self, name: str) -> dict[str, Any]:
         """Drain `name` (no new requests; wait for those it has), restart it in place, wait until a new
         process of it is ready, put it back. Requests never meet it down."""
-        ops = self.settings.operations
         state = self.fleet.nodes.get(name)
         if state is None:
             raise HTTPException(404, f"no node named {name!r}")
         began = time.monotonic()
-        self.fleet.set_draining(name, True)
-        log.info("draining node for a restart", extra={"node": name})
-        try:
-            while time.monotonic() - began < ops.drain_timeout_s:
-                if not state.backend.in_flight:  # every request it had is answered
-                    break
-                await asyncio.sleep(0.02)
-            drained_s = time.monotonic() - began
+        async with self.drained(state) as drained_s:
             status, before = await self.node_call(state, "GET", "/admin/status")
             if status != 200:
                 raise HTTPException(502, f"node {name!r} answered {status} to GET /admin/status")
             status, _ = await self.node_call(state, "POST", "/admin/restart")
             if status != 202:
                 raise HTTPException(502, f"node {name!r} answered {status} to POST /admin/restart")
-            after = await self._ready_again(state, before)
-        finally:
-            self.fleet.set_draining(name, False)
+            after = await self.ready_again(state, before)
         state.record_status(after)
         log.info("node restarted", extra={"node": name, "took_s": round(time.monotonic() - began, 3)})
         return {"node": name, "drained_s": round(drained_s, 3), "took_s": round(time.monotonic() - began, 3),
                 "started_before": before["started_at"], "started": after["started_at"]}  # fmt: skip
 
-    async def _ready_again(self, state: FleetNode, before: dict[str, Any]) -> dict[str, Any]:
+    @contextlib.asynccontextmanager
+    async def drained(self, state: FleetNode) -> AsyncIterator[float]:
+        """While inside: the node gets no new requests, and those it had are answered (or the drain
+        timed out); gives the seconds that took."""
+        name = state.backend.name
+        began = time.monotonic()
+        self.fleet.set_draining(name, True)
+        log.info("draining node", extra={"node": name})
+        try:
+            while time.monotonic() - began < self.settings.operations.drain_timeout_s:
+                if not state.backend.in_flight:  # every request it had is answered
+                    break
+                await asyncio.sleep(0.02)
+            yield time.monotonic() - began
+        finally:
+            self.fleet.set_draining(name, False)
+
+    async def ready_again(self, state: FleetNode, before: dict[str, Any]) -> dict[str, Any]:
         """The node's status once a process newer than `before`'s answers and is ready."""
         deadline = time.monotonic() + self.settings.operations.restart_timeout_s
         while time.monotonic() < deadline:
@@ -631,6 +645,20 @@ class Gateway:
         @app.post("/gateway/rollback")
         async def rollback(order: RollbackOrder) -> dict[str, Any]:
             return await self.rollouts.rollback(order)
+
+        @app.post("/gateway/upgrade")
+        async def upgrade(
+            request: Request,
+            wheel: Annotated[str, Header(alias="x-edgegen-wheel", max_length=200)],
+            signature: Annotated[str, Header(alias="x-edgegen-signature", max_length=1000)],
+            nodes: str | None = None,
+        ) -> dict[str, Any]:
+            """The body is the wheel; see gateway/upgrade.py."""
+            data = await request.body()
+            if not data:
+                raise HTTPException(400, "the body must be the wheel")
+            names = [n for n in nodes.split(",") if n] if nodes is not None else None
+            return await self.upgrades.upgrade(Wheel(wheel, data, signature), names)
 
         @app.post("/gateway/restart")
         async def restart_all() -> dict[str, Any]:

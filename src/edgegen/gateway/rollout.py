@@ -88,7 +88,7 @@ class Rollouts:
 
     async def rollout(self, order: RolloutOrder) -> dict[str, Any]:
         async with self.lock:  # one change of the fleet at a time
-            states = self._targets(order.nodes)
+            states = self.targets(order.nodes)
             done: list[Step] = []
             for state in states:
                 step = Step(state.backend.name, await self._served(state, order.model))
@@ -128,7 +128,7 @@ class Rollouts:
         return {"ok": all(r["restored"] for r in restored), "model": order.model, "rolled_back": restored}
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def _targets(self, names: list[str] | None) -> list[FleetNode]:
+    def targets(self, names: list[str] | None) -> list[FleetNode]:
         chosen = names if names is not None else list(self.fleet.nodes)
         unknown = [n for n in chosen if n not in self.fleet.nodes]
         if unknown:
@@ -152,7 +152,7 @@ class Rollouts:
                 limit_s=600,
             )
             if status != 201:
-                raise GateFailed(f"{name}: the pull answered {status}: {_reason(answer)}")
+                raise GateFailed(f"{name}: the pull answered {status}: {reason(answer)}")
             return str(answer["version"])
         assert order.version is not None
         status, answer = await self.call(
@@ -160,13 +160,13 @@ class Rollouts:
         )
         if status != 200:
             raise GateFailed(
-                f"{name}: activating version {order.version} answered {status}: {_reason(answer)}"
+                f"{name}: activating version {order.version} answered {status}: {reason(answer)}"
             )
         return order.version
 
     async def _gate(self, state: FleetNode, model: str, version: str) -> None:
-        name, s = state.backend.name, self.settings
-        deadline = time.monotonic() + s.restart_timeout_s
+        name = state.backend.name
+        deadline = time.monotonic() + self.settings.restart_timeout_s
         while True:
             status, answer = await self.call(state, "GET", "/admin/status")
             if status == 200 and answer["ready"] and answer["models"].get(model) == version:
@@ -174,16 +174,22 @@ class Rollouts:
             if time.monotonic() > deadline:
                 raise GateFailed(f"{name}: not ready with version {version} in time")
             await asyncio.sleep(0.2)
-        await self._probe(state, model)
-        traffic = state.traffic
+        await self.probe(state, model)
+        await self.watch(state)
+
+    async def watch(self, state: FleetNode) -> None:
+        """The gate's last part: for `observe_s`, the traffic the node gets stays under `max_error_rate`."""
+        s, traffic = self.settings, state.traffic
         before = len(traffic.tries)
         await asyncio.sleep(s.observe_s)
         recent = list(traffic.tries)[before:] if len(traffic.tries) > before else []
         failed = sum(f for _, _, f in recent)
         if len(recent) >= 10 and failed / len(recent) > s.max_error_rate:
-            raise GateFailed(f"{name}: {failed} of {len(recent)} requests failed while it was watched")
+            raise GateFailed(
+                f"{state.backend.name}: {failed} of {len(recent)} requests failed while it was watched"
+            )
 
-    async def _probe(self, state: FleetNode, model: str) -> None:
+    async def probe(self, state: FleetNode, model: str) -> None:
         """One inference on the new version, computed (not from the response cache): it must answer 200."""
         name = state.backend.name
         status, meta = await self.call(state, "GET", f"/v2/models/{model}")
@@ -208,7 +214,7 @@ class Rollouts:
             state, "POST", path, body, limit_s=60, headers={"cache-control": "no-store, no-cache"}
         )
         if status != 200:
-            raise GateFailed(f"{name}: the probe inference answered {status}: {_reason(answer)}")
+            raise GateFailed(f"{name}: the probe inference answered {status}: {reason(answer)}")
 
     async def _restore(self, model: str, steps: list[Step]) -> list[dict[str, Any]]:
         """Each node of `steps` back to its previous version (those that had one)."""
@@ -224,13 +230,13 @@ class Rollouts:
             ok = status == 200
             if not ok:
                 log.error(
-                    "rollback failed", extra={"node": step.node, "model": model, "reason": _reason(answer)}
+                    "rollback failed", extra={"node": step.node, "model": model, "reason": reason(answer)}
                 )
             restored.append({"node": step.node, "version": step.previous, "restored": ok})
         return restored
 
 
-def _reason(answer: Any) -> str:
+def reason(answer: Any) -> str:
     if isinstance(answer, dict):
         error = answer.get("error")
         return str(error.get("message") if isinstance(error, dict) else error)

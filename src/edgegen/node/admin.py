@@ -14,6 +14,12 @@ certificate — the security gate decides, before any of this runs).
     GET  /admin/packages                   installed Python packages, for the gateway's vulnerability scan
     POST /admin/restart                    restart in place, gracefully (node/lifecycle.py); a gateway
                                            drains the node first (POST /gateway/nodes/{name}/restart)
+    GET  /admin/software                   the edgegen environments: running, current, previous, on trial
+    PUT  /admin/software/wheels/{file}     body: an edgegen wheel, X-Edgegen-Signature: its signature
+                                           record; checked, installed into an environment of its own
+    POST /admin/software/switch            {"env": "<id>"}: restart into it, on trial (node/software.py)
+    POST /admin/software/confirm           the version on trial passed its health gate: keep it
+    POST /admin/software/rollback          leave the trial, or go back to the previous environment
     GET  /admin/audit?limit=50             the audit log's last entries and whether its chain holds
 """
 
@@ -24,6 +30,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,8 +43,8 @@ from starlette.responses import Response
 from edgegen import __version__
 from edgegen.config import read_remote
 from edgegen.errors import Conflict, InvalidInput, ModelNotFound, Unprocessable
-from edgegen.node import remote_config
-from edgegen.node.lifecycle import can_restart, request_restart
+from edgegen.node import remote_config, software
+from edgegen.node.lifecycle import can_restart, request_exit, request_restart, top_pid
 from edgegen.node.state import NodeState, node_of
 from edgegen.security.sources import check_source, download
 from edgegen.security.vulns import installed_packages
@@ -73,6 +80,10 @@ async def status(request: Request) -> Response:
         "time": time.time(),
         "cpus": os.cpu_count() or 0,
         "load_average": list(os.getloadavg()),
+        "software": {
+            "env": software.running_env(node.settings.home),
+            "trial": software.on_trial(node.settings.home),
+        },
     }
     system = node.metrics.system
     if system is not None:
@@ -118,6 +129,56 @@ async def restart(request: Request) -> Response:
     # After this answer is on its way: the shutdown waits for in-flight requests, this one included.
     asyncio.get_running_loop().call_later(0.05, request_restart, multiprocess)
     return _json({"restarting": True, "pid": os.getpid(), "workers": multiprocess}, 202)
+
+
+@router.get("/software", summary="The edgegen environments of this node")
+async def software_state(request: Request) -> Response:
+    return _json(software.view(node_of(request).settings.home))
+
+
+@router.put("/software/wheels/{filename}", status_code=201, summary="Stage a signed edgegen wheel")
+async def stage_software(filename: str, request: Request) -> Response:
+    signature = request.headers.get("x-edgegen-signature")
+    if not signature:
+        raise InvalidInput("X-Edgegen-Signature is missing: the wheel's signature (`edgegen software sign`)")
+    wheel = await request.body()
+    if not wheel:
+        raise InvalidInput("the body must be the wheel")
+    settings = node_of(request).settings
+    staged = await asyncio.to_thread(software.stage, settings, filename, wheel, signature.encode())
+    return _json(staged, 201)
+
+
+class SoftwareSwitch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    env: str = Field(min_length=1, max_length=80)
+
+
+@router.post("/software/switch", status_code=202, summary="Restart into another environment, on trial")
+async def switch_software(order: SoftwareSwitch, request: Request) -> Response:
+    return _leave(request, lambda home, pid: software.switch(home, order.env, pid))
+
+
+@router.post("/software/confirm", summary="Keep the version on trial: it passed its health gate")
+async def confirm_software(request: Request) -> Response:
+    return _json(software.confirm(node_of(request).settings.home))
+
+
+@router.post("/software/rollback", status_code=202, summary="Leave the trial, or go back a version")
+async def rollback_software(request: Request) -> Response:
+    return _leave(request, software.rollback)
+
+
+def _leave(request: Request, order: Callable[[Path, int], dict[str, Any]]) -> Response:
+    """Record a switch of environment (`order`), then stop gracefully so the process can become it."""
+    node = node_of(request)
+    multiprocess = node.metrics.multiprocess
+    if not can_restart(multiprocess):
+        raise Conflict("this node was not started by `edgegen serve`; it cannot change its environment")
+    answer = order(node.settings.home, top_pid(multiprocess))
+    asyncio.get_running_loop().call_later(0.05, request_exit, multiprocess)
+    return _json(answer, 202)
 
 
 @router.get("/models", summary="The model store: versions, active and served")

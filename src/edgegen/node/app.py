@@ -30,7 +30,7 @@ from edgegen.engine.registry import ModelRegistry
 from edgegen.jobs.queue import JobQueue, JobRequest
 from edgegen.jobs.sqlite import SqliteJobQueue
 from edgegen.jobs.workers import JobWorkers
-from edgegen.node import admin, errors, jobs, openai, remote_config, seed, v2
+from edgegen.node import admin, errors, jobs, lifecycle, openai, remote_config, seed, software, v2
 from edgegen.node.jobs import run_in_process
 from edgegen.node.middleware import EdgeMiddleware
 from edgegen.node.state import NodeState, node_of
@@ -127,10 +127,19 @@ def create_app(settings: Settings) -> NodeApp:
         shipper = start_shipping(settings, access_log)
         loader = asyncio.create_task(load(), name="model-loader")
         purger = asyncio.create_task(purge_jobs(node.jobs, settings.jobs.retention_s), name="job-purger")
+        multiprocess = metrics.multiprocess
+        trial = asyncio.create_task(
+            software.watch_trial(
+                settings.home,
+                lifecycle.top_pid(multiprocess),
+                functools.partial(lifecycle.request_exit, multiprocess),
+            ),
+            name="software-trial",
+        )
         try:
             yield
         finally:
-            for task in (loader, purger):
+            for task in (loader, purger, trial):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -109,7 +109,8 @@ def _role_for(path: bytes, method: str) -> Role | None:
         return "operator"  # nodes ship their logs with an operator key; reading them is an operator's too
     if path == b"/admin" or path == b"/gateway" or path.startswith(ADMIN_PREFIXES):
         # Reading the fleet is an operator's business; changing it, an admin's.
-        if path.startswith((b"/gateway/", b"/admin/keys", b"/admin/audit")) and method not in ("GET", "HEAD"):
+        changes = (b"/gateway/", b"/admin/keys", b"/admin/audit", b"/admin/software")
+        if path.startswith(changes) and method not in ("GET", "HEAD"):
             return "admin"
         return "operator"
     return "user"

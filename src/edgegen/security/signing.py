@@ -9,6 +9,9 @@ without its name and version, so a package keeps its signature when a store file
 name or version, and any change to a file or to the manifest's content breaks it.
 
 `manifest.sig` is JSON: `{"key_id": "<16 hex digits of sha256(public key)>", "signature": "<base64>"}`.
+
+Software for a node (an edgegen wheel, node/software.py) is signed the same way, the signature over the
+file's bytes, in `<wheel>.sig` beside it (`edgegen software sign`); `software_trust` never runs unsigned code.
 """
 
 from __future__ import annotations
@@ -83,9 +86,12 @@ class Signer:
 
     def sign(self, package_dir: Path) -> None:
         manifest = Manifest.read(package_dir / "manifest.json")
-        signature = self.private.sign(signed_bytes(manifest))
-        record = {"key_id": self.key_id, "signature": base64.b64encode(signature).decode()}
-        (package_dir / SIGNATURE_FILE).write_bytes(orjson.dumps(record))
+        (package_dir / SIGNATURE_FILE).write_bytes(self.record(signed_bytes(manifest)))
+
+    def record(self, message: bytes) -> bytes:
+        """The signature record (JSON, one line) of `message`."""
+        signature = self.private.sign(message)
+        return orjson.dumps({"key_id": self.key_id, "signature": base64.b64encode(signature).decode()})
 
 
 class Trust:
@@ -111,17 +117,23 @@ class Trust:
         """The id of the trusted key that signed this package, or IntegrityError."""
         where = f"{manifest.name}/{manifest.version}"
         try:
-            record = orjson.loads((package_dir / SIGNATURE_FILE).read_bytes())
-            signer, signature = str(record["key_id"]), base64.b64decode(record["signature"], validate=True)
+            record = (package_dir / SIGNATURE_FILE).read_bytes()
         except FileNotFoundError:
             raise IntegrityError(f"{where} is not signed; sign it with `edgegen models sign`") from None
+        return self.check(record, signed_bytes(manifest), where)
+
+    def check(self, record: bytes, message: bytes, where: str) -> str:
+        """The id of the trusted key whose signature `record` is of `message`, or IntegrityError."""
+        try:
+            data = orjson.loads(record)
+            signer, signature = str(data["key_id"]), base64.b64decode(data["signature"], validate=True)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise IntegrityError(f"{where}: its signature file is malformed") from None
+            raise IntegrityError(f"{where}: its signature is malformed") from None
         key = self.keys.get(signer)
         if key is None:
             raise IntegrityError(f"{where} is signed by key {signer}, which this node does not trust")
         try:
-            key.verify(signature, signed_bytes(manifest))
+            key.verify(signature, message)
         except InvalidSignature:
             raise IntegrityError(f"{where}: its signature does not match its content") from None
         return signer
@@ -134,8 +146,24 @@ def store_trust(settings: Settings) -> Trust | None:
     mode = settings.security.signed_models
     if mode == "off":
         return None
-    local = local_key_paths(settings.home)[1]
-    paths = [*settings.security.trusted_signers, *([local] if local.exists() else [])]
+    paths = _trusted_paths(settings)
     if not paths and mode == "auto":
         return None
     return Trust.load(paths)
+
+
+def software_trust(settings: Settings) -> Trust:
+    """The trust a node's software upgrades need, whatever `signed_models` says: the trusted signers and
+    this machine's own key; with none, no upgrade is accepted (ConfigError)."""
+    paths = _trusted_paths(settings)
+    if not paths:
+        raise ConfigError(
+            "this node trusts no signing key (security.trusted_signers, HOME/security/signing.pub): "
+            "it accepts no software upgrade"
+        )
+    return Trust.load(paths)
+
+
+def _trusted_paths(settings: Settings) -> list[Path]:
+    local = local_key_paths(settings.home)[1]
+    return [*settings.security.trusted_signers, *([local] if local.exists() else [])]

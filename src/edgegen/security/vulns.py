@@ -50,13 +50,14 @@ class Finding:
 
 
 def installed_packages() -> list[tuple[str, str]]:
-    """(canonical name, version) of every distribution in this environment, sorted."""
-    found = {
-        (canonicalize_name(d.metadata["Name"]), d.version)
-        for d in importlib.metadata.distributions()
-        if d.metadata["Name"]
-    }
-    return sorted(found)
+    """(canonical name, version) of every distribution this environment imports, sorted: where a name is
+    installed twice (a software upgrade's environment before the base install's packages), the first
+    on the path, the one imported."""
+    found: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        if dist.metadata["Name"]:
+            found.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
+    return sorted(found.items())
 
 
 def _spans(events: list[dict[str, str]]) -> list[list[str | None]]:

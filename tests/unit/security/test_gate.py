@@ -27,6 +27,9 @@ from edgegen.security.settings import SecuritySettings, TlsSettings, exposure_pr
         ("GET", b"/admin%2fmodels", "/admin/models", "operator"),  # decoded reading wins
         ("POST", b"/admin/models/x/activate", "/admin/models/x/activate", "operator"),
         ("POST", b"/admin/keys", "/admin/keys", "admin"),
+        ("PUT", b"/admin/software/wheels/w.whl", "/admin/software/wheels/w.whl", "admin"),  # code to run
+        ("POST", b"/admin%2Fsoftware/switch", "/admin/software/switch", "admin"),
+        ("GET", b"/admin/software", "/admin/software", "operator"),
         ("GET", b"/gateway/nodes", "/gateway/nodes", "operator"),
         ("DELETE", b"/gateway/nodes/a", "/gateway/nodes/a", "admin"),
         ("POST", b"/predict", "/predict", "user"),
