@@ -9,7 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, BinaryIO, TypeVar
 
 import typer
 from rich.console import Console
@@ -612,6 +612,13 @@ def admin_restart(
     answer = _gateway_call("POST", gateway_url, path, key, ca)
     for result in answer.get("restarted", [answer]):
         err.print(f"{result['node']}: drained in {result['drained_s']} s, back in {result['took_s']} s")
+    if "failed" in answer:
+        failed = answer["failed"]
+        err.print(
+            f"[red]stopped at {failed['node']}[/red] ({failed['status']}): {failed['reason']}",
+            highlight=False,
+        )
+        raise typer.Exit(1)
 
 
 @config_app.command("get")
@@ -667,14 +674,34 @@ def admin_rollout(
     url: Annotated[
         str | None, typer.Option(help="a signed package each node pulls (an allowed source)")
     ] = None,
+    package: Annotated[
+        Path | None,
+        typer.Option(
+            help="a signed package archive (models export) the gateway pushes to each node", exists=True
+        ),
+    ] = None,
     node: Annotated[list[str] | None, typer.Option(help="only these nodes, in this order (repeat)")] = None,
     gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
     key: Annotated[str | None, typer.Option(help="an admin key", envvar="EDGEGEN_KEY")] = None,
     ca: CaOpt = None,
 ) -> None:
-    """Roll a model version out, node by node, behind a health gate; a failure rolls every node back."""
-    order = {"model": model, "version": version, "url": url, "nodes": node}
-    _report_rollout(_gateway_call("POST", gateway_url, "/gateway/rollout", key, ca, body=order))
+    """Roll a model version out, node by node, behind a health gate; a failure rolls every node back.
+    With --package, --version names the version the nodes file it under (default: their next)."""
+    from urllib.parse import quote
+
+    if package is None:
+        order = {"model": model, "version": version, "url": url, "nodes": node}
+        _report_rollout(_gateway_call("POST", gateway_url, "/gateway/rollout", key, ca, body=order))
+        return
+    if url is not None:
+        raise EdgegenError("give --package or --url, not both")
+    with package.open("rb") as data:
+        path = f"/gateway/models/{quote(model, safe='')}/rollout"
+        nodes = ",".join(node) if node else None
+        answer = _gateway_call(
+            "POST", gateway_url, path, key, ca, raw=(data, {}), version=version, nodes=nodes
+        )
+    _report_rollout(answer)
 
 
 @admin_app.command("rollback")
@@ -818,7 +845,7 @@ def _gateway_call(
     ca: Path | None,
     body: Any = None,
     *,
-    raw: tuple[bytes, dict[str, str]] | None = None,
+    raw: tuple[bytes | BinaryIO, dict[str, str]] | None = None,
     **params: Any,
 ) -> Any:
     """Call a gateway route (JSON body, or `raw` bytes and their headers; a JSON answer) with a key;
@@ -837,6 +864,8 @@ def _gateway_call(
     headers = {"Content-Type": "application/json"} if data is not None else {}
     if raw is not None:
         data, headers = raw[0], {"Content-Type": "application/octet-stream", **raw[1]}
+        if not isinstance(data, bytes):  # a file, sent as it is read
+            headers["Content-Length"] = str(os.fstat(data.fileno()).st_size)
     request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310 (scheme checked)
     if key:
         request.add_header("Authorization", f"Bearer {key}")

@@ -23,7 +23,7 @@ from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.store import ModelStore
 from tests.conftest import fill_store, make_layers
 from tests.e2e.conftest import LLM_ENV
-from tests.e2e.node_process import GatewayProcess, NodeProcess, running
+from tests.e2e.node_process import GatewayProcess, NodeProcess, free_port, running
 from tests.llm_models import write_tiny_llama
 
 
@@ -113,6 +113,28 @@ def test_the_command_restarts_a_node(fleet: GatewayProcess) -> None:
     )
     assert missing.returncode == 1
     assert "answered 404" in missing.stderr
+
+
+def test_a_fleet_restart_goes_node_by_node_and_says_where_it_stopped(fleet: GatewayProcess) -> None:
+    """`edgegen admin restart` (every node): both nodes restarted in turn; a node that cannot be reached
+    stops the round there, and the answer names it beside those restarted."""
+    command = [sys.executable, "-m", "edgegen", "admin", "restart", "--gateway", fleet.url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    assert "n0: drained in" in done.stderr
+    assert "n1: drained in" in done.stderr
+    dead = httpx.post(
+        f"{fleet.url}/gateway/nodes", json={"name": "gone", "url": f"http://127.0.0.1:{free_port()}"}
+    )
+    assert dead.status_code == 201
+    try:
+        answer = httpx.post(f"{fleet.url}/gateway/restart", timeout=400).json()
+    finally:
+        httpx.delete(f"{fleet.url}/gateway/nodes/gone").raise_for_status()
+    assert answer["ok"] is False
+    assert [r["node"] for r in answer["restarted"]] == ["n0", "n1"]
+    assert answer["failed"]["node"] == "gone"
+    assert "cannot be reached" in answer["failed"]["reason"]
 
 
 def broken_onnx(path: Path) -> Path:

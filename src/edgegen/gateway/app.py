@@ -10,6 +10,7 @@
     /dashboard                          the fleet on one web page (public page; its data needs a key)
     /gateway/rollout, /gateway/rollback a model version across the fleet, node by node, health-gated
     /gateway/nodes/{name}/restart       drain, restart in place, back once ready (/gateway/restart: all)
+    /gateway/models/{model}/rollout     the same, for a signed package pushed in the body
     /gateway/upgrade                    edgegen itself on the nodes (a signed wheel), node by node, gated
     /gateway/config                     GET …/{node}: a node's settings; PATCH: change them on every node
     /gateway/nodes[/{name}]             the fleet at run time: list (operator), add, re-weight, drain,
@@ -26,16 +27,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import logging
+import pathlib
 import ssl
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import aiohttp
 import orjson
-from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -51,7 +55,7 @@ from edgegen.gateway.fleet import NodeState as FleetNode
 from edgegen.gateway.logstore import MAX_LIMIT, LogStore
 from edgegen.gateway.logstore import Query as LogQuery
 from edgegen.gateway.proxy import Attempt, Proxy, Refused
-from edgegen.gateway.rollout import GateFailed, RollbackOrder, RolloutOrder, Rollouts
+from edgegen.gateway.rollout import NAME, GateFailed, RollbackOrder, RolloutOrder, Rollouts
 from edgegen.gateway.settings import GatewaySettings, NodeEntry
 from edgegen.gateway.upgrade import Upgrades, Wheel
 from edgegen.node.errors import error_response, is_openai
@@ -65,6 +69,7 @@ from edgegen.security.transport import GuardedHttpProtocol, server_context
 from edgegen.security.vulns import AdvisoryDb, installed_packages
 
 log = logging.getLogger("edgegen.gateway")
+MAX_WHEEL_BYTES = 64 << 20  # an edgegen wheel is a few hundred KiB
 
 
 _OUTCOMES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -198,6 +203,24 @@ async def check_health(fleet: Fleet, client: aiohttp.ClientSession) -> None:
         fleet.record_check(name, ok)
 
     await asyncio.gather(*(one(name, s.backend.url) for name, s in list(fleet.nodes.items())))
+
+
+async def receive(request: Request, sink: BinaryIO, limit: int) -> int:
+    """The request's body into `sink`, refused past `limit` bytes (413) or when empty (400)."""
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"the body exceeds {limit} bytes")
+        sink.write(chunk)
+    if not size:
+        raise HTTPException(400, "the body is empty")
+    return size
+
+
+def _names(nodes: str | None) -> list[str] | None:
+    """`a,b` from a query string: these nodes, in this order; None: the fleet."""
+    return [n for n in nodes.split(",") if n] if nodes is not None else None
 
 
 class Gateway:
@@ -396,7 +419,7 @@ class Gateway:
         body: dict[str, Any] | None = None,
         limit_s: float = 10,
         headers: dict[str, str] | None = None,
-        data: bytes | None = None,
+        data: bytes | BinaryIO | None = None,
     ) -> tuple[int, Any]:
         """The gateway's own call to a node, with its node credentials: (status, JSON answer or None).
         The body is `body` as JSON, or the bytes `data`."""
@@ -428,10 +451,15 @@ class Gateway:
             raise HTTPException(404, f"no node named {name!r}")
         began = time.monotonic()
         async with self.drained(state) as drained_s:
-            status, before = await self.node_call(state, "GET", "/admin/status")
-            if status != 200:
-                raise HTTPException(502, f"node {name!r} answered {status} to GET /admin/status")
-            status, _ = await self.node_call(state, "POST", "/admin/restart")
+            try:
+                status, before = await self.node_call(state, "GET", "/admin/status")
+                if status != 200:
+                    raise HTTPException(502, f"node {name!r} answered {status} to GET /admin/status")
+                status, _ = await self.node_call(state, "POST", "/admin/restart")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise HTTPException(
+                    502, f"node {name!r} cannot be reached: {exc or type(exc).__name__}"
+                ) from None
             if status != 202:
                 raise HTTPException(502, f"node {name!r} answered {status} to POST /admin/restart")
             after = await self.ready_again(state, before)
@@ -646,6 +674,25 @@ class Gateway:
         async def rollback(order: RollbackOrder) -> dict[str, Any]:
             return await self.rollouts.rollback(order)
 
+        @app.post("/gateway/models/{model}/rollout")
+        async def push_rollout(
+            model: Annotated[str, Path(pattern=NAME)],
+            request: Request,
+            version: Annotated[str | None, Query(pattern=NAME)] = None,
+            nodes: str | None = None,
+        ) -> dict[str, Any]:
+            """The body is a signed package archive (`edgegen models export`), sent to each node in turn."""
+            folder = self.settings.home / "packages"
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix="push-") as spool:
+                await receive(request, spool, self.settings.operations.max_package_bytes)
+                spool.flush()
+                # (no validation to skip: the model and version were checked above, the source is the body)
+                order = RolloutOrder.model_construct(
+                    model=model, version=version, url=None, nodes=_names(nodes)
+                )
+                return await self.rollouts.rollout(order, package=pathlib.Path(spool.name))
+
         @app.post("/gateway/upgrade")
         async def upgrade(
             request: Request,
@@ -654,16 +701,22 @@ class Gateway:
             nodes: str | None = None,
         ) -> dict[str, Any]:
             """The body is the wheel; see gateway/upgrade.py."""
-            data = await request.body()
-            if not data:
-                raise HTTPException(400, "the body must be the wheel")
-            names = [n for n in nodes.split(",") if n] if nodes is not None else None
-            return await self.upgrades.upgrade(Wheel(wheel, data, signature), names)
+            data = io.BytesIO()
+            await receive(request, data, MAX_WHEEL_BYTES)
+            return await self.upgrades.upgrade(Wheel(wheel, data.getvalue(), signature), _names(nodes))
 
         @app.post("/gateway/restart")
         async def restart_all() -> dict[str, Any]:
-            """Every node in turn, so the fleet keeps serving."""
-            return {"restarted": [await self.restart_node(name) for name in list(fleet.nodes)]}
+            """Every node in turn, so the fleet keeps serving; a node that does not come back stops it there
+            (the rest keep serving as they are), and the answer says which."""
+            restarted = []
+            for name in list(fleet.nodes):
+                try:
+                    restarted.append(await self.restart_node(name))
+                except HTTPException as exc:
+                    failed = {"node": name, "status": exc.status_code, "reason": exc.detail}
+                    return {"ok": False, "restarted": restarted, "failed": failed}
+            return {"ok": True, "restarted": restarted}
 
         @app.delete("/gateway/nodes/{name}")
         async def remove(name: str) -> dict[str, object]:

@@ -3,14 +3,15 @@
     POST /gateway/rollout   {"model": "digits", "version": "3"}               a version the nodes hold
                             {"model": "digits", "url": "https://…/pkg.tar.gz"}  a signed package each
                                                                                node pulls (allowed sources)
+    POST /gateway/models/{model}/rollout[?version=3]   body: a signed package archive, pushed to each node
     POST /gateway/rollback  {"model": "digits"[, "version": "2"]}             the versions served before
                                                                                the last rollout, or this one
 
-Per node, in the fleet's order: note the version it serves, activate (or pull and activate) the new one,
-then the gate — the node serves the new version and is ready, a probe inference (zeros of the model's
-input shape; one token for a language model) answers 200, and for `observe_s` the traffic the gateway sends
-it stays under `max_error_rate` 5xx. A node that fails the gate goes back to its version, so do the nodes
-already done, and the rollout stops: the fleet ends where it began.
+Per node, in the fleet's order: note the version it serves, activate (or pull, or receive, and activate)
+the new one, then the gate — the node serves the new version and is ready, a probe inference (zeros of
+the model's input shape; one token for a language model) answers 200, and for `observe_s` the traffic the
+gateway sends it stays under `max_error_rate` 5xx. A node that fails the gate goes back to its version, so
+do the nodes already done, and the rollout stops: the fleet ends where it began.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,6 +35,7 @@ from edgegen.store.manifest import NAME_PATTERN
 log = logging.getLogger("edgegen.gateway")
 NodeCall = Callable[..., Awaitable[tuple[int, Any]]]
 NAME = NAME_PATTERN.pattern  # model names and versions, as the store has them
+PUSH_LIMIT_S = 3600.0  # sending a large package to a node over a slow link
 
 
 class RolloutOrder(BaseModel):
@@ -86,7 +90,8 @@ class Rollouts:
     before: dict[str, dict[str, str | None]] = field(default_factory=dict)  # model -> node -> version
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def rollout(self, order: RolloutOrder) -> dict[str, Any]:
+    async def rollout(self, order: RolloutOrder, package: Path | None = None) -> dict[str, Any]:
+        """`package`: a signed package archive pushed to each node (filed as `order.version`, when given)."""
         async with self.lock:  # one change of the fleet at a time
             states = self.targets(order.nodes)
             done: list[Step] = []
@@ -94,7 +99,7 @@ class Rollouts:
                 step = Step(state.backend.name, await self._served(state, order.model))
                 began = time.monotonic()
                 try:
-                    step.version = await self._change(state, order)
+                    step.version = await self._change(state, order, package)
                     await self._gate(state, order.model, step.version)
                 except GateFailed as exc:
                     log.warning(
@@ -141,8 +146,21 @@ class Rollouts:
             raise GateFailed(f"{state.backend.name}: GET /admin/models answered {status}")
         return next((m["served"] for m in answer["models"] if m["name"] == model), None)
 
-    async def _change(self, state: FleetNode, order: RolloutOrder) -> str:
+    async def _change(self, state: FleetNode, order: RolloutOrder, package: Path | None) -> str:
         name = state.backend.name
+        if package is not None:
+            query = urlencode({"activate": "true", **({"version": order.version} if order.version else {})})
+            with package.open("rb") as data:
+                status, answer = await self.call(
+                    state,
+                    "PUT",
+                    f"/admin/models/{order.model}/package?{query}",
+                    data=data,
+                    limit_s=PUSH_LIMIT_S,
+                )
+            if status != 201:
+                raise GateFailed(f"{name}: the push answered {status}: {reason(answer)}")
+            return str(answer["version"])
         if order.url is not None:
             status, answer = await self.call(
                 state,

@@ -118,6 +118,9 @@ class OperationsSettings(_Section):
     restart_timeout_s: float = Field(120.0, gt=0, description="longest wait for a restarted node to be ready")
     observe_s: float = Field(5.0, ge=0, description="a rolled-out node is watched this long before the next")
     max_error_rate: float = Field(0.05, ge=0, le=1, description="5xx share that fails a rolled-out node")
+    max_package_bytes: int = Field(
+        16 << 30, ge=1024, description="largest model package pushed through the gateway (spooled to disk)"
+    )
 
 
 class NodesTls(_Section):

@@ -6,6 +6,8 @@ certificate — the security gate decides, before any of this runs).
                                            that fails to load leaves the served one in place (422)
     POST /admin/models/{name}/pull         {"url": "https://…/pkg.tar.gz", "activate": true}: fetch a
                                            signed package from an allowed source (security/sources.py)
+    PUT  /admin/models/{name}/package      body: a signed package archive (`edgegen models export`),
+                                           ?version=&activate=true: what a gateway's push sends each node
     GET  /admin/status                     version, models served, load (CPU time, memory, requests in
                                            flight), jobs and cache: what the gateway's fleet view shows
     GET  /admin/config                     the settings in force (secrets as stars) and those changed remotely
@@ -48,7 +50,7 @@ from edgegen.node.lifecycle import can_restart, request_exit, request_restart, t
 from edgegen.node.state import NodeState, node_of
 from edgegen.security.sources import check_source, download
 from edgegen.security.vulns import installed_packages
-from edgegen.store.archive import ARCHIVE_SUFFIXES
+from edgegen.store.archive import ARCHIVE_SUFFIXES, archive_kind
 from edgegen.store.manifest import check_name
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -228,15 +230,12 @@ async def pull(name: str, order: Pull, request: Request) -> Response:
     """Only from `security.model_sources`, never from loopback, link-local or private addresses the
     operator did not name, no redirects; the package must be an archive a trusted key signed."""
     node = node_of(request)
-    check_name(name)
-    version = check_name(order.version, "version") if order.version is not None else None
+    version = _check_package(node, name, order.version, "pulled")
     security = node.settings.security
     source = await asyncio.to_thread(check_source, order.url, security.model_sources)
     suffix = next((s for s in ARCHIVE_SUFFIXES if urlsplit(order.url).path.lower().endswith(s)), None)
     if suffix is None:
         raise InvalidInput(f"a pulled package is an archive ({', '.join(ARCHIVE_SUFFIXES)})")
-    if node.store.trust is None:
-        raise Unprocessable("this node trusts no signing key, so it cannot check a pulled package")
     node.settings.home.mkdir(parents=True, exist_ok=True)  # downloads land beside the store, not in /tmp
     with tempfile.TemporaryDirectory(prefix="edgegen-pull-", dir=node.settings.home) as tmp:
         archive = Path(tmp) / f"package{suffix}"
@@ -245,10 +244,44 @@ async def pull(name: str, order: Pull, request: Request) -> Response:
     log.info(
         "model pulled", extra={"model": name, "version": manifest.version, "bytes": size, "host": source.host}
     )
-    previous = await _serve(node, name, manifest.version) if order.activate else None
-    return _json(
-        {"name": name, "version": manifest.version, "activated": order.activate, "previous": previous}, 201
-    )
+    return await _added(node, name, manifest.version, order.activate)
+
+
+@router.put("/models/{name}/package", status_code=201, summary="Add a signed package sent in the body")
+async def push(
+    name: str,
+    request: Request,
+    version: str | None = Query(None, min_length=1, max_length=64),
+    activate: bool = False,
+) -> Response:
+    """The body is a package archive (tar, tar.gz or zip, told by its first bytes) a trusted key signed;
+    it is written to disk as it arrives, up to `security.max_pull_bytes`."""
+    node = node_of(request)
+    version = _check_package(node, name, version, "pushed")
+    node.settings.home.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgegen-push-", dir=node.settings.home) as tmp:
+        received = Path(tmp) / "package"
+        size = 0
+        with received.open("wb") as out:
+            async for chunk in request.stream():
+                out.write(chunk)
+                size += len(chunk)
+        archive = received.rename(received.with_name("package" + archive_kind(received)))
+        manifest = await asyncio.to_thread(node.store.add, archive, name, version, activate=False)
+    log.info("model pushed", extra={"model": name, "version": manifest.version, "bytes": size})
+    return await _added(node, name, manifest.version, activate)
+
+
+def _check_package(node: NodeState, name: str, version: str | None, how: str) -> str | None:
+    check_name(name)
+    if node.store.trust is None:
+        raise Unprocessable(f"this node trusts no signing key, so it cannot check a {how} package")
+    return check_name(version, "version") if version is not None else None
+
+
+async def _added(node: NodeState, name: str, version: str, activate: bool) -> Response:
+    previous = await _serve(node, name, version) if activate else None
+    return _json({"name": name, "version": version, "activated": activate, "previous": previous}, 201)
 
 
 @router.get("/packages", summary="The Python packages this node runs (for the fleet's vulnerability scan)")

@@ -69,6 +69,7 @@ class NodeApp:
             max_body_bytes=node.settings.max_body_bytes,
             max_header_bytes=node.settings.max_header_bytes,
             access_log=node.access_log,
+            max_upload_bytes=node.settings.security.max_pull_bytes,
         )
 
     @property

@@ -29,8 +29,10 @@ from edgegen.errors import (
     Overloaded,
     PayloadTooLarge,
     RequestError,
+    StoreError,
     Unauthorized,
     Unprocessable,
+    VersionExists,
 )
 
 log = logging.getLogger("edgegen.errors")
@@ -45,6 +47,8 @@ STATUS: tuple[tuple[type[EdgegenError], int], ...] = (
     (IntegrityError, 422),  # a package that fails its hashes or signature, named in a request
     (InvalidName, 404),
     (ModelNotFound, 404),
+    (VersionExists, 409),
+    (StoreError, 422),  # the store refused a package a request named or sent (a broken archive, …)
     (PayloadTooLarge, 413),
     (HeadersTooLarge, 431),
     (InvalidInput, 400),

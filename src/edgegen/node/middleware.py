@@ -4,6 +4,8 @@
 - limits: headers over `max_header_bytes` get 431, a body over `max_body_bytes` gets 413 — from its
   Content-Length before anything is read, or, when it is chunked, as soon as the running count passes
   the limit; a request with both Content-Length and Transfer-Encoding (a smuggling shape) gets 400;
+  a pushed model package (`PUT /admin/models/{name}/package`, `UPLOADS`) has `max_upload_bytes`
+  instead, and its route streams the body to disk;
 - one access-log line and the latency histogram per request, labelled by route template and model.
 """
 
@@ -26,6 +28,7 @@ from edgegen.observe.metrics import NodeMetrics
 access = logging.getLogger("edgegen.access")
 SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 Refusal = tuple[str, int]  # (message, status)
+UPLOADS = re.compile(r"/admin/models/[^/]+/package")
 
 
 class RequestIds:
@@ -85,10 +88,12 @@ class EdgeMiddleware:
         max_body_bytes: int,
         max_header_bytes: int,
         access_log: AccessLog,
+        max_upload_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
+        self.max_upload = max_upload_bytes or max_body_bytes
         self.max_headers = max_header_bytes
         self.access_log = access_log
         self.request_ids = RequestIds()
@@ -99,7 +104,9 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        given, refusal = read_head(scope["headers"], self.max_headers, self.max_body)
+        upload = scope["method"] == "PUT" and UPLOADS.fullmatch(scope["path"]) is not None
+        limit = self.max_upload if upload else self.max_body
+        given, refusal = read_head(scope["headers"], self.max_headers, limit)
         rid = self.request_ids.take(given)
         token = request_id.set(rid)
         status = 500
@@ -122,15 +129,14 @@ class EdgeMiddleware:
                 )
                 await response(scope, receive, send_with_id)
             else:
-                await self.app(scope, self._limited(receive), send_with_id)
+                await self.app(scope, self._limited(receive, limit), send_with_id)
         finally:
             self.inflight -= 1
             self._record(scope, status, time.perf_counter() - started)
             request_id.reset(token)
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, limit: int) -> Receive:
         seen = 0
-        limit = self.max_body
 
         async def receive_limited() -> Message:
             nonlocal seen

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from edgegen.errors import StoreError
+from edgegen.errors import InvalidInput, StoreError
 from edgegen.store.manifest import FILE_PATTERN
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -32,6 +32,20 @@ DEFAULT_MAX_BYTES = 64 << 30  # a large GGUF, with room
 
 def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def archive_kind(path: Path) -> str:
+    """The suffix of the archive `path` holds, told by its first bytes (gzip, zip, POSIX tar), or
+    InvalidInput: a file sent with no name to go by."""
+    with path.open("rb") as file:
+        head = file.read(262)
+    if head.startswith(b"\x1f\x8b"):
+        return ".tar.gz"
+    if head.startswith(b"PK\x03\x04"):
+        return ".zip"
+    if head[257:262] == b"ustar":
+        return ".tar"
+    raise InvalidInput(f"not a package archive ({', '.join(ARCHIVE_SUFFIXES)})")
 
 
 def _parts(name: str) -> list[str]:

@@ -11,6 +11,7 @@ from edgegen.config import Settings
 from edgegen.node.app import create_app
 from edgegen.optimize.layers import mlp_forward
 from edgegen.optimize.onnx_export import mlp_to_onnx
+from edgegen.security.signing import Signer
 from edgegen.store import ModelStore
 from tests.conftest import make_layers
 from tests.unit.node.conftest import admin_headers
@@ -87,3 +88,22 @@ def test_a_model_that_fails_its_hash_is_not_served_and_the_node_is_not_ready(
         assert client.get("/v2/health/ready").status_code == 503
         assert client.post("/models/digits-tflite/predict", json=SAMPLE).status_code == 404
         assert client.post("/predict", json=SAMPLE).status_code == 200
+
+
+def test_a_pushed_package_may_exceed_the_body_limit_other_requests_may_not(
+    tmp_path: Path, store: ModelStore
+) -> None:
+    """The push route streams its body to disk up to `security.max_pull_bytes`; everything else keeps
+    `max_body_bytes`."""
+    Signer.local(tmp_path)  # a key this node trusts, so it checks pushed packages at all
+    settings = Settings(home=tmp_path, store=store.root, store_poll_s=0, max_body_bytes=1024)
+    large = b"\x1f\x8b" + bytes(4096)  # gzip's magic, then nothing a package holds
+    with TestClient(
+        create_app(settings), raise_server_exceptions=False, headers=admin_headers(settings)
+    ) as c:
+        pushed = c.put("/admin/models/digits/package", content=large)
+        assert pushed.status_code == 422  # past the size limit, into the store's archive check
+        assert c.put("/admin/models/digits/package", content=bytes(4096)).status_code == 400  # no archive
+        assert c.post("/admin/models/digits/pull", content=large).status_code == 413
+        assert c.post("/predict", content=large).status_code == 413
+    assert not list(tmp_path.glob("edgegen-push-*"))  # nothing received is left behind

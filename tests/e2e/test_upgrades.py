@@ -1,12 +1,16 @@
-"""Upgrading edgegen itself on real nodes through a real gateway: a signed wheel (this checkout's code under
-another version) goes into a new environment on each node, node by node, health-gated. A version that
-fails to start, or starts and fails its probe inference, is left and the node goes back; a version never
-confirmed leaves by itself; unsigned, forged and hostile uploads change nothing."""
+"""Upgrades pushed through a real gateway to real nodes, node by node, health-gated.
+
+edgegen itself: a signed wheel (this checkout's code under another version) goes into a new environment on
+each node. A version that fails to start, or starts and fails its probe inference, is left and the node goes
+back; a version never confirmed leaves by itself; unsigned, forged and hostile uploads change nothing.
+A model: a signed package archive sent in the body goes to every node and is served; an unsigned one
+stops at the first node, and nothing changes."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +20,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgegen.security.signing import Signer
+from edgegen.store import ModelStore
 from tests.conftest import fill_store
 from tests.e2e.node_process import GatewayProcess, NodeProcess, running
 from tests.software_wheel import SOURCE, build_wheel
@@ -73,6 +79,10 @@ class Fleet:
     def version(self, node: NodeProcess) -> str:
         return str(httpx.get(f"{node.url}/admin/status").json()["version"])
 
+    def served(self) -> list[str]:
+        """The version of `digits` each node serves."""
+        return [httpx.get(f"{n.url}/admin/status").json()["models"]["digits"] for n in self.nodes]
+
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]) -> Iterator[Fleet]:
@@ -80,11 +90,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
     private, public = _key_pair(root)
     env = {
         "EDGEGEN_SECURITY__TRUSTED_SIGNERS": f'["{public}"]',
-        "EDGEGEN_SECURITY__SIGNED_MODELS": "off",  # the models here are unsigned; software never is
+        "EDGEGEN_SECURITY__SIGNED_MODELS": "required",
     }
+    release = Signer.load(private)
     nodes = []
     for i in range(2):
         fill_store(root / f"node{i}" / "models", model_files)
+        for manifest in (root / f"node{i}" / "models").glob("*/*/manifest.json"):
+            release.sign(manifest.parent)
         nodes.append(NodeProcess(root / f"node{i}", env=env))
     config = root / "gateway.toml"
     config.write_text(
@@ -246,3 +259,58 @@ def _wait(check: object, timeout: float = 90) -> bool:
             pass
         time.sleep(0.2)
     return False
+
+
+def _package(store_root: Path, model: Path, out: Path, signer: Signer | None) -> Path:
+    """A package archive of `model` (what `edgegen models export` writes), signed by `signer`."""
+    ModelStore(store_root).add(model, "digits")
+    package = store_root / "digits" / "1"
+    if signer is not None:
+        signer.sign(package)
+    with tarfile.open(out, "w:gz") as archive:
+        for file in package.iterdir():
+            archive.add(file, arcname=file.name)
+    return out
+
+
+def test_a_pushed_model_package_rolls_out_and_an_unsigned_one_stops(
+    fleet: Fleet, tmp_path: Path, model_files: dict[str, Path]
+) -> None:
+    signed = _package(tmp_path / "a", model_files["onnx"], tmp_path / "digits.tar.gz", Signer.load(fleet.key))
+    command = [sys.executable, "-m", "edgegen", "admin", "rollout", "digits", "--gateway", fleet.gateway.url]
+    done = subprocess.run(
+        [*command, "--package", str(signed), "--version", "7"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "n0: 1 -> 7" in done.stderr
+    assert "n1: 1 -> 7" in done.stderr
+    assert fleet.served() == ["7", "7"]
+    assert httpx.post(f"{fleet.gateway.url}/predict", json={"input_data": [3.0] * 64}).status_code == 200
+    unsigned = _package(tmp_path / "b", model_files["onnx"], tmp_path / "unsigned.tar.gz", None)
+    refused = subprocess.run(
+        [*command, "--package", str(unsigned)], capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode == 1
+    assert "stopped at n0" in refused.stderr
+    assert "not signed" in refused.stderr
+    garbage = httpx.post(f"{fleet.gateway.url}/gateway/models/digits/rollout", content=b"not an archive")
+    assert garbage.json()["ok"] is False
+    assert "not a package archive" in garbage.json()["reason"]
+    gateway = f"{fleet.gateway.url}/gateway/models"
+    hostile = {
+        f"{gateway}/digits/rollout": (b"", 400),  # empty
+        f"{gateway}/Digits!/rollout": (b"x", 400),  # not a model name
+        f"{gateway}/digits/rollout?version=Bad!": (b"x", 400),
+        f"{gateway}/..%2Fetc/rollout": (b"x", 404),  # a path no route has
+        f"{gateway}/digits/rollout?version=../1": (b"x", 404),  # traversal: the gate says nothing more
+    }
+    for url, (body, status) in hostile.items():
+        answer = httpx.post(url, content=body)
+        assert answer.status_code == status, (url, answer.text)
+        assert "error" in answer.json()
+    assert fleet.served() == ["7", "7"]
+    back = subprocess.run(
+        [*command[:4], "rollback", "digits", *command[6:]], capture_output=True, text=True, timeout=300
+    )
+    assert back.returncode == 0, back.stderr
+    assert fleet.served() == ["1", "1"]
