@@ -66,6 +66,7 @@ bench: setup
 	$(BIN)/python bench/jobs.py
 	$(BIN)/python bench/cache.py
 	$(BIN)/python bench/workers.py
+	$(BIN)/python bench/operations.py
 
 # Static analysis of our code (bandit: any finding fails) and known vulnerabilities of the installed
 # dependencies (pip-audit: says plainly when its service cannot be reached). Not part of `make test`.
