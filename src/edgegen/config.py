@@ -144,6 +144,11 @@ class LogsSettings(BaseModel):
     node: str | None = Field(None, description="this node's name in the fleet's logs (default: host:port)")
     key: SecretStr | None = Field(None, description="an operator API key for the gateway (EDGEGEN_LOGS__KEY)")
     ca_file: Path | None = Field(None, description="CA that signed the gateway's certificate (https)")
+    cert_file: Path | None = Field(
+        None,
+        description="this node's certificate (`pki issue-node`): a mutual-TLS gateway takes it for a key",
+    )
+    key_file: Path | None = Field(None, description="the private key of cert_file")
     interval_s: float = Field(1.0, gt=0, le=60, description="lines are spooled and sent this often")
     batch: int = Field(1000, ge=1, le=100_000, description="lines per request to the gateway")
     spool_bytes: int = Field(256 * 2**20, ge=2**20, description="spool bound; beyond it the oldest lines go")

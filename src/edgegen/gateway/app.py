@@ -47,7 +47,7 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
-from edgegen.errors import ConfigError, InvalidInput
+from edgegen.errors import ConfigError, Forbidden, InvalidInput
 from edgegen.gateway.alerts import Analyzer
 from edgegen.gateway.balancers import Backend
 from edgegen.gateway.fleet import Fleet
@@ -63,7 +63,7 @@ from edgegen.node.errors import install as install_error_handlers
 from edgegen.node.middleware import RequestIds, read_head
 from edgegen.observe.logs import AccessLog, request_id
 from edgegen.observe.metrics import LATENCY_BUCKETS
-from edgegen.security.auth import Principal
+from edgegen.security.auth import Principal, principal_of
 from edgegen.security.gate import build_gate
 from edgegen.security.transport import GuardedHttpProtocol, server_context
 from edgegen.security.vulns import AdvisoryDb, installed_packages
@@ -300,8 +300,9 @@ class Gateway:
                 log.exception("fleet log purge failed")
             await asyncio.sleep(60)
 
-    async def receive_logs(self, body: bytes) -> dict[str, int]:
-        """A node's batch of log lines: kept, then read by the analysis."""
+    async def receive_logs(self, body: bytes, sender: Principal) -> dict[str, int]:
+        """A node's batch of log lines: kept, then read by the analysis. A node that ships with its
+        certificate (`node:<CN>`) ships its own lines only."""
         try:
             batch = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -315,6 +316,8 @@ class Gateway:
             raise InvalidInput("spool must be 1 to 64 letters and digits")
         if not isinstance(entries, list) or len(entries) > self.settings.logs.max_batch:
             raise InvalidInput(f"entries must be a list of at most {self.settings.logs.max_batch} lines")
+        if sender.subject.startswith("node:") and sender.subject != f"node:{node}":
+            raise Forbidden(f"the certificate of {sender.subject[5:]} ships that node's logs, not {node}'s")
         async with self._logs_lock:
             lines = await asyncio.to_thread(self.logs.add, node, spool, entries)
         self.analyzer.observe(lines)
@@ -570,7 +573,7 @@ class Gateway:
 
         @app.post("/gateway/logs")
         async def logs_in(request: Request) -> dict[str, int]:
-            return await self.receive_logs(await request.body())
+            return await self.receive_logs(await request.body(), principal_of(request.scope))
 
         @app.get("/gateway/logs")
         async def logs_out(

@@ -210,7 +210,11 @@ def start_shipping(settings: Settings, access_log: AccessLog) -> LogShipper | No
     if s.ship_to is None:
         return None
     headers = {"authorization": f"Bearer {s.key.get_secret_value()}"} if s.key is not None else {}
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=s.ca_file) if s.ca_file else True
+    verify: ssl.SSLContext | bool = True
+    if s.ca_file is not None or s.cert_file is not None:
+        verify = ssl.create_default_context(cafile=s.ca_file)
+        if s.cert_file is not None:  # the node's certificate speaks for it: no key on the node
+            verify.load_cert_chain(s.cert_file, s.key_file)
     shipper = LogShipper(
         s.ship_to, s.node or default_node_name(settings.port), settings.home / "logs" / "spool.sqlite",
         headers=headers, verify=verify, interval_s=s.interval_s, batch=s.batch, spool_bytes=s.spool_bytes,

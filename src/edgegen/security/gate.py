@@ -6,13 +6,15 @@ In order, for every HTTP request (cheap refusals first, so a flood costs little)
 3. the client address's token bucket (429, Retry-After);
 4. a path that looks like scanning (`../`, `%2e%2e`, `/.env`, NUL …) counts against the client (404);
 5. the credential (`Authorization: Bearer …`: an API key or a JWT) unless the path is public — or,
-   over mutual TLS, the caller a gateway certificate vouches for (`X-Edgegen-Principal`); a missing
-   or bad one is 401 and counts against the client;
+   over mutual TLS, the caller a gateway certificate vouches for (`X-Edgegen-Principal`), or a node's
+   own certificate shipping its logs (`POST /gateway/logs`, nothing else: a node needs no key for
+   it); a missing or bad one is 401 and counts against the client;
 6. the role the path needs (decided on the raw and the decoded path), and over mutual TLS the
    client certificate's role for admin paths (403);
 7. the credential's token bucket (429) and its concurrent generations (429).
 The principal lands in `scope["edgegen.principal"]` for the routes' model and tenant checks. Bans,
-failed credentials and every admin call that changes something go to the audit log.
+failed credentials and every admin call that changes something (log batches are data, not changes) go
+to the audit log.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from edgegen.security.tokens import InvalidToken
 
 log = logging.getLogger("edgegen.security")
 _OU = re.compile(r"(?:^|,)OU=([^,+]+)")
+_CN = re.compile(r"(?:^|,)CN=([^,+]+)")
+SHIP_PATH = "/gateway/logs"  # where nodes ship their logs (gateway/app.py)
 # Which client-certificate roles may make admin calls over mutual TLS, by the role the path needs.
 ADMIN_PEERS = {
     "operator": frozenset({"gateway", "operator", "admin"}),
@@ -60,6 +64,14 @@ def peer_role(scope: Scope) -> str | None:
     if not name:
         return None
     match = _OU.search(name)
+    return match.group(1) if match else None
+
+
+def peer_name(scope: Scope) -> str | None:
+    """The common name in the client certificate of a mutual-TLS connection, or None."""
+    tls = scope.get("extensions", {}).get("tls")
+    name = tls.get("client_cert_name") if tls else None
+    match = _CN.search(name) if name else None
     return match.group(1) if match else None
 
 
@@ -130,7 +142,11 @@ class SecurityGate:
             return
         scope["edgegen.principal"] = outcome
         generation = scope["path"] in GENERATION_PATHS
-        admin_change = scope["method"] not in ("GET", "HEAD") and self._role(scope) in ("operator", "admin")
+        admin_change = (
+            scope["method"] not in ("GET", "HEAD")
+            and self._role(scope) in ("operator", "admin")
+            and scope["path"] != SHIP_PATH
+        )
         if generation:
             self.streams[outcome.subject] = self.streams.get(outcome.subject, 0) + 1
         status = 500
@@ -177,6 +193,9 @@ class SecurityGate:
         role = self._role(scope)
         if role is None:
             return ANONYMOUS_ADMIN if not s.auth else Principal("anonymous", "user", models=())
+        shipper = self._node_shipping(scope, raw)
+        if shipper is not None:
+            return shipper
         principal = self._authenticate(scope, client, now, admin=role != "user")
         if not isinstance(principal, Principal):
             return principal
@@ -192,6 +211,16 @@ class SecurityGate:
                 "streams", 429, f"this credential already runs {s.max_streams_per_key} generations", 1.0
             )
         return principal
+
+    def _node_shipping(self, scope: Scope, raw: bytes) -> Principal | None:
+        """A node shipping its logs with its own certificate (role node, over mutual TLS): an operator
+        for `POST /gateway/logs` alone, named `node:<its CN>` (the route keeps it to its own lines)."""
+        if not (self.mutual_tls and scope["method"] == "POST" and raw == SHIP_PATH.encode()):
+            return None
+        if scope["path"] != SHIP_PATH or peer_role(scope) != "node":
+            return None
+        name = peer_name(scope)
+        return Principal(f"node:{name}", "operator", models=()) if name else None
 
     def _role(self, scope: Scope) -> str | None:
         """The role this request needs; remembered per (method, raw path, path), most requests repeat."""

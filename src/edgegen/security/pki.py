@@ -128,7 +128,8 @@ class Pki:
         key = ec.generate_private_key(ec.SECP256R1())
         role = role or kind
         usages = {
-            "node": [ExtendedKeyUsageOID.SERVER_AUTH],
+            # (a node is a client when it ships its logs to the gateway with this certificate)
+            "node": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
             "gateway": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
             "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
         }[kind]
