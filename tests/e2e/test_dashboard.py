@@ -1,5 +1,6 @@
 """The gateway's dashboard in a real headless browser (Debian's chromium, driven by Playwright): it asks
-for a key, shows three live nodes with their traffic, and shows a node going down."""
+for a key, shows three live nodes with their traffic, starts its charts from the gateway's history when
+opened, and shows a node going down."""
 
 from __future__ import annotations
 
@@ -82,6 +83,13 @@ def test_the_dashboard_shows_the_fleet_and_a_node_going_down(
             expect(page.locator(f'#latency-chart polyline[data-node="{name}"]')).to_have_count(1)
             row = page.locator(f'#nodes tr[data-node="{name}"]')
             expect(row.locator("td").nth(2)).not_to_have_text("–")  # its version, from its status
+        # A page opened now, polling once a minute: its charts start from the gateway's history.
+        page.goto(f"{gateway.url}/dashboard?interval=60000")
+        for name in ("n0", "n1", "n2"):
+            line = page.locator(f'#throughput-chart polyline[data-node="{name}"]')
+            expect(line).to_have_count(1)
+            assert len((line.get_attribute("points") or "").split()) >= 3
+        page.goto(f"{gateway.url}/dashboard?interval=300")
         nodes[1].stop()
         expect(page.locator('#nodes tr[data-node="n1"]')).to_have_attribute(
             "data-state", "down", timeout=10_000

@@ -95,6 +95,17 @@ def test_a_request_is_found_by_its_id(setup: tuple[NodeProcess, GatewayProcess])
     assert lines(gateway, text="HTTP Request") == []  # not the shipper's own requests, line after line
 
 
+def test_the_gateways_own_lines_are_kept_beside_the_nodes(setup: tuple[NodeProcess, GatewayProcess]) -> None:
+    _, gateway = setup
+    added = httpx.post(f"{gateway.url}/gateway/nodes", json={"name": "brief", "url": "http://127.0.0.1:9"})
+    assert added.status_code == 201
+    httpx.delete(f"{gateway.url}/gateway/nodes/brief").raise_for_status()
+    [line] = until(lambda: lines(gateway, node="gateway", text="node added"))
+    assert (line["node"], line["logger"], line["fleet_node"]) == ("gateway", "edgegen.gateway", "brief")
+    assert until(lambda: lines(gateway, node="gateway", text="node removed"))
+    assert all(line["node"] == "n0" for line in lines(gateway, node="n0"))
+
+
 def test_lines_from_a_cut_off_node_arrive_after_it_reconnects(
     setup: tuple[NodeProcess, GatewayProcess],
 ) -> None:

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.store import ModelStore
+from edgegen.store.manifest import TensorSpec
 from tests.conftest import fill_store, make_layers
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import GatewayProcess, NodeProcess, free_port, running
@@ -42,7 +43,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
         + "[health]\ninterval_s = 0.2\ntimeout_s = 0.5\nstatus_interval_s = 0.5\n"
         + "[operations]\nobserve_s = 0.5\n"
     )
-    broken = ('"msg":"inference failed","request_id"',)  # the rollout test's broken version, on purpose
+    # The rollout test's broken versions, on purpose: one fails every inference, one cannot load.
+    broken = ('"msg":"inference failed","request_id"', '"msg":"model not loaded"')
     with (
         running(nodes[0], broken),
         running(nodes[1], broken),
@@ -153,6 +155,27 @@ def broken_onnx(path: Path) -> Path:
     return path
 
 
+def unloadable_onnx(path: Path) -> Path:
+    """A model no runtime can load (an operator of a domain nobody registered), as a package made on
+    another machine would bring it: the store here is told its inputs and outputs (`digits_specs`)."""
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["input"], ["logits"], domain="edgegen.tests")],
+        "unloadable",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("edgegen.tests", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def digits_specs(_model: Path, _format: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    inputs = [TensorSpec(name="input", dtype="float32", shape=(-1, 64))]
+    return inputs, [TensorSpec(name="logits", dtype="float32", shape=(-1, 10))]
+
+
 def served(gateway: GatewayProcess) -> dict[str, str]:
     view = httpx.get(f"{gateway.url}/gateway/fleet").json()
     return {node["name"]: node["models"]["digits"] for node in view["nodes"]}
@@ -195,6 +218,16 @@ def test_a_rollout_a_bad_rollout_and_a_rollback(fleet: GatewayProcess, tmp_path:
     time.sleep(1.2)
     assert served(fleet) == {"n0": "2", "n1": "2"}  # n1 never saw version 3; n0 went back
     assert httpx.post(f"{fleet.url}/predict", json={"input_data": [1.0] * 64}).status_code == 200
+    for i in range(2):  # version 4 fails readiness: the node cannot load it
+        store = ModelStore(fleet.home / f"node{i}" / "models")
+        unloadable = unloadable_onnx(tmp_path / "unloadable.onnx")
+        assert store.add(unloadable, "digits", activate=False, describe=digits_specs).version == "4"
+    unready = subprocess.run([*command[:7], "4", *command[8:]], capture_output=True, text=True, timeout=120)
+    assert unready.returncode == 1
+    assert "stopped at n0" in unready.stderr
+    assert "failed to load" in unready.stderr
+    time.sleep(1.2)
+    assert served(fleet) == {"n0": "2", "n1": "2"}
     back = subprocess.run(
         [*command[:4], "rollback", "digits", *command[8:]], capture_output=True, text=True, timeout=120
     )

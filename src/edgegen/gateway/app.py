@@ -5,12 +5,13 @@
     /gateway/audit                      every node's packages against the imported OSV advisories
     /gateway/fleet                      every node at a glance: health, routing state, load, version,
                                         models, p50/p99 and rates as the gateway saw them, last seen
+    /gateway/fleet/history              each node's rates and p50/p99 over the last `history_s` (an hour)
     /gateway/logs                       POST: a node's shipped log lines; GET: search the fleet's logs
     /gateway/alerts                     error-rate spikes and latency regressions found in them
     /dashboard                          the fleet on one web page (public page; its data needs a key)
     /gateway/rollout, /gateway/rollback a model version across the fleet, node by node, health-gated
-    /gateway/nodes/{name}/restart       drain, restart in place, back once ready (/gateway/restart: all)
     /gateway/models/{model}/rollout     the same, for a signed package pushed in the body
+    /gateway/nodes/{name}/restart       drain, restart in place, back once ready (/gateway/restart: all)
     /gateway/upgrade                    edgegen itself on the nodes (a signed wheel), node by node, gated
     /gateway/config                     GET …/{node}: a node's settings; PATCH: change them on every node
     /gateway/nodes[/{name}]             the fleet at run time: list (operator), add, re-weight, drain,
@@ -52,7 +53,7 @@ from edgegen.gateway.alerts import Analyzer
 from edgegen.gateway.balancers import Backend
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.fleet import NodeState as FleetNode
-from edgegen.gateway.logstore import MAX_LIMIT, LogStore
+from edgegen.gateway.logstore import MAX_LIMIT, LogStore, OwnLines
 from edgegen.gateway.logstore import Query as LogQuery
 from edgegen.gateway.proxy import Attempt, Proxy, Refused
 from edgegen.gateway.rollout import NAME, GateFailed, RollbackOrder, RolloutOrder, Rollouts
@@ -254,12 +255,17 @@ class Gateway:
         timeout = aiohttp.ClientTimeout(total=self.settings.health.timeout_s)
         connector = aiohttp.TCPConnector(ssl=self.proxy.node_ssl or True)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as client:
-            loops = (
+            loops = [
                 self._health_loop(client),
                 self._status_loop(),
                 self._analysis_loop(),
                 self._purge_loop(),
-            )
+            ]
+            own = self.settings.logs.own
+            handler = OwnLines(logging.getLevelName(self.settings.logs.own_level.upper())) if own else None
+            if handler is not None and own is not None:
+                logging.getLogger().addHandler(handler)
+                loops.append(self._own_lines_loop(handler, own))
             tasks = [asyncio.create_task(loop) for loop in loops]
             try:
                 yield
@@ -268,6 +274,9 @@ class Gateway:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                if handler is not None and own is not None:
+                    logging.getLogger().removeHandler(handler)
+                    await self._keep_own(handler, own)
                 await self.proxy.close()
                 self.access_log.flush()
                 self.logs.close()
@@ -299,6 +308,20 @@ class Gateway:
             except Exception:
                 log.exception("fleet log purge failed")
             await asyncio.sleep(60)
+
+    async def _own_lines_loop(self, handler: OwnLines, name: str) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._keep_own(handler, name)
+            except Exception:
+                log.exception("keeping the gateway's own log lines failed")
+
+    async def _keep_own(self, handler: OwnLines, name: str) -> None:
+        entries = handler.take()
+        if entries:
+            async with self._logs_lock:
+                await asyncio.to_thread(self.logs.add, name, handler.spool, entries)
 
     async def receive_logs(self, body: bytes, sender: Principal) -> dict[str, int]:
         """A node's batch of log lines: kept, then read by the analysis. A node that ships with its
@@ -344,7 +367,11 @@ class Gateway:
                 state.status_error = f"{type(exc).__name__}: {exc}"
 
         while True:
-            await asyncio.gather(*(one(state) for state in list(self.fleet.nodes.values())))
+            states = list(self.fleet.nodes.values())
+            await asyncio.gather(*(one(state) for state in states))
+            wall, now = time.time(), self.fleet.clock()
+            for state in states:
+                state.sample(wall, now)
             await asyncio.sleep(self.settings.health.status_interval_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -604,6 +631,20 @@ class Gateway:
             if name not in ("app.js", "app.css"):
                 raise HTTPException(404, "no such file")
             return dashboard_file(name)
+
+        @app.get("/gateway/fleet/history")
+        def fleet_history(since: float = 0.0) -> dict[str, Any]:
+            """Each node's traffic as the fleet view showed it, every `status_interval_s`, since `since`
+            (seconds since the epoch): [[time, requests/s, p50 ms, p99 ms, errors/s], …], oldest first."""
+            return {
+                "time": time.time(),
+                "interval_s": self.settings.health.status_interval_s,
+                "fields": ["time", "requests_per_s", "p50_ms", "p99_ms", "errors_per_s"],
+                "nodes": {
+                    name: [p for p in state.history if p[0] > since]
+                    for name, state in list(fleet.nodes.items())
+                },
+            }
 
         @app.get("/gateway/fleet")
         def fleet_view() -> dict[str, Any]:

@@ -32,6 +32,7 @@ from edgegen.gateway.settings import HealthSettings, NodeEntry, OutlierSettings
 log = logging.getLogger("edgegen.gateway")
 RECENT_TRIES = 2048  # per node, for the fleet view's latency quantiles and rates
 WINDOW_S = 60.0  # the fleet view's rates and quantiles cover this much of the recent past
+MAX_HISTORY_POINTS = 100_000  # per node, whatever history_s and status_interval_s ask
 
 
 @dataclass
@@ -73,6 +74,13 @@ class NodeState:
     status_error: str | None = None
     cpu_cores: float | None = None  # CPU time per second between its last two statuses
     traffic: Traffic = field(default_factory=Traffic)
+    # (wall-clock time, requests/s, p50 ms, p99 ms, errors/s) of `traffic`, sampled by the status loop
+    history: deque[tuple[float, float, float | None, float | None, float]] = field(default_factory=deque)
+
+    def sample(self, wall: float, now: float) -> None:
+        view = self.traffic.view(now)
+        point = (round(wall, 3), view["requests_per_s"], view["p50_ms"], view["p99_ms"], view["errors_per_s"])
+        self.history.append(point)
 
     def record_status(self, status: dict[str, Any]) -> None:
         previous = self.status
@@ -147,6 +155,8 @@ class Fleet:
         while name is None or name in self.nodes:  # node-1, node-2, … skipping names taken
             name = f"node-{next(self._numbers)}"
         state = NodeState(Backend(name=name, url=entry.url, weight=entry.weight))
+        points = math.ceil(self.health.history_s / self.health.status_interval_s)
+        state.history = deque(maxlen=min(points, MAX_HISTORY_POINTS))
         self.nodes[name] = state
         self._changed()
         return state

@@ -7,13 +7,17 @@
 anew starts its numbers again without colliding — and a node sends in order, so lines numbered beyond
 the last kept are the new ones: a batch sent twice is kept once. Lines sort by their time, then node and
 sequence. Text search is FTS5 over the whole line, phrase-matched. Lines older than
-`retention_s` are dropped every minute.
+`retention_s` are dropped every minute. The gateway's own records join them (`OwnLines`, node `gateway`).
 """
 
 from __future__ import annotations
 
 import calendar
+import contextlib
+import logging
+import secrets
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from typing import Any
 import orjson
 
 from edgegen.errors import InvalidInput
+from edgegen.observe.logs import JsonFormatter
 from edgegen.sqlite import connect, transaction
 
 SCHEMA = """
@@ -140,10 +145,38 @@ class LogStore:
             + " ORDER BY logs.ts DESC, logs.node DESC, logs.seq DESC LIMIT ?"
         )
         rows = self._db.execute(sql, [*args, q.limit]).fetchall()
-        return [{"node": n, "seq": s, "time": ts, **orjson.loads(line)} for n, s, ts, line in reversed(rows)]
+        return [{**orjson.loads(line), "node": n, "seq": s, "time": ts} for n, s, ts, line in reversed(rows)]
 
     def purge(self, before: float) -> int:
         return self._db.execute("DELETE FROM logs WHERE ts < ?", (before,)).rowcount
 
     def close(self) -> None:
         self._db.close()
+
+
+class OwnLines(logging.Handler):
+    """The gateway's own log records, as the JSON lines its stderr gets, waiting for its store: the
+    fleet's logs include what the gateway itself said (rollouts, restarts, nodes going down)."""
+
+    def __init__(self, level: int, max_pending: int = 10_000) -> None:
+        super().__init__(level)
+        self.setFormatter(JsonFormatter())
+        self.pending: deque[str] = deque(maxlen=max_pending)  # a store that falls behind loses the oldest
+        self.spool = secrets.token_hex(8)  # this process's sequence; the store keeps (node, spool, seq) once
+        self.seq = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):  # a line that cannot be kept must not fail the caller
+            self.pending.append(self.format(record))
+
+    def take(self) -> list[Any]:
+        """What waits, as store entries: [sequence number, line object]. A record about a node (its
+        `node` field) names it `fleet_node`: `node` is who said the line, here the gateway."""
+        entries = []
+        while self.pending:
+            self.seq += 1
+            line = orjson.loads(self.pending.popleft())
+            if "node" in line:
+                line["fleet_node"] = line.pop("node")
+            entries.append([self.seq, line])
+        return entries

@@ -74,6 +74,9 @@ class HealthSettings(_Section):
     status_interval_s: float = Field(
         5.0, gt=0, description="how often each node's GET /admin/status is read for the fleet view"
     )
+    history_s: float = Field(
+        3600.0, ge=0, description="the fleet view's traffic kept per node, sampled every status_interval_s"
+    )
 
 
 class OutlierSettings(_Section):
@@ -97,6 +100,12 @@ class LogStoreSettings(_Section):
     path: Path | None = Field(None, description="SQLite file (default: HOME/logs/fleet.sqlite)")
     retention_s: float = Field(7 * 86_400.0, gt=0, description="lines older than this are dropped")
     max_batch: int = Field(10_000, ge=1, description="lines one POST /gateway/logs may carry")
+    own: str | None = Field(
+        "gateway",
+        max_length=128,
+        description="the gateway's own log lines are kept too, under this node name",
+    )
+    own_level: Literal["debug", "info", "warning", "error"] = Field("info", description="least level kept")
 
 
 class AlertSettings(_Section):

@@ -106,3 +106,20 @@ def test_membership_changes() -> None:
 def test_bad_node_entries_are_refused(nodes: list[dict[str, object]], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GatewaySettings(nodes=nodes)  # type: ignore[arg-type]
+
+
+def test_the_traffic_history_keeps_history_s_of_samples() -> None:
+    clock = Clock()
+    fleet = Fleet(HealthSettings(status_interval_s=5, history_s=20), OutlierSettings(), clock=clock)
+    state = fleet.add(NodeEntry(url="http://127.0.0.1:9000"))
+    for second in range(10):
+        state.traffic.add(clock.now, 0.010 if second % 2 else 0.030, failed=second == 9)
+        state.sample(1_000.0 + second, clock.now)
+        clock.now += 5
+    assert len(state.history) == 4  # 20 s of samples 5 s apart
+    t, rps, p50, p99, errors = state.history[-1]
+    assert t == 1_009.0
+    assert rps > 0
+    assert p50 is not None
+    assert p99 == 30.0
+    assert errors > 0

@@ -135,8 +135,21 @@ function drawList(id, items, text, className) {
 
 function when(seconds) { return new Date(seconds * 1000).toLocaleTimeString(); }
 
+// The charts start from the gateway's own history, so a page opened now shows the last minutes at once.
+let seeded = false;
+async function seed() {
+  const since = (Date.now() - HISTORY_MS) / 1000;
+  const answer = await get(`/gateway/fleet/history?since=${since}`);
+  const offset = Date.now() - answer.time * 1000; // the gateway's clock to this page's
+  for (const [name, points] of Object.entries(answer.nodes)) {
+    history.set(name, points.map(([t, rps, p50]) => ({ t: t * 1000 + offset, p50, rps })));
+  }
+  seeded = true;
+}
+
 async function refresh() {
   try {
+    if (!seeded) await seed();
     const fleet = await get("/gateway/fleet");
     const now = Date.now();
     remember(fleet, now);
