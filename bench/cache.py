@@ -29,7 +29,7 @@ import httpx
 from rich.console import Console
 
 from llm import MODEL, prepare_home
-from predict import BIN, digits_workload, ensure_wrk, run_wrk
+from predict import BIN, alternate, digits_workload, ensure_wrk
 from servers import LIKE_BASELINES, Server, clean_env, free_port, new_result, save_result, start, stop
 
 console = Console()
@@ -144,20 +144,10 @@ def llm(root: Path, rounds: int, seconds: int) -> dict[str, Any]:
 def predict(root: Path, rounds: int, seconds: int) -> dict[str, Any]:
     home, data, wrk = digits_workload(root)
     servers = {"cache": node(home, "cache-on", True), "no-cache": node(home, "cache-off", False)}
-    runs: list[dict[str, Any]] = []
     for server in servers.values():
         start(server, root)
     try:
-        for round_no in range(rounds):
-            for concurrency in (1, 64):
-                for name, server in servers.items():  # A B A B: the same noise falls on both
-                    result = run_wrk(wrk, server, concurrency, seconds, data)
-                    assert (result["wrong"], result["non_200"]) == (0, 0), result
-                    runs.append({"server": name, "concurrency": concurrency, "round": round_no, **result})
-                    p50, rps = result["p50_us"], result["correct_rps"]
-                    console.print(
-                        f"predict {name} c{concurrency} round {round_no}: p50 {p50} µs, {rps:.0f}/s"
-                    )
+        runs = alternate(wrk, servers, data, rounds, seconds, "predict")
     finally:
         for server in servers.values():
             stop(server)

@@ -26,7 +26,7 @@ import httpx
 from rich.console import Console
 
 from cache import spread
-from predict import BIN, digits_workload, run_wrk
+from predict import BIN, alternate, digits_workload, run_wrk
 from servers import (
     LIKE_BASELINES,
     Server,
@@ -66,21 +66,11 @@ def shipping(root: Path, rounds: int, seconds: int) -> dict[str, Any]:
         "not-shipping": node(home, "not-shipping", None),
     }
     gw = gateway(root, gw_port, list(servers.values()))
-    runs: list[dict[str, Any]] = []
     start(gw, root)
     for server in servers.values():
         start(server, root)
     try:
-        for round_no in range(rounds):
-            for concurrency in (1, 64):
-                for name, server in servers.items():  # A B A B: the same noise falls on both
-                    result = run_wrk(wrk, server, concurrency, seconds, data)
-                    assert (result["wrong"], result["non_200"]) == (0, 0), result
-                    runs.append({"server": name, "concurrency": concurrency, "round": round_no, **result})
-                    console.print(
-                        f"shipping {name} c{concurrency} round {round_no}: p50 {result['p50_us']} µs, "
-                        f"{result['correct_rps']:.0f}/s"
-                    )
+        runs = alternate(wrk, servers, data, rounds, seconds, "shipping")
         time.sleep(5)  # the last batches on their way
     finally:
         for server in [*servers.values(), gw]:

@@ -207,6 +207,23 @@ def run_wrk(
     raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
 
 
+def alternate(
+    wrk: str, servers: dict[str, Server], data: Path, rounds: int, seconds: int, label: str
+) -> list[dict[str, Any]]:
+    """Rounds of wrk at c1 and c64 against each server in turn — A B A B: the same noise falls on every
+    one —, answers checked; one record per run."""
+    runs: list[dict[str, Any]] = []
+    for round_no in range(rounds):
+        for concurrency in (1, 64):
+            for name, server in servers.items():
+                result = run_wrk(wrk, server, concurrency, seconds, data)
+                assert (result["wrong"], result["non_200"]) == (0, 0), result
+                runs.append({"server": name, "concurrency": concurrency, "round": round_no, **result})
+                p50, rps = result["p50_us"], result["correct_rps"]
+                console.print(f"{label} {name} c{concurrency} round {round_no}: p50 {p50} µs, {rps:.0f}/s")
+    return runs
+
+
 # --- report ----------------------------------------------------------------------------------------
 
 

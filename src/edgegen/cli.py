@@ -602,7 +602,7 @@ def admin_restart(
         str | None, typer.Argument(help="the node's name in the gateway (default: every node)")
     ] = None,
     gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
-    key: Annotated[str | None, typer.Option(help="an admin key", envvar="EDGEGEN_KEY")] = None,
+    key: AdminKeyOpt = None,
     ca: CaOpt = None,
 ) -> None:
     """Restart a node (or every node, one after another) without dropping a request: drained first."""
@@ -643,7 +643,7 @@ def admin_config_set(
     changes: Annotated[list[str], typer.Argument(help="SETTING=VALUE, e.g. cache.ttl_s=60 log_level=debug")],
     node: Annotated[list[str] | None, typer.Option(help="only these nodes (repeat; default: all)")] = None,
     gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
-    key: Annotated[str | None, typer.Option(help="an admin key", envvar="EDGEGEN_KEY")] = None,
+    key: AdminKeyOpt = None,
     ca: CaOpt = None,
 ) -> None:
     """Change settings on the fleet's nodes: validated, persisted, applied at once where they can be."""
@@ -682,7 +682,7 @@ def admin_rollout(
     ] = None,
     node: Annotated[list[str] | None, typer.Option(help="only these nodes, in this order (repeat)")] = None,
     gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
-    key: Annotated[str | None, typer.Option(help="an admin key", envvar="EDGEGEN_KEY")] = None,
+    key: AdminKeyOpt = None,
     ca: CaOpt = None,
 ) -> None:
     """Roll a model version out, node by node, behind a health gate; a failure rolls every node back.
@@ -712,7 +712,7 @@ def admin_rollback(
         str | None, typer.Option(help="this version (default: before the last rollout)")
     ] = None,
     gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
-    key: Annotated[str | None, typer.Option(help="an admin key", envvar="EDGEGEN_KEY")] = None,
+    key: AdminKeyOpt = None,
     ca: CaOpt = None,
 ) -> None:
     """Put the versions served before the last rollout back (or roll `--version` out)."""
@@ -723,13 +723,13 @@ def admin_rollback(
 @admin_app.command("upgrade")
 @friendly
 def admin_upgrade(
-    wheel: Annotated[Path, typer.Argument(help="an edgegen wheel", exists=True, dir_okay=False)],
+    wheel: WheelArg,
     signature: Annotated[
         Path | None, typer.Option(help="its signature (default: WHEEL.sig, from `edgegen software sign`)")
     ] = None,
     node: Annotated[list[str] | None, typer.Option(help="only these nodes, in this order (repeat)")] = None,
     gateway_url: GatewayUrlOpt = "http://127.0.0.1:8080",
-    key: Annotated[str | None, typer.Option(help="an admin key", envvar="EDGEGEN_KEY")] = None,
+    key: AdminKeyOpt = None,
     ca: CaOpt = None,
 ) -> None:
     """Upgrade edgegen on the nodes, one at a time, each health-gated; a failure puts every node back."""
@@ -741,21 +741,13 @@ def admin_upgrade(
         "POST", gateway_url, "/gateway/upgrade", key, ca, raw=(wheel.read_bytes(), headers),
         nodes=",".join(node) if node else None,
     )  # fmt: skip
-    for step in answer["nodes"]:
-        err.print(f"{step['node']}: {step['previous']} -> {step['env']} ({step.get('took_s', 0)} s)")
-    if not answer["ok"]:
-        err.print(f"[red]stopped at {answer['failed']}:[/red] {answer['reason']}", highlight=False)
-        for back in answer["rolled_back"]:
-            err.print(
-                f"{back['node']}: back on {back['env']}" + ("" if back["restored"] else " [red]FAILED[/red]")
-            )
-        raise typer.Exit(1)
+    _report_rollout(answer, "env")
 
 
 @software_app.command("sign")
 @friendly
 def software_sign(
-    wheel: Annotated[Path, typer.Argument(help="an edgegen wheel", exists=True, dir_okay=False)],
+    wheel: WheelArg,
     key: Annotated[
         Path | None, typer.Option(help="an Ed25519 private key, PEM (default: this machine's signing key)")
     ] = None,
@@ -783,14 +775,15 @@ def software_status(config: ConfigOpt = None) -> None:
     out.print(json.dumps(view, indent=2), markup=False, highlight=False, soft_wrap=True)
 
 
-def _report_rollout(answer: dict[str, Any]) -> None:
+def _report_rollout(answer: dict[str, Any], what: str = "version") -> None:
+    """A rollout's or an upgrade's answer, node by node (`what`: the field that says what each runs)."""
     for step in answer.get("nodes", []):
-        err.print(f"{step['node']}: {step['previous']} -> {step['version']} ({step['took_s']} s)")
+        err.print(f"{step['node']}: {step['previous']} -> {step[what]} ({step.get('took_s', 0)} s)")
     if "failed" in answer:
         err.print(f"[red]stopped at {answer['failed']}:[/red] {answer['reason']}", highlight=False)
     for step in answer.get("rolled_back", []):
         err.print(
-            f"{step['node']}: back to {step['version']}" + ("" if step["restored"] else " [red]FAILED[/red]")
+            f"{step['node']}: back to {step[what]}" + ("" if step["restored"] else " [red]FAILED[/red]")
         )
     if not answer["ok"]:
         raise typer.Exit(1)
@@ -900,6 +893,8 @@ GatewayUrlOpt = Annotated[
     str, typer.Option("--gateway", help="the gateway's URL", envvar="EDGEGEN_GATEWAY_URL")
 ]
 KeyOpt = Annotated[str | None, typer.Option(help="an operator key", envvar="EDGEGEN_KEY")]
+AdminKeyOpt = Annotated[str | None, typer.Option(help="an admin key", envvar="EDGEGEN_KEY")]
+WheelArg = Annotated[Path, typer.Argument(help="an edgegen wheel", exists=True, dir_okay=False)]
 CaOpt = Annotated[Path | None, typer.Option(help="CA file for an https:// gateway")]
 
 

@@ -149,6 +149,17 @@ def assert_no_errors(process: NodeProcess, expected: tuple[str, ...] = ()) -> No
     assert not errors, errors[:3]
 
 
+def gateway_config(path: Path, nodes: list[NodeProcess], extra: str = "") -> Path:
+    """A gateway's config for `nodes` (named n0, n1, …): health checked every 0.2 s, statuses read every
+    0.5 s, then `extra` (more TOML tables)."""
+    path.write_text(
+        "".join(f'[[nodes]]\nurl = "{n.url}"\nname = "n{i}"\n' for i, n in enumerate(nodes))
+        + "[health]\ninterval_s = 0.2\ntimeout_s = 0.5\nstatus_interval_s = 0.5\n"
+        + extra
+    )
+    return path
+
+
 class GatewayProcess(NodeProcess):
     """`edgegen gateway --config FILE`; ready when some node can take traffic."""
 

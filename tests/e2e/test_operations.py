@@ -24,7 +24,7 @@ from edgegen.store import ModelStore
 from edgegen.store.manifest import TensorSpec
 from tests.conftest import fill_store, make_layers
 from tests.e2e.conftest import LLM_ENV
-from tests.e2e.node_process import GatewayProcess, NodeProcess, free_port, running
+from tests.e2e.node_process import GatewayProcess, NodeProcess, free_port, gateway_config, running
 from tests.llm_models import write_tiny_llama
 
 
@@ -36,13 +36,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
         store = fill_store(root / f"node{i}" / "models", model_files)
         store.add(write_tiny_llama(root / f"node{i}" / "tiny.gguf"), "tiny-llm", task="text-generation")
         nodes.append(NodeProcess(root / f"node{i}", env=LLM_ENV))
-    config = root / "gateway.toml"
-    config.write_text(
-        "".join(f'[[nodes]]\nurl = "{n.url}"\nname = "n{i}"\n' for i, n in enumerate(nodes))
-        + '[balancer]\nroutes = { "/v1/chat/completions" = "round_robin" }\n'
-        + "[health]\ninterval_s = 0.2\ntimeout_s = 0.5\nstatus_interval_s = 0.5\n"
-        + "[operations]\nobserve_s = 0.5\n"
-    )
+    routes = '[balancer]\nroutes = { "/v1/chat/completions" = "round_robin" }\n'
+    config = gateway_config(root / "gateway.toml", nodes, routes + "[operations]\nobserve_s = 0.5\n")
     # The rollout test's broken versions, on purpose: one fails every inference, one cannot load.
     broken = ('"msg":"inference failed","request_id"', '"msg":"model not loaded"')
     with (

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgegen.security.signing import Signer
 from edgegen.store import ModelStore
 from tests.conftest import fill_store
-from tests.e2e.node_process import GatewayProcess, NodeProcess, running
+from tests.e2e.node_process import GatewayProcess, NodeProcess, gateway_config, running
 from tests.software_wheel import SOURCE, build_wheel
 
 # What the failing versions below log, on purpose.
@@ -99,12 +99,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
         for manifest in (root / f"node{i}" / "models").glob("*/*/manifest.json"):
             release.sign(manifest.parent)
         nodes.append(NodeProcess(root / f"node{i}", env=env))
-    config = root / "gateway.toml"
-    config.write_text(
-        "".join(f'[[nodes]]\nurl = "{n.url}"\nname = "n{i}"\n' for i, n in enumerate(nodes))
-        + "[health]\ninterval_s = 0.2\ntimeout_s = 0.5\nstatus_interval_s = 0.5\n"
-        + "[operations]\nobserve_s = 0.5\n"
-    )
+    config = gateway_config(root / "gateway.toml", nodes, "[operations]\nobserve_s = 0.5\n")
     with (
         running(nodes[0], EXPECTED),
         running(nodes[1], EXPECTED),
@@ -172,7 +167,7 @@ def test_a_version_that_fails_its_probe_is_rolled_back(fleet: Fleet) -> None:
     assert done.returncode == 1, done.stderr
     assert "stopped at n0" in done.stderr
     assert "probe inference answered 500" in done.stderr
-    assert "n0: back on 0.1.1-" in done.stderr
+    assert "n0: back to 0.1.1-" in done.stderr
     assert [fleet.version(n) for n in fleet.nodes] == ["0.1.1", "0.1.1"]
     software = fleet.software(fleet.nodes[0])
     assert software["trial"] is None
