@@ -377,6 +377,33 @@ def test_a_body_that_trickles_is_cut_off_with_408(node: SecureNode, fleet: Fleet
     still_serving(node, fleet)
 
 
+def test_a_pushed_package_keeps_coming_past_the_body_deadline_but_may_not_stall(
+    node: SecureNode, fleet: Fleet
+) -> None:
+    """A package's body may take longer than `body_timeout_s` (2 s here) while bytes keep arriving; one
+    that stops for that long is cut off like any other body."""
+    body = b"\x1f\x8b" + bytes(998)  # gzip's magic, then no archive: the store refuses it (422)
+    head = (
+        f"PUT /admin/models/digits/package HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {fleet.keys['admin']}"
+        f"\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    answers = []
+    for pieces, pause in ((10, 0.4), (1, 3.0)):  # 4 s of steady pieces; one piece, then 3 s of nothing
+        context = fleet.client_tls("ops")
+        with context.wrap_socket(
+            socket.create_connection(("127.0.0.1", node.port)), server_hostname="127.0.0.1"
+        ) as sock:
+            sock.sendall(head)
+            for start in range(0, pieces * 100, 100):
+                sock.sendall(body[start : start + 100])
+                time.sleep(pause)
+            sock.settimeout(10)
+            answers.append(sock.recv(500))
+    assert answers[0].startswith(b"HTTP/1.1 422"), answers[0][:200]
+    assert answers[1].startswith(b"HTTP/1.1 408"), answers[1][:200]
+    still_serving(node, fleet)
+
+
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")  # the point of the test
 def test_the_node_speaks_no_tls_older_than_1_2(node: SecureNode, fleet: Fleet) -> None:
     context = fleet.client_tls()

@@ -12,6 +12,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from edgegen.errors import (
@@ -124,6 +125,12 @@ def _edgegen(request: Request, exc: Exception) -> Response:
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
+def _disconnected(request: Request, exc: Exception) -> Response:
+    """The client went away while its body was read (or was cut off for sending it too slowly)."""
+    assert isinstance(exc, ClientDisconnect)
+    return _edgegen(request, ClientGone("the client disconnected before its request arrived whole"))
+
+
 def _validation(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
@@ -148,5 +155,6 @@ def _unexpected(request: Request, exc: Exception) -> Response:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(EdgegenError, _edgegen)
     app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(HTTPException, _http)
     app.add_exception_handler(Exception, _unexpected)

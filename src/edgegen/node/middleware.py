@@ -24,11 +24,11 @@ from edgegen.errors import PayloadTooLarge
 from edgegen.node.errors import error_response, is_openai
 from edgegen.observe.logs import AccessLog, request_id
 from edgegen.observe.metrics import NodeMetrics
+from edgegen.security.transport import UPLOADS
 
 access = logging.getLogger("edgegen.access")
 SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 Refusal = tuple[str, int]  # (message, status)
-UPLOADS = re.compile(r"/admin/models/[^/]+/package")
 
 
 class RequestIds:
@@ -104,7 +104,7 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        upload = scope["method"] == "PUT" and UPLOADS.fullmatch(scope["path"]) is not None
+        upload = scope["method"] == "PUT" and UPLOADS.fullmatch(scope["path"]) is not None  # (a node's)
         limit = self.max_upload if upload else self.max_body
         given, refusal = read_head(scope["headers"], self.max_headers, limit)
         rid = self.request_ids.take(given)

@@ -6,14 +6,16 @@
   shows its own certificate.
 - `GuardedHttpProtocol`: uvicorn's httptools protocol plus what it lacks — deadlines for a request's
   head and body (a slowloris that trickles bytes is cut off with 408, where uvicorn's keep-alive timer
-  restarts on every byte), and the ASGI TLS extension (`scope["extensions"]["tls"]`) carrying the
-  verified client certificate's subject, from which the security gate reads the caller's role.
+  restarts on every byte; a pushed package's body, per read), and the ASGI TLS extension
+  (`scope["extensions"]["tls"]`) carrying the verified client certificate's subject, from which the
+  security gate reads the caller's role.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,10 @@ from edgegen.security.settings import TlsSettings
 
 log = logging.getLogger("edgegen.security")
 _SHORT = {"commonName": "CN", "organizationalUnitName": "OU", "organizationName": "O"}
+# Where a model package is pushed: a node's (`PUT`, streamed to disk) and a gateway's (`POST`, spooled). A
+# large package on a slow link takes longer than `body_timeout_s`, so there the deadline is per read, as
+# nginx's client_body_timeout: a body that stops arriving is still cut off.
+UPLOADS = re.compile(r"/admin/models/[^/]+/package|/gateway/models/[^/]+/rollout")
 
 
 def _timeout_response(what: str) -> bytes:
@@ -82,6 +88,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     load: ClassVar[Callable[[], Any]]
     _head_timer: asyncio.TimerHandle | None = None
     _body_timer: asyncio.TimerHandle | None = None
+    _upload = False  # this request's body is a pushed package: its deadline is per read (`UPLOADS`)
     _tls: dict[str, Any] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -136,7 +143,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         super().on_headers_complete()
+        path = self.scope.get("path", "")
+        self._upload = self.scope["method"] in ("PUT", "POST") and UPLOADS.fullmatch(path) is not None
         if self._body_timer is None:
+            self._body_timer = self.loop.call_later(self.body_timeout(), self._body_too_slow)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self._upload and self._body_timer is not None:  # an upload: no byte for the timeout, not all of it
+            self._body_timer.cancel()
             self._body_timer = self.loop.call_later(self.body_timeout(), self._body_too_slow)
 
     def on_message_complete(self) -> None:
