@@ -77,7 +77,7 @@ class DiskTier:
             ids = sorted(self._keyring.ids)
             marks = ",".join("?" * len(ids))
             dropped = self._writer.execute(
-                f"DELETE FROM entries WHERE key_id IS NULL OR key_id NOT IN ({marks})",  # noqa: S608 (marks only)
+                f"DELETE FROM entries WHERE key_id IS NULL OR key_id NOT IN ({marks})",  # noqa: S608 (marks only)  # nosec B608
                 ids,
             ).rowcount
         if dropped:

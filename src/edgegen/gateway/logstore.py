@@ -140,7 +140,7 @@ class LogStore:
         if not 1 <= q.limit <= MAX_LIMIT:
             raise InvalidInput(f"limit must be 1 to {MAX_LIMIT}")
         sql = (
-            f"SELECT logs.node, logs.seq, logs.ts, logs.line FROM {source}"  # noqa: S608 (fixed fragments)
+            f"SELECT logs.node, logs.seq, logs.ts, logs.line FROM {source}"  # noqa: S608 (fixed fragments)  # nosec B608
             + (" WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY logs.ts DESC, logs.node DESC, logs.seq DESC LIMIT ?"
         )

@@ -75,10 +75,10 @@ def after_exit(home: Path, *, failed_start: bool) -> None:
     if python is not None:
         become(python)
     if RESTART.is_set():
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606 (our own command line)
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606 (our own command line)  # nosec B606
 
 
 def become(python: Path) -> None:
     """Replace this process with `python` running the same edgegen command."""
     log.info("software switch: starting the other environment", extra={"python": str(python)})
-    os.execv(python, [str(python), "-m", "edgegen", *sys.argv[1:]])  # noqa: S606 (our environments)
+    os.execv(python, [str(python), "-m", "edgegen", *sys.argv[1:]])  # noqa: S606 (our environments)  # nosec B606

@@ -37,7 +37,7 @@ import logging
 import os
 import re
 import shutil
-import subprocess
+import subprocess  # nosec B404
 import sys
 import sysconfig
 import time
@@ -270,7 +270,7 @@ def _make_env(env: Path, wheel: Path, version: Version) -> None:
 
 def _run(command: list[str], env: dict[str, str], what: str) -> str:
     try:
-        done = subprocess.run(
+        done = subprocess.run(  # (our interpreters, our arguments)  # nosec B603
             command, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT_S, check=False
         )
     except subprocess.TimeoutExpired:
