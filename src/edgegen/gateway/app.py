@@ -261,11 +261,11 @@ class Gateway:
                 self._analysis_loop(),
                 self._purge_loop(),
             ]
-            own = self.settings.logs.own
-            handler = OwnLines(logging.getLevelName(self.settings.logs.own_level.upper())) if own else None
-            if handler is not None and own is not None:
+            own, level = self.settings.logs.own, logging.getLevelName(self.settings.logs.own_level.upper())
+            handler = OwnLines(own, level) if own else None
+            if handler is not None:
                 logging.getLogger().addHandler(handler)
-                loops.append(self._own_lines_loop(handler, own))
+                loops.append(self._own_lines_loop(handler))
             tasks = [asyncio.create_task(loop) for loop in loops]
             try:
                 yield
@@ -274,9 +274,9 @@ class Gateway:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-                if handler is not None and own is not None:
+                if handler is not None:
                     logging.getLogger().removeHandler(handler)
-                    await self._keep_own(handler, own)
+                    await self._keep_own(handler)
                 await self.proxy.close()
                 self.access_log.flush()
                 self.logs.close()
@@ -309,19 +309,19 @@ class Gateway:
                 log.exception("fleet log purge failed")
             await asyncio.sleep(60)
 
-    async def _own_lines_loop(self, handler: OwnLines, name: str) -> None:
+    async def _own_lines_loop(self, handler: OwnLines) -> None:
         while True:
             await asyncio.sleep(1.0)
             try:
-                await self._keep_own(handler, name)
+                await self._keep_own(handler)
             except Exception:
                 log.exception("keeping the gateway's own log lines failed")
 
-    async def _keep_own(self, handler: OwnLines, name: str) -> None:
+    async def _keep_own(self, handler: OwnLines) -> None:
         entries = handler.take()
         if entries:
             async with self._logs_lock:
-                await asyncio.to_thread(self.logs.add, name, handler.spool, entries)
+                await asyncio.to_thread(self.logs.add, handler.node, handler.spool, entries)
 
     async def receive_logs(self, body: bytes, sender: Principal) -> dict[str, int]:
         """A node's batch of log lines: kept, then read by the analysis. A node that ships with its

@@ -158,8 +158,9 @@ class OwnLines(logging.Handler):
     """The gateway's own log records, as the JSON lines its stderr gets, waiting for its store: the
     fleet's logs include what the gateway itself said (rollouts, restarts, nodes going down)."""
 
-    def __init__(self, level: int, max_pending: int = 10_000) -> None:
+    def __init__(self, node: str, level: int, max_pending: int = 10_000) -> None:
         super().__init__(level)
+        self.node = node  # the name its lines are kept under
         self.setFormatter(JsonFormatter())
         self.pending: deque[str] = deque(maxlen=max_pending)  # a store that falls behind loses the oldest
         self.spool = secrets.token_hex(8)  # this process's sequence; the store keeps (node, spool, seq) once

@@ -97,11 +97,7 @@ class Upgrades:
     async def _switch(self, state: FleetNode, step: dict[str, Any]) -> None:
         name, env = state.backend.name, step["env"]
         async with self.drained(state):
-            before = await self._status(state)
-            status, answer = await self.call(state, "POST", "/admin/software/switch", {"env": env})
-            if status != 202:
-                raise GateFailed(f"{name}: the switch answered {status}: {reason(answer)}")
-            after = await self._ready(state, before)
+            after = await self._restart(state, "/admin/software/switch", {"env": env})
             if after["software"]["env"] != env:
                 raise GateFailed(
                     f"{name}: came back on {after['software']['env']}: {await self._failure(state)}"
@@ -109,9 +105,7 @@ class Upgrades:
             for model in after["models"]:
                 await self.rollouts.probe(state, model)
         await self.rollouts.watch(state)
-        status, answer = await self.call(state, "POST", "/admin/software/confirm")
-        if status != 200:
-            raise GateFailed(f"{name}: confirming answered {status}: {reason(answer)}")
+        await self._confirm(state)
 
     async def _back(self, state: FleetNode, env: str) -> dict[str, Any]:
         """The node back on `env`: leave its trial, or switch to it on trial and confirm."""
@@ -119,30 +113,39 @@ class Upgrades:
         try:
             status, software = await self.call(state, "GET", "/admin/software")
             if status != 200:
-                raise GateFailed(f"GET /admin/software answered {status}")
+                raise GateFailed(f"{name}: GET /admin/software answered {status}")
             trial = software["trial"]
             if software["running"] == env and trial is None:
                 return {"node": name, "env": env, "restored": True}
             leaving = trial is not None and trial["from"] == env and trial["env"] == software["running"]
             async with self.drained(state):
-                before = await self._status(state)
                 if leaving:
-                    status, answer = await self.call(state, "POST", "/admin/software/rollback")
+                    after = await self._restart(state, "/admin/software/rollback")
                 else:
-                    status, answer = await self.call(state, "POST", "/admin/software/switch", {"env": env})
-                if status != 202:
-                    raise GateFailed(f"going back answered {status}: {reason(answer)}")
-                after = await self._ready(state, before)
+                    after = await self._restart(state, "/admin/software/switch", {"env": env})
             if after["software"]["env"] != env:
-                raise GateFailed(f"came back on {after['software']['env']}")
+                raise GateFailed(f"{name}: came back on {after['software']['env']}")
             if not leaving:
-                status, answer = await self.call(state, "POST", "/admin/software/confirm")
-                if status != 200:
-                    raise GateFailed(f"confirming answered {status}: {reason(answer)}")
+                await self._confirm(state)
         except GateFailed as exc:
             log.error("software rollback failed", extra={"node": name, "env": env, "reason": str(exc)})
             return {"node": name, "env": env, "restored": False, "reason": str(exc)}
         return {"node": name, "env": env, "restored": True}
+
+    async def _restart(
+        self, state: FleetNode, path: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Ask the node to change environment (`path`, 202), then its status once a newer process is ready."""
+        before = await self._status(state)
+        status, answer = await self.call(state, "POST", path, body)
+        if status != 202:
+            raise GateFailed(f"{state.backend.name}: {path} answered {status}: {reason(answer)}")
+        return await self._ready(state, before)
+
+    async def _confirm(self, state: FleetNode) -> None:
+        status, answer = await self.call(state, "POST", "/admin/software/confirm")
+        if status != 200:
+            raise GateFailed(f"{state.backend.name}: confirming answered {status}: {reason(answer)}")
 
     async def _status(self, state: FleetNode) -> dict[str, Any]:
         status, answer = await self.call(state, "GET", "/admin/status")

@@ -59,19 +59,18 @@ Refusal = tuple[int, str, dict[str, str]]
 
 def peer_role(scope: Scope) -> str | None:
     """The role in the client certificate of a mutual-TLS connection (its subject's OU), or None."""
-    tls = scope.get("extensions", {}).get("tls")
-    name = tls.get("client_cert_name") if tls else None
-    if not name:
-        return None
-    match = _OU.search(name)
-    return match.group(1) if match else None
+    return _peer(scope, _OU)
 
 
 def peer_name(scope: Scope) -> str | None:
     """The common name in the client certificate of a mutual-TLS connection, or None."""
+    return _peer(scope, _CN)
+
+
+def _peer(scope: Scope, part: re.Pattern[str]) -> str | None:
     tls = scope.get("extensions", {}).get("tls")
     name = tls.get("client_cert_name") if tls else None
-    match = _CN.search(name) if name else None
+    match = part.search(name) if name else None
     return match.group(1) if match else None
 
 
