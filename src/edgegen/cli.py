@@ -17,6 +17,7 @@ from rich.table import Table
 
 from edgegen.config import Settings, load_settings
 from edgegen.errors import EdgegenError
+from edgegen.terminal import printable, shown
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serve models on edge nodes.")
 models_app = typer.Typer(no_args_is_help=True, help="Manage the model store.")
@@ -65,7 +66,7 @@ def friendly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except EdgegenError as exc:
-            err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            err.print(f"[red]error:[/red] {shown(exc.message)}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -519,9 +520,9 @@ def keys_list(config: ConfigOpt = None) -> None:
     table = Table("id", "role", "models", "tenant", "label", "state")
     for key in _keys(config).list():
         models = ",".join(key.models) if key.models else "all"
-        table.add_row(
-            key.id, key.role, models, key.tenant or "-", key.label, "revoked" if key.revoked else "valid"
-        )
+        state = "revoked" if key.revoked else "valid"
+        cells = (key.id, key.role, models, key.tenant or "-", key.label, state)
+        table.add_row(*map(shown, cells))
     out.print(table)
 
 
@@ -611,11 +612,12 @@ def admin_restart(
     path = f"/gateway/nodes/{quote(node, safe='')}/restart" if node else "/gateway/restart"
     answer = _gateway_call("POST", gateway_url, path, key, ca)
     for result in answer.get("restarted", [answer]):
-        err.print(f"{result['node']}: drained in {result['drained_s']} s, back in {result['took_s']} s")
+        took = f"drained in {result['drained_s']} s, back in {result['took_s']} s"
+        err.print(f"{shown(result['node'])}: {took}")
     if "failed" in answer:
         failed = answer["failed"]
         err.print(
-            f"[red]stopped at {failed['node']}[/red] ({failed['status']}): {failed['reason']}",
+            f"[red]stopped at {shown(failed['node'])}[/red] ({failed['status']}): {shown(failed['reason'])}",
             highlight=False,
         )
         raise typer.Exit(1)
@@ -663,7 +665,7 @@ def admin_config_set(
     )
     for name, result in answer["nodes"].items():
         later = f"; at the next restart: {', '.join(result['on_restart'])}" if result["on_restart"] else ""
-        err.print(f"{name}: applied {', '.join(result['applied']) or 'nothing yet'}{later}")
+        err.print(shown(f"{name}: applied {', '.join(result['applied']) or 'nothing yet'}{later}"))
 
 
 @admin_app.command("rollout")
@@ -778,12 +780,14 @@ def software_status(config: ConfigOpt = None) -> None:
 def _report_rollout(answer: dict[str, Any], what: str = "version") -> None:
     """A rollout's or an upgrade's answer, node by node (`what`: the field that says what each runs)."""
     for step in answer.get("nodes", []):
-        err.print(f"{step['node']}: {step['previous']} -> {step[what]} ({step.get('took_s', 0)} s)")
+        err.print(shown(f"{step['node']}: {step['previous']} -> {step[what]} ({step.get('took_s', 0)} s)"))
     if "failed" in answer:
-        err.print(f"[red]stopped at {answer['failed']}:[/red] {answer['reason']}", highlight=False)
+        stopped = f"[red]stopped at {shown(answer['failed'])}:[/red] {shown(answer['reason'])}"
+        err.print(stopped, highlight=False)
     for step in answer.get("rolled_back", []):
         err.print(
-            f"{step['node']}: back to {step[what]}" + ("" if step["restored"] else " [red]FAILED[/red]")
+            shown(f"{step['node']}: back to {step[what]}")
+            + ("" if step["restored"] else " [red]FAILED[/red]")
         )
     if not answer["ok"]:
         raise typer.Exit(1)
@@ -928,9 +932,12 @@ def logs_query(
         rest = {
             k: v for k, v in line.items() if k not in ("node", "seq", "time", "ts", "level", "logger", "msg")
         }
+        # Every part came from a node (or from whoever reached one): shown with its control characters
+        # escaped, so no line can drive the terminal or pass for another; the store keeps them as sent.
         fields = " ".join(f"{k}={v}" for k, v in rest.items())
         head = f"{line.get('ts', '')} {line['node']} {line.get('level', ''):7} {line.get('logger', '')}:"
-        out.print(f"{head} {line.get('msg', '')} {fields}", markup=False, highlight=False, soft_wrap=True)
+        text = printable(f"{head} {line.get('msg', '')} {fields}")
+        out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @audit_app.command("import")
@@ -969,13 +976,13 @@ def audit_fleet(
     vulnerable = 0
     for node, result in report["nodes"].items():
         if "error" in result:
-            table.add_row(node, "-", "-", f"[red]not scanned: {result['error']}[/red]", "-")
+            table.add_row(shown(node), "-", "-", f"[red]not scanned: {shown(result['error'])}[/red]", "-")
             continue
         for finding in result["vulnerable"]:
             vulnerable += 1
-            table.add_row(
-                node, finding["package"], finding["version"], finding["advisory"], finding["fixed"] or "-"
-            )
+            found = (finding["package"], finding["version"], finding["advisory"], finding["fixed"] or "-")
+            cells = (node, *found)
+            table.add_row(*map(shown, cells))
     out.print(table)
     err.print(f"{vulnerable} vulnerable package(s) across {len(report['nodes'])} scanned environment(s)")
     if vulnerable:
