@@ -84,7 +84,10 @@ def _settings(config: Path | None, **flags: object) -> Settings:
 
 def _store(config: Path | None, store: Path | None, *, sign: bool = False) -> Any:
     """The store as the node opens it (signatures checked as the node checks them); with `sign`,
-    every version added is signed with this machine's key."""
+    every version added is signed with this machine's key. A version is loaded in a child process
+    before ACTIVE may point at it, with the node's settings: a model that crashes llama.cpp never
+    becomes the one a node loads at start-up."""
+    from edgegen.executors.probe import probe_load, probed
     from edgegen.security.atrest import Keyring
     from edgegen.security.signing import Signer, store_trust
     from edgegen.store import ModelStore
@@ -92,7 +95,10 @@ def _store(config: Path | None, store: Path | None, *, sign: bool = False) -> An
     settings = _settings(config, store=store)
     signer = Signer.local(settings.home) if sign else None
     keyring = Keyring.load(settings.security.encryption_key_file)
-    return ModelStore(settings.store_dir, trust=store_trust(settings), signer=signer, keyring=keyring)
+    probe = functools.partial(probe_load, settings=settings.llm, remember=probed(settings.home))
+    return ModelStore(
+        settings.store_dir, trust=store_trust(settings), signer=signer, keyring=keyring, probe=probe
+    )
 
 
 @app.command()

@@ -6,6 +6,14 @@ scheduler over llama.cpp.
 The store's ACTIVE pointers are the source of truth. `refresh()` compares them with what is loaded
 and swaps in a newly activated version without dropping a request: the new version is loaded and
 verified first, new requests go to it, and the old batcher finishes its queue before it closes.
+
+A model that crashes its runtime must never take the node with it, nor keep it from starting again:
+
+- a GGUF version is loaded in a child process first (executors/probe.py), then in this one;
+- `activate()` loads a version before it points ACTIVE at it, so ACTIVE never names a version that did
+  not load here;
+- a version that fails is not tried again until ACTIVE changes, and when a model's active version
+  fails at start-up, the newest earlier version that loads is served instead, with an error logged.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from dataclasses import dataclass
 from edgegen.config import Settings
 from edgegen.engine.batching import BatchObserver, DynamicBatcher
 from edgegen.engine.generation import GenerationObserver, Scheduler
-from edgegen.errors import EdgegenError, InvalidInput, ModelNotFound, Overloaded
+from edgegen.errors import EdgegenError, ExecutorError, InvalidInput, ModelNotFound, Overloaded, Unprocessable
 from edgegen.executors import load_executor, load_llm
+from edgegen.executors.probe import probe_load, probed
 from edgegen.store import Manifest, ModelPackage, ModelStore
 
 log = logging.getLogger(__name__)
@@ -80,7 +89,9 @@ class ModelRegistry:
         self._generation_observer = generation_observer
         self._models: dict[str, ServedModel] = {}
         self._failed: dict[str, str] = {}
+        self._refused: dict[str, str] = {}  # name -> the active version that failed to load here
         self._draining: set[asyncio.Task[None]] = set()
+        self._changing = asyncio.Lock()  # one refresh or activation at a time: each loads models
         self.loaded = False
 
     @property
@@ -103,6 +114,10 @@ class ModelRegistry:
 
     async def refresh(self) -> None:
         """Load every model whose active version is not the one served; drop removed ones."""
+        async with self._changing:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         wanted: dict[str, str] = {}
         for name in self._store.names():
             try:
@@ -116,28 +131,79 @@ class ModelRegistry:
             current = self._models.get(name)
             if current is not None and current.manifest.version == version:
                 continue
+            if self._refused.get(name) == version:
+                continue  # it failed before: tried again when ACTIVE changes, or on an explicit activation
             try:
                 served = await asyncio.to_thread(self._load, name, version)
             except EdgegenError as exc:
-                self._fail(name, exc)
-                continue
-            served.start()
-            self._models[name] = served
-            self._failed.pop(name, None)
-            self._swapped(name, served.manifest)
-            log.info(
-                "model loaded", extra={"model": name, "version": version, "format": served.manifest.format}
-            )
-            if current is not None:
-                self._drain(current)
+                self._refused[name] = version
+                fallback = None if current is not None else await self._fallback(name, version, exc)
+                if fallback is None:
+                    self._fail(name, exc)
+                    continue
+                served = fallback
+            self._install(name, served, current)
         for name in set(self._models) - set(wanted):
             self._drain(self._models.pop(name))
             self._swapped(name, None)
         self.loaded = True
 
+    async def _fallback(self, name: str, active: str, exc: EdgegenError) -> ServedModel | None:
+        """The newest version before `active` that loads, for a model with none served (at start-up)."""
+        try:
+            versions = self._store.versions(name)
+        except EdgegenError:
+            return None
+        earlier = versions[: versions.index(active)] if active in versions else []
+        for version in reversed(earlier):
+            try:
+                served = await asyncio.to_thread(self._load, name, version)
+            except EdgegenError:
+                continue
+            log.error(
+                "active version not loaded: serving an earlier one",
+                extra={"model": name, "active": active, "version": version, "reason": exc.message},
+            )
+            return served
+        return None
+
+    async def activate(self, name: str, version: str) -> None:
+        """Load `version`, then point ACTIVE at it, then serve it; on any failure ACTIVE and the served
+        version stay as they were. Raises Unprocessable (does not load), IntegrityError, ModelNotFound."""
+        async with self._changing:
+            current = self._models.get(name)
+            if current is not None and current.manifest.version == version:
+                await asyncio.to_thread(self._store.activate, name, version)
+                return
+            try:
+                served = await asyncio.to_thread(self._load, name, version)
+            except ExecutorError as exc:
+                raise Unprocessable(f"version {version} of {name!r} failed to load: {exc.message}") from None
+            try:
+                await asyncio.to_thread(self._store.activate, name, version)
+            except BaseException:
+                await served.close()
+                raise
+            self._refused.pop(name, None)
+            self._install(name, served, current)
+
+    def _install(self, name: str, served: ServedModel, current: ServedModel | None) -> None:
+        served.start()
+        self._models[name] = served
+        self._failed.pop(name, None)
+        self._swapped(name, served.manifest)
+        manifest = served.manifest
+        log.info(
+            "model loaded", extra={"model": name, "version": manifest.version, "format": manifest.format}
+        )
+        if current is not None:
+            self._drain(current)
+
     def _load(self, name: str, version: str) -> ServedModel:
         package = self._store.open(name, version)
         try:
+            # A GGUF in a child process first (it may crash llama.cpp), unless it passed there before.
+            probe_load(package, self._settings.llm, remember=probed(self._settings.home))
             return self._serve(package)
         except BaseException:
             package.close()

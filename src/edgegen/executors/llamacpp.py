@@ -19,6 +19,8 @@ import numpy as np
 from edgegen.config import LlmSettings
 from edgegen.errors import ExecutorError
 from edgegen.executors.base import DecodeItem
+from edgegen.store.gguf import read_gguf
+from edgegen.store.gguf_hparams import check_language_model
 
 
 @llama.llama_log_callback
@@ -39,6 +41,12 @@ def init_backend() -> None:
 
 class LlamaExecutor:
     def __init__(self, path: Path, settings: LlmSettings | None = None) -> None:
+        """Load the model at `path` and a context for `settings.max_num_seqs` sequences.
+
+        The file is checked by our own reader first (format and hyperparameters): llama.cpp aborts the
+        process on some malformed models instead of failing the load. Raises IntegrityError, ExecutorError.
+        """
+        check_language_model(read_gguf(path))
         settings = settings or LlmSettings()
         init_backend()
         model_params = llama.llama_model_default_params()

@@ -2,15 +2,17 @@
 certificate — the security gate decides, before any of this runs).
 
     GET  /admin/models                     every model in the store: versions, the active and served one
-    POST /admin/models/{name}/activate     {"version": "3"}: check the package, serve it; a version
-                                           that fails to load leaves the served one in place (422)
+    POST /admin/models/{name}/activate     {"version": "3"}: check the package, load it (a GGUF in a
+                                           child process first), then make it ACTIVE and serve it; a
+                                           version that fails to load changes nothing (422)
     POST /admin/models/{name}/pull         {"url": "https://…/pkg.tar.gz", "activate": true}: fetch a
                                            signed package from an allowed source (security/sources.py)
     PUT  /admin/models/{name}/package      body: a signed package archive (`edgegen models export`),
                                            ?version=&activate=true: what a gateway's push sends each node
     GET  /admin/status                     version, models served, load (CPU time, memory, requests in
                                            flight), jobs and cache: what the gateway's fleet view shows
-    GET  /admin/config                     the settings in force (secrets as stars) and those changed remotely
+    GET  /admin/config                     the settings in force (secrets as stars), those changed remotely,
+                                           and why a remote file was passed over (remote_problems)
     PATCH /admin/config                    {"changes": {"cache.ttl_s": 60, …}}: validated, persisted, applied
                                            at once where the setting allows, else at the next restart
     GET  /admin/packages                   installed Python packages, for the gateway's vulnerability scan
@@ -205,15 +207,10 @@ async def activate(name: str, change: Activation, request: Request) -> Response:
 
 
 async def _serve(node: NodeState, name: str, version: str) -> str | None:
-    """Activate and load `version`; on failure the previous one stays active and served. Returns it."""
+    """Load `version` (a GGUF in a child process first), then make it ACTIVE and serve it; on failure
+    ACTIVE and the served version stay as they were (422). Returns the version active before."""
     previous = node.store.active_version(name)
-    node.store.activate(name, version)  # checks the package (hashes, signature) first
-    await node.registry.refresh()
-    served = node.registry.get(name).manifest.version if node.registry.is_ready(name) else None
-    if served != version:
-        if previous is not None:
-            node.store.activate(name, previous)
-        raise Unprocessable(f"version {version} of {name!r} failed to load; version {served} is still served")
+    await node.registry.activate(name, version)
     return previous
 
 
@@ -240,7 +237,9 @@ async def pull(name: str, order: Pull, request: Request) -> Response:
     with tempfile.TemporaryDirectory(prefix="edgegen-pull-", dir=node.settings.home) as tmp:
         archive = Path(tmp) / f"package{suffix}"
         size = await download(source, archive, security.max_pull_bytes, security.model_sources_ca)
-        manifest = await asyncio.to_thread(node.store.add, archive, name, version, activate=False)
+        manifest = await asyncio.to_thread(
+            node.store.add, archive, name, version, activate=False, max_bytes=security.max_pull_bytes
+        )
     log.info(
         "model pulled", extra={"model": name, "version": manifest.version, "bytes": size, "host": source.host}
     )
@@ -267,7 +266,10 @@ async def push(
                 out.write(chunk)
                 size += len(chunk)
         archive = received.rename(received.with_name("package" + archive_kind(received)))
-        manifest = await asyncio.to_thread(node.store.add, archive, name, version, activate=False)
+        limit = node.settings.security.max_pull_bytes  # unpacked, too: store/archive.py bounds it further
+        manifest = await asyncio.to_thread(
+            node.store.add, archive, name, version, activate=False, max_bytes=limit
+        )
     log.info("model pushed", extra={"model": name, "version": manifest.version, "bytes": size})
     return await _added(node, name, manifest.version, activate)
 

@@ -35,7 +35,7 @@ import os
 import stat
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -160,6 +160,9 @@ class GGUFInfo:
     tensors: tuple[TensorInfo, ...]
     data_offset: int  # where the data section starts in the file
     file_size: int
+    # the item type of each top-level array ("int32", "string", …): llama.cpp reads some arrays as
+    # raw C arrays of one type, and a short array keeps only its values in `metadata`
+    array_types: dict[str, str] = field(default_factory=dict)
 
 
 class _Cursor:
@@ -277,6 +280,7 @@ def _parse(cur: _Cursor) -> GGUFInfo:
         raise IntegrityError(f"GGUF header claims {n_kv} metadata entries, more than the file could hold")
 
     metadata: dict[str, MetadataValue] = {}
+    array_types: dict[str, str] = {}
     alignment = DEFAULT_ALIGNMENT
     for i in range(int(n_kv)):
         key = cur.string(f"metadata key #{i}", MAX_KEY_BYTES)
@@ -293,8 +297,10 @@ def _parse(cur: _Cursor) -> GGUFInfo:
                     f"general.alignment must be a uint32, not {_VALUE_NAMES.get(vtype, vtype)}"
                 )
             metadata[key] = alignment = cur.u32(what)
+        elif vtype == _ARRAY:
+            array_types[key], metadata[key] = _array(cur, what, depth=1)
         else:
-            metadata[key] = _value(cur, vtype, what, depth=0)
+            metadata[key] = _value(cur, vtype, what)
     if alignment == 0 or alignment & (alignment - 1):
         raise IntegrityError(f"general.alignment must be a power of two, not {alignment}")
 
@@ -304,17 +310,16 @@ def _parse(cur: _Cursor) -> GGUFInfo:
         raise IntegrityError(f"tensor {duplicate!r} appears twice")
     data_offset = -(-cur.offset // alignment) * alignment
     _check_data(tensors, data_offset, cur.size)
-    return GGUFInfo(int(version), metadata, tuple(tensors), data_offset, cur.size)
+    return GGUFInfo(int(version), metadata, tuple(tensors), data_offset, cur.size, array_types)
 
 
-def _value(cur: _Cursor, vtype: int, what: str, depth: int) -> MetadataValue:
+def _value(cur: _Cursor, vtype: int, what: str) -> MetadataValue:
+    """A scalar or string value (arrays have `_array`)."""
     if vtype in _STRUCTS:
         (value,) = cur.unpack(_STRUCTS[vtype], what)
         return _bool(value, what) if vtype == _BOOL else value
     if vtype == _STRING:
         return cur.string(what)
-    if vtype == _ARRAY:
-        return _array(cur, what, depth + 1)
     raise IntegrityError(f"{what} has unknown value type {vtype}")
 
 
@@ -324,7 +329,8 @@ def _bool(value: int | float, what: str) -> bool:
     return bool(value)
 
 
-def _array(cur: _Cursor, what: str, depth: int) -> list[MetadataValue] | ElidedArray:
+def _array(cur: _Cursor, what: str, depth: int) -> tuple[str, list[MetadataValue] | ElidedArray]:
+    """The array's item type name and its items (or its length, when long)."""
     if depth > MAX_NESTING:
         raise IntegrityError(f"{what}: arrays are nested more than {MAX_NESTING} deep")
     item_type, count = (int(v) for v in cur.unpack(_ARRAY_HEAD, f"the array header of {what}"))
@@ -340,21 +346,21 @@ def _array(cur: _Cursor, what: str, depth: int) -> list[MetadataValue] | ElidedA
         if item_type == _BOOL and raw.translate(None, b"\x00\x01"):
             raise IntegrityError(f"{what}: a bool byte is neither 0 nor 1")
         if not keep:
-            return ElidedArray(type_name, count)
+            return type_name, ElidedArray(type_name, count)
         values = struct.unpack(f"<{count}{code}", raw)
-        return [bool(v) for v in values] if item_type == _BOOL else list(values)
+        return type_name, [bool(v) for v in values] if item_type == _BOOL else list(values)
     if item_type == _STRING:
         if keep:
-            return [cur.string(f"{what}[{i}]") for i in range(count)]
+            return type_name, [cur.string(f"{what}[{i}]") for i in range(count)]
         for i in range(count):
             cur.skip(cur.string_length(f"{what}[{i}]", MAX_STRING_BYTES), f"{what}[{i}]")
-        return ElidedArray(type_name, count)
+        return type_name, ElidedArray(type_name, count)
     items: list[MetadataValue] = []
     for i in range(count):
-        item = _array(cur, f"{what}[{i}]", depth + 1)
+        _, item = _array(cur, f"{what}[{i}]", depth + 1)
         if keep:
             items.append(item)
-    return items if keep else ElidedArray(type_name, count)
+    return type_name, items if keep else ElidedArray(type_name, count)
 
 
 def _tensor_info(cur: _Cursor, i: int, alignment: int) -> TensorInfo:
@@ -404,32 +410,29 @@ def _check_data(tensors: list[TensorInfo], data_offset: int, file_size: int) -> 
 def describe(path: Path) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, object]]:
     """Read a GGUF language model's manifest entries: inputs, outputs and the facts worth recording.
 
+    The model is checked as llama.cpp will build it (store/gguf_hparams.py), so a file that would
+    crash the loader never gets a manifest.
+
     >>> inputs, outputs, facts = describe(Path("model.gguf"))     # doctest: +SKIP
     >>> outputs[0].shape, facts["context_length"]                 # doctest: +SKIP
     ((-1, 49152), 8192)
     """
+    # gguf_hparams builds on this module's types, so it is imported here rather than at the top.
+    from edgegen.store.gguf_hparams import check_language_model
+
     info = read_gguf(path)
+    shape = check_language_model(info)
     meta = info.metadata
-    arch = _fact(meta, "general.architecture", str, required=True)
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, ElidedArray) and tokens.item_type == "string":
-        n_vocab = tokens.length
-    elif isinstance(tokens, list) and all(isinstance(t, str) for t in tokens):
-        n_vocab = len(tokens)
-    else:
-        raise IntegrityError("GGUF file has no token list (tokenizer.ggml.tokens): not a language model")
-    if not info.tensors:
-        raise IntegrityError("GGUF file holds no tensors")
     bytes_by_type: Counter[str] = Counter()
     for t in info.tensors:
         bytes_by_type[t.type_name] += t.nbytes
     facts: dict[str, object | None] = {
-        "architecture": arch,
+        "architecture": shape.architecture,
         "model_name": _fact(meta, "general.name", str),
-        "context_length": _fact(meta, f"{arch}.context_length", int, required=True),
-        "embedding_length": _fact(meta, f"{arch}.embedding_length", int, required=True),
-        "block_count": _fact(meta, f"{arch}.block_count", int, required=True),
-        "vocab_size": n_vocab,
+        "context_length": shape.n_ctx_train,
+        "embedding_length": shape.n_embd,
+        "block_count": shape.n_layer,
+        "vocab_size": shape.n_vocab,
         "tokenizer": _fact(meta, "tokenizer.ggml.model", str),
         "bos_token_id": _fact(meta, "tokenizer.ggml.bos_token_id", int),
         "eos_token_id": _fact(meta, "tokenizer.ggml.eos_token_id", int),
@@ -441,17 +444,13 @@ def describe(path: Path) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, 
         "gguf_version": info.version,
     }
     inputs = [TensorSpec(name="tokens", dtype="int32", shape=(-1,))]
-    outputs = [TensorSpec(name="logits", dtype="float32", shape=(-1, n_vocab))]
+    outputs = [TensorSpec(name="logits", dtype="float32", shape=(-1, shape.n_vocab))]
     return inputs, outputs, {key: value for key, value in facts.items() if value is not None}
 
 
-def _fact(
-    meta: dict[str, MetadataValue], key: str, kind: type[int] | type[str], required: bool = False
-) -> object | None:
+def _fact(meta: dict[str, MetadataValue], key: str, kind: type[int] | type[str]) -> object | None:
     value = meta.get(key)
     if value is None:
-        if required:
-            raise IntegrityError(f"GGUF metadata has no {key}")
         return None
     # bool is an int to Python, but never a count or an id in GGUF
     if not isinstance(value, kind) or isinstance(value, bool):

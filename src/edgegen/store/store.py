@@ -7,7 +7,9 @@
 
 A version directory appears whole or not at all (built beside it, then renamed), and ACTIVE is replaced
 atomically, so a node reading the store never sees half a package. Old versions stay for rollback.
-Every path is built from validated names and checked to stay under the store root.
+Every path is built from validated names and checked to stay under the store root. A package archive is
+unpacked inside the store root too (`.unpack-…`, removed after), never in the system's temp directory.
+ACTIVE is written only after the version was checked and, when the store has a `probe`, loaded.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import TYPE_CHECKING
 
 from edgegen import __version__
 from edgegen.errors import IntegrityError, ModelNotFound, StoreError, VersionExists
-from edgegen.store.archive import is_archive, unpacked
+from edgegen.store.archive import DEFAULT_MAX_BYTES, is_archive, unpacked
+from edgegen.store.gguf import describe as describe_gguf
 from edgegen.store.manifest import (
     ENCRYPTED_MAGIC,
     MODEL_FILES,
@@ -54,6 +57,8 @@ def in_memory_file(data: bytes, name: str) -> int:
 
 
 Describe = Callable[[Path, Format], tuple[list[TensorSpec], list[TensorSpec]]]
+# Loads a verified version where a crash cannot hurt (executors/probe.py), or raises why it does not load.
+Probe = Callable[["ModelPackage"], None]
 SUFFIX_FORMATS: dict[str, Format] = {".onnx": "onnx", ".tflite": "tflite", ".gguf": "gguf"}
 
 
@@ -133,7 +138,9 @@ class ModelStore:
     """`trust`: open (and so activate and serve) only packages a trusted key signed, and add a
     package directory only when it is so signed. `signer`: sign every version this store adds.
     `keyring`: encrypt the files of every version it adds (AES-256-GCM, security/atrest.py) and
-    decrypt encrypted ones on open; manifests and signatures always describe the plaintext."""
+    decrypt encrypted ones on open; manifests and signatures always describe the plaintext.
+    `probe`: load each version before ACTIVE may point at it (the CLI's store; a node's registry
+    loads a version itself before it calls `activate`)."""
 
     def __init__(
         self,
@@ -142,11 +149,13 @@ class ModelStore:
         trust: Trust | None = None,
         signer: Signer | None = None,
         keyring: Keyring | None = None,
+        probe: Probe | None = None,
     ) -> None:
         self.root = root
         self.trust = trust
         self.signer = signer
         self.keyring = keyring
+        self.probe = probe
 
     # -- paths -------------------------------------------------------------------------------------
     def _inside(self, path: Path) -> Path:
@@ -265,16 +274,20 @@ class ModelStore:
         task: str = "classification",
         metadata: dict[str, object] | None = None,
         activate: bool | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> Manifest:
         """Copy a model file, a package directory or a package archive (store/archive.py: unpacked
-        safely, then taken as a directory) into the store as `name`/`version`.
+        safely under the store root, at most `max_bytes` of it, then taken as a directory) into the
+        store as `name`/`version`.
 
         A bare file (`.onnx`, `.tflite`, `.gguf`) gets a manifest whose inputs and outputs `describe`
-        reads from the file; a directory must hold a manifest whose hashes match. The first version
-        of a model becomes active unless `activate` is False; later ones only when it is True.
+        reads from the file; a directory must hold a manifest whose hashes match. A GGUF model is
+        checked as llama.cpp will build it (store/gguf_hparams.py) either way. The first version of a
+        model becomes active unless `activate` is False; later ones only when it is True.
         """
         if is_archive(source):
-            with unpacked(source) as package_dir:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with unpacked(source, self.root, max_bytes) as package_dir:
                 return self.add(package_dir, name, version, describe=describe, task=task, metadata=metadata,
                                 activate=activate)  # fmt: skip
         check_name(name)
@@ -314,6 +327,9 @@ class ModelStore:
                     raise IntegrityError(f"package file {file} is missing or does not match its sha256")
                 shutil.copyfile(src, staging / file)
             manifest = given.model_copy(update={"name": name, "version": version})
+            # A signature vouches for who made a model, not that llama.cpp can load it.
+            if manifest.format == "gguf":
+                describe_gguf(staging / manifest.model_file)
         elif source.is_file():
             model_file = staging / MODEL_FILES[format_of(source)]
             shutil.copyfile(source, model_file)
@@ -335,9 +351,14 @@ class ModelStore:
         return manifest
 
     def activate(self, name: str, version: str) -> Manifest:
-        """Point ACTIVE at `version` after checking the package; the old version stays on disk."""
+        """Point ACTIVE at `version` after checking the package (and loading it, with a `probe`); the
+        old version stays on disk. On any failure ACTIVE is left as it was."""
         package = self.open(name, version)
-        package.close()
+        try:
+            if self.probe is not None:
+                self.probe(package)
+        finally:
+            package.close()
         model_dir = self._model_dir(name)
         tmp = model_dir / f".ACTIVE.{uuid.uuid4().hex}"
         tmp.write_text(version + "\n", encoding="utf-8")

@@ -1,18 +1,21 @@
-"""Package archives: a signed package travels as one file and unpacks only if every member is plain."""
+"""Package archives: a signed package travels as one file and unpacks only if every member is plain, into
+the store, within bounds on what it writes and what it holds in memory."""
 
 from __future__ import annotations
 
 import io
 import tarfile
+import tracemalloc
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from edgegen.errors import StoreError
+from edgegen.errors import InvalidInput, StoreError
 from edgegen.security.signing import Signer, Trust
 from edgegen.store import ModelStore
-from edgegen.store.archive import unpacked
+from edgegen.store.archive import DEFAULT_MAX_BYTES, MIN_LIMIT, unpack_limit, unpacked
+from tests.hostile_archives import header, tar_gz_stream
 
 
 def _tar(path: Path, members: list[tarfile.TarInfo], data: bytes = b"x") -> Path:
@@ -72,9 +75,10 @@ def _special(name: str, kind: bytes, target: str = "") -> tarfile.TarInfo:
 )
 def test_hostile_tar_members_are_refused(tmp_path: Path, members: list[tarfile.TarInfo], why: str) -> None:
     archive = _tar(tmp_path / "evil.tar.gz", members)
-    with pytest.raises(StoreError, match=why), unpacked(archive):
+    with pytest.raises(StoreError, match=why), unpacked(archive, tmp_path):
         pass
     assert not (tmp_path / "evil").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["evil.tar.gz"]  # the unpacking directory is gone
 
 
 def test_a_zip_symlink_and_a_bomb_are_refused(tmp_path: Path) -> None:
@@ -83,15 +87,18 @@ def test_a_zip_symlink_and_a_bomb_are_refused(tmp_path: Path) -> None:
         info = zipfile.ZipInfo("model.onnx")
         info.external_attr = 0o120777 << 16  # a symbolic link
         archive.writestr(info, "/etc/passwd")
-    with pytest.raises(StoreError, match="link"), unpacked(link):
+    with pytest.raises(StoreError, match="link"), unpacked(link, tmp_path):
         pass
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("model.onnx", b"\0" * (8 << 20))
     assert bomb.stat().st_size < 100_000
-    with pytest.raises(StoreError, match="size limit"), unpacked(bomb, max_bytes=1 << 20):
+    with (
+        pytest.raises(StoreError, match="more than its limit of 1048576 bytes"),
+        unpacked(bomb, tmp_path, 1 << 20),
+    ):
         pass
-    with pytest.raises(StoreError, match="not a readable"), unpacked(tmp_path / "missing.tar"):
+    with pytest.raises(StoreError, match="not a readable"), unpacked(tmp_path / "missing.tar", tmp_path):
         pass
 
 
@@ -112,3 +119,83 @@ def test_a_signed_package_travels_as_an_archive(tmp_path: Path, model_files: dic
     assert target.add(archive, "digits").version == "1"
     assert target.add(zipped, "digits").version == "2"
     assert target.open("digits", "2").manifest.files == target.open("digits", "1").manifest.files
+
+
+# -- bounds: what unpacking writes and holds ---------------------------------------------------------
+def test_a_gzip_bomb_is_refused_by_its_declared_size_before_a_byte_is_written(tmp_path: Path) -> None:
+    bomb = tar_gz_stream(tmp_path / "bomb.tar.gz", [(header("model.onnx", 256 << 20), b"\0")])
+    assert bomb.stat().st_size < 1 << 20
+    assert unpack_limit(bomb.stat().st_size, DEFAULT_MAX_BYTES) == MIN_LIMIT  # 64 MiB for a small archive
+    store = tmp_path / "store"
+    store.mkdir()
+    declared = r"more than its limit of 67108864 bytes .*declares 268435456"
+    with pytest.raises(StoreError, match=declared), unpacked(bomb, store):
+        pass
+    assert list(store.iterdir()) == []
+
+
+def test_members_together_may_not_pass_the_limit(tmp_path: Path) -> None:
+    archive = tar_gz_stream(
+        tmp_path / "two.tar.gz", [(header("a.bin", 600 << 10), b"x"), (header("b.bin", 600 << 10), b"y")]
+    )
+    with pytest.raises(StoreError, match="declares 614400"), unpacked(archive, tmp_path, 1 << 20):
+        pass
+    with unpacked(archive, tmp_path, 2 << 20) as package:
+        assert package.parent == tmp_path
+        assert package.name.startswith(".unpack-")
+        assert sorted(p.stat().st_size for p in package.iterdir()) == [600 << 10, 600 << 10]
+    assert not package.exists()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE],
+    ids=["gnu-long-name", "gnu-long-link", "pax", "pax-global"],
+)
+def test_a_huge_extended_header_is_refused_without_reading_it(tmp_path: Path, kind: bytes) -> None:
+    archive = tar_gz_stream(
+        tmp_path / "long.tar.gz",
+        [(header("././@LongLink", 64 << 20, kind), b"a"), (header("model.onnx", 1), b"x")],
+    )
+    tracemalloc.start()
+    try:
+        with (
+            pytest.raises(StoreError, match="extended header of 67108864 bytes"),
+            unpacked(archive, tmp_path),
+        ):
+            pass
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # tarfile alone reads all 64 MiB of the name into memory
+
+
+def test_a_sparse_member_is_refused(tmp_path: Path) -> None:
+    archive = tar_gz_stream(
+        tmp_path / "sparse.tar.gz", [(header("model.onnx", 0, tarfile.GNUTYPE_SPARSE), b"")]
+    )
+    with pytest.raises(StoreError, match="sparse"), unpacked(archive, tmp_path):
+        pass
+
+
+def test_only_gzip_is_decompressed(tmp_path: Path) -> None:
+    xz = tmp_path / "package.tar"  # named as a plain tar, holding an xz stream
+    with tarfile.open(xz, "w:xz") as archive:
+        archive.addfile(_file("model.onnx"), io.BytesIO(b"x"))
+    with pytest.raises(InvalidInput, match="not a package archive"), unpacked(xz, tmp_path):
+        pass
+
+
+def test_a_zip_directory_is_checked_before_zipfile_reads_it(tmp_path: Path) -> None:
+    crowded = tmp_path / "crowded.zip"
+    with zipfile.ZipFile(crowded, "w") as archive:
+        for i in range(20_000):
+            archive.writestr(f"f{i}", b"")
+    tracemalloc.start()
+    try:
+        with pytest.raises(StoreError, match="more than 64 members"), unpacked(crowded, tmp_path):
+            pass
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # zipfile would build 20,000 ZipInfo objects first

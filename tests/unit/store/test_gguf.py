@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFEndian, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgegen.errors import IntegrityError, StoreError
 from edgegen.store.gguf import GGML_TYPES, MAX_NESTING, ElidedArray, describe, read_gguf
+from tests.gguf_edits import edited_gguf
+from tests.llm_models import BOS_ID, CHATML_TEMPLATE, EOS_ID, write_tiny_llama
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -122,40 +124,52 @@ def test_tensor_data_lies_where_the_table_says(model: Path) -> None:
         assert data[info.data_offset + t.offset :][: t.nbytes] == TENSORS[t.name][0].tobytes()
 
 
-def test_describe_gives_manifest_entries_and_facts(model: Path) -> None:
-    inputs, outputs, facts = describe(model)
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A language model llama.cpp loads (`describe` checks the model, not just the file format)."""
+    return write_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny.gguf")
+
+
+def test_describe_gives_manifest_entries_and_facts(tiny_llama: Path) -> None:
+    inputs, outputs, facts = describe(tiny_llama)
+    n_vocab = len(GGUFReader(tiny_llama).fields["tokenizer.ggml.tokens"].data)
     assert [(s.name, s.dtype, s.shape) for s in inputs] == [("tokens", "int32", (-1,))]
-    assert [(s.name, s.dtype, s.shape) for s in outputs] == [("logits", "float32", (-1, len(TOKENS)))]
+    assert [(s.name, s.dtype, s.shape) for s in outputs] == [("logits", "float32", (-1, n_vocab))]
+    info = read_gguf(tiny_llama)
     assert facts == {
         "architecture": "llama",
-        "model_name": "tiny",
-        "context_length": 128,
-        "embedding_length": 32,
+        "model_name": "edgegen-tiny-llama",
+        "context_length": 2048,
+        "embedding_length": 64,
         "block_count": 2,
-        "vocab_size": len(TOKENS),
+        "vocab_size": n_vocab,
         "tokenizer": "gpt2",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "chat_template": CHAT_TEMPLATE,
-        "file_type": 3,
-        "quantization": "Q8_0",  # the type holding most bytes
-        "parameter_count": 256 + 32 + 1024 + 256,
-        "tensor_count": 4,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "chat_template": CHATML_TEMPLATE,
+        "file_type": 0,  # all F32
+        "quantization": "F32",
+        "parameter_count": sum(t.n_elements for t in info.tensors),
+        "tensor_count": 2 + 9 * 2 + 1,  # embeddings, output norm and output; nine tensors per block
         "gguf_version": 3,
     }
 
 
-def test_describe_leaves_out_a_missing_chat_template(tmp_path: Path) -> None:
-    path = tmp_path / "m.gguf"
-    path.write_bytes(gguf_file(LM_KVS, [tensor_info("w", (32,), 0, 0)], bytes(128)))
-    assert "chat_template" not in describe(path)[2]
+def test_describe_leaves_out_a_missing_chat_template(tiny_llama: Path, tmp_path: Path) -> None:
+    plain = edited_gguf(tiny_llama, tmp_path / "m.gguf", {"tokenizer.chat_template": None})
+    assert "chat_template" not in describe(plain)[2]
 
 
-def test_describe_refuses_a_gguf_without_a_token_list(tmp_path: Path) -> None:
-    path = tmp_path / "m.gguf"
-    path.write_bytes(gguf_file(LM_KVS[:-1], [tensor_info("w", (32,), 0, 0)], bytes(128)))
+def test_describe_refuses_a_gguf_without_a_token_list(tiny_llama: Path, tmp_path: Path) -> None:
+    path = edited_gguf(tiny_llama, tmp_path / "m.gguf", {"tokenizer.ggml.tokens": None})
     with pytest.raises(IntegrityError, match=r"tokenizer\.ggml\.tokens"):
         describe(path)
+
+
+def test_describe_refuses_a_model_llama_cpp_cannot_build(model: Path) -> None:
+    """A well-formed file is not yet a loadable model: this one has blocks without their tensors."""
+    with pytest.raises(IntegrityError, match=r"attention\.head_count"):
+        describe(model)
 
 
 def test_ggml_type_table_matches_the_gguf_package() -> None:
