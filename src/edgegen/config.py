@@ -18,16 +18,25 @@ Example TOML:
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import tempfile
 import tomllib
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from edgegen.errors import ConfigError
-from edgegen.security.settings import SecuritySettings, TlsSettings
+from edgegen.errors import ConfigError, EdgegenError, Forbidden, InvalidInput
+from edgegen.security.secrets import SECRET_TYPES, SecretUrl
+from edgegen.security.settings import DAY_S, HostName, LocalOnly, SecuritySettings, TlsSettings, Url
+from edgegen.toml_writer import dumps
+
+log = logging.getLogger("edgegen.config")
+MODEL_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # as the model store names them (store/manifest.py)
 
 
 def default_home() -> Path:
@@ -37,13 +46,15 @@ def default_home() -> Path:
 class BatchSettings(BaseModel):
     """Dynamic batching of one fixed-shape model, in Triton's terms."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_batch_size: int = Field(32, ge=1, le=4096, description="rows collated into one forward pass")
     max_queue_delay_us: int = Field(
         0, ge=0, le=1_000_000, description="how long the first request of a batch may wait for company"
     )
-    max_queue_size: int = Field(1024, ge=1, description="waiting requests beyond which the node answers 503")
+    max_queue_size: int = Field(
+        1024, ge=1, le=1_000_000, description="waiting requests beyond which the node answers 503"
+    )
     instances: int = Field(1, ge=1, le=16, description="forward passes of this model that may run at once")
     inline_max_us: int = Field(
         150,
@@ -57,18 +68,18 @@ class BatchSettings(BaseModel):
 class ModelOverrides(BaseModel):
     """Per-model settings; any field left out takes the node-wide `[batching]` value."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_batch_size: int | None = Field(None, ge=1, le=4096)
     max_queue_delay_us: int | None = Field(None, ge=0, le=1_000_000)
-    max_queue_size: int | None = Field(None, ge=1)
+    max_queue_size: int | None = Field(None, ge=1, le=1_000_000)
     instances: int | None = Field(None, ge=1, le=16)
     inline_max_us: int | None = Field(None, ge=0, le=100_000)
     cache: bool | None = Field(None, description="keep this model's answers in the response cache")
 
 
 class OnnxSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     intra_op_threads: int = Field(1, ge=0, le=256, description="0 lets ONNX Runtime pick (all cores)")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
@@ -77,7 +88,7 @@ class OnnxSettings(BaseModel):
 
 
 class TFLiteSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     threads: int = Field(1, ge=1, le=256)
 
@@ -85,7 +96,7 @@ class TFLiteSettings(BaseModel):
 class LlmSettings(BaseModel):
     """Generation with llama.cpp: one context holding `max_num_seqs` sequences of `ctx_per_seq` tokens."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_num_seqs: int = Field(8, ge=1, le=256, description="sequences decoded together (continuous batching)")
     ctx_per_seq: int = Field(
@@ -94,51 +105,75 @@ class LlmSettings(BaseModel):
     n_batch: int = Field(512, ge=16, le=8192, description="tokens one decode step may carry (prefill chunk)")
     threads: int = Field(0, ge=0, le=256, description="llama.cpp threads; 0: one per core")
     max_waiting: int = Field(
-        64, ge=0, description="requests waiting for a slot beyond which the node answers 429"
+        64, ge=0, le=100_000, description="requests waiting for a slot beyond which the node answers 429"
     )
-    timeout_s: float = Field(300.0, gt=0, description="deadline of one generation")
+    timeout_s: float = Field(300.0, gt=0, le=DAY_S, description="deadline of one generation")
+    max_messages: int = Field(
+        1024, ge=1, le=1_000_000, description="messages one chat request may hold (more: 400)"
+    )
+    max_prompt_chars: int = Field(
+        400_000,
+        ge=1,
+        le=2**30,
+        description="characters of one prompt, a chat's contents together (more: 400)",
+    )
 
 
 class JobsSettings(BaseModel):
     """Asynchronous jobs (POST /v1/jobs): a persistent queue and a pool of workers in the node."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     backend: Literal["sqlite", "redis"] = "sqlite"
     path: Path | None = Field(None, description="SQLite file (default: HOME/jobs/jobs.sqlite)")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="with backend = redis")
+    redis_url: SecretUrl = Field(
+        SecretUrl("redis://127.0.0.1:6379/0"), description="with backend = redis; its password is a secret"
+    )
     workers: int = Field(2, ge=0, le=64, description="jobs run at once; 0: this node runs none")
     reserved: int = Field(
         1, ge=0, le=64, description="workers that run even while live requests are in flight (the rest wait)"
     )
-    lease_s: float = Field(30.0, gt=0, description="a job whose worker is silent this long runs again")
+    lease_s: float = Field(
+        30.0, gt=0, le=DAY_S, description="a job whose worker is silent this long runs again"
+    )
     max_attempts: int = Field(3, ge=1, le=100)
-    backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles each time")
-    retention_s: float = Field(86_400.0, gt=0, description="finished jobs are kept this long")
+    backoff_s: float = Field(1.0, gt=0, le=DAY_S, description="first retry delay; doubles each time")
+    retention_s: float = Field(86_400.0, gt=0, le=366 * DAY_S, description="finished jobs are kept this long")
     poll_s: float = Field(0.05, gt=0, le=10, description="an idle worker looks for work this often")
+    max_queued_per_tenant: int = Field(
+        1000, ge=1, le=10**7, description="unfinished jobs one tenant may have (queued or running; more: 429)"
+    )
+    max_queued_bytes_per_tenant: int = Field(
+        64 * 2**20,
+        ge=1,
+        le=2**40,
+        description="bytes of request bodies of one tenant's unfinished jobs (more: 429)",
+    )
 
 
 class CacheSettings(BaseModel):
     """The response cache: answers to deterministic requests, in memory and on disk (`cache/`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = True
-    memory_bytes: int = Field(64 * 2**20, ge=0, description="in-memory tier; 0: none")
-    disk_bytes: int = Field(512 * 2**20, ge=0, description="disk tier; 0: none")
+    memory_bytes: int = Field(64 * 2**20, ge=0, le=64 * 2**30, description="in-memory tier; 0: none")
+    disk_bytes: int = Field(512 * 2**20, ge=0, le=2**40, description="disk tier; 0: none")
     path: Path | None = Field(
         None, description="SQLite file of the disk tier (default: HOME/cache/responses.sqlite)"
     )
-    ttl_s: float = Field(3600.0, gt=0, description="an answer is served from the cache this long")
-    max_entry_bytes: int = Field(4 * 2**20, ge=1, description="larger answers are not kept")
+    ttl_s: float = Field(
+        3600.0, gt=0, le=366 * DAY_S, description="an answer is served from the cache this long"
+    )
+    max_entry_bytes: int = Field(4 * 2**20, ge=1, le=2**30, description="larger answers are not kept")
 
 
 class LogsSettings(BaseModel):
     """Shipping this node's logs to a gateway (`gateway/logstore.py` keeps and searches them)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    ship_to: str | None = Field(
+    ship_to: Url | None = Field(
         None, description="the gateway's URL, e.g. https://gw:8080; unset: no shipping"
     )
     node: str | None = Field(None, description="this node's name in the fleet's logs (default: host:port)")
@@ -151,7 +186,9 @@ class LogsSettings(BaseModel):
     key_file: Path | None = Field(None, description="the private key of cert_file")
     interval_s: float = Field(1.0, gt=0, le=60, description="lines are spooled and sent this often")
     batch: int = Field(1000, ge=1, le=100_000, description="lines per request to the gateway")
-    spool_bytes: int = Field(256 * 2**20, ge=2**20, description="spool bound; beyond it the oldest lines go")
+    spool_bytes: int = Field(
+        256 * 2**20, ge=2**20, le=64 * 2**30, description="spool bound; beyond it the oldest lines go"
+    )
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="least level shipped")
     access: bool = Field(True, description="ship the access log too (the gateway's analysis reads it)")
 
@@ -159,10 +196,13 @@ class LogsSettings(BaseModel):
 class SoftwareSettings(BaseModel):
     """Upgrades of edgegen itself on this node (node/software.py): signed wheels, environments on trial."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     trial_s: float = Field(
-        300.0, gt=0, description="a new version not confirmed healthy this long after it starts is left"
+        300.0,
+        gt=0,
+        le=DAY_S,
+        description="a new version not confirmed healthy this long after it starts is left",
     )
     keep: int = Field(3, ge=1, le=20, description="environments kept besides the current and previous ones")
 
@@ -186,20 +226,24 @@ class EnvFirstSettings(BaseSettings):
 class Settings(EnvFirstSettings):
     """Everything a node reads at start-up."""
 
-    model_config = SettingsConfigDict(env_prefix="EDGEGEN_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEGEN_", env_nested_delimiter="__", extra="forbid", allow_inf_nan=False
+    )
 
     home: Path = Field(default_factory=default_home, description="where the node keeps everything")
     store: Path | None = Field(None, description="model store directory (default: HOME/models)")
-    host: str = "127.0.0.1"
+    host: HostName = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port")
-    default_model: str = "digits"
+    default_model: str = Field("digits", pattern=MODEL_NAME, description="what POST /predict serves")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(True, description="one JSON line per request (at log level info or debug)")
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    max_header_bytes: int = Field(64 * 1024, ge=1024)
-    request_timeout_s: float = Field(30.0, gt=0, description="deadline of one inference request")
-    store_poll_s: float = Field(2.0, ge=0, description="how often to look for activated versions; 0: never")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=2**30)
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=2**20)
+    request_timeout_s: float = Field(30.0, gt=0, le=DAY_S, description="deadline of one inference request")
+    store_poll_s: float = Field(
+        2.0, ge=0, le=3600, description="how often to look for activated versions; 0: never"
+    )
     batching: BatchSettings = Field(default_factory=BatchSettings)
     models: dict[str, ModelOverrides] = Field(default_factory=dict)
     onnx: OnnxSettings = Field(default_factory=OnnxSettings)
@@ -211,6 +255,13 @@ class Settings(EnvFirstSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     logs: LogsSettings = Field(default_factory=LogsSettings)
     software: SoftwareSettings = Field(default_factory=SoftwareSettings)
+    # The operator's file these were read from (None: EDGEGEN_CONFIG, or none): a remote change is
+    # checked against it as the next start will read it.
+    _config_file: Path | None = PrivateAttr(None)
+
+    @property
+    def config_file(self) -> Path | None:
+        return self._config_file
 
     @property
     def keys_file(self) -> Path:
@@ -248,30 +299,173 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
+def config_values(config_file: Path | None = None) -> dict[str, Any]:
+    """The operator's own TOML file (argument or `EDGEGEN_CONFIG`) as a dict; {} when there is none."""
+    env = os.environ.get("EDGEGEN_CONFIG")
+    path = config_file or (Path(env) if env else None)
+    return read_toml(path, "config file") if path is not None else {}
+
+
 def load_settings(config_file: Path | None = None) -> Settings:
-    """Read the settings once: TOML file (argument or `EDGEGEN_CONFIG`), then the environment.
+    """Read the settings once: TOML file (argument or `EDGEGEN_CONFIG`), the remote changes over it,
+    then the environment. A remote file that is not good is passed over, loudly (`RemoteChanges`).
 
     >>> load_settings().port
     8000
     """
-    path = config_file or (Path(os.environ["EDGEGEN_CONFIG"]) if os.environ.get("EDGEGEN_CONFIG") else None)
-    values = read_toml(path, "config file") if path is not None else {}
+    values = config_values(config_file)
     try:
-        settings = Settings(**values)
-        remote = read_remote(settings.home)  # changes made through PATCH /admin/config, over the file
-        return Settings(**_merge(values, remote)) if remote else settings
+        base = Settings(**values)
     except ValidationError as exc:
         raise settings_error(exc, "EDGEGEN_*") from None
+    remote = remote_changes(base, values)
+    if remote.problems:
+        log.error(remote.warning(base.home))
+    settings = remote.settings if remote.settings is not None else base
+    settings._config_file = config_file
+    return settings
+
+
+# -- changes made remotely (PATCH /admin/config, node/remote_config.py) ----------------------------------
+REMOTE_FILE = "remote.toml"
+LAST_GOOD_FILE = "remote.toml.last-good"
+# Where the node is reached from, who may call it and what it keeps where: changed on the node itself.
+# (Paths, hosts, URLs and secrets are refused by their type wherever they are: `_local_only_type`.)
+LOCAL_ONLY = ("host", "port", "home", "store", "workers", "security", "tls", "logs")
 
 
 def remote_path(home: Path) -> Path:
     """Where a node keeps the settings changed remotely (node/remote_config.py)."""
-    return home / "config" / "remote.toml"
+    return home / "config" / REMOTE_FILE
 
 
-def read_remote(home: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RemoteChanges:
+    """The remote changes in force: those of `remote.toml` when it is good, else of the last good file
+    before it, else none; `problems` says why a file was passed over (file names only, never paths)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None  # the file they came from
+    settings: Settings | None = None  # the operator's file with them, as start-up reads it
+    problems: tuple[str, ...] = ()
+
+    def warning(self, home: Path) -> str:
+        """One loud line for the node's log: what was wrong, and what the node does instead."""
+        instead = (
+            f"starting with the last good ones ({self.source})"
+            if self.source == LAST_GOOD_FILE
+            else "starting without remote changes"
+        )
+        return f"remote settings in {home / 'config'} passed over: {'; '.join(self.problems)}; {instead}"
+
+
+def remote_changes(base: Settings, values: dict[str, Any]) -> RemoteChanges:
+    """The remote changes to apply over the operator's file (`values`, read as `base`). The last good
+    file is read only when `remote.toml` is there and bad: a removed `remote.toml` means no changes."""
+    problems: list[str] = []
+    newest = remote_path(base.home)
+    for path in (newest, newest.with_name(LAST_GOOD_FILE)):
+        try:
+            if not path.exists():
+                break
+            remote = tomllib.loads(path.read_text(encoding="utf-8"))
+            merged = check_remote(base, values, remote)
+        except OSError as exc:
+            problems.append(f"{path.name} does not read ({exc.strerror or type(exc).__name__})")
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            problems.append(f"{path.name} is not valid TOML ({exc})")
+        except EdgegenError as exc:
+            problems.append(f"{path.name}: {exc.message}")
+        else:
+            return RemoteChanges(remote, path.name, merged, tuple(problems))
+    return RemoteChanges(problems=tuple(problems))
+
+
+def check_remote(base: Settings, values: dict[str, Any], remote: dict[str, Any]) -> Settings:
+    """The settings start-up would read with these remote changes, or the error that says which of
+    them is not allowed (Forbidden) or not valid (InvalidInput). `values`: the operator's file."""
+    for key in flat(remote):
+        remote_field(base, key)
+    try:
+        return Settings(**_merge(values, remote))
+    except ValidationError as exc:
+        raise InvalidInput(_problems(exc)) from None
+
+
+def remote_field(settings: Settings, key: str) -> tuple[BaseModel, str, TypeAdapter[Any]]:
+    """For a setting a remote change may name (`cache.ttl_s`, `models.digits.max_batch_size`): the
+    model holding it, the field's name, and an adapter that validates its values as start-up does.
+    Forbidden for what is changed on the node itself only; InvalidInput for what is not one setting."""
+    parts = key.split(".")
+    if parts[0] in LOCAL_ONLY:
+        raise Forbidden(f"{key}: {parts[0]} is changed on the node itself, not remotely")
+    holder: BaseModel = settings
+    if parts[0] == "models" and len(parts) == 3:  # a per-model override: models.NAME.FIELD
+        if not re.fullmatch(MODEL_NAME, parts[1]):
+            raise InvalidInput(f"{key}: {parts[1]!r} is not a model name")
+        holder = settings.models.get(parts[1]) or ModelOverrides()
+        parts = parts[2:]
+    for part in parts[:-1]:
+        child = getattr(holder, part, None) if part in type(holder).model_fields else None
+        if not isinstance(child, BaseModel):
+            raise InvalidInput(f"{key}: no such setting")
+        holder = child
+    name = parts[-1]
+    info = type(holder).model_fields.get(name)
+    if info is None or isinstance(getattr(holder, name), BaseModel | dict | list):
+        raise InvalidInput(f"{key}: no such setting, or not one value")
+    if _local_only_type(info.annotation) or any(_local_only_type(m) for m in info.metadata):
+        raise Forbidden(f"{key}: a path, host, URL or secret is changed on the node itself, not remotely")
+    kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    return holder, name, TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False))
+
+
+def _local_only_type(kind: Any) -> bool:
+    """Whether a type is, or holds, a path, a secret or a `LocalOnly` one (a host, a URL)."""
+    if isinstance(kind, LocalOnly):
+        return True
+    if isinstance(kind, type):
+        return issubclass(kind, (PurePath, *SECRET_TYPES))
+    return any(_local_only_type(arg) for arg in get_args(kind))
+
+
+def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables as dotted keys: {"cache": {"ttl_s": 1}} → {"cache.ttl_s": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        out |= flat(value, path + ".") if isinstance(value, dict) else {path: value}
+    return out
+
+
+def write_remote(home: Path, remote: dict[str, Any], *, keep_current: bool) -> None:
+    """Write the remote changes as `remote.toml`, atomically: a reader (another worker, the next start)
+    finds the old file or the new one, whole, even after a crash. With `keep_current` the file it
+    replaces (known good) is kept first as `remote.toml.last-good`. ValueError: not writable as TOML."""
     path = remote_path(home)
-    return read_toml(path, "remote configuration") if path.exists() else {}
+    text = "# Written by the node on remote configuration changes (PATCH /admin/config).\n" + dumps(remote)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if keep_current and path.exists():
+        _replace(path.with_name(LAST_GOOD_FILE), path.read_bytes())
+    _replace(path, text.encode())
+
+
+def _replace(path: Path, data: bytes) -> None:
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -284,9 +478,13 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def settings_error(exc: ValidationError, variables: str) -> ConfigError:
     """Every problem of a settings object in one line that says where to fix it."""
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
-    )
     return ConfigError(
-        f"invalid settings ({problems}); fix the TOML file or the {variables} variable of that name"
+        f"invalid settings ({_problems(exc)}); fix the TOML file or the {variables} variable of that name"
+    )
+
+
+def _problems(exc: ValidationError) -> str:
+    """`setting: what is wrong` for each problem (never the value, which may be a secret)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
     )

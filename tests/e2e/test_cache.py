@@ -29,9 +29,9 @@ CHAT = {
 
 @pytest.fixture(scope="module")
 def node(node_home: Path) -> Iterator[NodeProcess]:
-    with running(
-        NodeProcess(node_home, env={**LLM_ENV, "EDGEGEN_STORE_POLL_S": "0.2"}, auth=True)
-    ) as process:
+    # Its metrics are read without a key: the per-model figures need model names in a public scrape.
+    env = {**LLM_ENV, "EDGEGEN_STORE_POLL_S": "0.2", "EDGEGEN_SECURITY__METRICS_MODEL_NAMES": "true"}
+    with running(NodeProcess(node_home, env=env, auth=True)) as process:
         yield process
 
 

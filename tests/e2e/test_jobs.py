@@ -72,9 +72,13 @@ def test_a_job_answers_as_the_live_route(jobs_node: NodeProcess, node_home: Path
         done = wait_final(client, submitted.json()["id"])
         assert done["status"] == "succeeded"
         assert done["response"] == {"status_code": 200, "body": live_predict}
-        missing = client.post("/v1/jobs", json={**predict(x), "url": "/models/nope/predict"}).json()
-        failed = wait_final(client, missing["id"])  # accepted, then answered as the live route would: 404
-        assert (failed["status"], failed["response"]["status_code"]) == ("failed", 404)  # type: ignore[index]
+        missing = client.post("/v1/jobs", json={**predict(x), "url": "/models/nope/predict"})
+        assert missing.status_code == 404  # a model that is not served is refused at submission
+        long = {**CHAT, "messages": [{"role": "user", "content": "the fox " * 2100}]}
+        order = {"method": "POST", "url": "/v1/chat/completions", "body": long}
+        too_long = client.post("/v1/jobs", json=order)
+        failed = wait_final(client, too_long.json()["id"])  # accepted, then answered as the live route would
+        assert (failed["status"], failed["response"]["status_code"]) == ("failed", 400)  # type: ignore[index]
         chat_done = wait_final(client, chat.json()["id"])
         assert chat_done["response"]["body"]["choices"] == live_chat["choices"]  # type: ignore[index]
 

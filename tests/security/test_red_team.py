@@ -384,8 +384,8 @@ def test_a_pushed_package_keeps_coming_past_the_body_deadline_but_may_not_stall(
     that stops for that long is cut off like any other body."""
     body = b"\x1f\x8b" + bytes(998)  # gzip's magic, then no archive: the store refuses it (422)
     head = (
-        f"PUT /admin/models/digits/package HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {fleet.keys['admin']}"
-        f"\r\nContent-Length: {len(body)}\r\n\r\n"
+        "PUT /admin/models/digits/package HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {fleet.keys['admin']}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     answers = []
     for pieces, pause in ((10, 0.4), (1, 3.0)):  # 4 s of steady pieces; one piece, then 3 s of nothing
@@ -494,6 +494,9 @@ def test_rate_limits_and_a_ban(fleet: Fleet) -> None:
         EDGEGEN_SECURITY__BURST_PER_KEY="3",
         EDGEGEN_SECURITY__BAN_AFTER_FAILURES="5",
         EDGEGEN_SECURITY__BAN_S="60",
+        # This test's client is on loopback, which is spared by default (a trusted proxy, never banned).
+        EDGEGEN_SECURITY__TRUSTED_PROXIES="[]",
+        EDGEGEN_SECURITY__NEVER_BAN="[]",
     ).start()
     try:
         user = fleet.headers("user")

@@ -73,8 +73,8 @@ def directives(scope: Mapping[str, Any]) -> tuple[bool, bool, float | None]:
                 read = False
             elif directive == "no-store":
                 write = False
-            elif directive == "max-age" and argument.strip().isdigit():
-                max_age = float(argument.strip())
+            elif directive == "max-age" and argument.strip().isascii() and argument.strip().isdigit():
+                max_age = float(argument.strip())  # isascii: isdigit() also takes "²", float() does not
     return read, write, max_age
 
 

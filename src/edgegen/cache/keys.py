@@ -4,8 +4,8 @@ A key is a BLAKE2b-256 digest over length-prefixed fields: the tenant, the model
 model version (its version name and the sha256 of every file, so a re-made version with the same name
 never meets the old answers), the kind of answer, and the request in canonical form — tensors as
 dtype, shape and raw bytes (so `1` and `1.0` in JSON are one key), generations as the prompt's text
-(chat messages rendered by the model's template) with whether its special tokens are parsed, the
-sampling parameters, the token budget and the stop sequences. Two tenants never share a key.
+segments (chat messages rendered by the model's template) each with whether its special tokens are
+parsed, the sampling parameters, the token budget and the stop sequences. Two tenants never share a key.
 """
 
 from __future__ import annotations
@@ -48,18 +48,17 @@ def generation_key(
     tenant: str,
     model: str,
     tag: str,
-    prompt: str,
-    special: bool,
+    prompt: Sequence[tuple[str, bool]],
     params: SamplingParams,
     max_tokens: int | None,
     n_ctx: int,
     stops: Sequence[str],
 ) -> bytes:
-    """`prompt` as text with `special` (whether special tokens in it are parsed), which fixes its tokens
-    for a given model version; `max_tokens` None means the room left in a sequence of `n_ctx` tokens."""
+    """`prompt` as (text, special) segments (`engine.prompt.Prompt`: whether special tokens in each are
+    parsed), which fix its tokens for a given model version; `max_tokens` None means the room left in a
+    sequence of `n_ctx` tokens."""
     request = {
-        "prompt": prompt,
-        "special": special,
+        "prompt": [[text, special] for text, special in prompt],
         "sampling": asdict(params),
         "max_tokens": max_tokens,
         "n_ctx": n_ctx,

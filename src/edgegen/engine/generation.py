@@ -13,8 +13,15 @@ prefix is shared into it (llama.cpp's seq_cp: the cells are tagged, not copied),
 cached once serves every slot at the same time. A free slot whose cache goes on past the common prefix
 (an earlier chat's answer) is kept as it is while another slot is free.
 
+Prefixes are shared only within one tenant: reused tokens show in a reply's
+`usage.prompt_tokens_details.cached_tokens` and in its time to first token, so a prefix reused across
+tenants would let one tenant probe what another one's prompts begin with. A slot remembers whose tokens
+it holds; another tenant's sequence may take the slot (its cache is then dropped) but never reuse it.
+
 The decode call and the sampling run in one worker thread (llama.cpp releases the GIL), so the event
-loop keeps serving HTTP meanwhile; all scheduler state is touched only on the event loop.
+loop keeps serving HTTP meanwhile; all scheduler state is touched only on the event loop. Rendering a
+chat and tokenizing a prompt run in two more threads (`render_chat`, `encode`: they read the vocabulary
+only, so they may run beside a decode step); `close` waits for them before the model is freed.
 """
 
 from __future__ import annotations
@@ -23,19 +30,22 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
+from edgegen.engine.prompt import Prompt, chat_prompt, encode
 from edgegen.engine.sampling import SamplingParams, sample
 from edgegen.engine.text import TextStream
 from edgegen.errors import DeadlineExceeded, EdgegenError, ExecutorError, InvalidInput, Overloaded
 from edgegen.executors.base import DecodeItem, LlmExecutor
 
 log = logging.getLogger(__name__)
+Arg = TypeVar("Arg")
+Result = TypeVar("Result")
 
 
 class GenerationObserver(Protocol):
@@ -71,6 +81,7 @@ class _Sequence:
     max_tokens: int
     deadline: float
     text: TextStream
+    tenant: str
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     rng: np.random.Generator = field(init=False)
     slot: int | None = None
@@ -118,6 +129,7 @@ class Generation:
 class _Slot:
     index: int
     tokens: list[int] = field(default_factory=list)  # what its KV cache holds, position by position
+    tenant: str = ""  # whose prompts `tokens` came from
     owner: _Sequence | None = None
     released_at: float = 0.0
 
@@ -151,7 +163,9 @@ class Scheduler:
         self._running: list[_Sequence] = []
         self._wakeup = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llm-{model}")
+        self._text_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"llm-text-{model}")
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     # -- public -------------------------------------------------------------------------------------
     @property
@@ -178,6 +192,20 @@ class Scheduler:
     def wake(self) -> None:
         self._wakeup.set()
 
+    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> Prompt:
+        """The chat in the model's template (`engine/prompt.py`), rendered off the event loop."""
+        return await self._off_loop(chat_prompt, messages)
+
+    async def encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids, tokenized off the event loop: a long prompt takes a while."""
+        return await self._off_loop(encode, prompt)
+
+    async def _off_loop(self, work: Callable[[LlmExecutor, Arg], Result], arg: Arg) -> Result:
+        if self._closed:
+            raise Overloaded(f"model {self.model!r} was unloaded; retry shortly")
+        future = self._text_pool.submit(work, self.executor, arg)
+        return await asyncio.wrap_future(future)
+
     def submit(
         self,
         prompt: list[int],
@@ -186,8 +214,14 @@ class Scheduler:
         max_tokens: int,
         stop: Sequence[str],
         timeout_s: float,
+        tenant: str = "",
     ) -> Generation:
-        """Queue a generation. Raises InvalidInput when it cannot fit the context, Overloaded when full."""
+        """Queue a generation. Raises InvalidInput when it cannot fit the context, Overloaded when full.
+
+        `tenant` names whose cached prefixes the prompt may reuse: only those of the same tenant.
+        """
+        if self._closed:
+            raise Overloaded(f"model {self.model!r} was unloaded; retry shortly")
         if not prompt:
             raise InvalidInput("the prompt is empty")
         room = self.executor.n_ctx_seq - len(prompt)
@@ -202,12 +236,15 @@ class Scheduler:
             )
         if len(self._waiting) >= self.max_waiting:
             raise Overloaded(f"model {self.model!r} has {len(self._waiting)} requests waiting; retry shortly")
-        sequence = _Sequence(prompt, params, max_tokens, time.monotonic() + timeout_s, TextStream(stop))
+        sequence = _Sequence(
+            prompt, params, max_tokens, time.monotonic() + timeout_s, TextStream(stop), tenant
+        )
         self._waiting.append(sequence)
         self.wake()
         return Generation(sequence, self)
 
     async def close(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.remove_done_callback(self._stopped)
             self._task.cancel()
@@ -215,6 +252,8 @@ class Scheduler:
         for sequence in [*self._running, *self._waiting]:
             self._finish(sequence, error=Overloaded(f"model {self.model!r} was unloaded"))
         self._pool.shutdown(wait=True)
+        # A tokenization in flight reads the model: it finishes before the model is freed.
+        await asyncio.to_thread(self._text_pool.shutdown, wait=True)
         self.executor.close()
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -261,10 +300,16 @@ class Scheduler:
             sequence = self._waiting.popleft()
             # At least the prompt's last token is decoded again: its logits give the first token.
             longest = len(sequence.prompt) - 1
-            donor = max(self._slots, key=lambda s: common_prefix(s.tokens, sequence.prompt))
-            common = common_prefix(donor.tokens, sequence.prompt)
+            own = [s for s in self._slots if s.tenant == sequence.tenant]
+            donor = max(own, key=lambda s: common_prefix(s.tokens, sequence.prompt), default=None)
+            common = common_prefix(donor.tokens, sequence.prompt) if donor is not None else 0
             reuse = min(common, longest)
-            if donor.owner is None and reuse > 0 and (common == len(donor.tokens) or len(free) == 1):
+            if (
+                donor is not None
+                and donor.owner is None
+                and reuse > 0
+                and (common == len(donor.tokens) or len(free) == 1)
+            ):
                 slot = donor  # continue where the cache ends: nothing else of it would be lost
             else:
                 # Evict the free slot whose cache is worth least (empty first, then idle longest);
@@ -275,9 +320,10 @@ class Scheduler:
                 del slot.tokens[reuse:]
             else:
                 slot.tokens.clear()
-                if reuse > 0:
+                if donor is not None and reuse > 0:
                     self.executor.share(donor.index, slot.index, reuse)
                     slot.tokens.extend(donor.tokens[:reuse])
+            slot.tenant = sequence.tenant
             slot.owner = sequence
             sequence.slot = slot.index
             sequence.prefilled = reuse

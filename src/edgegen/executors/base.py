@@ -42,7 +42,8 @@ class LlmExecutor(Protocol):
 
     `decode` runs one batched forward pass over a mix of prompt chunks and single decode tokens and
     returns one row of logits (n_vocab,) per item that asked for them, in item order. The rows are
-    valid until the next call. The engine never calls two methods at once.
+    valid until the next call. The engine never calls two methods at once, except `tokenize` and
+    `render_chat`, which read the vocabulary only and may run in other threads beside any call but `close`.
     """
 
     n_vocab: int

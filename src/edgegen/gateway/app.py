@@ -63,7 +63,7 @@ from edgegen.node.errors import error_response, is_openai
 from edgegen.node.errors import install as install_error_handlers
 from edgegen.node.middleware import RequestIds, read_head
 from edgegen.observe.logs import AccessLog, request_id
-from edgegen.observe.metrics import LATENCY_BUCKETS
+from edgegen.observe.metrics import LATENCY_BUCKETS, PublicView
 from edgegen.security.auth import Principal, principal_of
 from edgegen.security.gate import build_gate
 from edgegen.security.transport import GuardedHttpProtocol, server_context
@@ -473,6 +473,16 @@ class Gateway:
             except ValueError:
                 return response.status, None
 
+    async def config_call(
+        self, name: str, method: str, body: dict[str, Any] | None = None
+    ) -> tuple[int, Any]:
+        """A node's /admin/config (GET, or PATCH with `body`); a node that does not answer is a 502."""
+        try:
+            return await self.node_call(self.fleet.nodes[name], method, "/admin/config", body)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = exc or type(exc).__name__
+            raise HTTPException(502, f"node {name!r} cannot be reached: {reason}") from None
+
     async def restart_node(self, name: str) -> dict[str, Any]:
         """Drain `name` (no new requests; wait for those it has), restart it in place, wait until a new
         process of it is ready, put it back. Requests never meet it down."""
@@ -566,7 +576,8 @@ class Gateway:
             db.close()
 
     def _admin_app(self) -> FastAPI:
-        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        # redirect_slashes off: its Location would be built from the client's Host header.
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
         install_error_handlers(app)  # the node's error shape: {"error": "..."}, 400 for a bad body
 
         async def refused_change(_request: Request, exc: Exception) -> Response:
@@ -587,8 +598,12 @@ class Gateway:
             return {"ready": available > 0, "nodes_available": available}
 
         @app.get("/metrics")
-        def metrics() -> Response:
-            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        def metrics(request: Request) -> Response:
+            # An operator sees everything; anyone else the public view (observe/metrics.py).
+            source, full = self.metrics.registry, principal_of(request.scope).at_least("operator")
+            names = full or self.settings.security.metrics_model_names
+            text = generate_latest(source if full else PublicView(source, model_names=names))
+            return Response(text, media_type=CONTENT_TYPE_LATEST)
 
         @app.get("/gateway/audit")
         async def audit() -> dict[str, Any]:
@@ -685,7 +700,7 @@ class Gateway:
             state = fleet.nodes.get(name)
             if state is None:
                 raise HTTPException(404, f"no node named {name!r}")
-            status, answer = await self.node_call(state, "GET", "/admin/config")
+            status, answer = await self.config_call(name, "GET")
             if status != 200:
                 raise HTTPException(502, f"node {name!r} answered {status}")
             return answer
@@ -699,9 +714,7 @@ class Gateway:
                 raise HTTPException(404, f"unknown nodes: {', '.join(unknown)}")
             results = {}
             for name in names:
-                status, answer = await self.node_call(
-                    fleet.nodes[name], "PATCH", "/admin/config", {"changes": order.changes}
-                )
+                status, answer = await self.config_call(name, "PATCH", {"changes": order.changes})
                 if status != 200:
                     error = answer.get("error") if isinstance(answer, dict) else None
                     raise HTTPException(

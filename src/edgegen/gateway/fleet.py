@@ -7,7 +7,10 @@ outlier detection). Both verdicts are kept apart, as Envoy keeps them:
              out, `healthy_after` passes bring it back
     passive  `consecutive_failures` failed requests in a row eject the node for base × 2^(n-1)
              seconds (n: its ejections so far, capped at `max_ejection_s`); never more than
-             `max_ejected_share` of the fleet at once, so one bad input cannot eject everyone
+             `max_ejected_share` of the fleet at once. Failed means the node failed — no answer
+             (connect error, timeout, dropped connection) or 502/504 — never an answer such as a
+             500 that one request's content caused (the proxy decides: gateway/proxy.py), so a
+             client cannot eject nodes by repeating a bad input
 
 `available()` is cached and rebuilt only when a verdict changes or an ejection runs out, so a pick
 over a large fleet does not rescan it. The clock is injectable for tests.

@@ -11,7 +11,20 @@ byte went to the client. Each retry spends one token of a budget that every requ
 `budget_ratio` (capped at `budget_min`), so a failing fleet cannot triple its own load.
 
 A node that dies mid-stream: an SSE stream gets a last `data: {"error": …}` event and ends; any
-other body is cut off (the client sees a short read, never a silently truncated success).
+other body is cut off (the client sees a short read, never a silently truncated success). A client
+that disconnects while its request is at a node cancels it there: the gateway stops, closes that
+connection (the node cancels the generation, as for a client of its own) and releases the node.
+
+Where a request goes. The path is read once (security/paths.py, as the security gate read it for the
+role) and the node's URL built from parts: the node's own scheme and authority, that path encoded,
+the query string — never parsed from anything the client sent, so no request target (`//host:port/`,
+`/v1/../admin`) can reach another host, port or route. A redirect a node answers is relayed with a
+relative `Location`: its internal address never reaches the client.
+
+What counts against a node (passive ejection, fleet.py): it did not answer (connect error, timeout,
+dropped connection) or answered 502/504. A 500 is an answer — the node is up, and the request's
+content caused it, which a hostile client could repeat on every node — so it is counted as an error
+in the traffic views and alerts, never as the node failing; a 503 is backpressure.
 
 Jobs. A job lives in the queue of the node that accepted it (SQLite), or in one all nodes share
 (Redis). The gateway remembers which node answered each `POST /v1/jobs` and sends `GET`/`DELETE
@@ -21,25 +34,31 @@ is looked for on each available node in turn. A job whose node is unavailable is
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
 import ssl
+import string
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote_from_bytes, urlsplit
 
 import aiohttp
 import orjson
 from multidict import CIMultiDict
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+from yarl import URL
 
+from edgegen.errors import InvalidInput
 from edgegen.gateway.balancers import Backend, Balancer, make_balancer
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.settings import GatewaySettings, RetrySettings
 from edgegen.security.auth import Principal
+from edgegen.security.paths import canonical_path, raw_path_of, upstream_path
 from edgegen.security.transport import client_context
 
 log = logging.getLogger("edgegen.gateway")
@@ -52,10 +71,15 @@ _HOP = frozenset(
 # A client must not choose what the gateway tells a node about the client (or, later, who it is).
 _CLIENT_FORBIDDEN = (b"x-forwarded-", b"forwarded", b"x-real-ip", b"x-edgegen-")
 _HOP_ID = _HOP | {b"x-request-id"}
-_HOP_RESPONSE = _HOP - {b"content-length"}  # the body is relayed as it came, so its length holds
+# The body is relayed as it came, so its length holds; the gateway's server writes its own Date.
+_HOP_RESPONSE = (_HOP - {b"content-length"}) | {b"date"}
 _IDEMPOTENT = re.compile(r"^/(predict|models/[^/]+/predict|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 _MODEL_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)/")
 _RETRY_STATUS = frozenset({502, 503, 504})
+_NODE_FAILED = frozenset({502, 504})  # answers that say the node, not the request, is at fault
+# A query string is relayed as it came; only what could end the request line or start a fragment
+# (space, controls, bytes beyond ASCII, `#`) is escaped.
+_QUERY_SAFE = "".join(c for c in string.punctuation if c != "#")
 _JOB = re.compile(r"^/v1/jobs/([^/]+)$")
 JOBS_REMEMBERED = 100_000  # job -> node entries kept (~150 bytes each); older ones are looked for again
 AFFINITY_BYTES = 512  # how much of a prompt decides where it goes
@@ -100,6 +124,93 @@ class Attempt:
     body: bytes | None = None  # the whole body, when it was small enough to read before relaying
     error: str | None = None
     reached: bool = True  # False: the node never saw the request
+    gone: bool = False  # the client left (or the gateway stopped) while this try was on
+    finished: bool = False  # the node was released and the try reported
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request asks a node for: its canonical path and its query string (encoded)."""
+
+    path: str
+    query: str = ""
+
+    @classmethod
+    def of(cls, scope: Scope) -> Target:
+        """The target of a request, or Refused(400) for a path with more than one reading."""
+        try:
+            path = canonical_path(raw_path_of(scope))
+        except InvalidInput as exc:
+            raise Refused(400, exc.message) from None
+        query: bytes = scope.get("query_string", b"")
+        return cls(path, quote_from_bytes(query, safe=_QUERY_SAFE) if query else "")
+
+    def at(self, node_url: str) -> URL:
+        """The URL at one node, built from parts (nothing re-parsed, nothing resolved).
+
+        >>> str(Target("/v1/models", "a=1").at("https://10.0.0.5:8000"))
+        'https://10.0.0.5:8000/v1/models?a=1'
+        """
+        node = URL(node_url)
+        return URL.build(
+            scheme=node.scheme,
+            authority=node.raw_authority,
+            path=upstream_path(self.path),
+            query_string=self.query,
+            encoded=True,
+        )
+
+
+def relative_location(location: bytes) -> bytes:
+    """A redirect's target without its scheme and host: a node's own address (or one a `Host` header
+    made up) never reaches the client, and the redirect stays on the gateway.
+
+    >>> relative_location(b"http://10.0.0.5:8000/v1/models?x=1")
+    b'/v1/models?x=1'
+    """
+    parts = urlsplit(location.decode("latin-1"))
+    # Leading slashes (and backslashes, which browsers read as slashes) collapse to one: `//host/` is
+    # another host.
+    path = "/" + parts.path.lstrip("/\\")
+    return (path + ("?" + parts.query if parts.query else "")).encode("latin-1")
+
+
+class ClientWatch:
+    """The client's side of one relayed request. `send` passes messages on and notes when the answer
+    went whole; `run(work)` cancels `work` when the client disconnects before that. A server tells of a
+    disconnect only through `receive()` (uvicorn's `send` to a gone client returns quietly), so without
+    this a stream would be read from its node to its end for nobody."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive, self._send = receive, send
+        self.complete = False
+
+    async def send(self, message: Message) -> None:
+        await self._send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
+
+    async def _gone(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if self.complete:  # the server's end of an answer sent whole, not the client leaving
+            await asyncio.Future()
+
+    async def run(self, work: Coroutine[Any, Any, int]) -> int:
+        """`work`'s result, or Refused(499) once the client left and `work` was cancelled (its
+        clean-up, closing the node's connection, done)."""
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(self._gone())
+        try:
+            await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, watch, return_exceptions=True)
+        if task.cancelled():
+            raise Refused(499, "the client went away")
+        return task.result()
 
 
 def json_body(path: str, body: bytes) -> dict[str, Any] | None:
@@ -224,54 +335,73 @@ class Proxy:
 
     # -- the request --------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> int:
-        """Relay one request (its head already checked by the app); return the status the client got."""
+        """Relay one request (its head already checked by the app); return the status the client got.
+        A client that leaves while its request is at a node cancels it there (499)."""
         body = await self._body(receive)
-        path: str = scope["path"]
-        method: str = scope["method"]
+        target = Target.of(scope)
+        client = ClientWatch(receive, send)
+        return await client.run(self._forward(scope, target, body, client.send, request_id))
+
+    async def _forward(self, scope: Scope, target: Target, body: bytes, send: Send, request_id: str) -> int:
+        path, method = target.path, scope["method"]
         forward, session = self._forward_headers(scope, request_id, vouch=self.node_ssl is not None)
-        url = path + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
         if method in ("GET", "DELETE") and (job := _JOB.match(path)):
-            return await self._job(job.group(1), method, url, forward, send)
+            return await self._job(job.group(1), method, target, forward, send)
         idempotent = method in ("GET", "HEAD") or bool(_IDEMPOTENT.match(path))
         request = json_body(path, body)
-        balancer = self.balancer_for(path, model_of(path, request))
+        model = model_of(path, request)
+        principal: Principal | None = scope.get("edgegen.principal")
+        if model is not None and principal is not None and not principal.allows_model(model):
+            # The gate refused a model named in the path already; one named in the body is decided here,
+            # before any node sees the request (the node refuses it too: a second wall, not the only one).
+            raise Refused(403, f"this credential may not use model {model!r}")
+        balancer = self.balancer_for(path, model)
         key = affinity_key(session, request) if balancer.name == "prefix_affinity" else None
         self.budget.deposit()
         tried: set[str] = set()
         attempt: Attempt | None = None
-        for number in range(self.settings.retry.attempts):
-            if number:
-                if not self.budget.withdraw():
+        try:
+            for number in range(self.settings.retry.attempts):
+                if number:
+                    if not self.budget.withdraw():
+                        break
+                    self.retries += 1
+                    log.info(
+                        "retrying on another node", extra={"node": attempt.backend.name if attempt else None}
+                    )
+                available = self.fleet.available()
+                if not available:
+                    if attempt is None or attempt.response is None:
+                        raise Refused(503, "no node is available to take this request")
+                    break  # nowhere else to go: the node's own 502/503/504 is the answer
+                nodes = ([n for n in available if n.name not in tried] or available) if tried else available
+                backend = balancer.pick(nodes, key)
+                tried.add(backend.name)
+                if attempt is not None:
+                    await self._finish(attempt)  # a 502/503/504 we will not pass on
+                attempt = await self._try(backend, method, target, forward, body)
+                response = attempt.response
+                if response is not None and not (idempotent and response.status in _RETRY_STATUS):
                     break
-                self.retries += 1
-                log.info(
-                    "retrying on another node", extra={"node": attempt.backend.name if attempt else None}
-                )
-            available = self.fleet.available()
-            if not available:
-                raise Refused(503, "no node is available to take this request")
-            nodes = ([n for n in available if n.name not in tried] or available) if tried else available
-            backend = balancer.pick(nodes, key)
-            tried.add(backend.name)
-            if attempt is not None and attempt.response is not None:
-                await self._finish(attempt)  # a 502/503/504 we will not pass on
-            attempt = await self._try(backend, method, url, forward, body)
-            response = attempt.response
-            if response is not None and not (idempotent and response.status in _RETRY_STATUS):
-                break
-            # Here: no answer, or an idempotent request's 502/503/504. Only what never reached a node is
-            # safe to send again when the request is not idempotent.
-            if response is None and attempt.reached and not idempotent:
-                break
-        assert attempt is not None
-        if attempt.response is None:
-            raise Refused(502, f"the node failed to answer ({attempt.error})")
-        if method == "POST" and path == "/v1/jobs" and attempt.body and attempt.response.status in (200, 202):
-            with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
-                self.job_homes.remember(str(orjson.loads(attempt.body)["id"]), attempt.backend.name)
-        return await self._relay(attempt, send)
+                # Here: no answer, or an idempotent request's 502/503/504. Only what never reached a node
+                # is safe to send again when the request is not idempotent.
+                if response is None and attempt.reached and not idempotent:
+                    break
+            assert attempt is not None
+            if attempt.response is None:
+                raise Refused(502, f"the node failed to answer ({attempt.error})")
+            status = attempt.response.status
+            if method == "POST" and path == "/v1/jobs" and attempt.body and status in (200, 202):
+                with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
+                    self.job_homes.remember(str(orjson.loads(attempt.body)["id"]), attempt.backend.name)
+            return await self._relay(attempt, send)
+        finally:
+            if attempt is not None:
+                await self._finish(attempt)  # whatever ended the request, the node is released (once)
 
-    async def _job(self, job_id: str, method: str, url: str, forward: CIMultiDict[str], send: Send) -> int:
+    async def _job(
+        self, job_id: str, method: str, target: Target, forward: CIMultiDict[str], send: Send
+    ) -> int:
         """A job's state or cancellation, from the node that holds it (looked for when not known)."""
         available = self.fleet.available()
         home = self.job_homes.get(job_id)
@@ -280,7 +410,7 @@ class Proxy:
         candidates = sorted(available, key=lambda b: b.name != home)  # the known node first
         silent: list[str] = []
         for backend in candidates:
-            attempt = await self._try(backend, method, url, forward, b"")
+            attempt = await self._try(backend, method, target, forward, b"")
             response = attempt.response
             if response is None:
                 silent.append(backend.name)
@@ -315,9 +445,11 @@ class Proxy:
         scope: Scope, request_id: str, vouch: bool = False
     ) -> tuple[CIMultiDict[str], bytes | None]:
         """The headers a node gets (the client's, less hop-by-hop and forwarding ones, plus the gateway's
-        own), built once per request; and the client's `X-Session-Id`, if any. With `vouch` (mutual TLS
-        to the node) the caller the gateway authenticated travels as `X-Edgegen-Principal` instead of
-        the client's credential, which then never leaves the gateway."""
+        own), built once per request; and the client's `X-Session-Id`, if any. The caller the gateway
+        authenticated always travels as `X-Edgegen-Principal` (a node with authentication off narrows
+        to it: its scopes and tenant hold there); with `vouch` (mutual TLS to the node) instead of the
+        client's credential, which then never leaves the gateway. `X-Forwarded-For` names the client the
+        security gate counted the request against (security/gate.py)."""
         fields: CIMultiDict[str] = CIMultiDict()
         host = session = None
         principal: Principal | None = scope.get("edgegen.principal")
@@ -329,10 +461,10 @@ class Proxy:
                 session = value
             if key not in skip and not key.startswith(_CLIENT_FORBIDDEN):
                 fields.add(key.decode("latin-1"), value.decode("latin-1"))
-        if vouch and principal is not None:
+        if principal is not None:
             fields.add("x-edgegen-principal", principal.to_header().decode())
-        client = scope.get("client")
-        fields.add("x-forwarded-for", client[0] if client else "unknown")
+        client = scope.get("edgegen.client") or (scope["client"][0] if scope.get("client") else "unknown")
+        fields.add("x-forwarded-for", client)
         fields.add("x-forwarded-proto", scope.get("scheme", "http"))
         if host is not None:
             fields.add("x-forwarded-host", host.decode("latin-1"))
@@ -340,59 +472,71 @@ class Proxy:
         return fields, session
 
     async def _try(
-        self, backend: Backend, method: str, url: str, fields: CIMultiDict[str], body: bytes
+        self, backend: Backend, method: str, target: Target, fields: CIMultiDict[str], body: bytes
     ) -> Attempt:
-        """Send the request and wait for the node's status and headers; a small body is read too."""
-        session = self.client(backend)
-        backend.acquire()
+        """Send the request and wait for the node's status and headers; a small body is read too. An
+        attempt comes back without a response finished already (the node released); one with a response
+        is the caller's to relay or finish."""
         attempt = Attempt(backend, started=time.perf_counter())
+        backend.acquire()
         try:
-            attempt.response = await session.request(
-                method, url, headers=fields, data=body or None, allow_redirects=False
+            response = attempt.response = await self.client(backend).request(
+                method, target.at(backend.url), headers=fields, data=body or None, allow_redirects=False
             )
+            backend.observe(time.perf_counter() - attempt.started)  # time to headers
+            length = response.content_length
+            small = length is not None and length <= WHOLE_BODY_BYTES
+            if small and response.content_type != "text/event-stream":
+                # A small body of known length (every prediction) is read here, before anything goes to
+                # the client: a node that dies while sending it is a failed try, which a retry can fix.
+                attempt.body = await response.read()
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             attempt.error, attempt.reached = type(exc).__name__, False
-        except (aiohttp.ClientError, TimeoutError) as exc:  # it reached the node, which failed to answer
-            attempt.error = type(exc).__name__
-        if attempt.response is None:
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            # It reached the node, which failed to answer or to send its body whole.
+            reading = " while reading the body" if attempt.response is not None else ""
+            attempt.error = type(exc).__name__ + reading
+        except BaseException:
+            # Cancelled (the client left, the gateway stops) or a fault of the gateway's own: released
+            # all the same, and nothing held against the node.
+            attempt.gone = True
             await self._finish(attempt)
-            return attempt
-        backend.observe(time.perf_counter() - attempt.started)  # time to headers
-        response = attempt.response
-        length = response.content_length
-        if response.content_type != "text/event-stream" and length is not None and length <= WHOLE_BODY_BYTES:
-            # A small body of known length (every prediction) is read here, before anything goes to the
-            # client: a node that dies while sending it is a failed try, which a retry can still fix.
-            try:
-                attempt.body = await response.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                attempt.error = f"{type(exc).__name__} while reading the body"
-                await self._finish(attempt)
-                attempt.response = None
+            raise
+        if attempt.error is not None:
+            await self._finish(attempt)
+            attempt.response = None
         return attempt
 
     async def _finish(self, attempt: Attempt) -> None:
-        """Close the attempt: release the node, tell the fleet how it went (a 503 is backpressure, not a
-        fault), report it."""
+        """Close the attempt, once (later calls do nothing): release the node, tell the fleet whether the
+        node failed (module docstring: no answer, 502, 504; a client that left tells nothing), report."""
+        if attempt.finished:
+            return
+        attempt.finished = True
         backend = attempt.backend
         backend.release()
         response = attempt.response
-        status = response.status if response is not None else None
-        if attempt.error is not None or status in (500, 502, 504):
+        if attempt.error is not None or (response is not None and response.status in _NODE_FAILED):
             self.fleet.record_failure(backend)
-        else:
+        elif not attempt.gone:
             self.fleet.record_success(backend)
         if response is not None:
-            # A body read to its end returns the connection to the pool; anything else closes it.
+            # A body read to its end returns the connection to the pool; anything else closes it, which
+            # is how the node learns that nobody waits for the rest (a generation stops there).
             response.release() if response.content.at_eof() else response.close()
+        if response is not None or attempt.error is not None:  # (left before any answer: nothing to time)
+            self.on_done(attempt, time.perf_counter() - attempt.started)
         if not backend.in_flight and backend in self._retiring:
             await self._retiring.pop(backend).close()
-        self.on_done(attempt, time.perf_counter() - attempt.started)
 
     async def _relay(self, attempt: Attempt, send: Send) -> int:
         response, backend = attempt.response, attempt.backend
         assert response is not None
-        headers = [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in _HOP_RESPONSE]
+        headers = [
+            (key, relative_location(value) if key == b"location" else value)
+            for key, value in ((k.lower(), v) for k, v in response.raw_headers)
+            if key not in _HOP_RESPONSE
+        ]
         headers.append((b"x-edgegen-node", backend.name.encode()))
         streaming = response.content_type == "text/event-stream"
         try:
@@ -412,6 +556,9 @@ class Proxy:
                 await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(event) + b"\n\n",
                             "more_body": True})  # fmt: skip
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            attempt.gone = True  # the client left: `_finish` closes the node's connection
+            raise
         finally:
             await self._finish(attempt)
         return response.status

@@ -31,7 +31,7 @@ from pydantic import (
 from pydantic_settings import SettingsConfigDict
 
 from edgegen.config import EnvFirstSettings, default_home, read_toml, settings_error
-from edgegen.security.settings import SecuritySettings, TlsSettings
+from edgegen.security.settings import DAY_S, HostName, SecuritySettings, TlsSettings
 
 BalancerName = Literal[
     "round_robin", "weighted_round_robin", "least_connections", "p2c_ewma", "prefix_affinity"
@@ -39,7 +39,7 @@ BalancerName = Literal[
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class NodeEntry(_Section):
@@ -55,6 +55,10 @@ class NodeEntry(_Section):
             raise ValueError("a node URL is http(s)://host:port, without path, query or fragment")
         if parts.query or parts.fragment:
             raise ValueError("a node URL is http(s)://host:port, without path, query or fragment")
+        if "@" in parts.netloc:
+            # The URL is shown in the fleet view and the logs; the gateway authenticates to nodes with
+            # its certificate (nodes_tls) or nodes_key, never with a password in a URL.
+            raise ValueError("a node URL carries no user name or password (see nodes_tls and nodes_key)")
         return url.rstrip("/")
 
 
@@ -67,39 +71,44 @@ class BalancerSettings(_Section):
 class HealthSettings(_Section):
     """Active checks: GET /v2/health/ready on every node."""
 
-    interval_s: float = Field(2.0, gt=0)
-    timeout_s: float = Field(1.0, gt=0)
-    healthy_after: int = Field(1, ge=1, description="consecutive passes that bring a node back")
-    unhealthy_after: int = Field(2, ge=1, description="consecutive failures that take a node out")
+    interval_s: float = Field(2.0, gt=0, le=3600)
+    timeout_s: float = Field(1.0, gt=0, le=3600)
+    healthy_after: int = Field(1, ge=1, le=1000, description="consecutive passes that bring a node back")
+    unhealthy_after: int = Field(2, ge=1, le=1000, description="consecutive failures that take a node out")
     status_interval_s: float = Field(
-        5.0, gt=0, description="how often each node's GET /admin/status is read for the fleet view"
+        5.0, gt=0, le=3600, description="how often each node's GET /admin/status is read for the fleet view"
     )
     history_s: float = Field(
-        3600.0, ge=0, description="the fleet view's traffic kept per node, sampled every status_interval_s"
+        3600.0,
+        ge=0,
+        le=7 * DAY_S,
+        description="the fleet view's traffic kept per node, sampled every status_interval_s",
     )
 
 
 class OutlierSettings(_Section):
     """Passive ejection: a node whose requests keep failing is taken out, for longer each time."""
 
-    consecutive_failures: int = Field(3, ge=1)
-    base_ejection_s: float = Field(5.0, gt=0)
-    max_ejection_s: float = Field(300.0, gt=0)
+    consecutive_failures: int = Field(3, ge=1, le=1000)
+    base_ejection_s: float = Field(5.0, gt=0, le=DAY_S)
+    max_ejection_s: float = Field(300.0, gt=0, le=DAY_S)
     max_ejected_share: float = Field(0.5, gt=0, le=1, description="never eject more of the fleet than this")
 
 
 class RetrySettings(_Section):
     attempts: int = Field(3, ge=1, le=10, description="tries of one request, the first included")
     budget_ratio: float = Field(0.2, ge=0, le=1, description="retries allowed per request, on average")
-    budget_min: float = Field(10.0, ge=0, description="retries always available (a quiet gateway)")
+    budget_min: float = Field(10.0, ge=0, le=1e6, description="retries always available (a quiet gateway)")
 
 
 class LogStoreSettings(_Section):
     """The fleet's logs, shipped by the nodes (`[logs] ship_to` on a node): kept and searchable here."""
 
     path: Path | None = Field(None, description="SQLite file (default: HOME/logs/fleet.sqlite)")
-    retention_s: float = Field(7 * 86_400.0, gt=0, description="lines older than this are dropped")
-    max_batch: int = Field(10_000, ge=1, description="lines one POST /gateway/logs may carry")
+    retention_s: float = Field(
+        7 * 86_400.0, gt=0, le=366 * DAY_S, description="lines older than this are dropped"
+    )
+    max_batch: int = Field(10_000, ge=1, le=1_000_000, description="lines one POST /gateway/logs may carry")
     own: str | None = Field(
         "gateway",
         max_length=128,
@@ -111,24 +120,37 @@ class LogStoreSettings(_Section):
 class AlertSettings(_Section):
     """Analysis of the shipped access lines per node and model: error-rate spikes, latency regressions."""
 
-    window_s: float = Field(60.0, gt=0, description="the recent span compared with the baseline")
-    baseline_s: float = Field(600.0, gt=0, description="the span before it that sets what is normal")
-    evaluate_s: float = Field(5.0, gt=0, description="how often the comparison runs")
-    min_requests: int = Field(20, ge=1, description="fewer requests in the window say nothing")
+    window_s: float = Field(60.0, gt=0, le=DAY_S, description="the recent span compared with the baseline")
+    baseline_s: float = Field(
+        600.0, gt=0, le=7 * DAY_S, description="the span before it that sets what is normal"
+    )
+    evaluate_s: float = Field(5.0, gt=0, le=3600, description="how often the comparison runs")
+    min_requests: int = Field(20, ge=1, le=10**9, description="fewer requests in the window say nothing")
     error_rate: float = Field(0.05, gt=0, le=1, description="a window's 5xx share that is a spike at least")
-    error_factor: float = Field(3.0, ge=1, description="... and this many times the baseline's share")
-    latency_factor: float = Field(1.5, gt=1, description="a window's p50 this many times the baseline's")
+    error_factor: float = Field(3.0, ge=1, le=1e6, description="... and this many times the baseline's share")
+    latency_factor: float = Field(
+        1.5, gt=1, le=1e6, description="a window's p50 this many times the baseline's"
+    )
 
 
 class OperationsSettings(_Section):
     """Restarts and rollouts the gateway runs on its nodes."""
 
-    drain_timeout_s: float = Field(60.0, gt=0, description="longest wait for a node's in-flight requests")
-    restart_timeout_s: float = Field(120.0, gt=0, description="longest wait for a restarted node to be ready")
-    observe_s: float = Field(5.0, ge=0, description="a rolled-out node is watched this long before the next")
+    drain_timeout_s: float = Field(
+        60.0, gt=0, le=DAY_S, description="longest wait for a node's in-flight requests"
+    )
+    restart_timeout_s: float = Field(
+        120.0, gt=0, le=DAY_S, description="longest wait for a restarted node to be ready"
+    )
+    observe_s: float = Field(
+        5.0, ge=0, le=DAY_S, description="a rolled-out node is watched this long before the next"
+    )
     max_error_rate: float = Field(0.05, ge=0, le=1, description="5xx share that fails a rolled-out node")
     max_package_bytes: int = Field(
-        16 << 30, ge=1024, description="largest model package pushed through the gateway (spooled to disk)"
+        16 << 30,
+        ge=1024,
+        le=1 << 40,
+        description="largest model package pushed through the gateway (spooled to disk)",
     )
 
 
@@ -143,11 +165,11 @@ class NodesTls(_Section):
 
 class GatewaySettings(EnvFirstSettings):
     model_config = SettingsConfigDict(
-        env_prefix="EDGEGEN_GATEWAY_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="EDGEGEN_GATEWAY_", env_nested_delimiter="__", extra="forbid", allow_inf_nan=False
     )
 
     home: Path = Field(default_factory=default_home, description="where the gateway keeps its state")
-    host: str = "127.0.0.1"
+    host: HostName = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
@@ -156,11 +178,11 @@ class GatewaySettings(EnvFirstSettings):
     health: HealthSettings = Field(default_factory=HealthSettings)
     outlier: OutlierSettings = Field(default_factory=OutlierSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    max_header_bytes: int = Field(64 * 1024, ge=1024)
-    connect_timeout_s: float = Field(1.0, gt=0)
-    read_timeout_s: float = Field(300.0, gt=0, description="longest wait for a node's next bytes")
-    max_connections_per_node: int = Field(256, ge=1)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=2**30)
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=2**20)
+    connect_timeout_s: float = Field(1.0, gt=0, le=3600)
+    read_timeout_s: float = Field(300.0, gt=0, le=DAY_S, description="longest wait for a node's next bytes")
+    max_connections_per_node: int = Field(256, ge=1, le=100_000)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     tls: TlsSettings = Field(default_factory=TlsSettings, description="the gateway's own listener")
     nodes_tls: NodesTls | None = Field(None, description="mutual TLS to https:// nodes")

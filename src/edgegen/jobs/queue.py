@@ -14,6 +14,11 @@ every claim counts an attempt, and a job that used up `max_attempts` — retried
 (the dead-letter state, its last error kept). `finish` and `retry` are accepted only from the worker that
 holds the lease, so a job finishes once even when a slow worker and its successor both ran it.
 Idempotency keys are per owner: the same key gives back the same job (409 if the request differs).
+
+Each owner (a tenant, else a credential) may have at most `max_queued` unfinished jobs (queued or running)
+whose request bodies hold at most `max_queued_bytes` bytes as stored; `submit` beyond either bound raises
+`Overloaded` (429 on /v1/jobs) and stores nothing, so one tenant cannot grow the queue without end. The
+check and the insert are one atomic step in both backends.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
+
+from edgegen.errors import Overloaded
 
 
 class Status(StrEnum):
@@ -66,6 +73,35 @@ class Job:
     error: str | None = None
     idempotency_key: str | None = None
     progress: float = 0.0
+
+
+# A full allowance frees up as the tenant's jobs run: worth a look again after a few seconds.
+RETRY_AFTER_S = 5
+
+
+def over_allowance(
+    owner: str, jobs: int, size: int, max_queued: int, max_queued_bytes: int
+) -> Overloaded | None:
+    """Why `owner` may not queue one more job — `jobs`: its unfinished jobs now; `size`: their bytes
+    together with the new one's — or None when the new job fits its allowance.
+
+    >>> over_allowance("acme", 2, 10, 3, 100) is None
+    True
+    >>> over_allowance("acme", 3, 10, 3, 100).message
+    "tenant 'acme' has 3 unfinished jobs, the most it may have; retry once some have run"
+    """
+    if jobs >= max_queued:
+        return Overloaded(
+            f"tenant {owner!r} has {jobs} unfinished jobs, the most it may have; retry once some have run",
+            RETRY_AFTER_S,
+        )
+    if size > max_queued_bytes:
+        return Overloaded(
+            f"tenant {owner!r}'s unfinished jobs would hold {size} bytes, over its {max_queued_bytes}; "
+            "retry once some have run",
+            RETRY_AFTER_S,
+        )
+    return None
 
 
 def backoff(attempts: int, base_s: float, cap_s: float = 300.0) -> float:

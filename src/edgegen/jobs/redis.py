@@ -10,6 +10,7 @@ Layout, under the prefix:
     final                 sorted set, updated → id: finished jobs, for purging
     status:<status>       set of ids per status, for counts
     idem:<owner>:<key>    → id: idempotency keys
+    open:<owner>          hash: `jobs` and `bytes` of the owner's unfinished jobs, for its allowance
 
 Every state change is one Lua script, atomic on the server; a claim is one round trip. A worker reads
 the highest-priority stream first with XREADGROUP (each entry goes to one consumer only); a job whose
@@ -29,26 +30,49 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from edgegen.errors import Conflict
-from edgegen.jobs.queue import Job, JobRequest, Status, backoff, new_job_id
+from edgegen.jobs.queue import Job, JobRequest, Status, backoff, new_job_id, over_allowance
 from edgegen.security.atrest import Keyring
 
 PRIORITIES = range(9, -1, -1)  # claimed highest first
 GROUP = "workers"
 
-# KEYS: prefix. ARGV: id, owner, method, url, body, priority, now, idem.
-# Returns {created, id, the job's hash as HGETALL gives it}.
+# A job that leaves the unfinished states (queued, running) gives its share of its owner's allowance back.
+# Jobs stored before allowances were kept carry no `size` and were never counted.
+_RELEASE = """
+local function release(p, key)
+  local size = redis.call('HGET', key, 'size')
+  if not size then return end
+  local open = p .. 'open:' .. redis.call('HGET', key, 'owner')
+  if redis.call('HINCRBY', open, 'jobs', -1) <= 0 then
+    redis.call('DEL', open)
+  else
+    redis.call('HINCRBY', open, 'bytes', -tonumber(size))
+  end
+end
+"""
+
+# KEYS: prefix. ARGV: id, owner, method, url, body, priority, now, idem, max_queued, max_queued_bytes.
+# Returns {1, id, the job's hash as HGETALL gives it} when created, {0, …} for a known idempotency key,
+# {-1, jobs, bytes} (the owner's unfinished jobs and their bytes) when the job is over its allowance.
 _SUBMIT = """
 local p = KEYS[1]
 local id, owner, idem = ARGV[1], ARGV[2], ARGV[8]
 if idem ~= '' then
   local found = redis.call('GET', p .. 'idem:' .. owner .. ':' .. idem)
   if found then return {0, found, redis.call('HGETALL', p .. 'job:' .. found)} end
-  redis.call('SET', p .. 'idem:' .. owner .. ':' .. idem, id)
 end
+local open = p .. 'open:' .. owner
+local jobs = tonumber(redis.call('HGET', open, 'jobs') or '0')
+local bytes = tonumber(redis.call('HGET', open, 'bytes') or '0')
+local size = string.len(ARGV[5])
+if jobs >= tonumber(ARGV[9]) or bytes + size > tonumber(ARGV[10]) then return {-1, jobs, bytes + size} end
+if idem ~= '' then redis.call('SET', p .. 'idem:' .. owner .. ':' .. idem, id) end
+redis.call('HINCRBY', open, 'jobs', 1)
+redis.call('HINCRBY', open, 'bytes', size)
 local entry = redis.call('XADD', p .. 'ready:' .. ARGV[6], '*', 'id', id)
 redis.call('HSET', p .. 'job:' .. id, 'owner', owner, 'method', ARGV[3], 'url', ARGV[4], 'body', ARGV[5],
   'priority', ARGV[6], 'status', 'queued', 'attempts', 0, 'created', ARGV[7], 'updated', ARGV[7],
-  'not_before', 0, 'progress', 0, 'idem', idem, 'entry', entry)
+  'not_before', 0, 'progress', 0, 'idem', idem, 'entry', entry, 'size', size)
 redis.call('SADD', p .. 'status:queued', id)
 return {1, id, redis.call('HGETALL', p .. 'job:' .. id)}
 """
@@ -58,7 +82,9 @@ return {1, id, redis.call('HGETALL', p .. 'job:' .. id)}
 # does not block inside a script) and start its job, skipping entries that went stale (their job was
 # cancelled or re-queued since). KEYS: prefix. ARGV: now, max_attempts, worker, lease_until.
 # Returns {id, the job's hash as HGETALL gives it}, or false when nothing waits.
-_CLAIM = """
+_CLAIM = (
+    _RELEASE
+    + """
 local p, now, max, worker, lease_until = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local function move(id, from, to)
   redis.call('SREM', p .. 'status:' .. from, id)
@@ -82,6 +108,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'leases', '-inf', '(' .. no
     redis.call('HSET', key, 'status', 'failed', 'updated', now, 'lease_until', '', 'worker', '',
       'error', 'its worker stopped answering, ' .. attempts .. ' times')
     move(id, 'running', 'failed')
+    release(p, key)
     redis.call('ZADD', p .. 'final', now, id)
   else
     local entry = redis.call('XADD', p .. 'ready:' .. priority, '*', 'id', id)
@@ -112,9 +139,12 @@ for priority = 9, 0, -1 do
 end
 return false
 """
+)
 
 # The lease holder only. KEYS: prefix. ARGV: id, worker, now, then per action.
-_HOLDER = """
+_HOLDER = (
+    _RELEASE
+    + """
 local p, id, worker, now = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
 local key = p .. 'job:' .. id
 if redis.call('HGET', key, 'status') ~= 'running' or redis.call('HGET', key, 'worker') ~= worker then
@@ -136,6 +166,7 @@ redis.call('SREM', p .. 'status:running', id)
 local status = ARGV[5]
 redis.call('SADD', p .. 'status:' .. status, id)
 redis.call('HSET', key, 'status', status, 'updated', now, 'lease_until', '')
+if status ~= 'queued' then release(p, key) end
 if action == 'finish' then
   redis.call('HSET', key, 'response_status', ARGV[6], 'response_body', ARGV[7], 'progress', 1)
   redis.call('ZADD', p .. 'final', now, id)
@@ -148,13 +179,17 @@ else
 end
 return 1
 """
+)
 
 # KEYS: prefix. ARGV: id, now.
-_CANCEL = """
+_CANCEL = (
+    _RELEASE
+    + """
 local p, id, now = KEYS[1], ARGV[1], ARGV[2]
 local key = p .. 'job:' .. id
 local status = redis.call('HGET', key, 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
+release(p, key)
 redis.call('HSET', key, 'status', 'cancelled', 'updated', now, 'lease_until', '')
 local stream, entry = p .. 'ready:' .. redis.call('HGET', key, 'priority'), redis.call('HGET', key, 'entry')
 redis.call('XACK', stream, 'workers', entry)
@@ -166,6 +201,7 @@ redis.call('SADD', p .. 'status:cancelled', id)
 redis.call('ZADD', p .. 'final', now, id)
 return 1
 """
+)
 
 # KEYS: prefix. ARGV: before. Returns how many were dropped.
 _PURGE = """
@@ -198,10 +234,13 @@ class RedisJobQueue:
         backoff_s: float = 1.0,
         keyring: Keyring | None = None,
         clock: Callable[[], float] = time.time,
+        max_queued: int = 1000,
+        max_queued_bytes: int = 64 * 2**20,
     ) -> None:
         self._redis = aioredis.Redis.from_url(url)
         self.prefix, self.max_attempts, self.backoff_s = prefix, max_attempts, backoff_s
         self.keyring, self.clock = keyring, clock
+        self.max_queued, self.max_queued_bytes = max_queued, max_queued_bytes
         self._scripts = {
             name: self._redis.register_script(source)
             for name, source in (("submit", _SUBMIT), ("claim", _CLAIM), ("holder", _HOLDER),
@@ -275,8 +314,12 @@ class RedisJobQueue:
         job_id = new_job_id()
         created, found, flat = await self._run(
             "submit", job_id, owner, request.method, request.url, self._seal(job_id, "request", request.body),
-            priority, self.clock(), idempotency_key or "",
+            priority, self.clock(), idempotency_key or "", self.max_queued, self.max_queued_bytes,
         )  # fmt: skip
+        if created == -1:
+            refusal = over_allowance(owner, found, flat, self.max_queued, self.max_queued_bytes)
+            assert refusal is not None
+            raise refusal
         job = self._job(found.decode(), _fields(flat))
         if not created and job.request != request:
             raise Conflict("this Idempotency-Key was used for another request")

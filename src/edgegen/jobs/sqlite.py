@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgegen.errors import Conflict
-from edgegen.jobs.queue import FINAL, Job, JobRequest, Status, backoff, new_job_id
+from edgegen.jobs.queue import FINAL, Job, JobRequest, Status, backoff, new_job_id, over_allowance
 from edgegen.security.atrest import Keyring
 from edgegen.sqlite import connect, transaction
 
@@ -43,6 +43,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs (owner, idem) WHERE idem IS 
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (priority DESC, created) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_leases ON jobs (lease_until) WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS jobs_final ON jobs (updated) WHERE status IN ('succeeded', 'failed', 'cancelled');
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs (owner) WHERE status IN ('queued', 'running');
 """
 _SELECT_ONE = (
     "SELECT id, owner, method, url, body, priority, status, attempts, created, updated, not_before,"
@@ -59,10 +60,13 @@ class SqliteJobQueue:
         backoff_s: float = 1.0,
         keyring: Keyring | None = None,
         clock: Callable[[], float] = time.time,
+        max_queued: int = 1000,
+        max_queued_bytes: int = 64 * 2**20,
     ) -> None:
         self._db = connect(path)
         self._db.executescript(_SCHEMA)
         self.max_attempts, self.backoff_s, self.keyring, self.clock = max_attempts, backoff_s, keyring, clock
+        self.max_queued, self.max_queued_bytes = max_queued, max_queued_bytes
 
     # -- encoding ---------------------------------------------------------------------------------
     def _seal(self, job_id: str, what: str, data: bytes) -> bytes:
@@ -103,11 +107,19 @@ class SqliteJobQueue:
                         raise Conflict("this Idempotency-Key was used for another request")
                     return job, False
             job_id = new_job_id()
+            body = self._seal(job_id, "request", request.body)
+            jobs, size = self._db.execute(
+                "SELECT count(*), coalesce(sum(length(body)), 0) FROM jobs"
+                " WHERE owner = ? AND status IN ('queued', 'running')",
+                (owner,),
+            ).fetchone()
+            refusal = over_allowance(owner, jobs, size + len(body), self.max_queued, self.max_queued_bytes)
+            if refusal is not None:
+                raise refusal
             self._db.execute(
                 "INSERT INTO jobs (id, owner, method, url, body, priority, status, created, updated, idem)"
                 " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
-                (job_id, owner, request.method, request.url, self._seal(job_id, "request", request.body),
-                 priority, now, now, idempotency_key),
+                (job_id, owner, request.method, request.url, body, priority, now, now, idempotency_key),
             )  # fmt: skip
             return self._job(self._row(job_id)), True  # type: ignore[arg-type]
 

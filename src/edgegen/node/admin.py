@@ -45,7 +45,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from edgegen import __version__
-from edgegen.config import read_remote
 from edgegen.errors import Conflict, InvalidInput, ModelNotFound, Unprocessable
 from edgegen.node import remote_config, software
 from edgegen.node.lifecycle import can_restart, request_exit, request_restart, top_pid
@@ -114,13 +113,13 @@ class ConfigChange(BaseModel):
 
 @router.get("/config", summary="The settings in force, and those changed remotely")
 async def config(request: Request) -> Response:
-    settings = node_of(request).settings
-    return _json({"settings": remote_config.effective(settings), "remote": read_remote(settings.home)})
+    return _json(remote_config.effective(node_of(request).settings))
 
 
 @router.patch("/config", summary="Change settings: validated, persisted, applied live where they can be")
 async def change_config(order: ConfigChange, request: Request) -> Response:
-    return _json(remote_config.change(node_of(request).settings, order.changes))
+    # (off the event loop: the change waits for the other workers' and writes with fsync)
+    return _json(await asyncio.to_thread(remote_config.change, node_of(request).settings, order.changes))
 
 
 @router.post("/restart", status_code=202, summary="Restart the node in place, gracefully")

@@ -23,7 +23,6 @@ from fastapi.openapi.utils import get_openapi
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from edgegen import __version__
 from edgegen.cache import ResponseCache
 from edgegen.config import Settings, load_settings
 from edgegen.engine.registry import ModelRegistry
@@ -38,12 +37,16 @@ from edgegen.observe.logs import AccessLog, configure_logging
 from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
 from edgegen.observe.shipping import LogShipper, ShipHandler, default_node_name
 from edgegen.security.atrest import Keyring
+from edgegen.security.auth import principal_of
 from edgegen.security.gate import build_gate
 from edgegen.security.signing import store_trust
 from edgegen.security.transport import GuardedHttpProtocol, server_context
 from edgegen.store import ModelStore
 
 log = logging.getLogger("edgegen.node")
+# The schema's `info.version` is the HTTP API's, never the software's: which edgegen (and so which of its
+# known flaws) a node runs is an operator's business (GET /admin/status), not every user's.
+API_VERSION = "1"
 
 
 class NodeApp:
@@ -157,10 +160,13 @@ def create_app(settings: Settings) -> NodeApp:
 
     app = FastAPI(
         title="edgegen node",
-        version=__version__,
+        version=API_VERSION,
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
+        # No `/x/` → `/x` redirects: Starlette builds their Location from the Host header, which a
+        # client chooses (and, behind the gateway, names the node's internal address).
+        redirect_slashes=False,
     )
     app.state.node = node
     errors.install(app)
@@ -179,7 +185,10 @@ def create_app(settings: Settings) -> NodeApp:
                 log.warning("job counts unavailable for /metrics", exc_info=True)
             else:
                 node.metrics.on_jobs(counts, node.job_workers.running if node.job_workers else 0)
-        return Response(node.metrics.render(), media_type=CONTENT_TYPE)
+        # An operator sees everything; anyone else the public view (observe/metrics.py).
+        full = principal_of(request.scope).at_least("operator")
+        model_names = full or node.settings.security.metrics_model_names
+        return Response(node.metrics.render(full=full, model_names=model_names), media_type=CONTENT_TYPE)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -196,12 +205,19 @@ def create_app(settings: Settings) -> NodeApp:
 
 def open_queue(settings: Settings, keyring: Keyring | None) -> JobQueue:
     s = settings.jobs
+    limits = {"max_queued": s.max_queued_per_tenant, "max_queued_bytes": s.max_queued_bytes_per_tenant}
     if s.backend == "redis":
         from edgegen.jobs.redis import RedisJobQueue
 
-        return RedisJobQueue(s.redis_url, max_attempts=s.max_attempts, backoff_s=s.backoff_s, keyring=keyring)
+        return RedisJobQueue(
+            s.redis_url.get_secret_value(),
+            max_attempts=s.max_attempts,
+            backoff_s=s.backoff_s,
+            keyring=keyring,
+            **limits,
+        )
     path = s.path or settings.home / "jobs" / "jobs.sqlite"
-    return SqliteJobQueue(path, max_attempts=s.max_attempts, backoff_s=s.backoff_s, keyring=keyring)
+    return SqliteJobQueue(path, max_attempts=s.max_attempts, backoff_s=s.backoff_s, keyring=keyring, **limits)
 
 
 def start_shipping(settings: Settings, access_log: AccessLog) -> LogShipper | None:

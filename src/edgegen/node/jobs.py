@@ -6,8 +6,13 @@
     DELETE /v1/jobs/{id}   cancel (a running job stops at its next lease renewal)
 
 A job belongs to its submitter's tenant (or, without one, to its credential): nobody else sees it (404),
-except an admin. The model it names is authorized at submission with the submitter's scopes. Workers run it
-through the node's own routes (`run_in_process`), so its answer is the one the live route would give.
+except an admin. Everything that can be known at submission is checked then, not when the job runs: the
+order parses as the live routes parse JSON (orjson: no NaN, no lone surrogates, no integer past 64 bits
+kept as one), the model it names is authorized with the submitter's scopes, is served here and serves
+that route, and a generation's body passes the live route's checks. The submitter's tenant may have only
+so many unfinished jobs (`[jobs] max_queued_per_tenant`, `max_queued_bytes_per_tenant`; 429 beyond).
+Workers run a job through the node's own routes (`run_in_process`), so its answer is the one the live
+route would give.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from starlette.types import ASGIApp, Message
 
 from edgegen.errors import InvalidInput, ModelNotFound
 from edgegen.jobs.queue import JOB_ID, Job, JobRequest
-from edgegen.node.state import node_of
+from edgegen.node.openai import GENERATION_URLS, validate_generation
+from edgegen.node.state import NodeState, node_of
+from edgegen.node.tensors import parse_json
 from edgegen.security.auth import Principal, authorize_model, principal_of
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -35,7 +42,7 @@ IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,255}$")
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     method: Literal["POST"]
     url: str = Field(
@@ -73,15 +80,33 @@ def _json(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
-def _model_of(url: str, body: dict[str, Any], default: str) -> str:
-    if url.startswith("/models/"):
-        return url.split("/")[2]
-    if url == "/predict":
-        return default
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise InvalidInput("body.model: a generation job names its model")
-    return model
+def _check_target(request: Request, node: NodeState, order: JobCreate) -> None:
+    """Refuse now what the job would be refused when it runs: a model the caller may not use (403), one
+    this node does not serve (404), a route the model does not serve or a body the route refuses (400)."""
+    if order.url in GENERATION_URLS:
+        if order.body.get("stream") is True:
+            raise InvalidInput("body.stream: a job's answer is kept whole; stream live instead")
+        model = validate_generation(order.url, order.body, node.settings.llm).model
+    elif order.url.startswith("/models/"):
+        model = order.url.split("/")[2]
+    else:
+        model = node.settings.default_model
+    authorize_model(request.scope, model)
+    served = node.registry.get(model)
+    if order.url in GENERATION_URLS and served.scheduler is None:
+        raise InvalidInput(f"model {model!r} does not generate text; use /predict or /models/{model}/predict")
+    if order.url not in GENERATION_URLS:
+        served.fixed_shape()
+        if "input_data" not in order.body:
+            raise InvalidInput('body: a prediction holds "input_data", one sample or a list of samples')
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    """The body as the job will send it, keys sorted (idempotency compares these bytes)."""
+    try:
+        return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    except TypeError as exc:  # orjson's JSONEncodeError, and its recursion limit: nested past 254 levels
+        raise InvalidInput(f"body: {exc}") from None
 
 
 @router.post("/jobs", status_code=202, summary="Queue a request to run later")
@@ -90,19 +115,19 @@ async def create(request: Request) -> Response:
     if node.jobs is None:
         raise InvalidInput("this node runs no jobs")
     try:
-        order = JobCreate.model_validate_json(await request.body())
+        # Parsed as the live routes parse (orjson), then checked: pydantic's own JSON parser would keep
+        # integers past 64 bits, which orjson cannot write back.
+        order = JobCreate.model_validate(parse_json(await request.body()))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise InvalidInput(f"invalid job: {where + ': ' if where else ''}{first['msg']}") from None
-    if order.body.get("stream"):
-        raise InvalidInput("body.stream: a job's answer is kept whole; stream live instead")
     key = request.headers.get("idempotency-key")
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise InvalidInput("Idempotency-Key: 1-255 characters of letters, digits, . _ : -")
     principal = principal_of(request.scope)
-    authorize_model(request.scope, _model_of(order.url, order.body, node.settings.default_model))
-    job_request = JobRequest(order.method, order.url, orjson.dumps(order.body, option=orjson.OPT_SORT_KEYS))
+    _check_target(request, node, order)
+    job_request = JobRequest(order.method, order.url, _canonical(order.body))
     job, created = await node.jobs.submit(
         principal.owner, job_request, priority=order.priority, idempotency_key=key
     )

@@ -5,6 +5,12 @@ Non-streaming answers are one JSON object; with `"stream": true` the answer is s
 (`edgegen.node.errors`). The body is parsed as JSON whatever its Content-Type says, so
 `curl -d '{...}'` works as it did with the seed's app. A client that goes away cancels its generation at
 the next decode step, freeing its slot.
+
+Requests are checked before any work: strict JSON types (`"max_tokens": true`, `"stream": "yes"` and
+`"temperature": "0.5"` are 400s, as a typed client would never send them), at most `[llm] max_messages`
+messages and `[llm] max_prompt_chars` characters of prompt. Rendering the chat and tokenizing it run in
+a worker thread (`Scheduler.render_chat`, `Scheduler.encode`), so a long prompt never stalls the event
+loop; a message's content is tokenized as plain text, never as control tokens (`engine/prompt.py`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,21 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from starlette.responses import Response, StreamingResponse
 
 from edgegen.cache.keys import generation_key
+from edgegen.config import LlmSettings
 from edgegen.engine.generation import Event, Generation, Scheduler, Usage
+from edgegen.engine.prompt import Prompt, text_prompt
 from edgegen.engine.registry import ServedModel
 from edgegen.engine.sampling import SamplingParams
 from edgegen.errors import ClientGone, InvalidInput
@@ -33,12 +49,24 @@ from edgegen.security.auth import authorize_model, principal_of
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 MAX_STOPS = 16
+# A stop string is held back token by token while the output could still become it: a long one would
+# make every token cost as much as the string is long.
+MAX_STOP_CHARS = 256
+GENERATION_URLS = ("/v1/chat/completions", "/v1/completions")
+
+Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
+def _limits(info: ValidationInfo) -> LlmSettings:
+    """The node's `[llm]` settings, passed as the validation context (defaults without one)."""
+    return info.context if isinstance(info.context, LlmSettings) else LlmSettings()
 
 
 class _Params(BaseModel):
-    """What both endpoints share. Unknown fields are ignored, as OpenAI's own API does."""
+    """What both endpoints share. Unknown fields are ignored, as OpenAI's own API does; known ones have
+    their JSON type exactly (strict: no `true` for a number, no `"0.5"` for a float)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     max_tokens: Annotated[int, Field(gt=0)] | None = None
@@ -47,7 +75,7 @@ class _Params(BaseModel):
     top_k: Annotated[int, Field(ge=0)] = 0
     # -1: no seed (llama.cpp's convention, which clients carry over); numpy takes the rest as is.
     seed: Annotated[int, Field(ge=-1, lt=2**64)] | None = None
-    stop: str | list[str] | None = None
+    stop: Stop | list[Stop] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
@@ -91,12 +119,14 @@ class _Params(BaseModel):
 
 
 class _TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str | list[_TextPart]
@@ -110,6 +140,20 @@ class ChatRequest(_Params):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
 
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _few_enough(cls, messages: Any, info: ValidationInfo) -> Any:
+        # Counted before a single message is validated: a flood of them is refused at once.
+        limit = _limits(info).max_messages
+        if isinstance(messages, list) and len(messages) > limit:
+            raise ValueError(f"{len(messages)} messages; at most {limit} are accepted")
+        return messages
+
+    @model_validator(mode="after")
+    def _short_enough(self, info: ValidationInfo) -> ChatRequest:
+        _check_length(sum(len(m.text) for m in self.messages), _limits(info))
+        return self
+
 
 class CompletionRequest(_Params):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
@@ -118,17 +162,35 @@ class CompletionRequest(_Params):
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
+    @model_validator(mode="after")
+    def _short_enough(self, info: ValidationInfo) -> CompletionRequest:
+        _check_length(len(self.text), _limits(info))
+        return self
 
-def _parse(model: type[_P], body: bytes) -> _P:
-    try:
-        return model.model_validate(parse_json(body))
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(p) for p in error["loc"])
-        raise InvalidInput(f"{where}: {error['msg']}" if where else error["msg"]) from None
+
+def _check_length(chars: int, limits: LlmSettings) -> None:
+    if chars > limits.max_prompt_chars:
+        raise ValueError(f"the prompt has {chars} characters; at most {limits.max_prompt_chars} are accepted")
 
 
 _P = TypeVar("_P", bound=_Params)
+
+
+def validate(model: type[_P], data: Any, limits: LlmSettings, at: tuple[str, ...] = ()) -> _P:
+    """A parsed JSON body as `model`, or InvalidInput naming the first thing wrong with it (its place
+    in the body, under `at`)."""
+    try:
+        return model.model_validate(data, context=limits)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in (*at, *error["loc"]))
+        raise InvalidInput(f"{where}: {error['msg']}" if where else error["msg"]) from None
+
+
+def validate_generation(url: str, data: Any, limits: LlmSettings) -> ChatRequest | CompletionRequest:
+    """The body a generation job will send to `url`, checked as the live route checks it."""
+    model = ChatRequest if url == "/v1/chat/completions" else CompletionRequest
+    return validate(model, data, limits, at=("body",))
 
 
 def _generator(request: Request, name: str) -> tuple[ServedModel, Scheduler]:
@@ -284,13 +346,12 @@ async def list_models(request: Request) -> Response:
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI)")
 async def chat_completions(request: Request) -> Response:
-    body = _parse(ChatRequest, await request.body())
+    body = validate(ChatRequest, parse_json(await request.body()), node_of(request).settings.llm)
     served, scheduler = _generator(request, body.model)
-    executor = scheduler.executor
-    chat = executor.render_chat([{"role": m.role, "content": m.text} for m in body.messages])
-    generation, headers = _generate(
-        request, served, body, chat, True, body.max_completion_tokens or body.max_tokens
-    )
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    _check_room(scheduler, max_tokens)
+    chat = await scheduler.render_chat([{"role": m.role, "content": m.text} for m in body.messages])
+    generation, headers = await _generate(request, served, body, chat, max_tokens)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
 
@@ -317,9 +378,10 @@ async def chat_completions(request: Request) -> Response:
 
 @router.post("/completions", summary="Text completion (OpenAI)")
 async def completions(request: Request) -> Response:
-    body = _parse(CompletionRequest, await request.body())
-    served, _ = _generator(request, body.model)
-    generation, headers = _generate(request, served, body, body.text, False, body.max_tokens)
+    body = validate(CompletionRequest, parse_json(await request.body()), node_of(request).settings.llm)
+    served, scheduler = _generator(request, body.model)
+    _check_room(scheduler, body.max_tokens)
+    generation, headers = await _generate(request, served, body, text_prompt(body.text), body.max_tokens)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
 
@@ -343,8 +405,17 @@ async def completions(request: Request) -> Response:
     )
 
 
-def _generate(
-    request: Request, served: ServedModel, body: _Params, text: str, special: bool, max_tokens: int | None
+def _check_room(scheduler: Scheduler, max_tokens: int | None) -> None:
+    """Refuse a budget that leaves no room for any prompt before the prompt is rendered or tokenized."""
+    n_ctx = scheduler.executor.n_ctx_seq
+    if max_tokens is not None and max_tokens >= n_ctx:
+        raise InvalidInput(
+            f"max_tokens {max_tokens} leaves no room for a prompt in the context of {n_ctx} tokens"
+        )
+
+
+async def _generate(
+    request: Request, served: ServedModel, body: _Params, prompt: Prompt, max_tokens: int | None
 ) -> tuple[Source, dict[str, str]]:
     """The answer's source — the response cache, or a new generation (recorded when it may be cached) —
     and the headers that say which. The cache key holds the prompt's text, not its tokens: a hit skips
@@ -358,16 +429,21 @@ def _generate(
         n_ctx = scheduler.executor.n_ctx_seq
 
         def key(owner: str, model: str, tag: str) -> bytes:
-            return generation_key(owner, model, tag, text, special, params, max_tokens, n_ctx, stops)
+            return generation_key(owner, model, tag, prompt, params, max_tokens, n_ctx, stops)
 
         deterministic = params.greedy or params.seed is not None
         ticket = cache.ticket(request.scope, served.manifest, key, deterministic=deterministic)
         if ticket is not None and (cached := cache.lookup(ticket)) is not None:
             return Replay(cached), ticket.headers
-    prompt = scheduler.executor.tokenize(text, special=special)
-    budget = max_tokens if max_tokens is not None else max(scheduler.executor.n_ctx_seq - len(prompt), 1)
+    tokens = await scheduler.encode(prompt)
+    budget = max_tokens if max_tokens is not None else max(scheduler.executor.n_ctx_seq - len(tokens), 1)
     generation = scheduler.submit(
-        prompt, params, max_tokens=budget, stop=stops, timeout_s=node.settings.llm.timeout_s
+        tokens,
+        params,
+        max_tokens=budget,
+        stop=stops,
+        timeout_s=node.settings.llm.timeout_s,
+        tenant=principal_of(request.scope).owner,
     )
     if cache is None or ticket is None:
         return generation, {}

@@ -1,60 +1,55 @@
 """Changing a node's configuration from afar (`GET`/`PATCH /admin/config`, fanned out by the gateway).
 
 A change names settings by path (`cache.ttl_s`, `batching.max_batch_size`, `log_level`) with new values.
-Each is validated against its field (type and bounds) before anything changes; then all are written to
-`HOME/config/remote.toml`, which the node reads at start over its own config file (the environment and
-command-line flags still win). Those in `LIVE` take effect at once in the process that answered; the
-others at the next restart, and the answer says which; other worker processes of the node take the live
-ones within `store_poll_s` (`watch`). Where the node is reached from, who may call it
-and where it keeps its data (`host`, `port`, `home`, `store`, `security.*`, `tls.*`) are changed on the
-node itself, never remotely; a setting the node's environment sets is refused too, since the environment
+Each is validated against its field (type and bounds); then the whole settings the node would start
+with (its own file, the remote changes with this one, the environment) are validated as start-up
+validates them, before anything is written. Only then are all written to `HOME/config/remote.toml`
+(atomically; the file it replaces is kept as the last good one, config.py), which the node reads at
+start over its own config file (the environment and command-line flags still win). Those in `LIVE`
+take effect at once in the process that answered; the others at the next restart, and the answer says
+which; other worker processes of the node take the live ones within `store_poll_s` (`watch`).
+
+What a remote change may never touch is changed on the node itself: where the node is reached from,
+who may call it and where it keeps its data (`host`, `port`, `home`, `store`, `security.*`, `tls.*`,
+`logs.*`), and, wherever they are, every path, host, URL and secret, known by its type
+(`config.remote_field`). A setting the node's environment sets is refused too, since the environment
 would win over it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import fcntl
 import logging
 import os
-from pathlib import Path
-from typing import Annotated, Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
-from edgegen.config import ModelOverrides, Settings, read_remote, remote_path
-from edgegen.errors import Forbidden, InvalidInput
-from edgegen.store.manifest import check_name
+from edgegen.config import (
+    REMOTE_FILE,
+    RemoteChanges,
+    Settings,
+    check_remote,
+    config_values,
+    flat,
+    remote_changes,
+    remote_field,
+    remote_path,
+    write_remote,
+)
+from edgegen.errors import ConfigError, Forbidden, InvalidInput, Unprocessable
+from edgegen.security.secrets import shown
 
 log = logging.getLogger("edgegen.admin")
 # Read anew on every use, so a changed value holds from the next request on.
 LIVE = frozenset(
     {"log_level", "request_timeout_s", "cache.ttl_s", "cache.max_entry_bytes", "llm.timeout_s", "jobs.poll_s"}
 )
-LOCAL_ONLY = ("host", "port", "home", "store", "workers", "security", "tls", "logs")
 MAX_CHANGES = 64
-
-
-def _field(settings: Settings, key: str) -> tuple[BaseModel, str, Any]:
-    """The model holding `key`, the field's name, and an adapter that validates its values."""
-    parts = key.split(".")
-    if parts[0] in LOCAL_ONLY:
-        raise Forbidden(f"{key}: {parts[0]} is changed on the node itself, not remotely")
-    holder: BaseModel = settings
-    if parts[0] == "models" and len(parts) == 3:  # a per-model override: models.NAME.FIELD
-        check_name(parts[1], "model")
-        holder = settings.models.get(parts[1]) or ModelOverrides()
-        parts = parts[2:]
-    for part in parts[:-1]:
-        child = getattr(holder, part, None) if part in type(holder).model_fields else None
-        if not isinstance(child, BaseModel):
-            raise InvalidInput(f"{key}: no such setting")
-        holder = child
-    name = parts[-1]
-    field = type(holder).model_fields.get(name)
-    if field is None or isinstance(getattr(holder, name), BaseModel | dict | list):
-        raise InvalidInput(f"{key}: no such setting, or not one value")
-    kind = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
-    return holder, name, TypeAdapter(kind)
 
 
 def _environment(key: str) -> str:
@@ -62,26 +57,36 @@ def _environment(key: str) -> str:
 
 
 def change(settings: Settings, changes: dict[str, Any]) -> dict[str, Any]:
-    """Validate every change, persist them all, apply the live ones; refuse the whole lot on any error."""
+    """Validate every change and the settings they make, persist them all, apply the live ones; refuse
+    the whole lot on any error (InvalidInput, Forbidden), with nothing written."""
     if not isinstance(changes, dict) or not 0 < len(changes) <= MAX_CHANGES:
         raise InvalidInput(f"changes must be an object of 1 to {MAX_CHANGES} settings")
     checked = []
     for key, value in changes.items():
-        holder, name, adapter = _field(settings, key)
+        holder, name, adapter = remote_field(settings, key)
         if _environment(key) in os.environ:
             raise Forbidden(f"{key}: the node's environment sets {_environment(key)}, which would win")
+        if value is None:
+            raise InvalidInput(f"{key}: null cannot be set remotely; give a value")
         try:
             checked.append((key, holder, name, adapter.validate_python(value)))
         except ValidationError as exc:
             raise InvalidInput(f"{key}: {exc.errors()[0]['msg']}") from None
-    stored = read_remote(settings.home)
-    for key, _, _, value in checked:
-        *sections, name = key.split(".")
-        table = stored
-        for section in sections:
-            table = table.setdefault(section, {})
-        table[name] = value
-    _write(remote_path(settings.home), stored)
+    with _locked(settings):
+        values, base = _operator_settings(settings)
+        current = remote_changes(base, values)
+        stored = copy.deepcopy(current.values)
+        for key, _, _, value in checked:
+            *sections, name = key.split(".")
+            table = stored
+            for section in sections:
+                table = table.setdefault(section, {})
+            table[name] = value
+        check_remote(base, values, stored)  # what start-up would read: refused here, not there
+        try:
+            write_remote(settings.home, stored, keep_current=current.source == REMOTE_FILE)
+        except ValueError as exc:
+            raise InvalidInput(f"{', '.join(changes)}: {exc}") from None
     applied = []
     for key, holder, name, value in checked:
         if key in LIVE:
@@ -92,33 +97,56 @@ def change(settings: Settings, changes: dict[str, Any]) -> dict[str, Any]:
     return {"applied": applied, "on_restart": later, "remote": stored}
 
 
+@contextmanager
+def _locked(settings: Settings) -> Iterator[None]:
+    """One change at a time across this node's worker processes (read, merge, write)."""
+    folder = remote_path(settings.home).parent
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(folder / "remote.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _operator_settings(settings: Settings) -> tuple[dict[str, Any], Settings]:
+    """The node's own file as the next start reads it, and the settings it makes without remote
+    changes. Unprocessable (no path in the message) when it no longer reads."""
+    try:
+        values = config_values(settings.config_file)
+        return values, Settings(**values)
+    except (ConfigError, ValidationError):
+        log.warning("the node's config file no longer reads as it did at start", exc_info=True)
+        raise Unprocessable(
+            "the node's own config file no longer reads; fix it on the node before changing settings"
+        ) from None
+
+
+def in_force(settings: Settings) -> RemoteChanges:
+    """The remote changes the node would start with now, and what is wrong with the files passed over."""
+    try:
+        values, base = _operator_settings(settings)
+    except Unprocessable as exc:
+        return RemoteChanges(problems=(exc.message,))
+    return remote_changes(base, values)
+
+
 def _set(key: str, holder: BaseModel, name: str, value: Any) -> None:
     setattr(holder, name, value)
     if key == "log_level":
         logging.getLogger().setLevel(str(value).upper())
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        path = f"{prefix}{key}"
-        out |= _flat(value, path + ".") if isinstance(value, dict) else {path: value}
-    return out
-
-
 def apply_live(settings: Settings) -> list[str]:
-    """Take the live settings of the remote file that differ from those in force (another worker process
-    of this node wrote them); return their names. A value that no longer validates is left out, logged."""
+    """Take the live settings of the remote changes in force that differ from those in this process
+    (another worker process of this node wrote them); return their names."""
+    remote = in_force(settings)
+    if remote.problems:
+        log.warning("remote settings passed over", extra={"problems": list(remote.problems)})
     applied = []
-    for key, value in _flat(read_remote(settings.home)).items():
+    for key, value in flat(remote.values).items():
         if key not in LIVE:
             continue
-        holder, name, adapter = _field(settings, key)
-        try:
-            valid = adapter.validate_python(value)
-        except ValidationError:
-            log.warning("remote setting not applied: invalid", extra={"setting": key})
-            continue
+        holder, name, adapter = remote_field(settings, key)
+        valid = adapter.validate_python(value)  # (in_force validated the whole)
         if getattr(holder, name) != valid:
             _set(key, holder, name, valid)
             applied.append(key)
@@ -138,40 +166,12 @@ async def watch(settings: Settings, interval: float) -> None:
             if now != seen:
                 seen = now
                 apply_live(settings)
-        except Exception:  # a bad file must not end the watch
+        except Exception:  # observability of a bad file must not end the watch
             log.exception("remote settings not read")
 
 
-def _write(path: Path, values: dict[str, Any]) -> None:
-    """The remote settings as TOML (one value per line; tables for sections), written atomically."""
-    lines, tables = [], []
-
-    def scalar(value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return repr(value)
-        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    def table(prefix: str, items: dict[str, Any]) -> None:
-        rows = [f"{k} = {scalar(v)}" for k, v in items.items() if not isinstance(v, dict)]
-        if rows:
-            tables.append((prefix, rows))
-        for k, v in items.items():
-            if isinstance(v, dict):
-                table(f"{prefix}.{k}" if prefix else k, v)
-
-    table("", values)
-    for prefix, rows in tables:
-        lines += ([f"[{prefix}]"] if prefix else []) + rows + [""]
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(
-        "# Written by the node on remote configuration changes (PATCH /admin/config).\n" + "\n".join(lines)
-    )
-    temporary.replace(path)
-
-
 def effective(settings: Settings) -> dict[str, Any]:
-    """The settings in force, secrets shown as stars."""
-    return settings.model_dump(mode="json")
+    """The settings in force, every secret as stars (security/secrets.py), and the remote changes the
+    node would start with; `remote_problems` says why a remote file was passed over."""
+    remote = in_force(settings)
+    return {"settings": shown(settings), "remote": remote.values, "remote_problems": list(remote.problems)}

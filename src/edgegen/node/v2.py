@@ -21,7 +21,7 @@ from edgegen.engine.registry import ServedModel
 from edgegen.errors import InvalidInput, ModelNotFound
 from edgegen.node.state import node_of
 from edgegen.node.tensors import cast, parse_json
-from edgegen.security.auth import authorize_model
+from edgegen.security.auth import authorize_model, principal_of
 from edgegen.store import Manifest, TensorSpec
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
@@ -78,8 +78,10 @@ async def ready(request: Request) -> Response:
 
 
 @router.get("", summary="Server metadata")
-async def server_metadata() -> Response:
-    return _json({"name": "edgegen", "version": __version__, "extensions": ["binary_tensor_data"]})
+async def server_metadata(request: Request) -> Response:
+    # The software's version is an operator's business (it tells which known flaws a node has).
+    version = __version__ if principal_of(request.scope).at_least("operator") else ""
+    return _json({"name": "edgegen", "version": version, "extensions": ["binary_tensor_data"]})
 
 
 def _metadata(request: Request, manifest: Manifest) -> Response:
@@ -121,7 +123,8 @@ def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:
     given = request.headers.get(HEADER_LENGTH)
     if given is None:
         return body, b""
-    if not given.isdigit() or int(given) > len(body):
+    # isascii: str.isdigit() also takes "²", which int() refuses.
+    if not (given.isascii() and given.isdigit()) or int(given) > len(body):
         raise InvalidInput(f"{HEADER_LENGTH} must be a byte count within the body")
     return body[: int(given)], body[int(given) :]
 

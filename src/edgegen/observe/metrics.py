@@ -3,11 +3,16 @@
 With several worker processes (`--workers N`) each process writes its samples to files under
 `PROMETHEUS_MULTIPROC_DIR` (set by `edgegen serve` before the workers start) and `/metrics`
 adds them up, so any worker answers for the whole node.
+
+A scrape without an operator's credential sees the public view (`PublicView`): every figure, but not the
+interpreter's version (`python_info`) and, unless `security.metrics_model_names`, no model names — each
+family is summed over its `model` label, so rates and totals still add up.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from edgegen.cache.memory import Removed
 from edgegen.observe.system import SystemCollector
@@ -28,6 +36,50 @@ from edgegen.observe.system import SystemCollector
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PRIVATE_FAMILIES = frozenset({"python_info"})  # the interpreter's version: an operator's business
+MODEL_LABEL = "model"
+
+
+class PublicView:
+    """`source`'s families as a scrape without an operator's credential sees them: no `python_info`,
+    and unless `model_names`, no `model` label — its series merged (summed; a ratio: the largest, a
+    creation time: the earliest).
+
+    generate_latest(PublicView(registry, model_names=False))   # the text a public scrape gets
+    """
+
+    def __init__(self, source: Collector, *, model_names: bool) -> None:
+        self.source, self.model_names = source, model_names
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            if family.name in PRIVATE_FAMILIES:
+                continue
+            yield family if self.model_names else without_models(family)
+
+
+def without_models(family: Metric) -> Metric:
+    """`family` with its `model` label dropped, the series that differed only there merged into one."""
+    if not any(MODEL_LABEL in sample.labels for sample in family.samples):
+        return family
+    merged: dict[tuple[str, tuple[tuple[str, str], ...]], Sample] = {}
+    for sample in family.samples:
+        labels = tuple((k, v) for k, v in sample.labels.items() if k != MODEL_LABEL)
+        key = (sample.name, labels)
+        seen = merged.get(key)
+        value = sample.value if seen is None else _merge(family, sample.name, seen.value, sample.value)
+        merged[key] = sample._replace(labels=dict(labels), value=value)
+    out = Metric(family.name, family.documentation, family.type, family.unit)
+    out.samples = list(merged.values())
+    return out
+
+
+def _merge(family: Metric, name: str, a: float, b: float) -> float:
+    if name.endswith("_created"):
+        return min(a, b)
+    if family.type == "gauge" and family.name.endswith("_ratio"):
+        return max(a, b)
+    return a + b
 
 
 class NodeMetrics:
@@ -283,11 +335,12 @@ class NodeMetrics:
         children[0].observe(seconds)
         children[1].inc()
 
-    def render(self) -> bytes:
+    def render(self, *, full: bool = True, model_names: bool = True) -> bytes:
+        """The Prometheus text: everything (`full`), or the public view (`PublicView`)."""
+        source = self.registry
         if self.multiprocess:
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            source = CollectorRegistry()
+            multiprocess.MultiProcessCollector(source)
             if self.system is not None:
-                registry.register(self.system)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+                source.register(self.system)
+        return generate_latest(source if full else PublicView(source, model_names=model_names))

@@ -9,9 +9,10 @@ A token that reads `eg_…` is an API key, anything else a JWT. Verified API key
 for as long as they are valid, up to `cache_s` — except on admin calls, which always verify and spend
 their `jti`.
 
-The role a request needs is decided on its raw path *and* on its decoded path, the stricter one
-winning, for every method: `/admin%2Fmodels` cannot pass as a user route and then be routed to an
-admin one. Health and metrics are public for GET and HEAD only.
+The role a request needs is decided on its raw path *and* on its canonical path (security/paths.py:
+decoded once; the gate refuses any path with another possible reading), the stricter one winning, for
+every method: `/admin%2Fmodels` cannot pass as a user route and then be routed to an admin one.
+Health and metrics are public for GET and HEAD only.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def _role_for(path: bytes, method: str) -> Role | None:
 
 def required_role(method: str, raw_path: bytes, path: str) -> Role | None:
     """The least role that may call `method` on this path (None: anyone), the stricter of the raw
-    and the decoded reading.
+    path and `path`, its canonical reading (`canonical_path(raw_path)`: what the node routes).
 
     >>> required_role("GET", b"/admin%2Fmodels", "/admin/models")
     'operator'

@@ -17,12 +17,26 @@ import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-# What scanners ask for and an edgegen node never serves (case-insensitive, on the raw path).
+# What scanners ask for and an edgegen node never serves (case-insensitive; see `looks_like_scanning`).
 SCAN_PATTERNS = re.compile(
     r"(\.\./|\.\.\\|%2e%2e|%252e|/\.env|/\.git|/wp-(admin|login)|/etc/passwd|/cgi-bin|/actuator|/phpmyadmin"
     r"|/server-status|/\.aws|\x00|%00)",
     re.IGNORECASE,
 )
+
+
+def looks_like_scanning(raw_path: bytes, path: str, query: bytes) -> bool:
+    """Whether a request asks for what scanners ask for: on the path as sent, on its decoded reading
+    (so `/%2eenv` is `/.env`) and on the query string.
+
+    >>> looks_like_scanning(b"/%2eenv", "/.env", b"")
+    True
+    """
+    return bool(
+        SCAN_PATTERNS.search(raw_path.decode("latin-1"))
+        or SCAN_PATTERNS.search(path)
+        or (query and SCAN_PATTERNS.search(query.decode("latin-1")))
+    )
 
 
 @dataclass

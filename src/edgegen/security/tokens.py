@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jwt
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from edgegen.errors import EdgegenError
 from edgegen.security.keys import ROLES
@@ -34,10 +34,11 @@ class InvalidToken(EdgegenError):
 
 
 class JwtSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     algorithm: Literal["HS256", "EdDSA"] = "HS256"
-    secret: str | None = Field(None, min_length=32, description="HS256: the shared secret (≥ 32 chars)")
+    # A secret by type: shown as stars wherever settings are shown (security/secrets.py).
+    secret: SecretStr | None = Field(None, min_length=32, description="HS256: the shared secret (≥ 32 chars)")
     public_key_file: Path | None = Field(None, description="EdDSA: the issuer's Ed25519 public key, PEM")
     audience: str | None = "edgegen"
     issuer: str | None = None
@@ -67,7 +68,9 @@ class JwtVerifier:
         self.settings = settings
         self.clock = clock
         self._key: Any = (
-            settings.secret if settings.algorithm == "HS256" else settings.public_key_file.read_bytes()  # type: ignore[union-attr]
+            settings.secret.get_secret_value()  # type: ignore[union-attr]
+            if settings.algorithm == "HS256"
+            else settings.public_key_file.read_bytes()  # type: ignore[union-attr]
         )
         self._seen: dict[str, float] = {}  # jti → exp of the admin tokens already used
 

@@ -78,7 +78,7 @@ def test_keys_are_canonical_and_separate_tenants_models_and_versions() -> None:
 
     def gen(prompt: str = "hi", special: bool = True, params: SamplingParams = greedy, **kw: Any) -> bytes:
         fields = {"max_tokens": 16, "n_ctx": 2048, "stops": [], **kw}
-        return generation_key("acme", "m", tag, prompt, special, params, **fields)
+        return generation_key("acme", "m", tag, ((prompt, special),), params, **fields)
 
     assert gen() == gen(params=SamplingParams(temperature=0))
     others = [gen("hi "), gen(special=False), gen(max_tokens=17), gen(max_tokens=None), gen(n_ctx=4096),

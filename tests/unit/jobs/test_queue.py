@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgegen.errors import Conflict
+from edgegen.errors import Conflict, Overloaded
 from edgegen.jobs.queue import JobQueue, JobRequest, Status
 from edgegen.jobs.redis import RedisJobQueue
 from edgegen.jobs.sqlite import SqliteJobQueue
@@ -27,7 +27,7 @@ class Clock:
         return self.now
 
 
-Factory = Callable[[], JobQueue]
+Factory = Callable[..., JobQueue]  # keyword arguments: the queue's allowance per owner
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -37,13 +37,14 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Factory, Cl
         url = request.getfixturevalue("redis_url")
         prefix = f"test:{uuid.uuid4().hex}:"  # each test its own queue in the one server
 
-        def make() -> JobQueue:
-            return RedisJobQueue(url, prefix=prefix, max_attempts=3, backoff_s=1.0, clock=clock)
+        def make(**limits: int) -> JobQueue:
+            return RedisJobQueue(url, prefix=prefix, max_attempts=3, backoff_s=1.0, clock=clock, **limits)
 
     else:
 
-        def make() -> JobQueue:
-            return SqliteJobQueue(tmp_path / "jobs.sqlite", max_attempts=3, backoff_s=1.0, clock=clock)
+        def make(**limits: int) -> JobQueue:
+            path = tmp_path / "jobs.sqlite"
+            return SqliteJobQueue(path, max_attempts=3, backoff_s=1.0, clock=clock, **limits)
 
     return make, clock
 
@@ -191,6 +192,69 @@ async def test_purge_drops_only_old_finished_jobs(queue: JobQueue, clock: Clock)
     assert await queue.get(old.id) is None
     assert await queue.get(waiting.id) is not None
     assert await queue.get(recent.id) is not None
+
+
+# Two unfinished jobs per owner, or three times REQUEST's bytes.
+LIMITS = {"max_queued": 2, "max_queued_bytes": 3 * len(REQUEST.body)}
+
+
+@pytest.fixture
+async def bounded(backend: tuple[Factory, Clock]) -> AsyncIterator[JobQueue]:
+    made = backend[0](**LIMITS)
+    yield made
+    await made.close()
+
+
+async def test_an_owner_may_have_only_so_many_unfinished_jobs(bounded: JobQueue, clock: Clock) -> None:
+    first, _ = await bounded.submit("acme", REQUEST, priority=9)
+    clock.now += 1
+    second, _ = await bounded.submit("acme", REQUEST, idempotency_key="k")
+    with pytest.raises(Overloaded, match="'acme' has 2 unfinished jobs"):
+        await bounded.submit("acme", REQUEST)
+    again, created = await bounded.submit("acme", REQUEST, idempotency_key="k")  # no new job
+    assert (again.id, created) == (second.id, False)
+    await bounded.submit("beta", REQUEST)  # another owner has its own allowance
+    assert (await bounded.counts())["queued"] == 3  # the refused job is stored nowhere
+    assert (await bounded.claim("w", 10)).id == first.id  # type: ignore[union-attr]
+    with pytest.raises(Overloaded):
+        await bounded.submit("acme", REQUEST)  # a running job counts
+    assert await bounded.finish(first.id, "w", 200, b"{}")
+    await bounded.submit("acme", REQUEST)  # a finished one does not
+    await bounded.cancel(second.id)
+    await bounded.submit("acme", REQUEST)  # nor a cancelled one
+    with pytest.raises(Overloaded):
+        await bounded.submit("acme", REQUEST)
+
+
+async def test_a_failed_job_gives_its_share_back(bounded: JobQueue, clock: Clock) -> None:
+    retried, _ = await bounded.submit("acme", REQUEST, priority=9)
+    abandoned, _ = await bounded.submit("acme", REQUEST, priority=0)
+    for attempt in (1, 2, 3):  # retried until out of attempts
+        assert (await bounded.claim("w", 10)).id == retried.id  # type: ignore[union-attr]
+        after = await bounded.retry(retried.id, "w", "overloaded")
+        assert after is not None
+        if attempt < 3:
+            with pytest.raises(Overloaded):
+                await bounded.submit("acme", REQUEST)  # a job backing off still counts
+            clock.now += 10
+    assert after.status == Status.FAILED
+    filler, _ = await bounded.submit("acme", REQUEST)  # the failed job's share came back
+    await bounded.cancel(filler.id)
+    for _ in range(3):  # its worker dies on every attempt
+        assert (await bounded.claim("w", 5)).id == abandoned.id  # type: ignore[union-attr]
+        clock.now += 6
+    assert await bounded.claim("w", 5) is None  # out of attempts: failed here
+    assert (await bounded.get(abandoned.id)).status == Status.FAILED  # type: ignore[union-attr]
+    await bounded.submit("acme", REQUEST)
+    await bounded.submit("acme", REQUEST)
+
+
+async def test_an_owner_may_queue_only_so_many_bytes(bounded: JobQueue) -> None:
+    large = JobRequest("POST", "/predict", b" " * (2 * len(REQUEST.body)))
+    await bounded.submit("acme", large)
+    with pytest.raises(Overloaded, match="would hold"):
+        await bounded.submit("acme", large)
+    await bounded.submit("acme", REQUEST)  # exactly the allowance
 
 
 async def test_jobs_survive_a_reopen(backend: tuple[Factory, Clock]) -> None:

@@ -98,9 +98,10 @@ def test_a_pushed_package_may_exceed_the_body_limit_other_requests_may_not(
     Signer.local(tmp_path)  # a key this node trusts, so it checks pushed packages at all
     settings = Settings(home=tmp_path, store=store.root, store_poll_s=0, max_body_bytes=1024)
     large = b"\x1f\x8b" + bytes(4096)  # gzip's magic, then nothing a package holds
-    with TestClient(
-        create_app(settings), raise_server_exceptions=False, headers=admin_headers(settings)
-    ) as c:
+    app = create_app(settings)
+    # On loopback: Starlette's Host "testserver" is no name a node takes admin changes under.
+    headers = admin_headers(settings)
+    with TestClient(app, "http://127.0.0.1", raise_server_exceptions=False, headers=headers) as c:
         pushed = c.put("/admin/models/digits/package", content=large)
         assert pushed.status_code == 422  # past the size limit, into the store's archive check
         assert c.put("/admin/models/digits/package", content=bytes(4096)).status_code == 400  # no archive
