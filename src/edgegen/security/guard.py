@@ -2,8 +2,8 @@
 banned for a while. Pure: a function of the events and a clock passed in.
 
     guard = IntrusionGuard(max_failures=10, window_s=60, ban_s=300)
-    guard.failure(client, now)            # a refused credential; True when this one bans the client
-    guard.probe(client, path, now)        # a request whose path looks like scanning counts the same
+    guard.failure(client, now)            # a refused credential, or a probe (looks_like_scanning);
+                                          # True when this one bans the client
     guard.banned_for(client, now)         # seconds of ban left, 0.0 when free to go
 
 Failures are counted in a sliding window per client; a ban lasts `ban_s`, doubling for each new ban of
@@ -88,10 +88,6 @@ class IntrusionGuard:
         failures.clear()
         self.bans += 1
         return True
-
-    def probe(self, key: str, path: str, now: float) -> bool:
-        """A request path that looks like scanning counts as a failure; True when it bans the client."""
-        return bool(SCAN_PATTERNS.search(path)) and self.failure(key, now)
 
     def __len__(self) -> int:
         return len(self._clients)

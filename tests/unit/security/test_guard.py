@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 import pytest
 
-from edgegen.security.guard import IntrusionGuard
+from edgegen.security.guard import IntrusionGuard, looks_like_scanning
 
 
 def test_a_burst_of_failures_bans_and_the_ban_runs_out() -> None:
@@ -50,9 +52,9 @@ def test_bans_double_for_a_repeat_offender_up_to_the_cap() -> None:
         ("/v1/chat/completions", False),
     ],
 )
-def test_scanning_paths_count_as_failures(path: str, scanning: bool) -> None:
-    guard = IntrusionGuard(max_failures=1, window_s=10, ban_s=60)
-    assert guard.probe("c", path, 0.0) is scanning
+def test_scanning_paths_are_recognised(path: str, scanning: bool) -> None:
+    assert looks_like_scanning(path.encode(), unquote(path), b"") is scanning
+    assert looks_like_scanning(b"/predict", "/predict", path.encode()) is scanning  # in the query too
 
 
 def test_memory_is_bounded() -> None:
