@@ -94,6 +94,8 @@ http {{
       proxy_pass http://fleet;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      # The node takes requests (authentication off) only under a Host of its own: not the upstream's name.
+      proxy_set_header Host $host;
       proxy_buffering off;
     }}
     location = /nginx-ready {{ return 200; }}

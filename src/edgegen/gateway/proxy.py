@@ -1,6 +1,6 @@
 """Forward one request to a node and its answer back: balancing, retries, header hygiene, streams.
 
-    client ─▶ (head checked by the app: node.middleware.read_head) ─▶ read the body (bounded: 413)
+    client ─▶ (head checked by the app: http.middleware.read_head) ─▶ read the body (bounded: 413)
            ─▶ balancer for the model / route ─▶ node (aiohttp, one keep-alive pool per node)
            ◀─ status + headers, then the body relayed chunk by chunk (SSE token by token)
 
@@ -57,7 +57,7 @@ from edgegen.errors import InvalidInput
 from edgegen.gateway.balancers import Backend, Balancer, make_balancer
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.settings import GatewaySettings, RetrySettings
-from edgegen.security.auth import Principal
+from edgegen.security.auth import GENERATION_PATHS, Principal
 from edgegen.security.paths import canonical_path, raw_path_of, upstream_path
 from edgegen.security.transport import client_context
 
@@ -336,9 +336,13 @@ class Proxy:
     # -- the request --------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> int:
         """Relay one request (its head already checked by the app); return the status the client got.
-        A client that leaves while its request is at a node cancels it there (499)."""
+        A client that leaves while its generation is at a node cancels it there (499)."""
         body = await self._body(receive)
         target = Target.of(scope)
+        if target.path not in GENERATION_PATHS:
+            # Anything else is answered within the node's request deadline: watching for its client's
+            # departure would cost two tasks a request on the hot path and spare the node nothing.
+            return await self._forward(scope, target, body, send, request_id)
         client = ClientWatch(receive, send)
         return await client.run(self._forward(scope, target, body, client.send, request_id))
 
