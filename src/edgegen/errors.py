@@ -1,7 +1,7 @@
 """The one exception hierarchy of edgegen.
 
 Every layer raises these; the HTTP edge maps them to each protocol's error shape in one place
-(`edgegen.node.errors`), and the CLI prints their message on one line. Messages are written for the
+(`edgegen.http.errors`), and the CLI prints their message on one line. Messages are written for the
 client or operator: they never carry a traceback, a file-system path or an internal name.
 
     EdgegenError

@@ -31,7 +31,6 @@ import functools
 import io
 import logging
 import pathlib
-import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -59,14 +58,15 @@ from edgegen.gateway.proxy import Attempt, Proxy, Refused
 from edgegen.gateway.rollout import NAME, GateFailed, RollbackOrder, RolloutOrder, Rollouts
 from edgegen.gateway.settings import GatewaySettings, NodeEntry
 from edgegen.gateway.upgrade import Upgrades, Wheel
-from edgegen.node.errors import error_response, is_openai
-from edgegen.node.errors import install as install_error_handlers
-from edgegen.node.middleware import RequestIds, read_head
+from edgegen.http.errors import error_response, is_openai
+from edgegen.http.errors import install as install_error_handlers
+from edgegen.http.middleware import RequestIds, read_head
+from edgegen.http.serving import tls_context
 from edgegen.observe.logs import AccessLog, request_id
 from edgegen.observe.metrics import LATENCY_BUCKETS, PublicView
 from edgegen.security.auth import Principal, principal_of
 from edgegen.security.gate import build_gate
-from edgegen.security.transport import GuardedHttpProtocol, server_context
+from edgegen.security.transport import GuardedHttpProtocol
 from edgegen.security.vulns import AdvisoryDb, installed_packages
 
 log = logging.getLogger("edgegen.gateway")
@@ -829,6 +829,5 @@ class HttpProtocol(GuardedHttpProtocol):
     load = staticmethod(_process_settings)
 
 
-def ssl_context(config: object, default: object) -> ssl.SSLContext:
-    """uvicorn's `ssl_context_factory` for the gateway's listener."""
-    return server_context(_process_settings().tls)
+# uvicorn's `ssl_context_factory` for the gateway's listener.
+ssl_context = functools.partial(tls_context, _process_settings)

@@ -39,13 +39,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from edgegen import __version__
 from edgegen.errors import Conflict, InvalidInput, ModelNotFound, Unprocessable
+from edgegen.http.responses import json_response
 from edgegen.node import remote_config, software
 from edgegen.node.lifecycle import can_restart, request_exit, request_restart, top_pid
 from edgegen.node.state import NodeState, node_of
@@ -62,10 +62,6 @@ class Activation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str = Field(min_length=1, max_length=64)
-
-
-def _json(content: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
 @router.get("/status", summary="What the node serves and how loaded it is")
@@ -102,7 +98,7 @@ async def status(request: Request) -> Response:
             "disk_bytes": disk.bytes if disk else 0,
             "disk_entries": disk.entries if disk else 0,
         }
-    return _json(out)
+    return json_response(out)
 
 
 class ConfigChange(BaseModel):
@@ -113,13 +109,15 @@ class ConfigChange(BaseModel):
 
 @router.get("/config", summary="The settings in force, and those changed remotely")
 async def config(request: Request) -> Response:
-    return _json(remote_config.effective(node_of(request).settings))
+    return json_response(remote_config.effective(node_of(request).settings))
 
 
 @router.patch("/config", summary="Change settings: validated, persisted, applied live where they can be")
 async def change_config(order: ConfigChange, request: Request) -> Response:
     # (off the event loop: the change waits for the other workers' and writes with fsync)
-    return _json(await asyncio.to_thread(remote_config.change, node_of(request).settings, order.changes))
+    return json_response(
+        await asyncio.to_thread(remote_config.change, node_of(request).settings, order.changes)
+    )
 
 
 @router.post("/restart", status_code=202, summary="Restart the node in place, gracefully")
@@ -131,12 +129,12 @@ async def restart(request: Request) -> Response:
     # (the security gate writes the call to the audit log, as every admin change)
     # After this answer is on its way: the shutdown waits for in-flight requests, this one included.
     asyncio.get_running_loop().call_later(0.05, request_restart, multiprocess)
-    return _json({"restarting": True, "pid": os.getpid(), "workers": multiprocess}, 202)
+    return json_response({"restarting": True, "pid": os.getpid(), "workers": multiprocess}, 202)
 
 
 @router.get("/software", summary="The edgegen environments of this node")
 async def software_state(request: Request) -> Response:
-    return _json(software.view(node_of(request).settings.home))
+    return json_response(software.view(node_of(request).settings.home))
 
 
 @router.put("/software/wheels/{filename}", status_code=201, summary="Stage a signed edgegen wheel")
@@ -149,7 +147,7 @@ async def stage_software(filename: str, request: Request) -> Response:
         raise InvalidInput("the body must be the wheel")
     settings = node_of(request).settings
     staged = await asyncio.to_thread(software.stage, settings, filename, wheel, signature.encode())
-    return _json(staged, 201)
+    return json_response(staged, 201)
 
 
 class SoftwareSwitch(BaseModel):
@@ -165,7 +163,7 @@ async def switch_software(order: SoftwareSwitch, request: Request) -> Response:
 
 @router.post("/software/confirm", summary="Keep the version on trial: it passed its health gate")
 async def confirm_software(request: Request) -> Response:
-    return _json(software.confirm(node_of(request).settings.home))
+    return json_response(software.confirm(node_of(request).settings.home))
 
 
 @router.post("/software/rollback", status_code=202, summary="Leave the trial, or go back a version")
@@ -181,7 +179,7 @@ def _leave(request: Request, order: Callable[[Path, int], dict[str, Any]]) -> Re
         raise Conflict("this node was not started by `edgegen serve`; it cannot change its environment")
     answer = order(node.settings.home, top_pid(multiprocess))
     asyncio.get_running_loop().call_later(0.05, request_exit, multiprocess)
-    return _json(answer, 202)
+    return json_response(answer, 202)
 
 
 @router.get("/models", summary="The model store: versions, active and served")
@@ -191,7 +189,7 @@ async def models(request: Request) -> Response:
     for info in node.store.list():
         served = node.registry.get(info.name).manifest.version if node.registry.is_ready(info.name) else None
         out.append({"name": info.name, "versions": info.versions, "active": info.active, "served": served})
-    return _json({"models": out})
+    return json_response({"models": out})
 
 
 @router.post("/models/{name}/activate", summary="Serve another version of a model")
@@ -202,7 +200,7 @@ async def activate(name: str, change: Activation, request: Request) -> Response:
     if version not in node.store.versions(name):
         raise ModelNotFound(f"model {name!r} has no version {version!r}")
     previous = await _serve(node, name, version)
-    return _json({"name": name, "active": version, "previous": previous})
+    return json_response({"name": name, "active": version, "previous": previous})
 
 
 async def _serve(node: NodeState, name: str, version: str) -> str | None:
@@ -282,7 +280,7 @@ def _check_package(node: NodeState, name: str, version: str | None, how: str) ->
 
 async def _added(node: NodeState, name: str, version: str, activate: bool) -> Response:
     previous = await _serve(node, name, version) if activate else None
-    return _json({"name": name, "version": version, "activated": activate, "previous": previous}, 201)
+    return json_response({"name": name, "version": version, "activated": activate, "previous": previous}, 201)
 
 
 @router.get("/packages", summary="The Python packages this node runs (for the fleet's vulnerability scan)")
@@ -290,7 +288,7 @@ async def packages(request: Request) -> Response:
     node = node_of(request)
     if node.packages is None:
         node.packages = installed_packages()
-    return _json({"packages": [{"name": n, "version": v} for n, v in node.packages]})
+    return json_response({"packages": [{"name": n, "version": v} for n, v in node.packages]})
 
 
 @router.get("/audit", summary="The audit log's last entries")
@@ -299,4 +297,4 @@ async def audit(request: Request, limit: int = Query(50, ge=1, le=1000)) -> Resp
     if log is None:
         raise InvalidInput("this node keeps no audit log")
     entries = [entry.__dict__ for entry in log.tail(limit)]
-    return _json({"entries": entries, "chain_broken_at": log.verify()})
+    return json_response({"entries": entries, "chain_broken_at": log.verify()})

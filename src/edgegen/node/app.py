@@ -26,12 +26,14 @@ from starlette.types import Receive, Scope, Send
 from edgegen.cache import ResponseCache
 from edgegen.config import Settings, load_settings
 from edgegen.engine.registry import ModelRegistry
+from edgegen.http import errors
+from edgegen.http.middleware import EdgeMiddleware
+from edgegen.http.serving import tls_context
 from edgegen.jobs.queue import JobQueue, JobRequest
 from edgegen.jobs.sqlite import SqliteJobQueue
 from edgegen.jobs.workers import JobWorkers
-from edgegen.node import admin, errors, jobs, lifecycle, openai, remote_config, seed, software, v2
+from edgegen.node import admin, jobs, lifecycle, openai, remote_config, seed, software, v2
 from edgegen.node.jobs import run_in_process
-from edgegen.node.middleware import EdgeMiddleware
 from edgegen.node.state import NodeState, node_of
 from edgegen.observe.logs import AccessLog, configure_logging
 from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
@@ -40,7 +42,7 @@ from edgegen.security.atrest import Keyring
 from edgegen.security.auth import principal_of
 from edgegen.security.gate import build_gate
 from edgegen.security.signing import store_trust
-from edgegen.security.transport import GuardedHttpProtocol, server_context
+from edgegen.security.transport import GuardedHttpProtocol
 from edgegen.store import ModelStore
 
 log = logging.getLogger("edgegen.node")
@@ -282,6 +284,5 @@ class HttpProtocol(GuardedHttpProtocol):
     load = staticmethod(_process_settings)
 
 
-def ssl_context(config: object, default: object) -> ssl.SSLContext:
-    """uvicorn's `ssl_context_factory` for a node: TLS from the settings (in every worker process)."""
-    return server_context(_process_settings().tls)
+# uvicorn's `ssl_context_factory` for a node: TLS from the settings (in every worker process).
+ssl_context = functools.partial(tls_context, _process_settings)

@@ -28,6 +28,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message
 
 from edgegen.errors import InvalidInput, ModelNotFound
+from edgegen.http.responses import json_response
 from edgegen.jobs.queue import JOB_ID, Job, JobRequest
 from edgegen.node.openai import GENERATION_URLS, validate_generation
 from edgegen.node.state import NodeState, node_of
@@ -74,10 +75,6 @@ def view(job: Job) -> dict[str, Any]:
         "response": response,
         "error": job.error,
     }
-
-
-def _json(content: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
 def _check_target(request: Request, node: NodeState, order: JobCreate) -> None:
@@ -133,7 +130,7 @@ async def create(request: Request) -> Response:
     )
     if created and node.job_workers is not None:
         node.job_workers.notify()
-    return _json(view(job), 202 if created else 200)
+    return json_response(view(job), 202 if created else 200)
 
 
 async def _own(request: Request, job_id: str) -> Job:
@@ -149,7 +146,7 @@ async def _own(request: Request, job_id: str) -> Job:
 
 @router.get("/jobs/{job_id}", summary="A job's status and, once done, its answer")
 async def status(job_id: str, request: Request) -> Response:
-    return _json(view(await _own(request, job_id)))
+    return json_response(view(await _own(request, job_id)))
 
 
 @router.delete("/jobs/{job_id}", summary="Cancel a job")
@@ -157,7 +154,7 @@ async def cancel(job_id: str, request: Request) -> Response:
     job = await _own(request, job_id)
     assert node_of(request).jobs is not None
     cancelled = await node_of(request).jobs.cancel(job.id)  # type: ignore[union-attr]
-    return _json(view(cancelled or job))
+    return json_response(view(cancelled or job))
 
 
 async def run_in_process(app: ASGIApp, request: JobRequest, owner: str) -> tuple[int, bytes]:

@@ -2,7 +2,7 @@
 
 Non-streaming answers are one JSON object; with `"stream": true` the answer is server-sent events, one
 `data: {chunk}` per piece of text and `data: [DONE]` at the end. Errors use OpenAI's shape
-(`edgegen.node.errors`). The body is parsed as JSON whatever its Content-Type says, so
+(`edgegen.http.errors`). The body is parsed as JSON whatever its Content-Type says, so
 `curl -d '{...}'` works as it did with the seed's app. A client that goes away cancels its generation at
 the next decode step, freeing its slot.
 
@@ -43,6 +43,7 @@ from edgegen.engine.prompt import Prompt, text_prompt
 from edgegen.engine.registry import ServedModel
 from edgegen.engine.sampling import SamplingParams
 from edgegen.errors import ClientGone, InvalidInput
+from edgegen.http.responses import json_response
 from edgegen.node.state import node_of
 from edgegen.node.tensors import parse_json
 from edgegen.security.auth import authorize_model, principal_of
@@ -325,10 +326,6 @@ async def _stream(
         generation.cancel()
 
 
-def _json(content: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(content), media_type="application/json", headers=headers)
-
-
 @router.get("/models", summary="Models that generate text")
 async def list_models(request: Request) -> Response:
     registry = node_of(request).registry
@@ -341,7 +338,7 @@ async def list_models(request: Request) -> Response:
         if served.scheduler is not None:
             created = calendar.timegm(time.strptime(served.manifest.created, "%Y-%m-%dT%H:%M:%SZ"))
             data.append({"id": name, "object": "model", "created": created, "owned_by": "edgegen"})
-    return _json({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data})
 
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI)")
@@ -365,14 +362,14 @@ async def chat_completions(request: Request) -> Response:
         )
     text, reason = await _collect(request, generation)
     message = {"role": "assistant", "content": text}
-    return _json(
+    return json_response(
         {
             **head,
             "object": "chat.completion",
             "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
             "usage": _usage(generation),
         },
-        headers,
+        headers=headers,
     )
 
 
@@ -394,14 +391,14 @@ async def completions(request: Request) -> Response:
             generation, {**head, "object": "text_completion"}, piece, body.include_usage, headers
         )
     text, reason = await _collect(request, generation)
-    return _json(
+    return json_response(
         {
             **head,
             "object": "text_completion",
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
             "usage": _usage(generation),
         },
-        headers,
+        headers=headers,
     )
 
 

@@ -20,7 +20,7 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgegen.errors import EdgegenError, InvalidInput
-from edgegen.node.errors import render
+from edgegen.http.errors import render
 from edgegen.node.state import NodeState
 from edgegen.node.tensors import parse_json, to_batch
 from edgegen.security.auth import authorize_model

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from edgegen import __version__
 from edgegen.engine.registry import ServedModel
 from edgegen.errors import InvalidInput, ModelNotFound
+from edgegen.http.responses import json_response
 from edgegen.node.state import node_of
 from edgegen.node.tensors import cast, parse_json
 from edgegen.security.auth import authorize_model, principal_of
@@ -45,10 +46,6 @@ PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tensorflowlite", "gguf": "ll
 HEADER_LENGTH = "inference-header-content-length"
 
 
-def _json(content: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
-
-
 def _tensor_meta(spec: TensorSpec) -> dict[str, Any]:
     return {
         "name": spec.name,
@@ -68,25 +65,25 @@ def _served(request: Request, name: str, version: str | None) -> ServedModel:
 
 @router.get("/health/live", summary="The process is up")
 async def live() -> Response:
-    return _json({"live": True})
+    return json_response({"live": True})
 
 
 @router.get("/health/ready", summary="Every model is loaded")
 async def ready(request: Request) -> Response:
     is_ready = node_of(request).registry.ready
-    return _json({"ready": is_ready}, 200 if is_ready else 503)
+    return json_response({"ready": is_ready}, 200 if is_ready else 503)
 
 
 @router.get("", summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
     # The software's version is an operator's business (it tells which known flaws a node has).
     version = __version__ if principal_of(request.scope).at_least("operator") else ""
-    return _json({"name": "edgegen", "version": version, "extensions": ["binary_tensor_data"]})
+    return json_response({"name": "edgegen", "version": version, "extensions": ["binary_tensor_data"]})
 
 
 def _metadata(request: Request, manifest: Manifest) -> Response:
     versions = node_of(request).store.versions(manifest.name)
-    return _json(
+    return json_response(
         {
             "name": manifest.name,
             "versions": versions,
@@ -110,13 +107,13 @@ async def model_version_metadata(name: str, version: str, request: Request) -> R
 @router.get("/models/{name}/ready", summary="Model readiness")
 async def model_ready(name: str, request: Request) -> Response:
     _served(request, name, None)
-    return _json({"name": name, "ready": True})
+    return json_response({"name": name, "ready": True})
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model version readiness")
 async def model_version_ready(name: str, version: str, request: Request) -> Response:
     _served(request, name, version)
-    return _json({"name": name, "ready": True})
+    return json_response({"name": name, "ready": True})
 
 
 def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:

@@ -50,7 +50,7 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgegen.errors import InvalidInput
-from edgegen.node.errors import error_body, is_openai
+from edgegen.http.errors import error_body, is_openai
 from edgegen.security.audit import AuditLog
 from edgegen.security.auth import (
     ANONYMOUS_ADMIN,

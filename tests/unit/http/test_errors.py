@@ -16,7 +16,7 @@ from edgegen.errors import (
     Overloaded,
     PayloadTooLarge,
 )
-from edgegen.node import errors
+from edgegen.http import errors
 
 
 def client_raising(exc: Exception) -> TestClient:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgegen.errors import PayloadTooLarge
-from edgegen.node.errors import error_response, is_openai
+from edgegen.http.errors import error_response, is_openai
 from edgegen.observe.logs import AccessLog, request_id
 from edgegen.observe.metrics import NodeMetrics
 from edgegen.security.transport import UPLOADS
