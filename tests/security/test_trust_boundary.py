@@ -37,13 +37,14 @@ from prometheus_client import (
 from edgegen import __version__
 from edgegen.observe.metrics import PublicView
 from edgegen.security.auth import Authenticator, Principal
-from edgegen.security.gate import SecurityGate, SecurityMetrics, forwarded_for
+from edgegen.security.gate import SecurityGate, forwarded_for
 from edgegen.security.keys import KeyStore
 from edgegen.security.origin import SameOrigin
 from edgegen.security.settings import SecuritySettings
 from edgegen.store import ModelStore
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import GatewayProcess, NodeProcess, gateway_config, running
+from tests.gates import noting_gate
 from tests.llm_models import write_tiny_llama
 from tests.security.conftest import Fleet, SecureNode, error_of
 
@@ -408,21 +409,7 @@ def test_the_client_a_proxy_names(values: list[bytes], client: str | None) -> No
 
 
 def _gate(**settings: Any) -> tuple[SecurityGate, list[Principal]]:
-    seen: list[Principal] = []
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        seen.append(scope["edgegen.principal"])
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    gate = SecurityGate(
-        app,
-        SecuritySettings(**settings),
-        Authenticator(None, None),
-        None,
-        SecurityMetrics(CollectorRegistry()),
-    )
-    return gate, seen
+    return noting_gate(SecuritySettings(**settings), Authenticator(None, None))
 
 
 def _status_of(gate: SecurityGate, method: str, path: str, client: str, headers: dict[str, str]) -> int:

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from edgegen.security.auth import Authenticator, Principal, required_role
-from edgegen.security.gate import SecurityGate, SecurityMetrics, bearer, peer_role
+from edgegen.security.gate import SecurityGate, bearer, peer_role
 from edgegen.security.keys import KeyStore
 from edgegen.security.settings import SecuritySettings, TlsSettings, exposure_problem
+from tests.gates import noting_gate
 
 
 @pytest.mark.parametrize(
@@ -81,20 +81,7 @@ class _Sink:
 def _gate(tmp_path: Path, **settings: Any) -> tuple[SecurityGate, str, list[Principal]]:
     keys = KeyStore(tmp_path / "keys.sqlite")
     token = keys.create("user", models=("digits",))[0]
-    seen: list[Principal] = []
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        seen.append(scope["edgegen.principal"])
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    gate = SecurityGate(
-        app,
-        SecuritySettings(**settings),
-        Authenticator(keys, None),
-        None,
-        SecurityMetrics(CollectorRegistry()),
-    )
+    gate, seen = noting_gate(SecuritySettings(**settings), Authenticator(keys, None))
     return gate, token, seen
 
 
