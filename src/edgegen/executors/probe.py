@@ -81,15 +81,15 @@ def probe_load(
     if package.manifest.format not in PROBED_FORMATS:
         return
     path = package.model_path
+    passed = remember / _probe_key(package, settings) if remember is not None else None
+    if passed is not None and passed.exists():
+        return  # (the executor's own load runs our reader again, as every load of a GGUF does)
     # Our own reader first, in this process: it only reads, and it sizes the memory cap. A version
     # added before the reader knew what it knows now is refused here.
     try:
         shape = check_language_model(read_gguf(path))
     except IntegrityError as exc:
         raise Unprocessable(f"this model file does not load: {exc.message}") from None
-    passed = remember / _probe_key(package, settings) if remember is not None else None
-    if passed is not None and passed.exists():
-        return
     n_ctx = min(settings.ctx_per_seq, shape.n_ctx_train) * settings.max_num_seqs
     cap = 2 * path.stat().st_size + shape.kv_bytes_per_token * n_ctx + MEMORY_SLACK
     command = [*child, str(path), settings.model_dump_json(), str(cap)]
