@@ -49,8 +49,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
 
 
 def stream(gateway: GatewayProcess, out: list[tuple[str, list[str]]], started: threading.Barrier) -> None:
-    body = {"model": "tiny-llm", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 200,
-            "temperature": 0.8, "stream": True}  # fmt: skip
+    # Greedy: the tiny model never ends early, so the stream is still running when its node is drained.
+    body = {"model": "tiny-llm", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 300,
+            "temperature": 0, "stream": True}  # fmt: skip
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120) as response:
         started.wait(timeout=60)  # its node is chosen: the restart may begin
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
