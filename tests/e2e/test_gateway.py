@@ -208,6 +208,31 @@ def test_a_request_id_is_forwarded_and_client_forwarding_headers_are_not(gateway
     assert answer.headers["x-request-id"] != "bad id!"
 
 
+def test_a_request_the_gateways_gate_refuses_is_counted_and_logged(gateway: GatewayProcess) -> None:
+    # The same boundary as a node's, outside the gate: a refusal has its id, its access line, its count.
+    def refused() -> float:
+        scrape = httpx.get(f"{gateway.url}/metrics").text
+        line = next(
+            (x for x in scrape.splitlines() if x.startswith('edgegen_gateway_responses_total{status="400"}')),
+            "",
+        )
+        return float(line.split()[-1]) if line else 0.0
+
+    before = refused()
+    answer = httpx.get(f"{gateway.url}/v1/.%2e/admin/models", headers={"x-request-id": "refused-7"})
+    assert answer.status_code == 400  # dot segments: refused by the gate, before any node
+    assert answer.headers["x-request-id"] == "refused-7"
+    assert refused() == before + 1
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [json.loads(x) for x in gateway.log().splitlines() if '"refused-7"' in x]
+        if any(x.get("logger") == "edgegen.access" and x.get("status") == 400 for x in lines):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"no access line for the refused request: {lines}")
+
+
 def raw(gateway: GatewayProcess, request: bytes) -> int:
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         sock.sendall(request)

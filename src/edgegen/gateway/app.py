@@ -31,6 +31,7 @@ import functools
 import io
 import logging
 import pathlib
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -47,7 +48,7 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
-from edgegen.errors import ConfigError, Forbidden, InvalidInput
+from edgegen.errors import ConfigError, EdgegenError, Forbidden, InvalidInput, PayloadTooLarge, is_openai
 from edgegen.gateway.alerts import Analyzer
 from edgegen.gateway.balancers import Backend
 from edgegen.gateway.fleet import Fleet
@@ -58,19 +59,18 @@ from edgegen.gateway.proxy import Attempt, Proxy, Refused
 from edgegen.gateway.rollout import NAME, GateFailed, RollbackOrder, RolloutOrder, Rollouts
 from edgegen.gateway.settings import GatewaySettings, NodeEntry
 from edgegen.gateway.upgrade import Upgrades, Wheel
-from edgegen.http.errors import error_response, is_openai
+from edgegen.http.boundary import edge_stack
+from edgegen.http.errors import error_response, render
 from edgegen.http.errors import install as install_error_handlers
-from edgegen.http.middleware import RequestIds, read_head
-from edgegen.http.serving import tls_context
+from edgegen.http.serving import UPLOADS, GuardedHttpProtocol, tls_context
 from edgegen.observe.logs import AccessLog, request_id
 from edgegen.observe.metrics import LATENCY_BUCKETS, PublicView
 from edgegen.security.auth import Principal, principal_of
-from edgegen.security.gate import build_gate
-from edgegen.security.transport import GuardedHttpProtocol
 from edgegen.security.vulns import AdvisoryDb, installed_packages
 
 log = logging.getLogger("edgegen.gateway")
 MAX_WHEEL_BYTES = 64 << 20  # an edgegen wheel is a few hundred KiB
+UPGRADE = re.compile("/gateway/upgrade")
 
 
 _OUTCOMES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -130,7 +130,8 @@ class GatewayMetrics:
         children[0].observe(seconds)
         children[1].inc()
 
-    def response(self, status: int) -> None:
+    def observe_request(self, template: str, method: str, model: str, status: int, seconds: float) -> None:
+        """One answer to a client (the request boundary's count): by status."""
         child = self._statuses.get(status)
         if child is None:
             child = self._statuses[status] = self.responses.labels(str(status))
@@ -206,13 +207,12 @@ async def check_health(fleet: Fleet, client: aiohttp.ClientSession) -> None:
     await asyncio.gather(*(one(name, s.backend.url) for name, s in list(fleet.nodes.items())))
 
 
-async def receive(request: Request, sink: BinaryIO, limit: int) -> int:
-    """The request's body into `sink`, refused past `limit` bytes (413) or when empty (400)."""
+async def receive(request: Request, sink: BinaryIO) -> int:
+    """The request's body into `sink` (its size bounded by the request boundary: 413); refused when
+    empty (400)."""
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"the body exceeds {limit} bytes")
         sink.write(chunk)
     if not size:
         raise HTTPException(400, "the body is empty")
@@ -239,15 +239,17 @@ class Gateway:
         self.rollouts = Rollouts(self.fleet, self.node_call, settings.operations)
         self.upgrades = Upgrades(self.rollouts, self.node_call, self.drained, self.ready_again)
         self.access_log = AccessLog(settings.access_log)
-        self.request_ids = RequestIds()
         self.admin = self._admin_app()
-        self.gate = build_gate(
+        self.entry, self.gate = edge_stack(
             self._http,
-            settings.security,
-            settings.keys_file,
-            settings.home,
+            settings,
             self.metrics.registry,
-            mutual_tls=settings.tls.mutual,
+            self.metrics,
+            self.access_log,
+            uploads=[
+                ("POST", UPLOADS, settings.operations.max_package_bytes),
+                ("POST", UPGRADE, MAX_WHEEL_BYTES),
+            ],
         )
 
     @contextlib.asynccontextmanager
@@ -379,7 +381,7 @@ class Gateway:
             await self._lifespan(receive, send)
             return
         if scope["type"] == "http":
-            await self.gate(scope, receive, send)
+            await self.entry(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -389,33 +391,20 @@ class Gateway:
         ):
             await self.admin(scope, receive, send)
             return
-        started = time.perf_counter()
-        limits = self.settings
-        given, head_refusal = read_head(scope["headers"], limits.max_header_bytes, limits.max_body_bytes)
-        rid = self.request_ids.take(given)
-        token = request_id.set(rid)
-        status = 500
         try:
-            if head_refusal is not None:  # answered before the body is read: the connection closes
-                raise Refused(head_refusal[1], head_refusal[0], close=True)
-            status = await self.proxy(scope, receive, send, rid)
+            await self.proxy(scope, receive, send, request_id.get())
         except Refused as refused:
-            status = refused.status
-            if status != 499:
-                log.info("request refused", extra={"status": status, "reason": refused.message})
-                headers = {"x-request-id": rid, **({"Connection": "close"} if refused.close else {})}
-                response = error_response(refused.message, status, headers, openai=is_openai(path))
-                await response(scope, receive, send)
-        finally:
-            request_id.reset(token)
-            self.metrics.response(status)
-            self.access_log.write({
-                "request_id": rid,
-                "method": scope["method"],
-                "path": path,
-                "status": status,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            })  # fmt: skip
+            # A gone client's 499 is sent too, for the boundary's count and access line: nobody reads it.
+            if refused.status != 499:
+                log.info("request refused", extra={"status": refused.status, "reason": refused.message})
+            headers = {"Connection": "close"} if refused.close else None
+            response = error_response(refused.message, refused.status, headers, openai=is_openai(path))
+            await response(scope, receive, send)
+        except EdgegenError as exc:  # the body cut off at its limit (413), or its client gone (499)
+            status, body, headers = render(exc, is_openai(path))
+            if isinstance(exc, PayloadTooLarge):
+                headers["Connection"] = "close"  # the rest of the body is not read
+            await Response(body, status, headers, media_type="application/json")(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         context = self.lifespan()
@@ -742,7 +731,7 @@ class Gateway:
             folder = self.settings.home / "packages"
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix="push-") as spool:
-                await receive(request, spool, self.settings.operations.max_package_bytes)
+                await receive(request, spool)
                 spool.flush()
                 # (no validation to skip: the model and version were checked above, the source is the body)
                 order = RolloutOrder.model_construct(
@@ -759,7 +748,7 @@ class Gateway:
         ) -> dict[str, Any]:
             """The body is the wheel; see gateway/upgrade.py."""
             data = io.BytesIO()
-            await receive(request, data, MAX_WHEEL_BYTES)
+            await receive(request, data)
             return await self.upgrades.upgrade(Wheel(wheel, data.getvalue(), signature), _names(nodes))
 
         @app.post("/gateway/restart")

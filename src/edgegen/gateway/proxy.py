@@ -1,6 +1,6 @@
 """Forward one request to a node and its answer back: balancing, retries, header hygiene, streams.
 
-    client ─▶ (head checked by the app: http.middleware.read_head) ─▶ read the body (bounded: 413)
+    client ─▶ (head and body size checked by http.boundary) ─▶ read the body
            ─▶ balancer for the model / route ─▶ node (aiohttp, one keep-alive pool per node)
            ◀─ status + headers, then the body relayed chunk by chunk (SSE token by token)
 
@@ -57,6 +57,7 @@ from edgegen.errors import InvalidInput
 from edgegen.gateway.balancers import Backend, Balancer, make_balancer
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.settings import GatewaySettings, RetrySettings
+from edgegen.http.bodies import read_body
 from edgegen.security.auth import GENERATION_PATHS, Principal
 from edgegen.security.paths import canonical_path, raw_path_of, upstream_path
 from edgegen.security.transport import client_context
@@ -71,8 +72,9 @@ _HOP = frozenset(
 # A client must not choose what the gateway tells a node about the client (or, later, who it is).
 _CLIENT_FORBIDDEN = (b"x-forwarded-", b"forwarded", b"x-real-ip", b"x-edgegen-")
 _HOP_ID = _HOP | {b"x-request-id"}
-# The body is relayed as it came, so its length holds; the gateway's server writes its own Date.
-_HOP_RESPONSE = (_HOP - {b"content-length"}) | {b"date"}
+# The body is relayed as it came, so its length holds; the gateway's server writes its own Date, and
+# its request boundary the request id (the one it forwarded, which the node echoes).
+_HOP_RESPONSE = (_HOP - {b"content-length"}) | {b"date", b"x-request-id"}
 _IDEMPOTENT = re.compile(r"^/(predict|models/[^/]+/predict|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 _MODEL_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)/")
 _RETRY_STATUS = frozenset({502, 503, 504})
@@ -337,7 +339,7 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> int:
         """Relay one request (its head already checked by the app); return the status the client got.
         A client that leaves while its generation is at a node cancels it there (499)."""
-        body = await self._body(receive)
+        body = await read_body(receive)
         target = Target.of(scope)
         if target.path not in GENERATION_PATHS:
             # Anything else is answered within the node's request deadline: watching for its client's
@@ -428,21 +430,6 @@ class Proxy:
         if silent:
             raise Refused(503, f"job {job_id} is not on the nodes that answered; {len(silent)} did not")
         raise Refused(503, "no node is available to take this request")
-
-    async def _body(self, receive: Receive) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise Refused(499, "the client went away")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.settings.max_body_bytes:
-                raise Refused(413, f"request body exceeds {self.settings.max_body_bytes} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 
     @staticmethod
     def _forward_headers(

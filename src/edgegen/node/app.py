@@ -27,8 +27,8 @@ from edgegen.cache import ResponseCache
 from edgegen.config import Settings, load_settings
 from edgegen.engine.registry import ModelRegistry
 from edgegen.http import errors
-from edgegen.http.middleware import EdgeMiddleware
-from edgegen.http.serving import tls_context
+from edgegen.http.boundary import edge_stack
+from edgegen.http.serving import UPLOADS, GuardedHttpProtocol, tls_context
 from edgegen.jobs.queue import JobQueue, JobRequest
 from edgegen.jobs.sqlite import SqliteJobQueue
 from edgegen.jobs.workers import JobWorkers
@@ -40,9 +40,7 @@ from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
 from edgegen.observe.shipping import LogShipper, ShipHandler, default_node_name
 from edgegen.security.atrest import Keyring
 from edgegen.security.auth import principal_of
-from edgegen.security.gate import build_gate
 from edgegen.security.signing import store_trust
-from edgegen.security.transport import GuardedHttpProtocol
 from edgegen.store import ModelStore
 
 log = logging.getLogger("edgegen.node")
@@ -59,23 +57,15 @@ class NodeApp:
         self.state = api.state
         settings = node.settings
         self.routes = seed.SeedRoutes(api, node)  # what job workers call: the routes, behind the gate
-        gate = build_gate(
+        self._entry, gate = edge_stack(
             self.routes,
-            settings.security,
-            settings.keys_file,
-            settings.home,
+            settings,
             node.metrics.registry,
-            mutual_tls=settings.tls.mutual,
+            node.metrics,
+            node.access_log,
+            uploads=[("PUT", UPLOADS, settings.security.max_pull_bytes)],
         )
         node.audit = gate.audit
-        self._entry = EdgeMiddleware(
-            gate,
-            metrics=node.metrics,
-            max_body_bytes=node.settings.max_body_bytes,
-            max_header_bytes=node.settings.max_header_bytes,
-            access_log=node.access_log,
-            max_upload_bytes=node.settings.security.max_pull_bytes,
-        )
 
     @property
     def inflight(self) -> int:

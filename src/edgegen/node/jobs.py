@@ -27,12 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message
 
-from edgegen.errors import InvalidInput, ModelNotFound
+from edgegen.errors import InvalidInput, ModelNotFound, validation_message
+from edgegen.http.bodies import parse_json
 from edgegen.http.responses import json_response
 from edgegen.jobs.queue import JOB_ID, Job, JobRequest
 from edgegen.node.openai import GENERATION_URLS, validate_generation
 from edgegen.node.state import NodeState, node_of
-from edgegen.node.tensors import parse_json
 from edgegen.security.auth import Principal, authorize_model, principal_of
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -116,9 +116,7 @@ async def create(request: Request) -> Response:
         # integers past 64 bits, which orjson cannot write back.
         order = JobCreate.model_validate(parse_json(await request.body()))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise InvalidInput(f"invalid job: {where + ': ' if where else ''}{first['msg']}") from None
+        raise InvalidInput(f"invalid job: {validation_message(exc.errors())}") from None
     key = request.headers.get("idempotency-key")
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise InvalidInput("Idempotency-Key: 1-255 characters of letters, digits, . _ : -")

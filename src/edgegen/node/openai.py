@@ -42,10 +42,10 @@ from edgegen.engine.generation import Event, Generation, Scheduler, Usage
 from edgegen.engine.prompt import Prompt, text_prompt
 from edgegen.engine.registry import ServedModel
 from edgegen.engine.sampling import SamplingParams
-from edgegen.errors import ClientGone, InvalidInput
+from edgegen.errors import ClientGone, InvalidInput, validation_message
+from edgegen.http.bodies import parse_json
 from edgegen.http.responses import json_response
 from edgegen.node.state import node_of
-from edgegen.node.tensors import parse_json
 from edgegen.security.auth import authorize_model, principal_of
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -183,9 +183,7 @@ def validate(model: type[_P], data: Any, limits: LlmSettings, at: tuple[str, ...
     try:
         return model.model_validate(data, context=limits)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(p) for p in (*at, *error["loc"]))
-        raise InvalidInput(f"{where}: {error['msg']}" if where else error["msg"]) from None
+        raise InvalidInput(validation_message(exc.errors(), at)) from None
 
 
 def validate_generation(url: str, data: Any, limits: LlmSettings) -> ChatRequest | CompletionRequest:

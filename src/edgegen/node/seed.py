@@ -20,29 +20,15 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgegen.errors import EdgegenError, InvalidInput
+from edgegen.http.bodies import parse_json, read_body
 from edgegen.http.errors import render
 from edgegen.node.state import NodeState
-from edgegen.node.tensors import parse_json, to_batch
+from edgegen.node.tensors import to_batch
 from edgegen.security.auth import authorize_model
 
 log = logging.getLogger("edgegen.errors")
 PREFIX, SUFFIX = "/models/", "/predict"
 JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
-class _ClientGone(Exception):
-    """The client closed the connection before its body arrived; nobody is left to answer."""
-
-
-async def read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def respond(send: Send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
@@ -81,8 +67,6 @@ class SeedRoutes:
             return
         try:
             body, headers = await self._predict(scope, receive, route[1])
-        except _ClientGone:
-            return
         except EdgegenError as exc:
             status, error, headers = render(exc)
             await respond(send, status, error, headers)

@@ -10,20 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import orjson
 
 from edgegen.errors import InvalidInput
 from edgegen.store.manifest import TensorSpec
-
-
-def parse_json(body: bytes) -> Any:
-    """Parse a request body; orjson refuses NaN/Infinity, over-deep nesting and invalid UTF-8."""
-    if not body:
-        raise InvalidInput("the request body is empty; send a JSON object")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc.msg}") from None
 
 
 def _numbers(data: Any, what: str) -> np.ndarray:

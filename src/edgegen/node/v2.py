@@ -19,9 +19,10 @@ from starlette.responses import Response
 from edgegen import __version__
 from edgegen.engine.registry import ServedModel
 from edgegen.errors import InvalidInput, ModelNotFound
+from edgegen.http.bodies import parse_json
 from edgegen.http.responses import json_response
 from edgegen.node.state import node_of
-from edgegen.node.tensors import cast, parse_json
+from edgegen.node.tensors import cast
 from edgegen.security.auth import authorize_model, principal_of
 from edgegen.store import Manifest, TensorSpec
 

@@ -49,8 +49,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edgegen.errors import InvalidInput
-from edgegen.http.errors import error_body, is_openai
+from edgegen.errors import InvalidInput, error_body, is_openai
 from edgegen.security.audit import AuditLog
 from edgegen.security.auth import (
     ANONYMOUS_ADMIN,

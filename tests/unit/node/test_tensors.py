@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgegen.errors import InvalidInput
-from edgegen.node.tensors import parse_json, to_batch
+from edgegen.node.tensors import to_batch
 from edgegen.store import TensorSpec
 
 SPEC = TensorSpec(name="input", dtype="float32", shape=(-1, 4))
@@ -41,22 +41,6 @@ def test_one_sample_gets_a_batch_dimension_and_a_list_of_samples_keeps_it() -> N
 def test_bad_input_data_is_refused_with_a_reason(data: Any, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         to_batch(data, SPEC)
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        b"",
-        b"{",
-        b'{"input_data": [NaN]}',
-        b'{"input_data": [Infinity]}',
-        b"\xff\xfe",
-        b"[" * 100_000 + b"]" * 100_000,
-    ],
-)
-def test_bad_json_is_refused(body: bytes) -> None:
-    with pytest.raises(InvalidInput):
-        parse_json(body)
 
 
 def test_integer_models_refuse_fractions_and_out_of_range_values() -> None:

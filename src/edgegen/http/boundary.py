@@ -1,12 +1,16 @@
-"""One pure-ASGI middleware for what every request needs before and after its route.
+"""Where every request enters a node or a gateway, and the one order of what wraps their routes.
 
+    client ─▶ RequestBoundary ─▶ SecurityGate ─▶ the app's routes        (`edge_stack` builds it)
+
+`RequestBoundary`, outermost, so that even a request the gate refuses is counted and logged:
 - a request id: `X-Request-ID` when it is sane, else a new one; set for the logs and echoed back;
-- limits: headers over `max_header_bytes` get 431, a body over `max_body_bytes` gets 413 — from its
+- limits: headers over `max_header_bytes` get 431, a body over its limit gets 413 — from its
   Content-Length before anything is read, or, when it is chunked, as soon as the running count passes
-  the limit; a request with both Content-Length and Transfer-Encoding (a smuggling shape) gets 400;
-  a pushed model package (`PUT /admin/models/{name}/package`, `UPLOADS`) has `max_upload_bytes`
-  instead, and its route streams the body to disk;
-- one access-log line and the latency histogram per request, labelled by route template and model.
+  the limit; a request with both Content-Length and Transfer-Encoding (a smuggling shape) gets 400.
+  The limit is `max_body_bytes`, or an upload route's own (a pushed model package, a wheel), whose
+  route streams the body to disk;
+- one access-log line and one observation (latency, status) per request, labelled by route template
+  and model.
 """
 
 from __future__ import annotations
@@ -16,15 +20,18 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
 
+from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edgegen.errors import PayloadTooLarge
-from edgegen.http.errors import error_response, is_openai
+from edgegen.errors import PayloadTooLarge, is_openai
+from edgegen.http.errors import error_response
 from edgegen.observe.logs import AccessLog, request_id
-from edgegen.observe.metrics import NodeMetrics
-from edgegen.security.transport import UPLOADS
+from edgegen.security.gate import SecurityGate, build_gate
+from edgegen.security.settings import SecuritySettings, TlsSettings
 
 access = logging.getLogger("edgegen.access")
 SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
@@ -80,32 +87,71 @@ def read_head(
     return given, None
 
 
-class EdgeMiddleware:
+class RequestObserver(Protocol):
+    """What counts requests: a node's metrics (latency by route and model), a gateway's (by status)."""
+
+    def observe_request(
+        self, template: str, method: str, model: str, status: int, seconds: float
+    ) -> None: ...
+
+
+class EdgeSettings(Protocol):
+    """What the stack reads of a node's or a gateway's settings."""
+
+    @property
+    def security(self) -> SecuritySettings: ...
+
+    @property
+    def tls(self) -> TlsSettings: ...
+
+    @property
+    def home(self) -> Path: ...
+
+    @property
+    def keys_file(self) -> Path: ...
+
+    @property
+    def max_body_bytes(self) -> int: ...
+
+    @property
+    def max_header_bytes(self) -> int: ...
+
+
+Upload = tuple[str, re.Pattern[str], int]  # (method, path, the body limit of that route)
+
+
+class RequestBoundary:
     def __init__(
         self,
         app: ASGIApp,
-        metrics: NodeMetrics,
+        observer: RequestObserver,
+        access_log: AccessLog,
+        *,
         max_body_bytes: int,
         max_header_bytes: int,
-        access_log: AccessLog,
-        max_upload_bytes: int | None = None,
+        uploads: Sequence[Upload] = (),
     ) -> None:
         self.app = app
-        self.metrics = metrics
-        self.max_body = max_body_bytes
-        self.max_upload = max_upload_bytes or max_body_bytes
-        self.max_headers = max_header_bytes
+        self.observer = observer
         self.access_log = access_log
+        self.max_body = max_body_bytes
+        self.max_headers = max_header_bytes
+        self.uploads = uploads
         self.request_ids = RequestIds()
-        self.inflight = 0  # live requests being answered (the job workers give way to them)
+        self.inflight = 0  # live requests being answered (a node's job workers give way to them)
+
+    def body_limit(self, method: str, path: str) -> int:
+        for upload_method, route, limit in self.uploads:
+            if method == upload_method and route.fullmatch(path) is not None:
+                return limit
+        return self.max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        upload = scope["method"] == "PUT" and UPLOADS.fullmatch(scope["path"]) is not None  # (a node's)
-        limit = self.max_upload if upload else self.max_body
+        limit = self.body_limit(scope["method"], scope["path"])
         given, refusal = read_head(scope["headers"], self.max_headers, limit)
         rid = self.request_ids.take(given)
         token = request_id.set(rid)
@@ -151,10 +197,10 @@ class EdgeMiddleware:
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         try:
-            # The seed's routes name their template themselves; FastAPI's routes leave theirs in scope.
+            # Pure-ASGI routes name their template themselves; FastAPI's routes leave theirs in scope.
             template = scope.get("edgegen.route") or getattr(scope.get("route"), "path", "unmatched")
             model = scope.get("state", {}).get("model", "")
-            self.metrics.observe_request(template, scope["method"], model, status, seconds)
+            self.observer.observe_request(template, scope["method"], model, status, seconds)
             self.access_log.write(
                 {
                     "request_id": request_id.get(),
@@ -167,3 +213,33 @@ class EdgeMiddleware:
             )
         except Exception:
             access.exception("request accounting failed")
+
+
+def edge_stack(
+    routes: ASGIApp,
+    settings: EdgeSettings,
+    registry: CollectorRegistry,
+    observer: RequestObserver,
+    access_log: AccessLog,
+    uploads: Sequence[Upload] = (),
+) -> tuple[RequestBoundary, SecurityGate]:
+    """A node's or a gateway's routes wrapped, in the one order both apps share: the boundary, then the
+    security gate (credentials, roles, rate limits, intrusion guard; its metrics in `registry`). Gives
+    the entry and the gate (whose audit log the app writes its own entries to)."""
+    gate = build_gate(
+        routes,
+        settings.security,
+        settings.keys_file,
+        settings.home,
+        registry,
+        mutual_tls=settings.tls.mutual,
+    )
+    entry = RequestBoundary(
+        gate,
+        observer,
+        access_log,
+        max_body_bytes=settings.max_body_bytes,
+        max_header_bytes=settings.max_header_bytes,
+        uploads=uploads,
+    )
+    return entry, gate
