@@ -227,16 +227,24 @@ class SecurityGate:
         )
         if generation:
             self.streams[outcome.subject] = self.streams.get(outcome.subject, 0) + 1
-        status = 500
+        recorded = False
 
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+        def record(status: int) -> None:
+            nonlocal recorded
+            if admin_change and self.audit is not None and not recorded:
+                recorded = True
+                self.audit.record(
+                    outcome.subject, f"{scope['method']} {scope['path']}", scope["path"],
+                    "ok" if status < 400 else f"refused {status}", _where(client),
+                )  # fmt: skip
+
+        async def send_recorded(message: Message) -> None:
+            if message["type"] == "http.response.start":  # in the log before the caller hears of it
+                record(message["status"])
             await send(message)
 
         try:
-            await self.app(scope, receive, send_status if admin_change else send)
+            await self.app(scope, receive, send_recorded if admin_change else send)
         finally:
             if generation:
                 left = self.streams[outcome.subject] - 1
@@ -244,11 +252,7 @@ class SecurityGate:
                     self.streams[outcome.subject] = left
                 else:
                     del self.streams[outcome.subject]
-            if admin_change and self.audit is not None:
-                self.audit.record(
-                    outcome.subject, f"{scope['method']} {scope['path']}", scope["path"],
-                    "ok" if status < 400 else f"refused {status}", _where(client),
-                )  # fmt: skip
+            record(500)  # (an app that failed before it answered)
 
     def _caller(self, scope: Scope) -> Caller:
         peer = scope["client"][0] if scope.get("client") else ""

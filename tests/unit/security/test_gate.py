@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from edgegen.security.audit import AuditLog
 from edgegen.security.auth import Authenticator, Principal, required_role
-from edgegen.security.gate import SecurityGate, bearer, peer_role
+from edgegen.security.gate import SecurityGate, SecurityMetrics, bearer, peer_role
 from edgegen.security.keys import KeyStore
 from edgegen.security.settings import SecuritySettings, TlsSettings, exposure_problem
 from tests.gates import noting_gate
@@ -118,3 +120,38 @@ def test_allow_list_and_ban(tmp_path: Path) -> None:
     assert _request(gate, "/predict", token=token) == 403  # banned, even with a good key
     assert _request(gate, "/predict", client="10.9.9.9", token=token) == 200  # another address is not
     assert gate.metrics.bans._value.get() == 1
+
+
+def test_an_admin_change_is_in_the_audit_log_before_its_caller_hears_of_it(tmp_path: Path) -> None:
+    # A client that reads the log right after its answer finds its change there (it raced before).
+    keys = KeyStore(tmp_path / "keys.sqlite")
+    token = keys.create("operator")[0]
+    audit = AuditLog(tmp_path / "audit.sqlite")
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    gate = SecurityGate(
+        app, SecuritySettings(), Authenticator(keys, None), audit, SecurityMetrics(CollectorRegistry())
+    )
+    logged_at_start: list[list[str]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            logged_at_start.append([entry.action for entry in audit.tail(10)])
+
+    path = "/admin/models/digits/activate"
+    headers = [(b"authorization", f"Bearer {token}".encode())]
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": headers, "client": ("10.1.2.3", 5000)}  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    try:
+        asyncio.run(gate(scope, receive, send))
+        assert logged_at_start == [[f"POST {path}"]]
+        assert [entry.action for entry in audit.tail(10)] == [f"POST {path}"]  # once, not again at the end
+    finally:
+        audit.close()
