@@ -1,9 +1,15 @@
 """The jobs API on a real node: answers equal the live route's, bad input is a clear 4xx, tenants do not
-see each other's jobs, and a node killed with SIGKILL mid-queue loses and repeats nothing."""
+see each other's jobs, a queued job runs with its submitter's scope as it reads when the job runs, and a
+node killed with SIGKILL mid-queue loses and repeats nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +19,7 @@ import numpy as np
 import pytest
 
 from edgegen.jobs.sqlite import SqliteJobQueue
+from edgegen.security.keys import KeyStore
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import NodeProcess, metric, running, tenant_headers
 
@@ -163,6 +170,65 @@ def test_cancel_a_queued_job(node_home: Path, tmp_path: Path) -> None:
         cancelled = client.delete(f"/v1/jobs/{job['id']}")
         assert cancelled.json()["status"] == "cancelled"
         assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
+def forward_passes(node: NodeProcess, model: str) -> float:
+    """How many forward passes `model` made on `node` (its batch-size histogram's count)."""
+    text = httpx.get(f"{node.url}/metrics", headers=node.headers).text
+    prefix = f'edgegen_batch_size_count{{model="{model}"}} '
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_a_queued_job_runs_with_its_submitters_scope_as_it_is_then(node_home: Path, tmp_path: Path) -> None:
+    """A key scoped to two models queues a job for each at a node that runs no jobs, and another key queues
+    one too; then the operator narrows the first key to one model and revokes the other. A node that runs
+    jobs refuses the job for the model the key lost and the revoked key's job — 403, as the live route
+    answers — without running their model, and runs the job the key may still run."""
+    keys = KeyStore(node_home / "security" / "keys.sqlite")
+    try:
+        scoped, narrowed = keys.create("user", models=("digits", "digits-tflite"), tenant="acme")
+        doomed, revoked = keys.create("user", tenant="acme")
+    finally:
+        keys.close()
+    env = {**LLM_ENV, "EDGEGEN_JOBS__PATH": str(tmp_path / "jobs.sqlite")}
+    sample = {"input_data": [1.0] * 64}
+    accepting = NodeProcess(node_home, env={**env, "EDGEGEN_JOBS__WORKERS": "0"}, auth=True)
+    with running(accepting), httpx.Client(base_url=accepting.url, timeout=30) as client:
+
+        def queue(url: str, token: str) -> str:
+            order = {"method": "POST", "url": url, "body": sample}
+            response = client.post("/v1/jobs", json=order, headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == 202, response.text
+            return str(response.json()["id"])
+
+        lost, kept = queue("/models/digits/predict", scoped), queue("/models/digits-tflite/predict", scoped)
+        gone = queue("/predict", doomed)
+    # No command narrows a key: the operator edits its record in the key store the gate reads.
+    with contextlib.closing(sqlite3.connect(node_home / "security" / "keys.sqlite")) as db, db:
+        db.execute("UPDATE keys SET models = 'digits-tflite' WHERE id = ?", (narrowed.id,))
+    revoke = subprocess.run(
+        [sys.executable, "-m", "edgegen", "keys", "revoke", revoked.id],
+        env={**os.environ, "EDGEGEN_HOME": str(node_home)}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert revoke.returncode == 0, revoke.stderr
+    runner = NodeProcess(node_home, env=env, auth=True)
+    with (
+        running(runner),
+        httpx.Client(base_url=runner.url, headers=tenant_headers(node_home, "acme"), timeout=30) as client,
+    ):
+        done = {job_id: wait_final(client, job_id) for job_id in (lost, kept, gone)}
+        live = client.post(
+            "/models/digits/predict", json=sample, headers={"Authorization": f"Bearer {scoped}"}
+        )
+        assert live.status_code == 403
+        assert done[lost]["status"] == "failed"
+        assert done[lost]["response"] == {"status_code": 403, "body": live.json()}
+        assert done[kept]["status"] == "succeeded"
+        assert done[gone]["status"] == "failed"
+        assert done[gone]["response"]["status_code"] == 403  # type: ignore[index]
+        assert "revoked" in done[gone]["response"]["body"]["error"]  # type: ignore[index]
+        assert forward_passes(runner, "digits") == 0
+        assert forward_passes(runner, "digits-tflite") == 1
 
 
 def test_sigkill_mid_queue_loses_nothing_and_finishes_nothing_twice(node_home: Path, tmp_path: Path) -> None:

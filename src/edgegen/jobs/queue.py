@@ -1,8 +1,8 @@
 """Jobs: requests to run later, kept safe across crashes. One small protocol, two backends.
 
     queue = SqliteJobQueue(home / "jobs" / "jobs.sqlite")       # or RedisJobQueue(url) (jobs/redis.py)
-    job, created = await queue.submit("acme", JobRequest("POST", "/predict", body), priority=5,
-                                      idempotency_key="order-17")
+    job, created = await queue.submit("acme", JobRequest("POST", "/predict", body), principal=principal,
+                                      priority=5, idempotency_key="order-17")
     job = await queue.claim("node-a/worker-1", lease_s=30)        # highest priority, then oldest
     await queue.heartbeat(job.id, "node-a/worker-1", lease_s=30)  # False: cancelled, or the lease was lost
     await queue.finish(job.id, "node-a/worker-1", 200, answer)    # True once per job, whoever ran it
@@ -14,6 +14,9 @@ every claim counts an attempt, and a job that used up `max_attempts` — retried
 (the dead-letter state, its last error kept). `finish` and `retry` are accepted only from the worker that
 holds the lease, so a job finishes once even when a slow worker and its successor both ran it.
 Idempotency keys are per owner: the same key gives back the same job (409 if the request differs).
+A job keeps its submitter's principal (encrypted at rest like its bodies); the node decides again, from
+it, what the job may do when it runs (node/jobs.py). A job stored without one (queued by an older edgegen)
+reads None.
 
 Each owner (a tenant, else a credential) may have at most `max_queued` unfinished jobs (queued or running)
 whose request bodies hold at most `max_queued_bytes` bytes as stored; `submit` beyond either bound raises
@@ -30,6 +33,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from edgegen.errors import Overloaded
+from edgegen.security.auth import Principal
 
 
 class Status(StrEnum):
@@ -73,6 +77,7 @@ class Job:
     error: str | None = None
     idempotency_key: str | None = None
     progress: float = 0.0
+    principal: Principal | None = None  # who submitted it, as checked then
 
 
 # A full allowance frees up as the tenant's jobs run: worth a look again after a few seconds.
@@ -117,7 +122,13 @@ class JobQueue(Protocol):
     max_attempts: int
 
     async def submit(
-        self, owner: str, request: JobRequest, *, priority: int = 0, idempotency_key: str | None = None
+        self,
+        owner: str,
+        request: JobRequest,
+        *,
+        principal: Principal | None = None,
+        priority: int = 0,
+        idempotency_key: str | None = None,
     ) -> tuple[Job, bool]: ...
 
     async def get(self, job_id: str) -> Job | None: ...

@@ -3,7 +3,8 @@
     queue = RedisJobQueue("redis://127.0.0.1:6379/0", prefix="edgegen:jobs:")
 
 Layout, under the prefix:
-    job:<id>              hash: the job, SQLite's row as fields (bodies encrypted when a keyring is set)
+    job:<id>              hash: the job, SQLite's row as fields (bodies and principal encrypted when a
+                          keyring is set; jobs stored before principals were kept have none)
     ready:<priority>      stream per priority 0–9, consumer group `workers`: the jobs waiting to run
     delayed               sorted set, not_before → id: retries backing off
     leases                sorted set, lease_until → id: running jobs
@@ -32,6 +33,7 @@ from redis.exceptions import ResponseError
 from edgegen.errors import Conflict
 from edgegen.jobs.queue import Job, JobRequest, Status, backoff, new_job_id, over_allowance
 from edgegen.security.atrest import Keyring
+from edgegen.security.auth import Principal
 
 PRIORITIES = range(9, -1, -1)  # claimed highest first
 GROUP = "workers"
@@ -51,7 +53,8 @@ local function release(p, key)
 end
 """
 
-# KEYS: prefix. ARGV: id, owner, method, url, body, priority, now, idem, max_queued, max_queued_bytes.
+# KEYS: prefix. ARGV: id, owner, method, url, body, priority, now, idem, max_queued, max_queued_bytes,
+# principal.
 # Returns {1, id, the job's hash as HGETALL gives it} when created, {0, …} for a known idempotency key,
 # {-1, jobs, bytes} (the owner's unfinished jobs and their bytes) when the job is over its allowance.
 _SUBMIT = """
@@ -72,7 +75,7 @@ redis.call('HINCRBY', open, 'bytes', size)
 local entry = redis.call('XADD', p .. 'ready:' .. ARGV[6], '*', 'id', id)
 redis.call('HSET', p .. 'job:' .. id, 'owner', owner, 'method', ARGV[3], 'url', ARGV[4], 'body', ARGV[5],
   'priority', ARGV[6], 'status', 'queued', 'attempts', 0, 'created', ARGV[7], 'updated', ARGV[7],
-  'not_before', 0, 'progress', 0, 'idem', idem, 'entry', entry, 'size', size)
+  'not_before', 0, 'progress', 0, 'idem', idem, 'entry', entry, 'size', size, 'principal', ARGV[11])
 redis.call('SADD', p .. 'status:queued', id)
 return {1, id, redis.call('HGETALL', p .. 'job:' .. id)}
 """
@@ -284,6 +287,7 @@ class RedisJobQueue:
             return float(value) if value else None
 
         status_code = f.get("response_status", b"")
+        principal = self._open(job_id, "principal", f.get("principal"))
         return Job(
             id=job_id,
             owner=f["owner"].decode(),
@@ -303,18 +307,26 @@ class RedisJobQueue:
             error=text("error"),
             idempotency_key=text("idem"),
             progress=number("progress") or 0.0,
+            principal=Principal.from_record(principal) if principal else None,
         )
 
     async def submit(
-        self, owner: str, request: JobRequest, *, priority: int = 0, idempotency_key: str | None = None
+        self,
+        owner: str,
+        request: JobRequest,
+        *,
+        principal: Principal | None = None,
+        priority: int = 0,
+        idempotency_key: str | None = None,
     ) -> tuple[Job, bool]:
         if priority not in PRIORITIES:
             raise ValueError("priority is 0 to 9")
         await self._groups()
         job_id = new_job_id()
+        sealed = self._seal(job_id, "principal", principal.to_record()) if principal is not None else b""
         created, found, flat = await self._run(
             "submit", job_id, owner, request.method, request.url, self._seal(job_id, "request", request.body),
-            priority, self.clock(), idempotency_key or "", self.max_queued, self.max_queued_bytes,
+            priority, self.clock(), idempotency_key or "", self.max_queued, self.max_queued_bytes, sealed,
         )  # fmt: skip
         if created == -1:
             refusal = over_allowance(owner, found, flat, self.max_queued, self.max_queued_bytes)

@@ -3,7 +3,9 @@
 Every change is one transaction (`BEGIN IMMEDIATE`: one writer at a time, across processes too), so a
 crash leaves each job as it was before or after a step, never between. WAL with synchronous=NORMAL
 survives a killed process (the OS keeps what was written); a power cut may lose the last commits.
-Request and response bodies are encrypted at rest when a keyring is given (security/atrest.py).
+Request and response bodies, and the submitter's principal, are encrypted at rest when a keyring is given
+(security/atrest.py). A file made before principals were kept gains their column when opened; its jobs
+hold none.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from edgegen.errors import Conflict
 from edgegen.jobs.queue import FINAL, Job, JobRequest, Status, backoff, new_job_id, over_allowance
 from edgegen.security.atrest import Keyring
+from edgegen.security.auth import Principal
 from edgegen.sqlite import connect, transaction
 
 _SCHEMA = """
@@ -37,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     response_body BLOB,
     error TEXT,
     idem TEXT,
-    progress REAL NOT NULL DEFAULT 0
+    progress REAL NOT NULL DEFAULT 0,
+    principal BLOB
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs (owner, idem) WHERE idem IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (priority DESC, created) WHERE status = 'queued';
@@ -47,7 +51,8 @@ CREATE INDEX IF NOT EXISTS jobs_open ON jobs (owner) WHERE status IN ('queued', 
 """
 _SELECT_ONE = (
     "SELECT id, owner, method, url, body, priority, status, attempts, created, updated, not_before,"
-    " lease_until, worker, response_status, response_body, error, idem, progress FROM jobs WHERE id = ?"
+    " lease_until, worker, response_status, response_body, error, idem, progress, principal"
+    " FROM jobs WHERE id = ?"
 )
 
 
@@ -65,6 +70,12 @@ class SqliteJobQueue:
     ) -> None:
         self._db = connect(path)
         self._db.executescript(_SCHEMA)
+        # A file from before principals were kept gains their column; in one transaction, as two processes
+        # (`--workers 2`) may open it at once.
+        with transaction(self._db):
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "principal" not in columns:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN principal BLOB")
         self.max_attempts, self.backoff_s, self.keyring, self.clock = max_attempts, backoff_s, keyring, clock
         self.max_queued, self.max_queued_bytes = max_queued, max_queued_bytes
 
@@ -79,12 +90,14 @@ class SqliteJobQueue:
 
     def _job(self, row: tuple[Any, ...]) -> Job:
         (job_id, owner, method, url, body, priority, status, attempts, created, updated, not_before,
-         lease_until, worker, response_status, response_body, error, idem, progress) = row  # fmt: skip
+         lease_until, worker, response_status, response_body, error, idem, progress,
+         principal) = row  # fmt: skip
         request = JobRequest(method, url, self._open(job_id, "request", body) or b"")
+        record = self._open(job_id, "principal", principal)
         return Job(
             job_id, owner, request, priority, Status(status), attempts, created, updated, not_before,
             lease_until, worker, response_status, self._open(job_id, "response", response_body), error, idem,
-            progress,
+            progress, Principal.from_record(record) if record is not None else None,
         )  # fmt: skip
 
     def _row(self, job_id: str) -> tuple[Any, ...] | None:
@@ -93,7 +106,13 @@ class SqliteJobQueue:
 
     # -- the protocol ---------------------------------------------------------------------------------
     async def submit(
-        self, owner: str, request: JobRequest, *, priority: int = 0, idempotency_key: str | None = None
+        self,
+        owner: str,
+        request: JobRequest,
+        *,
+        principal: Principal | None = None,
+        priority: int = 0,
+        idempotency_key: str | None = None,
     ) -> tuple[Job, bool]:
         now = self.clock()
         with transaction(self._db):
@@ -116,10 +135,12 @@ class SqliteJobQueue:
             refusal = over_allowance(owner, jobs, size + len(body), self.max_queued, self.max_queued_bytes)
             if refusal is not None:
                 raise refusal
+            sealed = self._seal(job_id, "principal", principal.to_record()) if principal is not None else None
             self._db.execute(
-                "INSERT INTO jobs (id, owner, method, url, body, priority, status, created, updated, idem)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
-                (job_id, owner, request.method, request.url, body, priority, now, now, idempotency_key),
+                "INSERT INTO jobs (id, owner, method, url, body, priority, status, created, updated, idem,"
+                " principal) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (job_id, owner, request.method, request.url, body, priority, now, now, idempotency_key,
+                 sealed),
             )  # fmt: skip
             return self._job(self._row(job_id)), True  # type: ignore[arg-type]
 

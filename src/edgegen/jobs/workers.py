@@ -3,12 +3,13 @@
     workers = JobWorkers(queue, run, settings.jobs, live=lambda: middleware.inflight, name="node-a")
     await workers.start() … await workers.stop()
 
-`run(request, owner)` answers a job's request exactly as the live route would (status and body); the
-node passes its routes behind the security gate, so a job goes through the same batcher or scheduler as a
-live request. Workers beyond `reserved` wait while live requests are in flight, so a burst of jobs never
-starves interactive traffic; the reserved ones keep the queue moving. While a job runs, its lease is
-renewed every third of `lease_s`; a renewal that fails (the job was cancelled, or the lease lost) stops
-the run. A 5xx or 429 answer, or an exception, is retried with back-off; any other answer finishes it.
+`run(job)` answers a job's request exactly as the live route would answer its submitter (status and
+body): the node passes its routes behind the security gate, and the submitter's scope as it stands when
+the job runs (node/jobs.py), so a job meets the same checks, batcher or scheduler as a live request.
+Workers beyond `reserved` wait while live requests are in flight, so a burst of jobs never starves
+interactive traffic; the reserved ones keep the queue moving. While a job runs, its lease is renewed every
+third of `lease_s`; a renewal that fails (the job was cancelled, or the lease lost) stops the run. A 5xx or
+429 answer, or an exception, is retried with back-off; any other answer finishes it.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from edgegen.config import JobsSettings
-from edgegen.jobs.queue import Job, JobQueue, JobRequest, Status
+from edgegen.jobs.queue import Job, JobQueue, Status
 
 log = logging.getLogger("edgegen.jobs")
-Runner = Callable[[JobRequest, str], Awaitable[tuple[int, bytes]]]
+Runner = Callable[[Job], Awaitable[tuple[int, bytes]]]
 
 
 class JobObserver(Protocol):
@@ -98,7 +99,7 @@ class JobWorkers:
     async def _attempt(self, job: Job, worker: str) -> str:
         """Run one attempt of `job` and record its outcome in the queue; return the outcome's name."""
         self.running += 1
-        attempt = asyncio.create_task(self.run(job.request, job.owner))
+        attempt = asyncio.create_task(self.run(job))
         keeper = asyncio.create_task(self._keep_lease(job.id, worker, attempt))
         try:
             status, body = await attempt

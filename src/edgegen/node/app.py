@@ -29,17 +29,18 @@ from edgegen.engine.registry import ModelRegistry
 from edgegen.http import errors
 from edgegen.http.boundary import edge_stack
 from edgegen.http.serving import UPLOADS, GuardedHttpProtocol, tls_context
-from edgegen.jobs.queue import JobQueue, JobRequest
+from edgegen.jobs.queue import Job, JobQueue
 from edgegen.jobs.sqlite import SqliteJobQueue
 from edgegen.jobs.workers import JobWorkers
 from edgegen.node import admin, jobs, lifecycle, openai, remote_config, seed, software, v2
-from edgegen.node.jobs import run_in_process
+from edgegen.node.jobs import run_job
 from edgegen.node.state import NodeState, node_of
 from edgegen.observe.logs import AccessLog, configure_logging
 from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
 from edgegen.observe.shipping import LogShipper, ShipHandler, default_node_name
 from edgegen.security.atrest import Keyring
 from edgegen.security.auth import principal_of
+from edgegen.security.keys import KeyStore
 from edgegen.security.signing import store_trust
 from edgegen.store import ModelStore
 
@@ -105,9 +106,11 @@ def create_app(settings: Settings) -> NodeApp:
             log.info("node ready", extra={"models": registry.names(), "ready": registry.ready})
             if node.jobs is not None and settings.jobs.workers:  # once the models are in, not before
                 app_ = entry[0]
+                # Where the API keys that queued jobs are looked up again as their jobs run.
+                keys = KeyStore(settings.keys_file) if settings.security.auth else None
 
-                async def run(request: JobRequest, owner: str) -> tuple[int, bytes]:
-                    return await run_in_process(app_.routes, request, owner)
+                async def run(job: Job) -> tuple[int, bytes]:
+                    return await run_job(app_.routes, keys, settings.default_model, job)
 
                 workers = JobWorkers(
                     node.jobs, run, settings.jobs, lambda: app_.inflight, worker_name(), observer=metrics

@@ -6,19 +6,26 @@
     DELETE /v1/jobs/{id}   cancel (a running job stops at its next lease renewal)
 
 A job belongs to its submitter's tenant (or, without one, to its credential): nobody else sees it (404),
-except an admin. Everything that can be known at submission is checked then, not when the job runs: the
-order parses as the live routes parse JSON (orjson: no NaN, no lone surrogates, no integer past 64 bits
-kept as one), the model it names is authorized with the submitter's scopes, is served here and serves
-that route, and a generation's body passes the live route's checks. The submitter's tenant may have only
-so many unfinished jobs (`[jobs] max_queued_per_tenant`, `max_queued_bytes_per_tenant`; 429 beyond).
-Workers run a job through the node's own routes (`run_in_process`), so its answer is the one the live
-route would give.
+except an admin. Everything that can be known at submission is checked then: the order parses as the live
+routes parse JSON (orjson: no NaN, no lone surrogates, no integer past 64 bits kept as one), the model it
+names is authorized with the submitter's scopes, is served here and serves that route, and a generation's
+body passes the live route's checks. The submitter's tenant may have only so many unfinished jobs
+(`[jobs] max_queued_per_tenant`, `max_queued_bytes_per_tenant`; 429 beyond).
+
+A job keeps its submitter's principal, and its scope is decided again when it runs (`runs_as`): an API key
+as its record reads then — narrowed, it no longer reaches the model it lost; revoked, nothing; moved to
+another tenant, none of its old tenant's jobs — and any other credential as it was checked. A job its
+credential may no longer run ends with the 403 the live route would answer, recorded as any 4xx answer is
+(a failed job with that answer), without reaching the model. Workers run the others through the node's
+own routes (`run_in_process`) as that principal, so a job's answer is the one the live route would give.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import orjson
@@ -27,14 +34,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message
 
-from edgegen.errors import InvalidInput, ModelNotFound, validation_message
+from edgegen.errors import (
+    Forbidden,
+    InvalidInput,
+    ModelNotFound,
+    error_body,
+    is_openai,
+    validation_message,
+)
 from edgegen.http.bodies import parse_json
 from edgegen.http.responses import json_response
 from edgegen.jobs.queue import JOB_ID, Job, JobRequest
 from edgegen.node.openai import GENERATION_URLS, validate_generation
 from edgegen.node.state import NodeState, node_of
-from edgegen.security.auth import Principal, authorize_model, principal_of
+from edgegen.security.auth import Principal, authorize_model, current_principal, principal_of
+from edgegen.security.keys import KeyStore
 
+log = logging.getLogger("edgegen.jobs")
 router = APIRouter(prefix="/v1", tags=["jobs"])
 URLS = re.compile(
     r"^(/v1/chat/completions|/v1/completions|/predict|/models/[a-z0-9][a-z0-9._-]{0,63}/predict)$"
@@ -77,17 +93,29 @@ def view(job: Job) -> dict[str, Any]:
     }
 
 
+def model_of(url: str, body: Mapping[str, Any], default_model: str) -> str:
+    """The model a job's order names: a generation's in its body, a prediction's in its URL, else the
+    node's default ("" for a body that names none: no credential is scoped to it, the route refuses it).
+
+    >>> model_of("/models/digits/predict", {}, "seed")
+    'digits'
+    """
+    if url in GENERATION_URLS:
+        model = body.get("model")
+        return model if isinstance(model, str) else ""
+    if url.startswith("/models/"):
+        return url.split("/")[2]
+    return default_model
+
+
 def _check_target(request: Request, node: NodeState, order: JobCreate) -> None:
     """Refuse now what the job would be refused when it runs: a model the caller may not use (403), one
     this node does not serve (404), a route the model does not serve or a body the route refuses (400)."""
     if order.url in GENERATION_URLS:
         if order.body.get("stream") is True:
             raise InvalidInput("body.stream: a job's answer is kept whole; stream live instead")
-        model = validate_generation(order.url, order.body, node.settings.llm).model
-    elif order.url.startswith("/models/"):
-        model = order.url.split("/")[2]
-    else:
-        model = node.settings.default_model
+        validate_generation(order.url, order.body, node.settings.llm)
+    model = model_of(order.url, order.body, node.settings.default_model)
     authorize_model(request.scope, model)
     served = node.registry.get(model)
     if order.url in GENERATION_URLS and served.scheduler is None:
@@ -124,7 +152,7 @@ async def create(request: Request) -> Response:
     _check_target(request, node, order)
     job_request = JobRequest(order.method, order.url, _canonical(order.body))
     job, created = await node.jobs.submit(
-        principal.owner, job_request, priority=order.priority, idempotency_key=key
+        principal.owner, job_request, principal=principal, priority=order.priority, idempotency_key=key
     )
     if created and node.job_workers is not None:
         node.job_workers.notify()
@@ -155,15 +183,44 @@ async def cancel(job_id: str, request: Request) -> Response:
     return json_response(view(cancelled or job))
 
 
-async def run_in_process(app: ASGIApp, request: JobRequest, owner: str) -> tuple[int, bytes]:
-    """Send a job's request through the node's routes (behind the security gate) and keep the answer."""
+def runs_as(job: Job, keys: KeyStore | None, default_model: str) -> Principal:
+    """The principal `job` runs with, decided now from the one that submitted it (its API key looked up
+    again in `keys`); Forbidden when its credential may no longer run it."""
+    if job.principal is None:
+        raise Forbidden("this job was queued before its submitter was kept with it; submit it again")
+    principal = current_principal(job.principal, keys)
+    if principal is None:
+        raise Forbidden("the API key that queued this job was revoked")
+    if principal.owner != job.owner:
+        raise Forbidden("the API key that queued this job belongs to another tenant now")
+    url, body = job.request.url, job.request.body
+    model = model_of(url, orjson.loads(body) if url in GENERATION_URLS else {}, default_model)
+    if not principal.allows_model(model):
+        raise Forbidden(f"this credential may not use model {model!r}")
+    return principal
+
+
+async def run_job(routes: ASGIApp, keys: KeyStore | None, default_model: str, job: Job) -> tuple[int, bytes]:
+    """Answer `job` as the live route would answer its submitter now: through `routes` as `runs_as` says,
+    or the route's 403 when its credential may no longer run it."""
+    try:
+        principal = runs_as(job, keys, default_model)
+    except Forbidden as exc:
+        log.info("job refused", extra={"job": job.id, "reason": exc.message})
+        return 403, error_body(exc.message, 403, is_openai(job.request.url))
+    return await run_in_process(routes, job.request, principal)
+
+
+async def run_in_process(app: ASGIApp, request: JobRequest, principal: Principal) -> tuple[int, bytes]:
+    """Send a job's request through the node's routes (behind the security gate) as `principal` and keep
+    the answer."""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http",
         "method": request.method, "path": request.url, "raw_path": request.url.encode(), "query_string": b"",
         "root_path": "", "client": ("job", 0), "server": ("127.0.0.1", 0), "state": {},
         "headers": [(b"content-type", b"application/json"),
                     (b"content-length", str(len(request.body)).encode())],
-        "edgegen.principal": Principal(f"job:{owner}", "user", None, owner),
+        "edgegen.principal": principal,
     }  # fmt: skip
     sent = False
     status, chunks = 500, []

@@ -13,6 +13,9 @@ The role a request needs is decided on its raw path *and* on its canonical path 
 decoded once; the gate refuses any path with another possible reading), the stricter one winning, for
 every method: `/admin%2Fmodels` cannot pass as a user route and then be routed to an admin one.
 Health and metrics are public for GET and HEAD only.
+
+A queued job keeps its submitter (`Principal.to_record`) and runs as `current_principal` finds it then: an
+API key as its record reads at that moment, so narrowing or revoking a key reaches the jobs it queued.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import orjson
 
 from edgegen.errors import Forbidden
-from edgegen.security.keys import ROLES, KeyStore, Role
+from edgegen.security.keys import ROLES, ApiKey, KeyStore, Role
 from edgegen.security.tokens import InvalidToken, JwtVerifier
 
 # The dashboard's page, script and style hold no data (the page fetches it with the operator's key).
@@ -51,6 +54,9 @@ class Principal:
     role: Role
     models: tuple[str, ...] | None = None  # None: every model
     tenant: str | None = None
+    # The id of this node's API key that authenticated the caller, so a queued job can look it up again;
+    # None for any other credential (a JWT, a gateway's word — whose keys are not this node's — or none).
+    key_id: str | None = None
 
     @property
     def owner(self) -> str:
@@ -71,16 +77,34 @@ class Principal:
 
     @classmethod
     def from_header(cls, value: bytes) -> Principal | None:
+        """The caller a gateway vouches for; never one of this node's keys, whatever its subject reads."""
+        return cls._parse(value, keep_key=False)
+
+    def to_record(self) -> bytes:
+        """What a queued job keeps of its submitter: the header's fields and the key id, if any."""
+        return orjson.dumps(
+            {"sub": self.subject, "role": self.role, "models": self.models, "tenant": self.tenant,
+             "key": self.key_id}
+        )  # fmt: skip
+
+    @classmethod
+    def from_record(cls, value: bytes) -> Principal | None:
+        """A queued job's submitter as `to_record` wrote it; None for anything else."""
+        return cls._parse(value, keep_key=True)
+
+    @classmethod
+    def _parse(cls, value: bytes, keep_key: bool) -> Principal | None:
         try:
             data = orjson.loads(value)
-            models = data["models"]
+            models, key_id = data["models"], data.get("key") if keep_key else None
             principal = cls(
                 subject=str(data["sub"]),
                 role=data["role"],
                 models=tuple(str(m) for m in models) if models is not None else None,
                 tenant=str(data["tenant"]) if data["tenant"] is not None else None,
+                key_id=str(key_id) if key_id is not None else None,
             )
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return None
         return principal if principal.role in ROLES else None
 
@@ -101,6 +125,31 @@ def authorize_model(scope: Mapping[str, Any], model: str) -> None:
     a refusal says nothing about whether it exists."""
     if not principal_of(scope).allows_model(model):
         raise Forbidden(f"this credential may not use model {model!r}")
+
+
+def _key_principal(key: ApiKey) -> Principal:
+    """The caller an API key of this node's key store stands for."""
+    return Principal(f"key:{key.id}", key.role, key.models, key.tenant, key.id)
+
+
+def current_principal(stored: Principal, keys: KeyStore | None) -> Principal | None:
+    """`stored` as its credential reads now. An API key of this node's is looked up again by its id (its
+    secret is never kept): its role, models and tenant as they are now, or None once it is revoked or
+    gone, or when no key store is open (authentication is off). Any other credential — a JWT, a gateway's
+    word, nobody when authentication is off — has nothing here to be looked up in: the scope it was
+    checked with stands.
+
+    >>> current_principal(Principal("jwt:ann", "user", ("digits",)), None).models
+    ('digits',)
+    >>> current_principal(Principal("key:ab12cd34", "user", key_id="ab12cd34"), None) is None
+    True
+    """
+    if stored.key_id is None:
+        return stored
+    key = keys.get(stored.key_id) if keys is not None else None
+    if key is None or key.revoked is not None:
+        return None
+    return _key_principal(key)
 
 
 def _role_for(path: bytes, method: str) -> Role | None:
@@ -163,7 +212,7 @@ class Authenticator:
         key = self.keys.verify(token) if self.keys is not None else None
         if key is None:
             raise InvalidToken("invalid API key")
-        return Principal(f"key:{key.id}", key.role, key.models, key.tenant)
+        return _key_principal(key)
 
     def _jwt(self, token: str, admin: bool, now: float) -> tuple[Principal, float]:
         if self.jwt is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -15,8 +17,10 @@ from edgegen.jobs.queue import JobQueue, JobRequest, Status
 from edgegen.jobs.redis import RedisJobQueue
 from edgegen.jobs.sqlite import SqliteJobQueue
 from edgegen.security.atrest import Keyring, new_key
+from edgegen.security.auth import Principal
 
 REQUEST = JobRequest("POST", "/predict", b'{"input_data": [1, 2, 3]}')
+KEYED = Principal("key:ab12cd34", "user", ("digits", "digits-tflite"), "acme", key_id="ab12cd34")
 
 
 class Clock:
@@ -69,6 +73,19 @@ async def test_submit_get_and_count(queue: JobQueue) -> None:
     assert (await queue.get(job.id)) == job
     assert await queue.get("job_" + "0" * 24) is None
     assert (await queue.counts())["queued"] == 1
+
+
+async def test_a_job_keeps_its_submitters_principal(queue: JobQueue) -> None:
+    keyed, _ = await queue.submit("acme", REQUEST, principal=KEYED)
+    vouched = Principal("key:ab12cd34", "user", None, "beta")  # a gateway's word: no key of this node's
+    other, _ = await queue.submit("beta", REQUEST, principal=vouched, priority=9)
+    bare, _ = await queue.submit("acme", REQUEST)
+    assert (keyed.principal, other.principal, bare.principal) == (KEYED, vouched, None)
+    assert (await queue.get(keyed.id)).principal == KEYED  # type: ignore[union-attr]
+    claimed = await queue.claim("w", 30)
+    assert claimed is not None
+    assert (claimed.id, claimed.principal) == (other.id, vouched)
+    assert claimed.principal.key_id is None  # type: ignore[union-attr]
 
 
 async def test_idempotency_keys_are_per_owner_and_per_request(queue: JobQueue) -> None:
@@ -308,18 +325,63 @@ def test_sqlite_bodies_are_encrypted_at_rest(tmp_path: Path) -> None:
     async def run() -> bytes | None:
         queue = SqliteJobQueue(tmp_path / "jobs.sqlite", keyring=Keyring.parse(f"k1:{new_key()}"))
         job, _ = await queue.submit(
-            "acme", JobRequest("POST", "/predict", b'{"input_data": "secret-payload"}')
+            "acme", JobRequest("POST", "/predict", b'{"input_data": "secret-payload"}'), principal=KEYED
         )
         await queue.claim("w", 30)
         await queue.finish(job.id, "w", 200, b'{"prediction": "secret-answer"}')
         found = await queue.get(job.id)
         await queue.close()
-        return found.response_body if found is not None else None
+        assert found is not None
+        assert found.principal == KEYED
+        return found.response_body
 
     assert asyncio.run(run()) == b'{"prediction": "secret-answer"}'
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("jobs.sqlite*"))
     assert b"secret-payload" not in raw
     assert b"secret-answer" not in raw
+    assert b"digits-tflite" not in raw  # the principal's scope, sealed like the bodies
+
+
+# The jobs table as edgegen wrote it before principals were kept.
+OLD_SCHEMA = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, method TEXT NOT NULL, url TEXT NOT NULL, body BLOB NOT NULL,
+    priority INTEGER NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL, updated REAL NOT NULL, not_before REAL NOT NULL DEFAULT 0, lease_until REAL,
+    worker TEXT, response_status INTEGER, response_body BLOB, error TEXT, idem TEXT,
+    progress REAL NOT NULL DEFAULT 0
+);
+"""
+
+
+async def test_a_queue_file_from_before_principals_keeps_working(tmp_path: Path) -> None:
+    path, old_id = tmp_path / "jobs.sqlite", "job_" + "a" * 24
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(OLD_SCHEMA)
+        db.execute(
+            "INSERT INTO jobs (id, owner, method, url, body, priority, status, created, updated)"
+            " VALUES (?, 'acme', 'POST', '/predict', ?, 0, 'queued', 1, 1)",
+            (old_id, REQUEST.body),
+        )
+    for _ in range(2):  # the column is added once; opening again finds it
+        queue = SqliteJobQueue(path)
+        try:
+            old = await queue.get(old_id)
+            assert old is not None
+            assert (old.owner, old.request, old.status) == ("acme", REQUEST, Status.QUEUED)
+            assert old.principal is None
+            new, _ = await queue.submit("acme", REQUEST, principal=KEYED)
+            assert (await queue.get(new.id)).principal == KEYED  # type: ignore[union-attr]
+        finally:
+            await queue.close()
+    queue = SqliteJobQueue(path)
+    try:
+        claimed = await queue.claim("w", 30)
+        assert claimed is not None
+        assert (claimed.id, claimed.principal) == (old_id, None)
+        assert await queue.finish(old_id, "w", 403, b'{"error": "submit it again"}')
+    finally:
+        await queue.close()
 
 
 async def test_redis_streams_hold_only_waiting_and_running_work(redis_url: str) -> None:

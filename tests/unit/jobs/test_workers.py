@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgegen.config import JobsSettings
-from edgegen.jobs.queue import JobRequest, Status
+from edgegen.jobs.queue import Job, JobRequest, Status
 from edgegen.jobs.sqlite import SqliteJobQueue
 from edgegen.jobs.workers import JobWorkers
 
@@ -29,9 +29,9 @@ async def run_until_final(answers: list[tuple[int, bytes]], tmp_path: Path) -> t
     job, _ = await queue.submit("acme", REQUEST)
     calls: list[str] = []
 
-    async def run(request: JobRequest, owner: str) -> tuple[int, bytes]:
-        assert (request, owner) == (REQUEST, "acme")
-        calls.append(owner)
+    async def run(claimed: Job) -> tuple[int, bytes]:
+        assert (claimed.id, claimed.request, claimed.owner) == (job.id, REQUEST, "acme")
+        calls.append(claimed.owner)
         return answers[min(len(calls), len(answers)) - 1]
 
     outcomes = Outcomes()
