@@ -1,5 +1,7 @@
-"""Unpack a model package shipped as one file (`.tar`, `.tar.gz`, `.tgz`, `.zip`), refusing every trick.
+"""A model package shipped as one file (`.tar`, `.tar.gz`, `.tgz`, `.zip`): packed from a store's
+version, and unpacked refusing every trick.
 
+    pack(store.open("digits", "3"), Path("digits-3.tar.gz"))                     # on one node
     with unpacked(Path("digits-3.tar.gz"), store.root, max_bytes) as package_dir:   # removed after
         store.add(package_dir, "digits")            # then checked like any package directory
 
@@ -33,10 +35,13 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from edgegen.errors import InvalidInput, StoreError
-from edgegen.store.manifest import FILE_PATTERN
+from edgegen.store.manifest import FILE_PATTERN, SIGNATURE_FILE
+
+if TYPE_CHECKING:
+    from edgegen.store.store import ModelPackage
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MAX_MEMBERS = 64
@@ -67,6 +72,26 @@ def archive_kind(path: Path) -> str:
     if head[257:262] == b"ustar":
         return ".tar"
     raise InvalidInput(f"not a package archive ({', '.join(ARCHIVE_SUFFIXES)})")
+
+
+def pack(package: ModelPackage, target: Path) -> None:
+    """Write an opened version to a new `target` (.tar.gz; StoreError if it exists): its manifest, its
+    signature if it has one, and its model file as plaintext, since encryption at rest stays with the
+    node that holds the key. The members sit at the archive's root, as `unpacked` takes them; the
+    caller closes `package`."""
+    members = {
+        "manifest.json": package.path / "manifest.json",
+        package.manifest.model_file: package.model_path,
+    }
+    if (package.path / SIGNATURE_FILE).is_file():
+        members[SIGNATURE_FILE] = package.path / SIGNATURE_FILE
+    if target.exists():
+        raise StoreError(f"{target.name} exists already; nothing was written")
+    # dereference: an encrypted version's plaintext is named by /proc/self/fd/N, a link to its memfd,
+    # and the file behind the link is what goes in (`unpacked` refuses a link member).
+    with tarfile.open(target, "x:gz", dereference=True) as archive:
+        for name, source in members.items():
+            archive.add(source, arcname=name, recursive=False)
 
 
 def unpack_limit(archive_size: int, max_bytes: int) -> int:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from edgegen.errors import InvalidInput, StoreError
+from edgegen.security.atrest import Keyring, new_key
 from edgegen.security.signing import Signer, Trust
 from edgegen.store import ModelStore
-from edgegen.store.archive import DEFAULT_MAX_BYTES, MIN_LIMIT, unpack_limit, unpacked
+from edgegen.store.archive import DEFAULT_MAX_BYTES, MIN_LIMIT, pack, unpack_limit, unpacked
 from tests.hostile_archives import header, tar_gz_stream
 
 
@@ -119,6 +120,32 @@ def test_a_signed_package_travels_as_an_archive(tmp_path: Path, model_files: dic
     assert target.add(archive, "digits").version == "1"
     assert target.add(zipped, "digits").version == "2"
     assert target.open("digits", "2").manifest.files == target.open("digits", "1").manifest.files
+
+
+def test_an_encrypted_version_packs_as_its_signed_plaintext(
+    tmp_path: Path, model_files: dict[str, Path]
+) -> None:
+    source = ModelStore(
+        tmp_path / "a",
+        signer=Signer.local(tmp_path / "home"),
+        keyring=Keyring.parse(f"k:{new_key()}"),
+    )
+    source.add(model_files["onnx"], "digits")
+    source.encrypt("digits", "1")
+    package = source.open("digits", "1")  # its plaintext lies in memory, named by a /proc/self/fd link
+    try:
+        pack(package, tmp_path / "digits-1.tar.gz")
+        with pytest.raises(StoreError, match="exists already"):
+            pack(package, tmp_path / "digits-1.tar.gz")
+    finally:
+        package.close()
+    target = ModelStore(
+        tmp_path / "b",
+        trust=Trust.load([tmp_path / "home" / "security" / "signing.pub"]),
+    )
+    manifest = target.add(tmp_path / "digits-1.tar.gz", "digits")
+    received = tmp_path / "b" / "digits" / manifest.version / manifest.model_file
+    assert received.read_bytes() == model_files["onnx"].read_bytes()
 
 
 # -- bounds: what unpacking writes and holds ---------------------------------------------------------

@@ -1,0 +1,183 @@
+"""`edgegen serve` and `edgegen gateway`: check the settings, then run the server under uvicorn.
+
+A node may restart in place or become another software environment when its server returns
+(node/lifecycle.py); a gateway simply stops.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edgegen.cli.options import ConfigOpt, InsecureOpt, StoreOpt, err, friendly, node_settings
+from edgegen.config import Settings
+from edgegen.errors import EdgegenError
+
+
+@friendly
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="address to listen on", envvar="EDGEGEN_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="port to listen on", envvar="EDGEGEN_PORT")] = None,
+    workers: Annotated[int | None, typer.Option(help="server processes", envvar="EDGEGEN_WORKERS")] = None,
+    store: StoreOpt = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug|info|warning|error", envvar="EDGEGEN_LOG_LEVEL")
+    ] = None,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Start a node serving every active model in the store."""
+    from edgegen.observe.logs import configure_logging
+
+    if insecure:
+        os.environ["EDGEGEN_SECURITY__INSECURE"] = "true"
+    settings = node_settings(config, host=host, port=port, workers=workers, store=store, log_level=log_level)
+    _check_exposure(settings.host, settings.security, settings.tls)
+    configure_logging(settings.log_level)
+    _move_to_software(settings)
+    _announce_auth(settings)
+    if settings.workers > 1:
+        run_dir = settings.home / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metrics-", dir=run_dir)
+    _run_server(
+        "edgegen.node.app",
+        settings.host,
+        settings.port,
+        settings.workers,
+        tls=settings.tls.enabled,
+        home=settings.home,
+    )
+
+
+@friendly
+def gateway(
+    config: Annotated[
+        Path | None,
+        typer.Option(help="gateway TOML: nodes, balancer, health", envvar="EDGEGEN_GATEWAY_CONFIG"),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="address to listen on", envvar="EDGEGEN_GATEWAY_HOST")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="port to listen on", envvar="EDGEGEN_GATEWAY_PORT")] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug|info|warning|error", envvar="EDGEGEN_GATEWAY_LOG_LEVEL")
+    ] = None,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Start a gateway that balances the fleet's nodes behind one address."""
+    from edgegen.gateway.settings import load_gateway_settings
+    from edgegen.observe.logs import configure_logging
+
+    flags = {"CONFIG": config, "HOST": host, "PORT": port, "LOG_LEVEL": log_level}
+    for key, value in flags.items():
+        if value is not None:
+            os.environ[f"EDGEGEN_GATEWAY_{key}"] = str(value)
+    if insecure:
+        os.environ["EDGEGEN_GATEWAY_SECURITY__INSECURE"] = "true"
+    settings = load_gateway_settings()  # fail here, in one line, before the server starts
+    _check_exposure(settings.host, settings.security, settings.tls)
+    configure_logging(settings.log_level)
+    _run_server("edgegen.gateway.app", settings.host, settings.port, tls=settings.tls.enabled)
+
+
+def _move_to_software(settings: Settings) -> None:
+    """Run the environment this node's software state names (an upgrade, its trial, or a way back)."""
+    from edgegen.node import lifecycle, software
+
+    python = software.boot(settings)
+    if python is not None:
+        lifecycle.become(python)
+
+
+def _check_exposure(host: str, security: Any, tls: Any) -> None:
+    from edgegen.security.settings import exposure_problem
+
+    problem = exposure_problem(host, security, tls)
+    if problem is not None:
+        raise EdgegenError(problem)
+    if security.insecure and not (tls.enabled and security.auth):
+        err.print(f"[yellow]warning:[/yellow] listening on {host} without TLS or auth (--insecure)")
+
+
+def _announce_auth(settings: Settings) -> None:
+    """Say how callers authenticate, and how to make the first admin key when there is none."""
+    from edgegen.security.keys import KeyStore
+
+    if not settings.security.auth:
+        err.print("[yellow]authentication is off[/yellow] (security.auth = false): every caller is admin")
+        return
+    store = KeyStore(settings.keys_file)
+    try:
+        has_admin = any(k.role == "admin" and k.revoked is None for k in store.list())
+    finally:
+        store.close()
+    err.print("every route but /v2/health/* and /metrics needs 'Authorization: Bearer <API key or JWT>'")
+    if not has_admin:
+        command = sys.argv[0] if Path(sys.argv[0]).name == "edgegen" else f"{sys.executable} -m edgegen"
+        err.print(
+            "no admin key yet; create the first one (shown once) with:\n"
+            f"  EDGEGEN_HOME={settings.home} {command} keys create --role admin --label first-admin",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _run_server(
+    module: str, host: str, port: int, workers: int = 1, *, tls: bool = False, home: Path | None = None
+) -> None:
+    """uvicorn as every edgegen server runs: uvloop, httptools with a head deadline, our own JSON logs,
+    no proxy headers; HTTPS through the module's `ssl_context` when TLS is configured. `module` holds
+    `app_from_environment`, `ssl_context` and its HTTP protocol class. A node (`home`) may then restart
+    in place or become another software environment (node/lifecycle.py)."""
+    import importlib
+    import logging
+
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    from edgegen.node import lifecycle
+
+    server = importlib.import_module(module)
+    config = uvicorn.Config(
+        f"{module}:app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http=server.HttpProtocol,
+        ssl_context_factory=server.ssl_context if tls else None,
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        proxy_headers=False,  # forwarded headers are the gateway's business, never a client's
+        timeout_graceful_shutdown=60,  # in-flight requests and streams finish (a gateway drains first)
+    )
+    if workers > 1:
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
+        if home is not None:
+            lifecycle.after_exit(
+                home, failed_start=any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
+            )
+        return
+    try:
+        config.load_app()
+        lifecycle.SERVER = uvicorn.Server(config)
+        lifecycle.SERVER.run()
+    except Exception:
+        logging.getLogger("edgegen.node").exception("the server failed to start")
+        if home is not None:
+            lifecycle.after_exit(home, failed_start=True)
+        raise
+    if home is not None:
+        lifecycle.after_exit(home, failed_start=not lifecycle.SERVER.started)
+    if not lifecycle.SERVER.started:
+        raise typer.Exit(3)  # it could not start (uvicorn said why)
