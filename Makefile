@@ -54,8 +54,7 @@ serve: setup
 	$(BIN)/edgegen models pull smollm2-135m
 	$(BIN)/edgegen serve --host $(HOST) --port $(PORT)
 
-test: setup
-	$(BIN)/ruff check src tests bench scripts
+test: lint
 	$(BIN)/python -m pytest
 
 bench: setup
@@ -78,9 +77,11 @@ audit: setup
 bench-optimize: setup
 	$(BIN)/python bench/optimize.py
 
+# Style, format, and the layer contract in pyproject.toml (docs/architecture.md): `make test` runs it first.
 lint: setup
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff format src tests bench scripts

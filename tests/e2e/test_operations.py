@@ -19,6 +19,7 @@ import orjson
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgegen.executors import describe_model
 from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.store import ModelStore
 from edgegen.store.manifest import TensorSpec
@@ -181,7 +182,7 @@ def test_a_rollout_a_bad_rollout_and_a_rollback(fleet: GatewayProcess, tmp_path:
     good = tmp_path / "good.onnx"
     good.write_bytes(mlp_to_onnx(make_layers(seed=5)))
     for i in range(2):  # each node's store gets version 2 (good) and 3 (loads, then fails every inference)
-        store = ModelStore(fleet.home / f"node{i}" / "models")
+        store = ModelStore(fleet.home / f"node{i}" / "models", describe=describe_model)
         assert store.add(good, "digits", activate=False).version == "2"
         assert store.add(broken_onnx(tmp_path / "bad.onnx"), "digits", activate=False).version == "3"
     done = httpx.post(
@@ -215,9 +216,9 @@ def test_a_rollout_a_bad_rollout_and_a_rollback(fleet: GatewayProcess, tmp_path:
     assert served(fleet) == {"n0": "2", "n1": "2"}  # n1 never saw version 3; n0 went back
     assert httpx.post(f"{fleet.url}/predict", json={"input_data": [1.0] * 64}).status_code == 200
     for i in range(2):  # version 4 fails readiness: the node cannot load it
-        store = ModelStore(fleet.home / f"node{i}" / "models")
+        store = ModelStore(fleet.home / f"node{i}" / "models", describe=digits_specs)
         unloadable = unloadable_onnx(tmp_path / "unloadable.onnx")
-        assert store.add(unloadable, "digits", activate=False, describe=digits_specs).version == "4"
+        assert store.add(unloadable, "digits", activate=False).version == "4"
     unready = subprocess.run([*command[:7], "4", *command[8:]], capture_output=True, text=True, timeout=120)
     assert unready.returncode == 1
     assert "stopped at n0" in unready.stderr

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from edgegen.executors import describe_model
 from edgegen.optimize.engines import litert_runner, onnxruntime_runner
 from edgegen.store import ModelStore
 from tests.e2e.conftest import LLM_ENV
@@ -129,7 +130,7 @@ def test_every_step_writes_a_measured_package_the_store_accepts(tmp_path: Path) 
     for png in ("accuracy_vs_latency.png", "accuracy_vs_size.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    store = ModelStore(tmp_path / "store")
+    store = ModelStore(tmp_path / "store", describe=describe_model)
     assert (out / "05-share-tflite" / "model.tflite").is_file()
     assert store.add(out / "05-share-tflite", "lite").format == "tflite"
     assert "| 05-share-tflite |" in (out / "report.md").read_text()
@@ -142,7 +143,7 @@ def test_every_step_writes_a_measured_package_the_store_accepts(tmp_path: Path) 
 
     # A node serves the packages as they are: the int8 one as the default model, a LiteRT one beside it.
     home = tmp_path / "serving"
-    served = ModelStore(home / "models")
+    served = ModelStore(home / "models", describe=describe_model)
     served.add(out / "07-int8-static", "digits")
     served.add(out / "05-share-tflite", "digits-lite")
     pixels = np.random.default_rng(0).integers(0, 17, (5, 64)).astype(np.float32)
@@ -253,7 +254,7 @@ def test_an_lm_recipe_writes_gguf_packages_a_node_serves(tmp_path: Path) -> None
     assert not (out / ".work").exists()
 
     home = tmp_path / "home"
-    store = ModelStore(home / "models")
+    store = ModelStore(home / "models", describe=describe_model)
     for entry in report["steps"]:
         store.add(out / entry["package"], f"lm-{entry['package'].replace('_', '-')}", task="text-generation")
     node = NodeProcess(home, env=LLM_ENV).start()
@@ -378,7 +379,7 @@ def test_budget_mode_keeps_the_fastest_package_within_the_drop(tmp_path: Path) -
     assert "prune_drop" not in found["sensitivity"][2]
     assert all("int8_drop" in row for row in found["sensitivity"])
     assert "Budget search" in (out / "report.md").read_text()
-    store = ModelStore(tmp_path / "store")
+    store = ModelStore(tmp_path / "store", describe=describe_model)
     store.add(out / "budget", "digits-budget")
     session = ort.InferenceSession(
         str(store.open("digits-budget").model_path), providers=["CPUExecutionProvider"]

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from edgegen.config import LlmSettings
+from edgegen.executors import describe_model
 from edgegen.executors.base import DecodeItem
 from edgegen.executors.llamacpp import LlamaExecutor
 from edgegen.store import ModelStore
@@ -31,7 +32,7 @@ TIE_LOGITS = 1.5
 
 @pytest.fixture(scope="module")
 def executor(smollm2_home: Path) -> Iterator[LlamaExecutor]:
-    path = ModelStore(smollm2_home / "models").open(NAME).model_path
+    path = ModelStore(smollm2_home / "models", describe=describe_model).open(NAME).model_path
     loaded = LlamaExecutor(path, LlmSettings(max_num_seqs=8, ctx_per_seq=512, n_batch=512, threads=2))
     yield loaded
     loaded.close()

@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgegen.executors import describe_model
 from edgegen.security.signing import Signer
 from edgegen.store import ModelStore
 from tests.conftest import fill_store
@@ -258,7 +259,7 @@ def _wait(check: object, timeout: float = 90) -> bool:
 
 def _package(store_root: Path, model: Path, out: Path, signer: Signer | None) -> Path:
     """A package archive of `model` (what `edgegen models export` writes), signed by `signer`."""
-    ModelStore(store_root).add(model, "digits")
+    ModelStore(store_root, describe=describe_model).add(model, "digits")
     package = store_root / "digits" / "1"
     if signer is not None:
         signer.sign(package)

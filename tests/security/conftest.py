@@ -14,6 +14,7 @@ import httpx
 import jwt
 import pytest
 
+from edgegen.executors import describe_model
 from edgegen.security.keys import KeyStore
 from edgegen.security.pki import Pki
 from edgegen.security.signing import Signer
@@ -70,7 +71,7 @@ def security_env(fleet: Fleet, prefix: str = "EDGEGEN_") -> dict[str, str]:
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]) -> Fleet:
     home = tmp_path_factory.mktemp("secure")
-    store = ModelStore(home / "models", signer=Signer.local(home))
+    store = ModelStore(home / "models", signer=Signer.local(home), describe=describe_model)
     store.add(model_files["onnx"], "digits")
     store.add(model_files["onnx"], "digits", activate=False)  # version 2, for activation tests
     store.add(write_tiny_llama(home / "tiny.gguf"), "tiny-llm", task="text-generation")

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from edgegen.executors import load_executor
+from edgegen.executors import describe_model, load_executor
 from edgegen.security.atrest import Keyring, new_key
 from edgegen.store import ModelStore
 from tests.e2e.conftest import LLM_ENV
@@ -20,7 +20,7 @@ def test_a_node_serves_encrypted_models_and_refuses_them_with_a_wrong_key(
     tmp_path: Path, model_files: dict[str, Path]
 ) -> None:
     keys = f"k1:{new_key()}"
-    store = ModelStore(tmp_path / "models", keyring=Keyring.parse(keys))
+    store = ModelStore(tmp_path / "models", keyring=Keyring.parse(keys), describe=describe_model)
     store.add(model_files["onnx"], "digits")
     gguf = write_tiny_llama(tmp_path / "tiny.gguf")
     store.add(gguf, "tiny-llm", task="text-generation")

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from edgegen.executors import describe_model
 from edgegen.store import ModelStore
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import GatewayProcess, NodeProcess, metric, running
@@ -157,7 +158,7 @@ def open_node(
 ) -> Iterator[NodeProcess]:
     """A node as the documented fleet runs it: loopback, plain HTTP, authentication off."""
     home = tmp_path_factory.mktemp("open-node")
-    store = ModelStore(home / "models")
+    store = ModelStore(home / "models", describe=describe_model)
     store.add(model_files["onnx"], "digits")
     store.add(write_tiny_llama(home / "tiny.gguf"), "tiny-llm", task="text-generation")
     with running(NodeProcess(home, env={**LLM_ENV, "EDGEGEN_STORE_POLL_S": "0"})) as node:

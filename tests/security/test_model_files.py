@@ -24,6 +24,7 @@ import pytest
 
 from edgegen.config import LlmSettings
 from edgegen.errors import Unprocessable
+from edgegen.executors import describe_model
 from edgegen.executors.probe import probe_load
 from edgegen.security.signing import Signer
 from edgegen.store import ModelStore
@@ -63,7 +64,7 @@ class ModelsNode(NodeProcess):
 
 def good_store(home: Path, model_files: dict[str, Path]) -> ModelStore:
     """digits and tiny-llm, version 1 of each, signed with `home`'s key (which the node there trusts)."""
-    store = ModelStore(home / "models", signer=Signer.local(home))
+    store = ModelStore(home / "models", signer=Signer.local(home), describe=describe_model)
     store.add(model_files["onnx"], "digits")
     store.add(write_tiny_llama(home / "tiny.gguf"), "tiny-llm", task="text-generation")
     return store
@@ -222,7 +223,7 @@ def test_a_node_whose_active_version_crashes_llama_cpp_starts_and_serves_the_one
 # -- the probe: a load that crashes is a refusal, not a dead node -----------------------------------------
 @pytest.fixture
 def llm_store(tmp_path: Path) -> ModelStore:
-    store = ModelStore(tmp_path / "models")
+    store = ModelStore(tmp_path / "models", describe=describe_model)
     store.add(write_tiny_llama(tmp_path / "tiny.gguf"), "llm", task="text-generation")
     return store
 
@@ -272,7 +273,9 @@ def test_a_probe_that_passed_is_remembered_for_those_files_and_settings(
 
 def test_a_store_never_points_active_at_a_version_whose_load_crashes(llm_store: ModelStore) -> None:
     crashing = ModelStore(
-        llm_store.root, probe=functools.partial(probe_load, settings=LlmSettings(), child=ABORT)
+        llm_store.root,
+        probe=functools.partial(probe_load, settings=LlmSettings(), child=ABORT),
+        describe=describe_model,
     )
     tiny = llm_store.open("llm").model_path
     with pytest.raises(Unprocessable, match=r"llama\.cpp aborted"):

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from edgegen.executors import describe_model
 from edgegen.security.pki import Pki
 from edgegen.store import ModelStore
 from tests.e2e.node_process import free_port, running
@@ -36,7 +37,7 @@ def files(
 ) -> Iterator[int]:
     root = tmp_path_factory.mktemp("files")
     signed = package_archive(fleet.home / "models" / "digits" / "1", root / "signed.tar.gz")
-    ModelStore(root / "plain").add(model_files["onnx"], "digits")
+    ModelStore(root / "plain", describe=describe_model).add(model_files["onnx"], "digits")
     unsigned = package_archive(root / "plain" / "digits" / "1", root / "unsigned.tar.gz")
     served = {"/models/digits.tar.gz": signed, "/models/unsigned.tar.gz": unsigned}
 

@@ -18,6 +18,7 @@ import jwt
 import openai
 import pytest
 
+from edgegen.executors import describe_model
 from edgegen.security.audit import AuditLog
 from edgegen.store import ModelStore
 from tests.e2e.node_process import GatewayProcess, NodeProcess, running
@@ -422,7 +423,7 @@ def _activate(fleet: Fleet, node: SecureNode, version: str) -> httpx.Response:
 def test_a_tampered_or_unsigned_package_is_refused_and_the_served_version_stays(
     node: SecureNode, fleet: Fleet, model_files: dict[str, Path]
 ) -> None:
-    store = ModelStore(fleet.home / "models")
+    store = ModelStore(fleet.home / "models", describe=describe_model)
     tampered = store.add(model_files["onnx"], "digits", activate=False).version  # unsigned
     assert _activate(fleet, node, tampered).status_code == 422
     assert "not signed" in error_of(_activate(fleet, node, tampered))

@@ -35,6 +35,7 @@ from prometheus_client import (
 )
 
 from edgegen import __version__
+from edgegen.executors import describe_model
 from edgegen.observe.metrics import PublicView
 from edgegen.security.auth import Authenticator, Principal
 from edgegen.security.gate import SecurityGate, forwarded_for
@@ -73,7 +74,7 @@ class Documented:
 
 
 def llm_home(root: Path, model_files: dict[str, Path]) -> Path:
-    store = ModelStore(root / "models")
+    store = ModelStore(root / "models", describe=describe_model)
     store.add(model_files["onnx"], "digits")
     store.add(write_tiny_llama(root / "tiny.gguf"), "tiny-llm", task="text-generation")
     return root
@@ -376,7 +377,7 @@ def test_a_user_learns_no_version_through_the_gateway(documented: Documented) ->
 def test_model_names_and_a_key_for_metrics_are_the_operators_choice(
     tmp_path: Path, model_files: dict[str, Path]
 ) -> None:
-    ModelStore(tmp_path / "models").add(model_files["onnx"], "digits")
+    ModelStore(tmp_path / "models", describe=describe_model).add(model_files["onnx"], "digits")
     operator = make_keys(tmp_path)["operator"]
     env = {"EDGEGEN_SECURITY__METRICS_MODEL_NAMES": "true", "EDGEGEN_STORE_POLL_S": "0"}
     with running(NodeProcess(tmp_path, env=env, auth=True)) as node:

@@ -23,6 +23,7 @@ def _store(config: Path | None, store: Path | None, *, sign: bool = False) -> An
     every version added is signed with this machine's key. A version is loaded in a child process
     before ACTIVE may point at it, with the node's settings: a model that crashes llama.cpp never
     becomes the one a node loads at start-up."""
+    from edgegen.executors import describe_model
     from edgegen.executors.probe import probe_load, probed
     from edgegen.security.atrest import Keyring
     from edgegen.security.signing import Signer, store_trust
@@ -33,7 +34,12 @@ def _store(config: Path | None, store: Path | None, *, sign: bool = False) -> An
     keyring = Keyring.load(settings.security.encryption_key_file)
     probe = functools.partial(probe_load, settings=settings.llm, remember=probed(settings.home))
     return ModelStore(
-        settings.store_dir, trust=store_trust(settings), signer=signer, keyring=keyring, probe=probe
+        settings.store_dir,
+        trust=store_trust(settings),
+        signer=signer,
+        keyring=keyring,
+        probe=probe,
+        describe=describe_model,
     )
 
 

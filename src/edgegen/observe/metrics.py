@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,7 +30,6 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from edgegen.cache.memory import Removed
 from edgegen.observe.system import SystemCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -38,6 +37,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PRIVATE_FAMILIES = frozenset({"python_info"})  # the interpreter's version: an operator's business
 MODEL_LABEL = "model"
+
+
+class Evictions(Protocol):
+    """What a cache tier pushed out in one call (the cache's `Removed`): by size, by age, by activation."""
+
+    size: int
+    expired: int
+    invalidated: int
 
 
 class PublicView:
@@ -299,7 +306,7 @@ class NodeMetrics:
         else:
             self.cache_bypasses.labels(model).inc()
 
-    def on_removed(self, tier: str, removed: Removed) -> None:
+    def on_removed(self, tier: str, removed: Evictions) -> None:
         for reason, count in (
             ("size", removed.size),
             ("expired", removed.expired),

@@ -24,6 +24,7 @@ import orjson
 
 from edgegen import __version__
 from edgegen.errors import ConfigError
+from edgegen.executors import describe_model
 from edgegen.optimize import budget, digits, lm_task, plots, report
 from edgegen.optimize.engines import compare, litert_runner, onnxruntime_runner, p50_ms
 from edgegen.optimize.layers import DenseLayer, mlp_forward
@@ -76,7 +77,9 @@ def _params(layers: Sequence[DenseLayer]) -> tuple[int, int]:
 def _package(root: Path, folder: str, model: Path, facts: dict[str, Any]) -> None:
     """Turn `root/folder/model.onnx` (or `.tflite`) into a store package with its facts in the manifest."""
     name = f"digits-{folder.split('-', 1)[-1]}"
-    manifest = manifest_for(model, name, "1", metadata=facts, producer=f"edgegen {__version__} optimize")
+    manifest = manifest_for(
+        model, name, "1", metadata=facts, producer=f"edgegen {__version__} optimize", describe=describe_model
+    )
     manifest.write(root / folder / "manifest.json")
 
 

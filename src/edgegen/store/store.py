@@ -80,13 +80,16 @@ def manifest_for(
     describe: Describe | None = None,
 ) -> Manifest:
     """The manifest of a package directory that holds `model` (named model.onnx, .tflite or .gguf):
-    inputs and outputs read from the file, its sha256, and what the caller knows about it."""
+    inputs and outputs read from the file by `describe` (edgegen.executors' `describe_model`, passed
+    down by whoever builds the store: the store sits below the executors), or, for a GGUF, by the
+    store's own reader; its sha256; and what the caller knows about it."""
     fmt = format_of(model)
-    if describe is None:
-        from edgegen.executors import describe_model
-
-        describe = describe_model
-    inputs, outputs = describe(model, fmt)
+    if describe is not None:
+        inputs, outputs = describe(model, fmt)
+    elif fmt == "gguf":
+        inputs, outputs, _ = describe_gguf(model)
+    else:
+        raise StoreError(f"this store was opened without a reader for {fmt} files; add them with the CLI")
     return Manifest(
         name=name,
         version=version,
@@ -140,7 +143,8 @@ class ModelStore:
     `keyring`: encrypt the files of every version it adds (AES-256-GCM, security/atrest.py) and
     decrypt encrypted ones on open; manifests and signatures always describe the plaintext.
     `probe`: load each version before ACTIVE may point at it (the CLI's store; a node's registry
-    loads a version itself before it calls `activate`)."""
+    loads a version itself before it calls `activate`). `describe`: read a bare ONNX or TFLite file's
+    inputs and outputs, to add it (a GGUF, and a package directory with its manifest, need none)."""
 
     def __init__(
         self,
@@ -150,12 +154,14 @@ class ModelStore:
         signer: Signer | None = None,
         keyring: Keyring | None = None,
         probe: Probe | None = None,
+        describe: Describe | None = None,
     ) -> None:
         self.root = root
         self.trust = trust
         self.signer = signer
         self.keyring = keyring
         self.probe = probe
+        self.describe = describe
 
     # -- paths -------------------------------------------------------------------------------------
     def _inside(self, path: Path) -> Path:
@@ -270,7 +276,6 @@ class ModelStore:
         name: str,
         version: str | None = None,
         *,
-        describe: Describe | None = None,
         task: str = "classification",
         metadata: dict[str, object] | None = None,
         activate: bool | None = None,
@@ -280,22 +285,21 @@ class ModelStore:
         safely under the store root, at most `max_bytes` of it, then taken as a directory) into the
         store as `name`/`version`.
 
-        A bare file (`.onnx`, `.tflite`, `.gguf`) gets a manifest whose inputs and outputs `describe`
-        reads from the file; a directory must hold a manifest whose hashes match. A GGUF model is
+        A bare file (`.onnx`, `.tflite`, `.gguf`) gets a manifest whose inputs and outputs are read from
+        the file (`manifest_for`); a directory must hold a manifest whose hashes match. A GGUF model is
         checked as llama.cpp will build it (store/gguf_hparams.py) either way. The first version of a
         model becomes active unless `activate` is False; later ones only when it is True.
         """
         if is_archive(source):
             self.root.mkdir(parents=True, exist_ok=True)
             with unpacked(source, self.root, max_bytes) as package_dir:
-                return self.add(package_dir, name, version, describe=describe, task=task, metadata=metadata,
-                                activate=activate)  # fmt: skip
+                return self.add(package_dir, name, version, task=task, metadata=metadata, activate=activate)
         check_name(name)
         version = check_name(version, "version") if version is not None else self.next_version(name)
         staging = self.root / f".staging-{uuid.uuid4().hex}"
         staging.mkdir(parents=True)
         try:
-            manifest = self._stage(source, staging, name, version, describe, task, metadata or {})
+            manifest = self._stage(source, staging, name, version, task, metadata or {})
             target = self._version_dir(name, version)
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
@@ -313,7 +317,6 @@ class ModelStore:
         staging: Path,
         name: str,
         version: str,
-        describe: Describe | None,
         task: str,
         metadata: dict[str, object],
     ) -> Manifest:
@@ -334,7 +337,7 @@ class ModelStore:
             model_file = staging / MODEL_FILES[format_of(source)]
             shutil.copyfile(source, model_file)
             manifest = manifest_for(
-                model_file, name, version, task=task, metadata=metadata, describe=describe
+                model_file, name, version, task=task, metadata=metadata, describe=self.describe
             )
         else:
             raise StoreError(f"{source} is neither a model file nor a package directory")

@@ -8,6 +8,7 @@ import numpy as np
 from starlette.testclient import TestClient
 
 from edgegen.config import Settings
+from edgegen.executors import describe_model
 from edgegen.node.app import create_app
 from edgegen.optimize.layers import mlp_forward
 from edgegen.optimize.onnx_export import mlp_to_onnx
@@ -61,7 +62,7 @@ def test_openapi_lists_every_route(client: TestClient) -> None:
 
 
 def test_activating_a_version_swaps_it_in_without_a_restart(client: TestClient, settings: Settings) -> None:
-    store = ModelStore(settings.store_dir)
+    store = ModelStore(settings.store_dir, describe=describe_model)
     new_layers = make_layers(seed=7)
     path = Path(settings.home) / "new.onnx"
     path.write_bytes(mlp_to_onnx(new_layers))

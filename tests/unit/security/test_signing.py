@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgegen.errors import IntegrityError
+from edgegen.executors import describe_model
 from edgegen.security.signing import SIGNATURE_FILE, Signer, Trust
 from edgegen.store import ModelStore
 
@@ -19,12 +20,14 @@ def test_signed_packages_open_tampered_and_foreign_ones_do_not(
     assert (tmp_path / "home" / "security" / "signing.key").stat().st_mode & 0o777 == 0o600
     assert Signer.local(tmp_path / "home").key_id == signer.key_id  # made once, then reused
     trust = Trust.load([tmp_path / "home" / "security" / "signing.pub"])
-    signing = ModelStore(tmp_path / "models", signer=signer)
+    signing = ModelStore(tmp_path / "models", signer=signer, describe=describe_model)
     signing.add(model_files["onnx"], "digits")
-    store = ModelStore(tmp_path / "models", trust=trust)
+    store = ModelStore(tmp_path / "models", trust=trust, describe=describe_model)
     assert store.open("digits").manifest.version == "1"
 
-    unsigned = ModelStore(tmp_path / "models").add(model_files["onnx"], "digits", activate=False)
+    unsigned = ModelStore(tmp_path / "models", describe=describe_model).add(
+        model_files["onnx"], "digits", activate=False
+    )
     with pytest.raises(IntegrityError, match="not signed"):
         store.activate("digits", unsigned.version)
     assert store.active_version("digits") == "1"
@@ -49,10 +52,10 @@ def test_a_signed_package_directory_keeps_its_signature_under_another_name(
     tmp_path: Path, model_files: dict[str, Path]
 ) -> None:
     signer = Signer.local(tmp_path / "home")
-    source = ModelStore(tmp_path / "a", signer=signer)
+    source = ModelStore(tmp_path / "a", signer=signer, describe=describe_model)
     source.add(model_files["onnx"], "digits")
     trust = Trust.load([tmp_path / "home" / "security" / "signing.pub"])
-    target = ModelStore(tmp_path / "b", trust=trust)
+    target = ModelStore(tmp_path / "b", trust=trust, describe=describe_model)
     package = tmp_path / "a" / "digits" / "1"
     target.add(package, "renamed", "7")
     assert target.open("renamed").manifest.version == "7"

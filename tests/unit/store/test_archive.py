@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgegen.errors import InvalidInput, StoreError
+from edgegen.executors import describe_model
 from edgegen.security.atrest import Keyring, new_key
 from edgegen.security.signing import Signer, Trust
 from edgegen.store import ModelStore
@@ -105,7 +106,7 @@ def test_a_zip_symlink_and_a_bomb_are_refused(tmp_path: Path) -> None:
 
 def test_a_signed_package_travels_as_an_archive(tmp_path: Path, model_files: dict[str, Path]) -> None:
     signer = Signer.local(tmp_path / "home")
-    source = ModelStore(tmp_path / "a", signer=signer)
+    source = ModelStore(tmp_path / "a", signer=signer, describe=describe_model)
     source.add(model_files["onnx"], "digits")
     package = tmp_path / "a" / "digits" / "1"
     archive = tmp_path / "digits-1.tar.gz"
@@ -116,7 +117,7 @@ def test_a_signed_package_travels_as_an_archive(tmp_path: Path, model_files: dic
         for file in package.iterdir():
             out.write(file, file.name)
     trust = Trust.load([tmp_path / "home" / "security" / "signing.pub"])
-    target = ModelStore(tmp_path / "b", trust=trust)
+    target = ModelStore(tmp_path / "b", trust=trust, describe=describe_model)
     assert target.add(archive, "digits").version == "1"
     assert target.add(zipped, "digits").version == "2"
     assert target.open("digits", "2").manifest.files == target.open("digits", "1").manifest.files
@@ -129,6 +130,7 @@ def test_an_encrypted_version_packs_as_its_signed_plaintext(
         tmp_path / "a",
         signer=Signer.local(tmp_path / "home"),
         keyring=Keyring.parse(f"k:{new_key()}"),
+        describe=describe_model,
     )
     source.add(model_files["onnx"], "digits")
     source.encrypt("digits", "1")
@@ -142,6 +144,7 @@ def test_an_encrypted_version_packs_as_its_signed_plaintext(
     target = ModelStore(
         tmp_path / "b",
         trust=Trust.load([tmp_path / "home" / "security" / "signing.pub"]),
+        describe=describe_model,
     )
     manifest = target.add(tmp_path / "digits-1.tar.gz", "digits")
     received = tmp_path / "b" / "digits" / manifest.version / manifest.model_file

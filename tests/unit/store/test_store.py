@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from edgegen.errors import IntegrityError, InvalidName, ModelNotFound, StoreError, VersionExists
+from edgegen.executors import describe_model
 from edgegen.store import Manifest, ModelStore
 
 
@@ -109,7 +110,7 @@ def test_package_directory_is_added_with_its_hashes_checked(
     store: ModelStore, tmp_path: Path, model_files: dict[str, Path]
 ) -> None:
     package = store.open("digits").path
-    other = ModelStore(tmp_path / "other")
+    other = ModelStore(tmp_path / "other", describe=describe_model)
     manifest = other.add(package, "copied")
     assert (manifest.name, manifest.version) == ("copied", "1")
     assert other.open("copied").manifest.files == store.open("digits").manifest.files
