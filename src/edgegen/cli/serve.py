@@ -1,7 +1,7 @@
 """`edgegen serve` and `edgegen gateway`: check the settings, then run the server under uvicorn.
 
-A node may restart in place or become another software environment when its server returns
-(node/lifecycle.py); a gateway simply stops.
+A node may restart in place (http/serving.py) or become another software environment when its server
+returns (node/lifecycle.py); a gateway simply stops.
 """
 
 from __future__ import annotations
@@ -131,53 +131,13 @@ def _announce_auth(settings: Settings) -> None:
 def _run_server(
     module: str, host: str, port: int, workers: int = 1, *, tls: bool = False, home: Path | None = None
 ) -> None:
-    """uvicorn as every edgegen server runs: uvloop, httptools with a head deadline, our own JSON logs,
-    no proxy headers; HTTPS through the module's `ssl_context` when TLS is configured. `module` holds
-    `app_from_environment`, `ssl_context` and its HTTP protocol class. A node (`home`) may then restart
-    in place or become another software environment (node/lifecycle.py)."""
-    import importlib
-    import logging
+    """Serve `module` (http/serving.py); a node (`home`) may then become another software environment
+    (node/lifecycle.py). A server that could not start is exit status 3."""
+    import functools
 
-    import uvicorn
-    from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
-
+    from edgegen.http import serving
     from edgegen.node import lifecycle
 
-    server = importlib.import_module(module)
-    config = uvicorn.Config(
-        f"{module}:app_from_environment",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http=server.HttpProtocol,
-        ssl_context_factory=server.ssl_context if tls else None,
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        proxy_headers=False,  # forwarded headers are the gateway's business, never a client's
-        timeout_graceful_shutdown=60,  # in-flight requests and streams finish (a gateway drains first)
-    )
-    if workers > 1:
-        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
-        supervisor.run()
-        if home is not None:
-            lifecycle.after_exit(
-                home, failed_start=any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
-            )
-        return
-    try:
-        config.load_app()
-        lifecycle.SERVER = uvicorn.Server(config)
-        lifecycle.SERVER.run()
-    except Exception:
-        logging.getLogger("edgegen.node").exception("the server failed to start")
-        if home is not None:
-            lifecycle.after_exit(home, failed_start=True)
-        raise
-    if home is not None:
-        lifecycle.after_exit(home, failed_start=not lifecycle.SERVER.started)
-    if not lifecycle.SERVER.started:
+    after_exit = functools.partial(lifecycle.after_exit, home) if home is not None else None
+    if not serving.run(module, host, port, workers, tls=tls, after_exit=after_exit):
         raise typer.Exit(3)  # it could not start (uvicorn said why)

@@ -1,4 +1,15 @@
-"""How a node and a gateway listen under uvicorn: their connections and their TLS context.
+"""How a node and a gateway listen under uvicorn: the server, its connections, its TLS, its restart.
+
+- `run(module, ...)`: uvicorn as every edgegen server runs (uvloop, httptools with deadlines, our own JSON
+  logs, no proxy headers, a graceful shutdown that lets streams finish), one process or several.
+- Restarting in place without a supervisor's help (a node's `POST /admin/restart`): the route calls
+  `request_restart`, which sets `RESTART` and asks the server `run` started (`SERVER`) to exit; it shuts
+  down gracefully (stops accepting, lets in-flight requests finish, runs the app's shutdown), and `run`
+  replaces the process with a fresh one of the same command line. (A signal would not do: uvicorn
+  re-raises SIGTERM once it has stopped, and the process would end there.) With several worker processes
+  the supervisor gets SIGHUP and replaces the workers one by one while the others keep serving on the
+  shared socket. `after_exit`, given to `run`, decides first what else the process may become (a node's
+  software switch, node/lifecycle.py).
 
 - `GuardedHttpProtocol`: uvicorn's httptools protocol plus what it lacks — deadlines for a request's
   head and body (a slowloris that trickles bytes is cut off with 408, where uvicorn's keep-alive timer
@@ -18,18 +29,28 @@ What differs between the two servers is only how a process reads its settings; t
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import os
 import re
+import signal
 import ssl
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 
 from edgegen.security.settings import SecuritySettings, TlsSettings
 from edgegen.security.transport import server_context, subject_name
 
 log = logging.getLogger("edgegen.http")
+RESTART = threading.Event()
+SERVER: uvicorn.Server | None = None  # the one-process server, as `run` started it
 # Where a model package is pushed: a node's (`PUT`, streamed to disk) and a gateway's (`POST`, spooled). A
 # large package on a slow link takes longer than `body_timeout_s`, so there the deadline is per read, as
 # nginx's client_body_timeout: a body that stops arriving is still cut off.
@@ -149,3 +170,85 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 timer.cancel()
         self._head_timer = self._body_timer = None
         super().connection_lost(exc)
+
+
+def run(
+    module: str,
+    host: str,
+    port: int,
+    workers: int = 1,
+    *,
+    tls: bool = False,
+    after_exit: Callable[[bool], None] | None = None,
+) -> bool:
+    """Serve `module`'s `app_from_environment` (with its `HttpProtocol`, and its `ssl_context` when `tls`)
+    until the server stops; then `after_exit(failed_start)`, then, when a restart was asked for, the same
+    command again in this process. Gives whether the server started (uvicorn said why it did not)."""
+    server = importlib.import_module(module)
+    config = uvicorn.Config(
+        f"{module}:app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http=server.HttpProtocol,
+        ssl_context_factory=server.ssl_context if tls else None,
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        proxy_headers=False,  # forwarded headers are the gateway's business, never a client's
+        timeout_graceful_shutdown=60,  # in-flight requests and streams finish (a gateway drains first)
+    )
+    if workers > 1:
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
+        if after_exit is not None:
+            after_exit(any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes))
+        return True
+    global SERVER
+    try:
+        config.load_app()
+        SERVER = uvicorn.Server(config)
+        SERVER.run()
+    except Exception:
+        log.exception("the server failed to start")
+        if after_exit is not None:
+            after_exit(True)
+        raise
+    if after_exit is not None:
+        after_exit(not SERVER.started)
+    if RESTART.is_set():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606 (our own command line)  # nosec B606
+    return bool(SERVER.started)
+
+
+def can_restart(multiprocess: bool) -> bool:
+    """Whether this process knows how to restart itself (its server runs under `run`)."""
+    return multiprocess or SERVER is not None
+
+
+def top_pid(multiprocess: bool) -> int:
+    """The process that runs on after the server stops: the supervisor's, with several workers."""
+    return os.getppid() if multiprocess else os.getpid()
+
+
+def request_restart(multiprocess: bool) -> None:
+    if multiprocess:
+        log.info("restart requested: the supervisor replaces the workers one by one")
+        os.kill(os.getppid(), signal.SIGHUP)
+        return
+    log.info("restart requested: graceful shutdown, then the same command again")
+    RESTART.set()
+    request_exit(multiprocess)
+
+
+def request_exit(multiprocess: bool) -> None:
+    """Stop serving gracefully; what follows is `run`'s `after_exit`, then a restart if one was asked."""
+    if multiprocess:
+        os.kill(os.getppid(), signal.SIGTERM)
+        return
+    assert SERVER is not None, "checked by can_restart"
+    SERVER.should_exit = True

@@ -16,7 +16,7 @@ certificate — the security gate decides, before any of this runs).
     PATCH /admin/config                    {"changes": {"cache.ttl_s": 60, …}}: validated, persisted, applied
                                            at once where the setting allows, else at the next restart
     GET  /admin/packages                   installed Python packages, for the gateway's vulnerability scan
-    POST /admin/restart                    restart in place, gracefully (node/lifecycle.py); a gateway
+    POST /admin/restart                    restart in place, gracefully (http/serving.py); a gateway
                                            drains the node first (POST /gateway/nodes/{name}/restart)
     GET  /admin/software                   the edgegen environments: running, current, previous, on trial
     PUT  /admin/software/wheels/{file}     body: an edgegen wheel, X-Edgegen-Signature: its signature
@@ -46,8 +46,8 @@ from starlette.responses import Response
 from edgegen import __version__
 from edgegen.errors import Conflict, InvalidInput, ModelNotFound, Unprocessable
 from edgegen.http.responses import json_response
+from edgegen.http.serving import can_restart, request_exit, request_restart, top_pid
 from edgegen.node import remote_config, software
-from edgegen.node.lifecycle import can_restart, request_exit, request_restart, top_pid
 from edgegen.node.state import NodeState, node_of
 from edgegen.security.sources import check_source, download
 from edgegen.security.vulns import installed_packages

@@ -26,13 +26,13 @@ from starlette.types import Receive, Scope, Send
 from edgegen.cache import ResponseCache
 from edgegen.config import Settings, load_settings
 from edgegen.engine.registry import ModelRegistry
-from edgegen.http import errors
+from edgegen.http import errors, serving
 from edgegen.http.boundary import edge_stack
 from edgegen.http.serving import UPLOADS, GuardedHttpProtocol, tls_context
 from edgegen.jobs.queue import Job, JobQueue
 from edgegen.jobs.sqlite import SqliteJobQueue
 from edgegen.jobs.workers import JobWorkers
-from edgegen.node import admin, jobs, lifecycle, openai, remote_config, seed, software, v2
+from edgegen.node import admin, jobs, openai, remote_config, seed, software, v2
 from edgegen.node.jobs import run_job
 from edgegen.node.state import NodeState, node_of
 from edgegen.observe.logs import AccessLog, configure_logging
@@ -130,8 +130,8 @@ def create_app(settings: Settings) -> NodeApp:
         trial = asyncio.create_task(
             software.watch_trial(
                 settings.home,
-                lifecycle.top_pid(multiprocess),
-                functools.partial(lifecycle.request_exit, multiprocess),
+                serving.top_pid(multiprocess),
+                functools.partial(serving.request_exit, multiprocess),
             ),
             name="software-trial",
         )
