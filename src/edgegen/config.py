@@ -25,7 +25,7 @@ import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -416,8 +416,8 @@ def remote_field(settings: Settings, key: str) -> tuple[BaseModel, str, TypeAdap
         raise InvalidInput(f"{key}: no such setting, or not one value")
     if _local_only_type(info.annotation) or any(_local_only_type(m) for m in info.metadata):
         raise Forbidden(f"{key}: a path, host, URL or secret is changed on the node itself, not remotely")
-    kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
-    return holder, name, TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False))
+    # (the field's type with its constraints, e.g. Annotated[int, Gt(0)], as pydantic validates it)
+    return holder, name, TypeAdapter(info.rebuild_annotation(), config=ConfigDict(allow_inf_nan=False))
 
 
 def _local_only_type(kind: Any) -> bool:

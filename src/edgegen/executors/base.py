@@ -17,8 +17,12 @@ from edgegen.store.manifest import TensorSpec
 
 
 class Executor(Protocol):
-    inputs: Sequence[TensorSpec]
-    outputs: Sequence[TensorSpec]
+    # Read-only to callers (properties here), so an executor may hold its specs in a plain list.
+    @property
+    def inputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]: ...
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward pass: input name -> array (B, ...), returns output name -> array (B, ...)."""

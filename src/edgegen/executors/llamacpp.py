@@ -23,9 +23,12 @@ from edgegen.store.gguf import read_gguf
 from edgegen.store.gguf_hparams import check_language_model
 
 
-@llama.llama_log_callback
-def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+def _drop_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     """llama.cpp logs every tensor at load; the node logs what matters itself."""
+
+
+# Held at module level: llama.cpp keeps calling this C function pointer for the life of the process.
+_quiet = llama.llama_log_callback(_drop_log)
 
 
 _backend_ready = False

@@ -198,7 +198,8 @@ class RequestBoundary:
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         try:
             # Pure-ASGI routes name their template themselves; FastAPI's routes leave theirs in scope.
-            template = scope.get("edgegen.route") or getattr(scope.get("route"), "path", "unmatched")
+            matched: str = getattr(scope.get("route"), "path", "unmatched")
+            template = scope.get("edgegen.route") or matched
             model = scope.get("state", {}).get("model", "")
             self.observer.observe_request(template, scope["method"], model, status, seconds)
             self.access_log.write(

@@ -7,6 +7,7 @@ bare 500, so clients never see internals.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,7 +47,7 @@ def render(exc: EdgegenError, openai: bool = False) -> tuple[int, bytes, dict[st
 
 
 def error_response(
-    message: str, status: int, headers: dict[str, str] | None = None, openai: bool = False
+    message: str, status: int, headers: Mapping[str, str] | None = None, openai: bool = False
 ) -> Response:
     return Response(
         error_body(message, status, openai),

@@ -38,7 +38,7 @@ import ssl
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -89,11 +89,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     the deadlines come from their `[security]`. Each is one timer per request, not a timeout around
     every `receive()` in the app (5 µs each)."""
 
-    load: ClassVar[Callable[[], Any]]
+    load: ClassVar[Callable[[], ServerSettings]]
     _head_timer: asyncio.TimerHandle | None = None
     _body_timer: asyncio.TimerHandle | None = None
     _upload = False  # this request's body is a pushed package: its deadline is per read (`UPLOADS`)
-    _tls: dict[str, Any] | None = None
+    _tls: dict[object, object] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -108,10 +108,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm()
 
     def head_timeout(self) -> float:
-        return float(self.load().security.header_timeout_s)
+        return float(type(self).load().security.header_timeout_s)
 
     def body_timeout(self) -> float:
-        return float(self.load().security.body_timeout_s)
+        return float(type(self).load().security.body_timeout_s)
 
     def _arm(self) -> None:
         if self._head_timer is None:
@@ -139,7 +139,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._tls is not None:
-            self.scope["extensions"] = {"tls": self._tls}  # type: ignore[typeddict-unknown-key]
+            self.scope["extensions"] = {"tls": self._tls}
         self._arm()
 
     def on_headers_complete(self) -> None:

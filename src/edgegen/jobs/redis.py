@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -338,7 +338,8 @@ class RedisJobQueue:
         return job, bool(created)
 
     async def get(self, job_id: str) -> Job | None:
-        raw = await self._redis.hgetall(f"{self.prefix}job:{job_id}")
+        # (the client is made without decode_responses, so names and values come back as bytes)
+        raw = cast(dict[bytes, bytes], await self._redis.hgetall(f"{self.prefix}job:{job_id}"))
         return self._job(job_id, raw) if raw else None
 
     async def claim(self, worker: str, lease_s: float) -> Job | None:

@@ -18,14 +18,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from edgegen.config import JobsSettings
 from edgegen.jobs.queue import Job, JobQueue, Status
 
 log = logging.getLogger("edgegen.jobs")
-Runner = Callable[[Job], Awaitable[tuple[int, bytes]]]
+# A coroutine function, not any awaitable: each attempt runs as its own task (a lost lease cancels it).
+Runner = Callable[[Job], Coroutine[Any, Any, tuple[int, bytes]]]
 
 
 class JobObserver(Protocol):

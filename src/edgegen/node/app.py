@@ -200,7 +200,6 @@ def create_app(settings: Settings) -> NodeApp:
 
 def open_queue(settings: Settings, keyring: Keyring | None) -> JobQueue:
     s = settings.jobs
-    limits = {"max_queued": s.max_queued_per_tenant, "max_queued_bytes": s.max_queued_bytes_per_tenant}
     if s.backend == "redis":
         from edgegen.jobs.redis import RedisJobQueue
 
@@ -209,10 +208,17 @@ def open_queue(settings: Settings, keyring: Keyring | None) -> JobQueue:
             max_attempts=s.max_attempts,
             backoff_s=s.backoff_s,
             keyring=keyring,
-            **limits,
+            max_queued=s.max_queued_per_tenant,
+            max_queued_bytes=s.max_queued_bytes_per_tenant,
         )
-    path = s.path or settings.home / "jobs" / "jobs.sqlite"
-    return SqliteJobQueue(path, max_attempts=s.max_attempts, backoff_s=s.backoff_s, keyring=keyring, **limits)
+    return SqliteJobQueue(
+        s.path or settings.home / "jobs" / "jobs.sqlite",
+        max_attempts=s.max_attempts,
+        backoff_s=s.backoff_s,
+        keyring=keyring,
+        max_queued=s.max_queued_per_tenant,
+        max_queued_bytes=s.max_queued_bytes_per_tenant,
+    )
 
 
 def start_shipping(settings: Settings, access_log: AccessLog) -> LogShipper | None:

@@ -188,7 +188,9 @@ def validate(model: type[_P], data: Any, limits: LlmSettings, at: tuple[str, ...
 
 def validate_generation(url: str, data: Any, limits: LlmSettings) -> ChatRequest | CompletionRequest:
     """The body a generation job will send to `url`, checked as the live route checks it."""
-    model = ChatRequest if url == "/v1/chat/completions" else CompletionRequest
+    model: type[ChatRequest | CompletionRequest] = (
+        ChatRequest if url == "/v1/chat/completions" else CompletionRequest
+    )
     return validate(model, data, limits, at=("body",))
 
 

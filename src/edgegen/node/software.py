@@ -83,9 +83,10 @@ def _empty() -> dict[str, Any]:
 
 def read_state(home: Path) -> dict[str, Any]:
     try:
-        return _empty() | orjson.loads((root(home) / "state.json").read_bytes())
+        saved: dict[str, Any] = orjson.loads((root(home) / "state.json").read_bytes())
     except FileNotFoundError:
         return _empty()
+    return _empty() | saved
 
 
 @contextlib.contextmanager

@@ -347,7 +347,7 @@ class NodeMetrics:
         source = self.registry
         if self.multiprocess:
             source = CollectorRegistry()
-            multiprocess.MultiProcessCollector(source)
+            multiprocess.MultiProcessCollector(source)  # type: ignore[no-untyped-call]  # its __init__ is unannotated
             if self.system is not None:
                 source.register(self.system)
         return generate_latest(source if full else PublicView(source, model_names=model_names))

@@ -102,13 +102,13 @@ class SystemCollector(Collector):
             mem.add_metric([state], getattr(memory, state))
         yield mem
         received = sent = errors_in = errors_out = 0
-        for name, io in psutil.net_io_counters(pernic=True).items():
+        for name, nic in psutil.net_io_counters(pernic=True).items():
             if name == "lo":
                 continue
-            received += io.bytes_recv
-            sent += io.bytes_sent
-            errors_in += io.errin + io.dropin
-            errors_out += io.errout + io.dropout
+            received += nic.bytes_recv
+            sent += nic.bytes_sent
+            errors_in += nic.errin + nic.dropin
+            errors_out += nic.errout + nic.dropout
         net = CounterMetricFamily(
             "edgegen_system_network_bytes", "Bytes over every interface but loopback.", labels=["direction"]
         )

@@ -57,7 +57,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 64) in [0, 1] -> (B, 10) logits
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
-        return self.fc3(x)
+        logits: torch.Tensor = self.fc3(x)  # (a module's call is typed Any)
+        return logits
 
 
 def train(
@@ -71,10 +72,10 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=generator).split(batch_size):
+        for idx in torch.split(torch.randperm(len(x), generator=generator), batch_size):
             loss = F.cross_entropy(model(x[idx]), y[idx])
             optimizer.zero_grad()
-            loss.backward()
+            torch.autograd.backward(loss)  # loss.backward(), which torch leaves unannotated
             optimizer.step()
     return accuracy(model, split)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -63,7 +63,7 @@ def litert_runner(model: bytes) -> Runner:
             shape[0] = x.shape
         interpreter.set_tensor(index_in, x)
         interpreter.invoke()
-        return interpreter.get_tensor(index_out)
+        return cast(np.ndarray, interpreter.get_tensor(index_out))  # LiteRT ships no types
 
     return run
 
@@ -84,7 +84,8 @@ def _torch(layers: Sequence[DenseLayer], compiled: bool) -> Runner:
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return module(torch.from_numpy(x)).numpy()
+            logits: torch.Tensor = module(torch.from_numpy(x))  # (a compiled module's call is untyped)
+            return logits.numpy()
 
     return run
 

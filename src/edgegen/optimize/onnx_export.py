@@ -10,6 +10,7 @@ Gemm+Relu itself at load time.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -54,4 +55,4 @@ def mlp_to_onnx(
     )
     model.ir_version = 9
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return cast(bytes, model.SerializeToString())  # protobuf's messages carry no types here

@@ -20,7 +20,7 @@ from onnxruntime.quantization import (
 )
 
 
-class _Samples(CalibrationDataReader):
+class _Samples(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type information
     def __init__(self, name: str, x: np.ndarray, batch: int = 32) -> None:
         self._batches = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
 

@@ -17,7 +17,10 @@ built with the generated `tflite` schema code. For N layers it holds one subgrap
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
+# flatbuffers and the generated tflite schema code ship no types; every call that ends a table or a
+# vector returns its offset in the buffer, an int, so those returns are cast to int below.
 import flatbuffers
 import numpy as np
 import tflite
@@ -114,7 +117,7 @@ def mlp_to_tflite(
 def _buffer(b: flatbuffers.Builder, array: np.ndarray | None) -> int:
     if array is None:
         tflite.BufferStart(b)
-        return tflite.BufferEnd(b)
+        return cast(int, tflite.BufferEnd(b))
     data = np.ascontiguousarray(array, dtype="<f4").tobytes()
     # Pad so the bytes (not the length prefix) start aligned; Finish pads the whole file to
     # the largest alignment used, so this holds for absolute file offsets too.
@@ -122,7 +125,7 @@ def _buffer(b: flatbuffers.Builder, array: np.ndarray | None) -> int:
     data_vec = b.CreateByteVector(data)
     tflite.BufferStart(b)
     tflite.BufferAddData(b, data_vec)
-    return tflite.BufferEnd(b)
+    return cast(int, tflite.BufferEnd(b))
 
 
 def _tensor(b: flatbuffers.Builder, name: str, *dims: int, batched: bool = False, buffer: int = 0) -> int:
@@ -138,7 +141,7 @@ def _tensor(b: flatbuffers.Builder, name: str, *dims: int, batched: bool = False
     tflite.TensorAddName(b, name_str)
     if signature_vec is not None:
         tflite.TensorAddShapeSignature(b, signature_vec)
-    return tflite.TensorEnd(b)
+    return cast(int, tflite.TensorEnd(b))
 
 
 def _fully_connected(b: flatbuffers.Builder, inputs: list[int], output: int, activation: str) -> int:
@@ -155,7 +158,7 @@ def _fully_connected(b: flatbuffers.Builder, inputs: list[int], output: int, act
     tflite.OperatorAddOutputs(b, outputs_vec)
     tflite.OperatorAddBuiltinOptionsType(b, tflite.BuiltinOptions.FullyConnectedOptions)
     tflite.OperatorAddBuiltinOptions(b, options)
-    return tflite.OperatorEnd(b)
+    return cast(int, tflite.OperatorEnd(b))
 
 
 def _signature(
@@ -169,7 +172,7 @@ def _signature(
     tflite.SignatureDefAddOutputs(b, outputs_vec)
     tflite.SignatureDefAddSignatureKey(b, key)
     tflite.SignatureDefAddSubgraphIndex(b, 0)
-    return tflite.SignatureDefEnd(b)
+    return cast(int, tflite.SignatureDefEnd(b))
 
 
 def _tensor_map(b: flatbuffers.Builder, name: str, tensor_index: int) -> int:
@@ -177,11 +180,11 @@ def _tensor_map(b: flatbuffers.Builder, name: str, tensor_index: int) -> int:
     tflite.TensorMapStart(b)
     tflite.TensorMapAddName(b, name_str)
     tflite.TensorMapAddTensorIndex(b, tensor_index)
-    return tflite.TensorMapEnd(b)
+    return cast(int, tflite.TensorMapEnd(b))
 
 
 def _int32_vector(b: flatbuffers.Builder, values: list[int]) -> int:
-    return b.CreateNumpyVector(np.asarray(values, dtype=np.int32))
+    return cast(int, b.CreateNumpyVector(np.asarray(values, dtype=np.int32)))
 
 
 def _offset_vector(b: flatbuffers.Builder, offsets: list[int]) -> int:
@@ -189,4 +192,4 @@ def _offset_vector(b: flatbuffers.Builder, offsets: list[int]) -> int:
     # Prepending builds the vector back to front, so walk the offsets in reverse.
     for off in reversed(offsets):
         b.PrependUOffsetTRelative(off)
-    return b.EndVector()
+    return cast(int, b.EndVector())

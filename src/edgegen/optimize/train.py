@@ -28,6 +28,9 @@ from edgegen.optimize.layers import DenseLayer
 class _Range(nn.Module):
     """Fake-quantizes a tensor to asymmetric int8 over the running min/max of what it has seen."""
 
+    low: torch.Tensor  # buffers, registered in __init__
+    high: torch.Tensor
+
     def __init__(self, momentum: float = 0.1) -> None:
         super().__init__()
         self.momentum = momentum
@@ -59,13 +62,15 @@ class QatLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = float(self.weight.detach().abs().max().clamp(min=1e-8)) / 127
         weight = torch.fake_quantize_per_tensor_affine(self.weight, scale, 0, -127, 127)
-        return self.outputs(F.linear(self.inputs(x), weight, self.bias))
+        # (annotated: a module's call is typed Any)
+        out: torch.Tensor = self.outputs(F.linear(self.inputs(x), weight, self.bias))
+        return out
 
 
 def to_torch(layers: Sequence[DenseLayer], *, fake_quant: bool = False) -> nn.Sequential:
     """Layers holding the same weight array (tied) get the same Parameter, so they train as one."""
     modules: list[nn.Module] = []
-    weights: dict[int, nn.Parameter] = {}
+    weights: dict[int, torch.Tensor] = {}
     for layer in layers:
         kind = QatLinear if fake_quant else nn.Linear
         linear = kind(layer.in_features, layer.out_features)
@@ -142,7 +147,7 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
-        for idx in torch.randperm(len(xs), generator=generator).split(batch_size):
+        for idx in torch.split(torch.randperm(len(xs), generator=generator), batch_size):
             logits = model(xs[idx])
             loss = F.cross_entropy(logits, ys[idx])
             if teacher_model is not None:
@@ -151,7 +156,7 @@ def train(
                 kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean")
                 loss = (1 - alpha) * loss + alpha * kd * temperature**2
             optimizer.zero_grad()
-            loss.backward()
+            torch.autograd.backward(loss)  # loss.backward(), which torch leaves unannotated
             optimizer.step()
             if masks:
                 with torch.no_grad():

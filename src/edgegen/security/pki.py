@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,6 +44,15 @@ CA_USAGE = x509.KeyUsage(
     encipher_only=False,
     decipher_only=False,
 )
+
+
+class _Entry(TypedDict):
+    """One certificate in index.json."""
+
+    serial: int
+    kind: Kind
+    role: str
+    revoked: bool
 
 
 @dataclass(frozen=True)
@@ -177,7 +186,7 @@ class Pki:
         entry["revoked"] = True
         self._save_index(index)
         self._write_crl([e["serial"] for e in index.values() if e["revoked"]])
-        return int(entry["serial"])
+        return entry["serial"]
 
     def _write_crl(self, serials: list[int]) -> None:
         ca_cert, ca_key = self._ca()
@@ -195,13 +204,13 @@ class Pki:
         crl = builder.sign(ca_key, hashes.SHA256())
         self.crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
 
-    def _load_index(self) -> dict[str, dict[str, object]]:
+    def _load_index(self) -> dict[str, _Entry]:
         if not self.index_path.exists():
             return {}
-        data: dict[str, dict[str, object]] = json.loads(self.index_path.read_text())
+        data: dict[str, _Entry] = json.loads(self.index_path.read_text())
         return data
 
-    def _save_index(self, index: dict[str, dict[str, object]]) -> None:
+    def _save_index(self, index: dict[str, _Entry]) -> None:
         self.index_path.write_text(json.dumps(index, indent=1, sort_keys=True))
 
 

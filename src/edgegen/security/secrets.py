@@ -14,7 +14,7 @@ Keys that live in files (encryption keys, TLS private keys) are never settings: 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Secret, SecretBytes, SecretStr
@@ -52,7 +52,8 @@ def shown(settings: BaseModel) -> dict[str, Any]:
     >>> shown(Login(user="ann", password="s3cret"))
     {'user': 'ann', 'password': '**********'}
     """
-    return to_jsonable_python(_redact(settings.model_dump(mode="python")))
+    # model_dump gives a dict, _redact keeps a dict a dict, and pydantic turns a dict into a dict.
+    return cast(dict[str, Any], to_jsonable_python(_redact(settings.model_dump(mode="python"))))
 
 
 def _redact(value: Any) -> Any:

@@ -75,7 +75,7 @@ def _spans(events: list[dict[str, str]]) -> list[list[str | None]]:
 
 def _parse(record: dict[str, Any]) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(id, package, summary, affected) for each PyPI package an OSV record names."""
-    rows = []
+    rows: list[tuple[str, str, str, dict[str, Any]]] = []
     advisory = str(record.get("id", ""))
     summary = str(record.get("summary") or record.get("details", ""))[:300]
     for affected in record.get("affected") or []:

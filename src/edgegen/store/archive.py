@@ -35,7 +35,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from edgegen.errors import InvalidInput, StoreError
 from edgegen.store.manifest import FILE_PATTERN, SIGNATURE_FILE
@@ -172,14 +172,14 @@ class _BoundedTarInfo(tarfile.TarInfo):
             )
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise StoreError("the archive holds a sparse file")
-        return super()._proc_member(tar)  # type: ignore[attr-defined]
+        return super()._proc_member(tar)  # type: ignore[misc]  # a private hook typeshed does not declare
 
     def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: dict[str, str], tar: Any) -> None:
         # A pax sparse map of format 1.0 lies in the member's data, read whole, at a length it states.
         raise StoreError("the archive holds a sparse file")
 
 
-def _unpack_tar(archive: Path, mode: str, dest: Path, budget: _Budget) -> None:
+def _unpack_tar(archive: Path, mode: Literal["r:", "r:gz"], dest: Path, budget: _Budget) -> None:
     with tarfile.open(archive, mode, tarinfo=_BoundedTarInfo) as tar:
         top: set[str] = set()
         for count, member in enumerate(tar, 1):
