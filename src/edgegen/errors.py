@@ -21,11 +21,15 @@ internal name.
     │   ├── HeadersTooLarge     request headers over the configured limit
     │   ├── ClientGone          the client disconnected before its answer was ready
     │   ├── Unprocessable       well-formed, but cannot be done as asked (422)
-    │   ├── Conflict            an idempotency key reused for another request (409)
+    │   ├── NotFound            nothing by that name: a node, a file (404)
+    │   ├── Conflict            an idempotency key reused for another request, a fleet change that cannot
+    │   │                       be made (409)
     │   ├── Unauthorized        no credential, or one that authenticates nobody (401)
     │   └── Forbidden           a credential that may not do this (403)
     ├── Overloaded              the model's queue is full; retry after `retry_after` seconds
-    └── DeadlineExceeded        the request waited longer than its deadline
+    ├── DeadlineExceeded        the request waited longer than its deadline
+    └── UpstreamError           a server we called (a node, for the gateway) did not answer, or answered
+                                what we cannot use (502)
 """
 
 from __future__ import annotations
@@ -96,6 +100,10 @@ class Unprocessable(RequestError):
     pass
 
 
+class NotFound(RequestError):
+    pass
+
+
 class Conflict(RequestError):
     pass
 
@@ -118,12 +126,17 @@ class DeadlineExceeded(EdgegenError):
     pass
 
 
+class UpstreamError(EdgegenError):
+    pass
+
+
 # Most specific first: the first class the error is an instance of decides the status.
 STATUS: tuple[tuple[type[EdgegenError], int], ...] = (
     (ClientGone, 499),  # nginx's "client closed request": nobody reads it, the logs and metrics do
     (Unauthorized, 401),
     (Forbidden, 403),
     (Unprocessable, 422),
+    (NotFound, 404),
     (Conflict, 409),
     (IntegrityError, 422),  # a package that fails its hashes or signature, named in a request
     (InvalidName, 404),
@@ -136,6 +149,7 @@ STATUS: tuple[tuple[type[EdgegenError], int], ...] = (
     (RequestError, 400),
     (Overloaded, 503),
     (DeadlineExceeded, 504),
+    (UpstreamError, 502),
     (ExecutorError, 500),
 )
 

@@ -67,11 +67,9 @@ class Analyzer:
     def __init__(
         self,
         settings: AlertSettings,
-        on_raise: Callable[[Alert], None] = lambda _: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self.on_raise = on_raise
         self.clock = clock
         self.bucket_s = settings.window_s / 6
         self._series: dict[tuple[str, str], dict[int, Bucket]] = {}
@@ -118,7 +116,6 @@ class Analyzer:
                     self.recent.append(alert)
                     raised.append(alert)
                     log.warning("alert raised", extra=alert.view())
-                    self.on_raise(alert)
                 elif detail is None and key in self.active:
                     alert = self.active.pop(key)
                     alert.resolved = now

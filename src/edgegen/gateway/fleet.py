@@ -63,7 +63,9 @@ class Traffic:
 
 
 @dataclass(eq=False)
-class NodeState:
+class FleetMember:
+    """One node as the gateway sees it: its routing verdicts, its last status, its traffic here."""
+
     backend: Backend
     healthy: bool = True  # optimistic at start; the first check runs at once
     draining: bool = False
@@ -143,13 +145,13 @@ class Fleet:
         self.health = health
         self.outlier = outlier
         self.clock = clock
-        self.nodes: dict[str, NodeState] = {}
+        self.nodes: dict[str, FleetMember] = {}
         self._numbers = itertools.count(1)
         self._available: list[Backend] | None = None
         self._next_expiry = math.inf
 
     # -- membership ------------------------------------------------------------------------------------
-    def add(self, entry: NodeEntry) -> NodeState:
+    def add(self, entry: NodeEntry) -> FleetMember:
         if any(state.backend.url == entry.url for state in self.nodes.values()):
             raise ConfigError(f"a node with URL {entry.url} is already in the fleet")
         if entry.name is not None and entry.name in self.nodes:
@@ -157,14 +159,14 @@ class Fleet:
         name = entry.name
         while name is None or name in self.nodes:  # node-1, node-2, … skipping names taken
             name = f"node-{next(self._numbers)}"
-        state = NodeState(Backend(name=name, url=entry.url, weight=entry.weight))
+        state = FleetMember(Backend(name=name, url=entry.url, weight=entry.weight))
         points = math.ceil(self.health.history_s / self.health.status_interval_s)
         state.history = deque(maxlen=min(points, MAX_HISTORY_POINTS))
         self.nodes[name] = state
         self._changed()
         return state
 
-    def remove(self, name: str) -> NodeState:
+    def remove(self, name: str) -> FleetMember:
         state = self.nodes.pop(name)
         self._changed()
         return state

@@ -15,11 +15,9 @@ other body is cut off (the client sees a short read, never a silently truncated 
 that disconnects while its request is at a node cancels it there: the gateway stops, closes that
 connection (the node cancels the generation, as for a client of its own) and releases the node.
 
-Where a request goes. The path is read once (security/paths.py, as the security gate read it for the
-role) and the node's URL built from parts: the node's own scheme and authority, that path encoded,
-the query string — never parsed from anything the client sent, so no request target (`//host:port/`,
-`/v1/../admin`) can reach another host, port or route. A redirect a node answers is relayed with a
-relative `Location`: its internal address never reaches the client.
+Where a request goes, which model it names and what it sticks to are read once, before any node sees
+it (target.py): the node's URL is built from parts, never from anything the client sent, and a node's
+redirect is relayed with a relative `Location`.
 
 What counts against a node (passive ejection, fleet.py): it did not answer (connect error, timeout,
 dropped connection) or answered 502/504. A 500 is an answer — the node is up, and the request's
@@ -39,27 +37,23 @@ import contextlib
 import logging
 import re
 import ssl
-import string
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import quote_from_bytes, urlsplit
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 from multidict import CIMultiDict
 from starlette.types import Message, Receive, Scope, Send
-from yarl import URL
 
-from edgegen.errors import InvalidInput
 from edgegen.gateway.balancers import Backend, Balancer, make_balancer
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.settings import GatewaySettings, RetrySettings
+from edgegen.gateway.target import Target, affinity_key, json_body, model_of, relative_location
 from edgegen.http.bodies import read_body
 from edgegen.security.auth import GENERATION_PATHS, Principal
-from edgegen.security.paths import canonical_path, raw_path_of, upstream_path
 from edgegen.security.transport import client_context
 
 log = logging.getLogger("edgegen.gateway")
@@ -76,15 +70,10 @@ _HOP_ID = _HOP | {b"x-request-id"}
 # its request boundary the request id (the one it forwarded, which the node echoes).
 _HOP_RESPONSE = (_HOP - {b"content-length"}) | {b"date", b"x-request-id"}
 _IDEMPOTENT = re.compile(r"^/(predict|models/[^/]+/predict|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
-_MODEL_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)/")
 _RETRY_STATUS = frozenset({502, 503, 504})
 _NODE_FAILED = frozenset({502, 504})  # answers that say the node, not the request, is at fault
-# A query string is relayed as it came; only what could end the request line or start a fragment
-# (space, controls, bytes beyond ASCII, `#`) is escaped.
-_QUERY_SAFE = "".join(c for c in string.punctuation if c != "#")
 _JOB = re.compile(r"^/v1/jobs/([^/]+)$")
 JOBS_REMEMBERED = 100_000  # job -> node entries kept (~150 bytes each); older ones are looked for again
-AFFINITY_BYTES = 512  # how much of a prompt decides where it goes
 WHOLE_BODY_BYTES = 1 << 20  # answers up to this size are read whole and relayed in one send
 
 
@@ -130,51 +119,14 @@ class Attempt:
     finished: bool = False  # the node was released and the try reported
 
 
-@dataclass(frozen=True)
-class Target:
-    """What a request asks a node for: its canonical path and its query string (encoded)."""
+class ProxyObserver(Protocol):
+    """What counts the proxy's work (gateway/metrics.py), so the proxy never imports Prometheus."""
 
-    path: str
-    query: str = ""
+    def attempt(self, attempt: Attempt, seconds: float) -> None:
+        """One try at one node, finished: `seconds` from sending it to its last byte (or failure)."""
 
-    @classmethod
-    def of(cls, scope: Scope) -> Target:
-        """The target of a request, or Refused(400) for a path with more than one reading."""
-        try:
-            path = canonical_path(raw_path_of(scope))
-        except InvalidInput as exc:
-            raise Refused(400, exc.message) from None
-        query: bytes = scope.get("query_string", b"")
-        return cls(path, quote_from_bytes(query, safe=_QUERY_SAFE) if query else "")
-
-    def at(self, node_url: str) -> URL:
-        """The URL at one node, built from parts (nothing re-parsed, nothing resolved).
-
-        >>> str(Target("/v1/models", "a=1").at("https://10.0.0.5:8000"))
-        'https://10.0.0.5:8000/v1/models?a=1'
-        """
-        node = URL(node_url)
-        return URL.build(
-            scheme=node.scheme,
-            authority=node.raw_authority,
-            path=upstream_path(self.path),
-            query_string=self.query,
-            encoded=True,
-        )
-
-
-def relative_location(location: bytes) -> bytes:
-    """A redirect's target without its scheme and host: a node's own address (or one a `Host` header
-    made up) never reaches the client, and the redirect stays on the gateway.
-
-    >>> relative_location(b"http://10.0.0.5:8000/v1/models?x=1")
-    b'/v1/models?x=1'
-    """
-    parts = urlsplit(location.decode("latin-1"))
-    # Leading slashes (and backslashes, which browsers read as slashes) collapse to one: `//host/` is
-    # another host.
-    path = "/" + parts.path.lstrip("/\\")
-    return (path + ("?" + parts.query if parts.query else "")).encode("latin-1")
+    def retried(self) -> None:
+        """A request sent again, to another node."""
 
 
 class ClientWatch:
@@ -215,46 +167,6 @@ class ClientWatch:
         return task.result()
 
 
-def json_body(path: str, body: bytes) -> dict[str, Any] | None:
-    """An OpenAI-protocol request's JSON object (parsed once, for the model and the affinity key)."""
-    if not path.startswith("/v1/") or not body:
-        return None
-    try:
-        request = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return request if isinstance(request, dict) else None
-
-
-def affinity_key(session: bytes | None, request: dict[str, Any] | None) -> bytes | None:
-    """What a chat should stick to: its session (`X-Session-Id`), or the start of its conversation.
-
-    >>> affinity_key(None, {"prompt": "Once upon a time"})
-    b'Once upon a time'
-    """
-    if session:
-        return b"session:" + session[:128]
-    if request is None:
-        return None
-    if isinstance(request.get("user"), str):
-        return b"user:" + request["user"].encode()[:128]
-    prompt = request.get("prompt")
-    if isinstance(prompt, str):
-        return prompt.encode()[:AFFINITY_BYTES]
-    messages = request.get("messages")
-    if isinstance(messages, list) and messages:
-        # The system turn and the first user turn stay the same as a chat grows: the prefix a KV cache holds.
-        return orjson.dumps(messages[:2])[:AFFINITY_BYTES]
-    return None
-
-
-def model_of(path: str, request: dict[str, Any] | None) -> str | None:
-    if match := _MODEL_IN_PATH.match(path):
-        return match.group(1)
-    model = request.get("model") if request is not None else None
-    return model if isinstance(model, str) else None
-
-
 class JobHomes:
     """Which node holds which job, most recent first, bounded."""
 
@@ -273,21 +185,15 @@ class JobHomes:
 
 
 class Proxy:
-    def __init__(
-        self,
-        settings: GatewaySettings,
-        fleet: Fleet,
-        on_done: Callable[[Attempt, float], None] = lambda _a, _s: None,
-    ) -> None:
+    def __init__(self, settings: GatewaySettings, fleet: Fleet, observer: ProxyObserver) -> None:
         self.settings = settings
         self.fleet = fleet
-        self.on_done = on_done
+        self.observer = observer
         self.budget = RetryBudget(settings.retry)
         self._balancers: dict[str, Balancer] = {}
         self._clients: dict[str, tuple[str, aiohttp.ClientSession]] = {}
         self._retiring: dict[Backend, aiohttp.ClientSession] = {}
         self._routes = sorted(settings.balancer.routes.items(), key=lambda kv: -len(kv[0]))
-        self.retries = 0
         self.node_ssl = node_ssl_context(settings)
         self.job_homes = JobHomes()
 
@@ -371,7 +277,7 @@ class Proxy:
                 if number:
                     if not self.budget.withdraw():
                         break
-                    self.retries += 1
+                    self.observer.retried()
                     log.info(
                         "retrying on another node", extra={"node": attempt.backend.name if attempt else None}
                     )
@@ -516,7 +422,7 @@ class Proxy:
             # is how the node learns that nobody waits for the rest (a generation stops there).
             response.release() if response.content.at_eof() else response.close()
         if response is not None or attempt.error is not None:  # (left before any answer: nothing to time)
-            self.on_done(attempt, time.perf_counter() - attempt.started)
+            self.observer.attempt(attempt, time.perf_counter() - attempt.started)
         if not backend.in_flight and backend in self._retiring:
             await self._retiring.pop(backend).close()
 

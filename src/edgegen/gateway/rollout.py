@@ -27,8 +27,8 @@ from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edgegen.gateway.fleet import Fleet
-from edgegen.gateway.fleet import NodeState as FleetNode
+from edgegen.errors import Conflict
+from edgegen.gateway.fleet import Fleet, FleetMember
 from edgegen.gateway.settings import OperationsSettings
 from edgegen.store.manifest import NAME_PATTERN
 
@@ -62,8 +62,9 @@ class RollbackOrder(BaseModel):
     )
 
 
-class GateFailed(Exception):
-    pass
+class GateFailed(Conflict):
+    """A change of the fleet that cannot be made, or a node that failed its gate (409 when it reaches the
+    client: the fleet is not in a state that allows it)."""
 
 
 @dataclass
@@ -133,20 +134,20 @@ class Rollouts:
         return {"ok": all(r["restored"] for r in restored), "model": order.model, "rolled_back": restored}
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def targets(self, names: list[str] | None) -> list[FleetNode]:
+    def targets(self, names: list[str] | None) -> list[FleetMember]:
         chosen = names if names is not None else list(self.fleet.nodes)
         unknown = [n for n in chosen if n not in self.fleet.nodes]
         if unknown:
             raise GateFailed(f"unknown nodes: {', '.join(unknown)}")
         return [self.fleet.nodes[n] for n in chosen]
 
-    async def _served(self, state: FleetNode, model: str) -> str | None:
+    async def _served(self, state: FleetMember, model: str) -> str | None:
         status, answer = await self.call(state, "GET", "/admin/models")
         if status != 200:
             raise GateFailed(f"{state.backend.name}: GET /admin/models answered {status}")
         return next((m["served"] for m in answer["models"] if m["name"] == model), None)
 
-    async def _change(self, state: FleetNode, order: RolloutOrder, package: Path | None) -> str:
+    async def _change(self, state: FleetMember, order: RolloutOrder, package: Path | None) -> str:
         name = state.backend.name
         if package is not None:
             query = urlencode({"activate": "true", **({"version": order.version} if order.version else {})})
@@ -182,7 +183,7 @@ class Rollouts:
             )
         return order.version
 
-    async def _gate(self, state: FleetNode, model: str, version: str) -> None:
+    async def _gate(self, state: FleetMember, model: str, version: str) -> None:
         name = state.backend.name
         deadline = time.monotonic() + self.settings.restart_timeout_s
         while True:
@@ -195,7 +196,7 @@ class Rollouts:
         await self.probe(state, model)
         await self.watch(state)
 
-    async def watch(self, state: FleetNode) -> None:
+    async def watch(self, state: FleetMember) -> None:
         """The gate's last part: for `observe_s`, the traffic the node gets stays under `max_error_rate`."""
         s, traffic = self.settings, state.traffic
         before = len(traffic.tries)
@@ -207,7 +208,7 @@ class Rollouts:
                 f"{state.backend.name}: {failed} of {len(recent)} requests failed while it was watched"
             )
 
-    async def probe(self, state: FleetNode, model: str) -> None:
+    async def probe(self, state: FleetMember, model: str) -> None:
         """One inference on the new version, computed (not from the response cache): it must answer 200."""
         name = state.backend.name
         status, meta = await self.call(state, "GET", f"/v2/models/{model}")

@@ -25,14 +25,13 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import HTTPException
-
-from edgegen.gateway.fleet import NodeState as FleetNode
+from edgegen.errors import DeadlineExceeded
+from edgegen.gateway.fleet import FleetMember
 from edgegen.gateway.rollout import GateFailed, NodeCall, Rollouts, reason
 
 log = logging.getLogger("edgegen.gateway")
-Drain = Callable[[FleetNode], AbstractAsyncContextManager[float]]
-ReadyAgain = Callable[[FleetNode, dict[str, Any]], Awaitable[dict[str, Any]]]
+Drain = Callable[[FleetMember], AbstractAsyncContextManager[float]]
+ReadyAgain = Callable[[FleetMember, dict[str, Any]], Awaitable[dict[str, Any]]]
 STAGE_LIMIT_S = 900.0  # making an environment and installing a wheel, on a slow node
 
 
@@ -70,7 +69,7 @@ class Upgrades:
             return {"ok": True, "nodes": done}
 
     async def _stop(
-        self, state: FleetNode, exc: GateFailed, done: list[dict[str, Any]], restored: list[dict[str, Any]]
+        self, state: FleetMember, exc: GateFailed, done: list[dict[str, Any]], restored: list[dict[str, Any]]
     ) -> dict[str, Any]:
         """The upgrade stops at `state`: the nodes done go back too."""
         name = state.backend.name
@@ -79,7 +78,7 @@ class Upgrades:
             restored.append(await self._back(self.rollouts.fleet.nodes[step["node"]], step["previous"]))
         return {"ok": False, "failed": name, "reason": str(exc), "rolled_back": restored, "nodes": done}
 
-    async def _stage(self, state: FleetNode, wheel: Wheel) -> dict[str, Any]:
+    async def _stage(self, state: FleetMember, wheel: Wheel) -> dict[str, Any]:
         name = state.backend.name
         status, staged = await self.call(
             state,
@@ -94,7 +93,7 @@ class Upgrades:
         previous = (await self._status(state))["software"]["env"]
         return {"node": name, "previous": previous, "env": staged["env"], "version": staged["version"]}
 
-    async def _switch(self, state: FleetNode, step: dict[str, Any]) -> None:
+    async def _switch(self, state: FleetMember, step: dict[str, Any]) -> None:
         name, env = state.backend.name, step["env"]
         async with self.drained(state):
             after = await self._restart(state, "/admin/software/switch", {"env": env})
@@ -107,7 +106,7 @@ class Upgrades:
         await self.rollouts.watch(state)
         await self._confirm(state)
 
-    async def _back(self, state: FleetNode, env: str) -> dict[str, Any]:
+    async def _back(self, state: FleetMember, env: str) -> dict[str, Any]:
         """The node back on `env`: leave its trial, or switch to it on trial and confirm."""
         name = state.backend.name
         try:
@@ -133,7 +132,7 @@ class Upgrades:
         return {"node": name, "env": env, "restored": True}
 
     async def _restart(
-        self, state: FleetNode, path: str, body: dict[str, Any] | None = None
+        self, state: FleetMember, path: str, body: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """Ask the node to change environment (`path`, 202), then its status once a newer process is ready."""
         before = await self._status(state)
@@ -142,24 +141,24 @@ class Upgrades:
             raise GateFailed(f"{state.backend.name}: {path} answered {status}: {reason(answer)}")
         return await self._ready(state, before)
 
-    async def _confirm(self, state: FleetNode) -> None:
+    async def _confirm(self, state: FleetMember) -> None:
         status, answer = await self.call(state, "POST", "/admin/software/confirm")
         if status != 200:
             raise GateFailed(f"{state.backend.name}: confirming answered {status}: {reason(answer)}")
 
-    async def _status(self, state: FleetNode) -> dict[str, Any]:
+    async def _status(self, state: FleetMember) -> dict[str, Any]:
         status, answer = await self.call(state, "GET", "/admin/status")
         if status != 200:
             raise GateFailed(f"{state.backend.name}: GET /admin/status answered {status}")
         return answer  # type: ignore[no-any-return]
 
-    async def _ready(self, state: FleetNode, before: dict[str, Any]) -> dict[str, Any]:
+    async def _ready(self, state: FleetMember, before: dict[str, Any]) -> dict[str, Any]:
         try:
             return await self.ready_again(state, before)
-        except HTTPException as exc:
-            raise GateFailed(f"{state.backend.name}: {exc.detail}") from None
+        except DeadlineExceeded as exc:
+            raise GateFailed(f"{state.backend.name}: {exc.message}") from None
 
-    async def _failure(self, state: FleetNode) -> str:
+    async def _failure(self, state: FleetMember) -> str:
         """Why the node left the new version, as it recorded it."""
         status, software = await self.call(state, "GET", "/admin/software")
         failure = software.get("last_failure") if status == 200 and isinstance(software, dict) else None

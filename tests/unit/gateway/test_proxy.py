@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from edgegen.errors import ConfigError
-from edgegen.gateway.proxy import Proxy, RetryBudget, affinity_key, json_body, model_of
+from edgegen.gateway.proxy import Proxy, RetryBudget
 from edgegen.gateway.settings import RetrySettings, load_gateway_settings
+from edgegen.gateway.target import affinity_key, json_body, model_of
 
 
 def test_forwarded_headers_are_the_gateways_not_the_clients() -> None:

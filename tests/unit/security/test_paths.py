@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgegen.errors import InvalidInput
-from edgegen.gateway.proxy import Target, relative_location
+from edgegen.gateway.target import Target, relative_location
 from edgegen.security.guard import looks_like_scanning
 from edgegen.security.paths import canonical_path, raw_path_of, upstream_path
 

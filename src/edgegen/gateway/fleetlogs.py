@@ -1,0 +1,71 @@
+"""The fleet's logs as the gateway serves them: the batches nodes ship, checked and kept, then read by the
+alert analysis; the searches; the gateway's own lines; the purge of old ones (the store: logstore.py).
+
+The store is one SQLite connection, used from worker threads so that the event loop never waits on the
+disk, and from one of them at a time (the lock here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+from edgegen.errors import Forbidden, InvalidInput
+from edgegen.gateway.alerts import Analyzer
+from edgegen.gateway.logstore import LogStore, OwnLines, Query
+from edgegen.gateway.settings import LogStoreSettings
+from edgegen.security.auth import Principal
+
+
+class FleetLogs:
+    def __init__(self, store: LogStore, analyzer: Analyzer, settings: LogStoreSettings) -> None:
+        self.store = store
+        self.analyzer = analyzer
+        self.settings = settings
+        self._lock = asyncio.Lock()
+
+    async def receive(self, body: bytes, sender: Principal) -> dict[str, int]:
+        """A node's batch of log lines: kept, then read by the analysis. A node that ships with its
+        certificate (`node:<CN>`) ships its own lines only."""
+        try:
+            batch = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise InvalidInput("the body must be JSON: {node, spool, entries}") from None
+        if not isinstance(batch, dict):
+            raise InvalidInput("the body must be a JSON object: {node, spool, entries}")
+        node, spool, entries = batch.get("node"), batch.get("spool"), batch.get("entries")
+        if not isinstance(node, str) or not 0 < len(node) <= 128 or not node.isprintable():
+            raise InvalidInput("node must be a printable name of 1 to 128 characters")
+        if not isinstance(spool, str) or not 0 < len(spool) <= 64 or not spool.isalnum():
+            raise InvalidInput("spool must be 1 to 64 letters and digits")
+        if not isinstance(entries, list) or len(entries) > self.settings.max_batch:
+            raise InvalidInput(f"entries must be a list of at most {self.settings.max_batch} lines")
+        if sender.subject.startswith("node:") and sender.subject != f"node:{node}":
+            raise Forbidden(f"the certificate of {sender.subject[5:]} ships that node's logs, not {node}'s")
+        async with self._lock:
+            lines = await asyncio.to_thread(self.store.add, node, spool, entries)
+        self.analyzer.observe(lines)
+        return {"stored": len(lines)}
+
+    async def search(self, query: Query) -> list[dict[str, Any]]:
+        async with self._lock:
+            return await asyncio.to_thread(self.store.query, query)
+
+    async def keep_own(self, handler: OwnLines) -> None:
+        """The gateway's own records that wait in `handler`, kept beside the nodes' lines."""
+        entries = handler.take()
+        if entries:
+            async with self._lock:
+                await asyncio.to_thread(self.store.add, handler.node, handler.spool, entries)
+
+    async def purge(self) -> int:
+        """Drop the lines older than `retention_s`; how many went."""
+        async with self._lock:
+            before = time.time() - self.settings.retention_s
+            return await asyncio.to_thread(self.store.purge, before)
+
+    def close(self) -> None:
+        self.store.close()

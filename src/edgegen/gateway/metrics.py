@@ -1,0 +1,148 @@
+"""The gateway's Prometheus metrics, in a registry of its own (the security gate adds its counters there).
+
+    edgegen_gateway_upstream_seconds{node}              one try at one node, from sending to the last byte
+    edgegen_gateway_attempts_total{node,outcome}        tries by outcome: 2xx … 5xx, or error (no answer)
+    edgegen_gateway_responses_total{status}             answers to clients (the request boundary's count)
+    edgegen_gateway_retries                             requests sent again to another node
+    edgegen_gateway_nodes{state}                        known, and available (taking traffic)
+    edgegen_gateway_node_{available,in_flight,last_seen_seconds}{node}   read from the fleet at each scrape
+    edgegen_gateway_alerts_total{kind}                  alerts raised (gateway/alerts.py)
+    edgegen_gateway_alert_active{kind,node,model}       1 for every alert active now
+    edgegen_gateway_vulnerable_packages{node}           at the last GET /gateway/audit
+
+Per-node gauges are collectors rather than labelled children: nodes come and go at run time, and a node
+removed must leave the scrape with it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from edgegen.gateway.alerts import Alert, Analyzer
+from edgegen.gateway.fleet import Fleet
+from edgegen.gateway.proxy import Attempt
+from edgegen.observe.metrics import LATENCY_BUCKETS
+
+_OUTCOMES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+class GatewayMetrics:
+    """The proxy's observer (each try, each retry), the request boundary's (each answer), and the gauges
+    of the fleet and its alerts."""
+
+    def __init__(self, fleet: Fleet, analyzer: Analyzer) -> None:
+        self.fleet = fleet
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.upstream = Histogram(
+            "edgegen_gateway_upstream_seconds",
+            "One try of a request at one node, from sending it to the last byte back.",
+            ["node"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.attempts = Counter(
+            "edgegen_gateway_attempts_total", "Tries at a node, by outcome.", ["node", "outcome"], registry=r
+        )
+        self.responses = Counter(
+            "edgegen_gateway_responses_total", "Responses to clients by status.", ["status"], registry=r
+        )
+        self.retries = Gauge("edgegen_gateway_retries", "Requests sent again to another node.", registry=r)
+        nodes = Gauge(
+            "edgegen_gateway_nodes", "Nodes in the fleet, and how many take traffic.", ["state"], registry=r
+        )
+        nodes.labels("known").set_function(lambda: len(fleet.nodes))
+        nodes.labels("available").set_function(lambda: len(fleet.available()))
+        r.register(FleetCollector(fleet))
+        self.alerts = Counter("edgegen_gateway_alerts", "Alerts raised, by kind.", ["kind"], registry=r)
+        r.register(AlertCollector(analyzer))
+        self.vulnerable = Gauge(
+            "edgegen_gateway_vulnerable_packages",
+            "Installed packages with a known advisory, per node (at the last GET /gateway/audit).",
+            ["node"],
+            registry=r,
+        )
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._statuses: dict[int, Any] = {}
+
+    def attempt(self, attempt: Attempt, seconds: float) -> None:
+        name = attempt.backend.name
+        if attempt.error is not None:
+            outcome = "error"
+        else:
+            assert attempt.response is not None
+            outcome = _OUTCOMES[attempt.response.status // 100]
+        self.fleet.record_try(attempt.backend, seconds, outcome in ("error", "5xx"))
+        # Labelled children are looked up once per (node, outcome): labels() costs more than the update.
+        children = self._children.get((name, outcome))
+        if children is None:
+            children = self._children[(name, outcome)] = (
+                self.upstream.labels(name),
+                self.attempts.labels(name, outcome),
+            )
+        children[0].observe(seconds)
+        children[1].inc()
+
+    def retried(self) -> None:
+        self.retries.inc()
+
+    def observe_request(self, template: str, method: str, model: str, status: int, seconds: float) -> None:
+        """One answer to a client (the request boundary's count): by status."""
+        child = self._statuses.get(status)
+        if child is None:
+            child = self._statuses[status] = self.responses.labels(str(status))
+        child.inc()
+
+    def alert_raised(self, alert: Alert) -> None:
+        self.alerts.labels(alert.kind).inc()
+
+    def vulnerable_found(self, node: str, count: int) -> None:
+        """A node's count of packages with a known advisory, at the last audit (gateway/audit.py)."""
+        self.vulnerable.labels(node).set(count)
+
+
+class FleetCollector(Collector):
+    """Per-node gauges read from the fleet at each scrape (nodes come and go at run time)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        available = GaugeMetricFamily(
+            "edgegen_gateway_node_available", "1 when the node takes traffic now.", labels=["node"]
+        )
+        in_flight = GaugeMetricFamily(
+            "edgegen_gateway_node_in_flight", "Requests at the node from this gateway now.", labels=["node"]
+        )
+        seen = GaugeMetricFamily(
+            "edgegen_gateway_node_last_seen_seconds", "Since the node last passed a check.", labels=["node"]
+        )
+        taking = {b.name for b in self.fleet.available()}
+        now = time.time()
+        for name, member in self.fleet.nodes.items():
+            available.add_metric([name], float(name in taking))
+            in_flight.add_metric([name], member.backend.in_flight)
+            if member.last_seen is not None:
+                seen.add_metric([name], now - member.last_seen)
+        yield from (available, in_flight, seen)
+
+
+class AlertCollector(Collector):
+    """1 for every alert active now (gateway/alerts.py)."""
+
+    def __init__(self, analyzer: Analyzer) -> None:
+        self.analyzer = analyzer
+
+    def collect(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily(
+            "edgegen_gateway_alert_active", "Alerts active now.", labels=["kind", "node", "model"]
+        )
+        for kind, node, model in list(self.analyzer.active):
+            active.add_metric([kind, node, model], 1.0)
+        yield active
