@@ -77,11 +77,13 @@ audit: setup
 bench-optimize: setup
 	$(BIN)/python bench/optimize.py
 
-# Style, format, and the layer contract in pyproject.toml (docs/architecture.md): `make test` runs it first.
+# Style, format, the layer contract and the types (pyproject.toml; docs/architecture.md): `make test`
+# runs it first.
 lint: setup
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 format: setup
 	$(BIN)/ruff format src tests bench scripts

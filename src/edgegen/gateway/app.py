@@ -117,7 +117,7 @@ class Gateway:
             await self.admin(scope, receive, send)
             return
         try:
-            await self.proxy(scope, receive, send, request_id.get())
+            await self.proxy(scope, receive, send, request_id.get() or "")  # (the boundary set it)
         except Refused as refused:
             # A gone client's 499 is sent too, for the boundary's count and access line: nobody reads it.
             if refused.status != 499:

@@ -111,7 +111,8 @@ class LogStore:
         return lines
 
     def query(self, q: Query) -> list[dict[str, Any]]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[str | float] = []
         if q.node is not None:
             where.append("logs.node = ?")
             args.append(q.node)

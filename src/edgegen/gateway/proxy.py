@@ -233,8 +233,9 @@ class Proxy:
 
     def balancer_for(self, path: str, model: str | None) -> Balancer:
         cfg = self.settings.balancer
-        name = cfg.models.get(model) if model else None
-        if name is None:
+        if model and model in cfg.models:
+            name = cfg.models[model]
+        else:
             name = next((b for prefix, b in self._routes if path.startswith(prefix)), cfg.default)
         balancer = self._balancers.get(name)
         if balancer is None:
