@@ -1,10 +1,11 @@
 """The response cache: answers to deterministic requests, kept so the same request is never computed twice.
 
-Routes ask for a `Ticket` (the request's key and what its `Cache-Control` allows), `lookup` it, and
-`store` what they computed. The memory tier answers first; the disk tier (optional) outlives restarts
-and is shared by a node's worker processes; a disk hit is copied into memory. Writes to disk happen on
-one writer thread, off the request's path. Only deterministic requests are cached: fixed-shape
-inference, and generations that are greedy or carry a seed.
+The inference service (engine/service.py) asks for a `Ticket` (the request's key and what its
+`Cache-Control` allows, read by `directives`), `lookup`s it, and `store`s what it computed. The memory
+tier answers first; the disk tier (optional) outlives restarts and is shared by a node's worker
+processes; a disk hit is copied into memory. Writes to disk happen on one writer thread, off the
+request's path. Only deterministic requests are cached: fixed-shape inference, and generations that
+are greedy or carry a seed.
 
 Request directives (RFC 9111): `no-cache` computes afresh (and stores the result), `no-store` keeps the
 answer out of the cache, `max-age=N` accepts only answers at most N seconds old. Every answer of a
@@ -19,14 +20,13 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from edgegen.cache.disk import DiskTier
 from edgegen.cache.keys import model_tag
 from edgegen.cache.memory import Entry, MemoryTier, Removed
 from edgegen.config import Settings
 from edgegen.security.atrest import Keyring
-from edgegen.security.auth import principal_of
 from edgegen.store import Manifest
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,15 @@ class Ticket:
         return {"X-Edgegen-Cache": self.status}
 
 
-def directives(scope: Mapping[str, Any]) -> tuple[bool, bool, float | None]:
+class Directives(NamedTuple):
+    """What a request's Cache-Control lets the cache do for it."""
+
+    read: bool = True
+    write: bool = True
+    max_age: float | None = None
+
+
+def directives(scope: Mapping[str, Any]) -> Directives:
     """(may read, may write, max age) from the request's Cache-Control."""
     read, write, max_age = True, True, None
     for name, value in scope.get("headers", ()):
@@ -75,7 +83,7 @@ def directives(scope: Mapping[str, Any]) -> tuple[bool, bool, float | None]:
                 write = False
             elif directive == "max-age" and argument.strip().isascii() and argument.strip().isdigit():
                 max_age = float(argument.strip())  # isascii: isdigit() also takes "²", float() does not
-    return read, write, max_age
+    return Directives(read, write, max_age)
 
 
 class ResponseCache:
@@ -107,22 +115,23 @@ class ResponseCache:
 
     def ticket(
         self,
-        scope: Mapping[str, Any],
+        owner: str,
+        asked: Directives,
         manifest: Manifest,
         key: Callable[[str, str, str], bytes],
         *,
         deterministic: bool,
     ) -> Ticket | None:
-        """None when `manifest`'s model is not cached at all; else this request's ticket, its key made by
-        `key(owner, model, tag)` when the request may use the cache."""
+        """None when `manifest`'s model is not cached at all; else the ticket of `owner`'s request (what
+        `asked` allows), its key made by `key(owner, model, tag)` when the request may use the cache."""
         if not self.enabled or not self._settings.caches(manifest.name):
             return None
         ticket = Ticket(manifest.name, model_tag(manifest))
         if not deterministic:
             return ticket
-        ticket.read, ticket.write, ticket.max_age = directives(scope)
+        ticket.read, ticket.write, ticket.max_age = asked
         if ticket.read or ticket.write:
-            ticket.key = key(principal_of(scope).owner, manifest.name, ticket.tag)
+            ticket.key = key(owner, manifest.name, ticket.tag)
         return ticket
 
     def lookup(self, ticket: Ticket) -> bytes | None:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
 
 import numpy as np
 import orjson
 
-from edgegen.engine.sampling import SamplingParams
 from edgegen.errors import IntegrityError
 from edgegen.store import Manifest
 
@@ -49,17 +47,17 @@ def generation_key(
     model: str,
     tag: str,
     prompt: Sequence[tuple[str, bool]],
-    params: SamplingParams,
+    params: Mapping[str, object],
     max_tokens: int | None,
     n_ctx: int,
     stops: Sequence[str],
 ) -> bytes:
     """`prompt` as (text, special) segments (`engine.prompt.Prompt`: whether special tokens in each are
-    parsed), which fix its tokens for a given model version; `max_tokens` None means the room left in a
-    sequence of `n_ctx` tokens."""
+    parsed), which fix its tokens for a given model version; `params` the sampling parameters by name;
+    `max_tokens` None means the room left in a sequence of `n_ctx` tokens."""
     request = {
         "prompt": [[text, special] for text, special in prompt],
-        "sampling": asdict(params),
+        "sampling": dict(params),
         "max_tokens": max_tokens,
         "n_ctx": n_ctx,
         "stop": list(stops),

@@ -26,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 from edgegen.cache import ResponseCache
 from edgegen.config import Settings, load_settings
 from edgegen.engine.registry import ModelRegistry
+from edgegen.engine.service import InferenceService
 from edgegen.http import errors, serving
 from edgegen.http.boundary import edge_stack
 from edgegen.http.serving import UPLOADS, GuardedHttpProtocol, tls_context
@@ -86,9 +87,15 @@ def create_app(settings: Settings) -> NodeApp:
         on_swap=cache.invalidate if cache is not None else None,
     )  # fmt: skip
     access_log = AccessLog(settings.access_log and settings.log_level in ("debug", "info"))
+    service = InferenceService(
+        registry,
+        cache,
+        request_timeout_s=settings.request_timeout_s,
+        generation_timeout_s=settings.llm.timeout_s,
+    )
     node = NodeState(
-        settings=settings, store=store, registry=registry, metrics=metrics, access_log=access_log,
-        jobs=open_queue(settings, keyring), cache=cache,
+        settings=settings, store=store, registry=registry, service=service, metrics=metrics,
+        access_log=access_log, jobs=open_queue(settings, keyring), cache=cache,
     )  # fmt: skip
     entry: list[NodeApp] = []  # the app built below, which the job workers call into
 

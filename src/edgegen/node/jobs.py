@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message
 
+from edgegen.engine.service import caller_of
 from edgegen.errors import (
     Forbidden,
     InvalidInput,
@@ -47,7 +48,7 @@ from edgegen.http.responses import json_response
 from edgegen.jobs.queue import JOB_ID, Job, JobRequest
 from edgegen.node.openai import GENERATION_URLS, validate_generation
 from edgegen.node.state import NodeState, node_of
-from edgegen.security.auth import Principal, authorize_model, current_principal, principal_of
+from edgegen.security.auth import Principal, current_principal, principal_of
 from edgegen.security.keys import KeyStore
 
 log = logging.getLogger("edgegen.jobs")
@@ -116,8 +117,7 @@ def _check_target(request: Request, node: NodeState, order: JobCreate) -> None:
             raise InvalidInput("body.stream: a job's answer is kept whole; stream live instead")
         validate_generation(order.url, order.body, node.settings.llm)
     model = model_of(order.url, order.body, node.settings.default_model)
-    authorize_model(request.scope, model)
-    served = node.registry.get(model)
+    served = node.service.model(caller_of(request.scope), model)
     if order.url in GENERATION_URLS and served.scheduler is None:
         raise InvalidInput(f"model {model!r} does not generate text; use /predict or /models/{model}/predict")
     if order.url not in GENERATION_URLS:

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -36,17 +35,15 @@ from pydantic import (
 )
 from starlette.responses import Response, StreamingResponse
 
-from edgegen.cache.keys import generation_key
 from edgegen.config import LlmSettings
-from edgegen.engine.generation import Event, Generation, Scheduler, Usage
-from edgegen.engine.prompt import Prompt, text_prompt
 from edgegen.engine.registry import ServedModel
 from edgegen.engine.sampling import SamplingParams
+from edgegen.engine.service import Replay, Source, TextRequest, caller_of
 from edgegen.errors import ClientGone, InvalidInput, validation_message
 from edgegen.http.bodies import parse_json
 from edgegen.http.responses import json_response
 from edgegen.node.state import node_of
-from edgegen.security.auth import authorize_model, principal_of
+from edgegen.security.auth import principal_of
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 MAX_STOPS = 16
@@ -194,66 +191,10 @@ def validate_generation(url: str, data: Any, limits: LlmSettings) -> ChatRequest
     return validate(model, data, limits, at=("body",))
 
 
-def _generator(request: Request, name: str) -> tuple[ServedModel, Scheduler]:
-    authorize_model(request.scope, name)
-    served = node_of(request).registry.get(name)
+def _generator(request: Request, name: str) -> ServedModel:
+    served = node_of(request).service.generator(caller_of(request.scope), name)
     request.state.model = name
-    if served.scheduler is None:
-        raise InvalidInput(f"model {name!r} does not generate text; use /v2/models/{name}/infer or /predict")
-    return served, served.scheduler
-
-
-class Replay:
-    """A generation answered from the response cache: its whole text as one event."""
-
-    def __init__(self, cached: bytes) -> None:
-        data = orjson.loads(cached)
-        self.text: str = data["text"]
-        self.finish_reason: str = data["finish_reason"]
-        prompt = int(data["prompt_tokens"])
-        self.usage = Usage(prompt, int(data["completion_tokens"]), cached_tokens=prompt)
-
-    async def events(self) -> AsyncIterator[Event]:
-        yield Event(self.text, self.finish_reason)
-
-    def cancel(self) -> None:
-        pass
-
-
-class Recorded:
-    """A generation whose finished text is stored in the response cache."""
-
-    def __init__(self, generation: Generation, done: Callable[[bytes], None]) -> None:
-        self._generation = generation
-        self._done = done
-
-    @property
-    def usage(self) -> Usage:
-        return self._generation.usage
-
-    async def events(self) -> AsyncIterator[Event]:
-        parts = []
-        async for event in self._generation.events():
-            parts.append(event.text)
-            if event.finish_reason is not None:
-                usage = self.usage
-                self._done(
-                    orjson.dumps(
-                        {
-                            "text": "".join(parts),
-                            "finish_reason": event.finish_reason,
-                            "prompt_tokens": usage.prompt_tokens,
-                            "completion_tokens": usage.completion_tokens,
-                        }
-                    )
-                )
-            yield event
-
-    def cancel(self) -> None:
-        self._generation.cancel()
-
-
-Source = Generation | Replay | Recorded
+    return served
 
 
 def _usage(generation: Source) -> dict[str, Any]:
@@ -344,11 +285,14 @@ async def list_models(request: Request) -> Response:
 @router.post("/chat/completions", summary="Chat completion (OpenAI)")
 async def chat_completions(request: Request) -> Response:
     body = validate(ChatRequest, parse_json(await request.body()), node_of(request).settings.llm)
-    served, scheduler = _generator(request, body.model)
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    _check_room(scheduler, max_tokens)
-    chat = await scheduler.render_chat([{"role": m.role, "content": m.text} for m in body.messages])
-    generation, headers = await _generate(request, served, body, chat, max_tokens)
+    served = _generator(request, body.model)
+    asked = TextRequest(
+        body.sampling,
+        body.max_completion_tokens or body.max_tokens,
+        body.stops,
+        messages=[{"role": m.role, "content": m.text} for m in body.messages],
+    )
+    generation, headers = await node_of(request).service.generate(caller_of(request.scope), served, asked)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
 
@@ -376,9 +320,9 @@ async def chat_completions(request: Request) -> Response:
 @router.post("/completions", summary="Text completion (OpenAI)")
 async def completions(request: Request) -> Response:
     body = validate(CompletionRequest, parse_json(await request.body()), node_of(request).settings.llm)
-    served, scheduler = _generator(request, body.model)
-    _check_room(scheduler, body.max_tokens)
-    generation, headers = await _generate(request, served, body, text_prompt(body.text), body.max_tokens)
+    served = _generator(request, body.model)
+    asked = TextRequest(body.sampling, body.max_tokens, body.stops, text=body.text)
+    generation, headers = await node_of(request).service.generate(caller_of(request.scope), served, asked)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
 
@@ -400,53 +344,6 @@ async def completions(request: Request) -> Response:
         },
         headers=headers,
     )
-
-
-def _check_room(scheduler: Scheduler, max_tokens: int | None) -> None:
-    """Refuse a budget that leaves no room for any prompt before the prompt is rendered or tokenized."""
-    n_ctx = scheduler.executor.n_ctx_seq
-    if max_tokens is not None and max_tokens >= n_ctx:
-        raise InvalidInput(
-            f"max_tokens {max_tokens} leaves no room for a prompt in the context of {n_ctx} tokens"
-        )
-
-
-async def _generate(
-    request: Request, served: ServedModel, body: _Params, prompt: Prompt, max_tokens: int | None
-) -> tuple[Source, dict[str, str]]:
-    """The answer's source — the response cache, or a new generation (recorded when it may be cached) —
-    and the headers that say which. The cache key holds the prompt's text, not its tokens: a hit skips
-    tokenizing (llama.cpp's tokenizer is the dearest part of a hit)."""
-    assert served.scheduler is not None
-    scheduler = served.scheduler
-    node = node_of(request)
-    params, stops = body.sampling, body.stops
-    cache, ticket = node.cache, None
-    if cache is not None:
-        n_ctx = scheduler.executor.n_ctx_seq
-
-        def key(owner: str, model: str, tag: str) -> bytes:
-            return generation_key(owner, model, tag, prompt, params, max_tokens, n_ctx, stops)
-
-        deterministic = params.greedy or params.seed is not None
-        ticket = cache.ticket(request.scope, served.manifest, key, deterministic=deterministic)
-        if ticket is not None and (cached := cache.lookup(ticket)) is not None:
-            return Replay(cached), ticket.headers
-    tokens = await scheduler.encode(prompt)
-    budget = max_tokens if max_tokens is not None else max(scheduler.executor.n_ctx_seq - len(tokens), 1)
-    generation = scheduler.submit(
-        tokens,
-        params,
-        max_tokens=budget,
-        stop=stops,
-        timeout_s=node.settings.llm.timeout_s,
-        tenant=principal_of(request.scope).owner,
-    )
-    if cache is None or ticket is None:
-        return generation, {}
-    if ticket.write:
-        return Recorded(generation, functools.partial(cache.store, ticket)), ticket.headers
-    return generation, ticket.headers
 
 
 def _sse_response(

@@ -19,12 +19,12 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from edgegen.engine.service import caller_of
 from edgegen.errors import EdgegenError, InvalidInput
 from edgegen.http.bodies import parse_json, read_body
 from edgegen.http.errors import render
 from edgegen.node.state import NodeState
 from edgegen.node.tensors import to_batch
-from edgegen.security.auth import authorize_model
 
 log = logging.getLogger("edgegen.errors")
 PREFIX, SUFFIX = "/models/", "/predict"
@@ -78,8 +78,8 @@ class SeedRoutes:
         await respond(send, 200, body, headers)
 
     async def _predict(self, scope: Scope, receive: Receive, name: str) -> tuple[bytes, dict[str, str]]:
-        authorize_model(scope, name)
-        served = self.node.registry.get(name)
+        service, caller = self.node.service, caller_of(scope)
+        served = service.model(caller, name)
         scope.setdefault("state", {})["model"] = name
         served.fixed_shape()
         manifest = served.manifest
@@ -90,7 +90,7 @@ class SeedRoutes:
             raise InvalidInput('the body must be a JSON object with an "input_data" list')
         spec = manifest.inputs[0]
         batch = to_batch(payload["input_data"], spec)
-        outputs, headers = await self.node.infer(scope, served, {spec.name: batch})
+        outputs, headers = await service.predict(caller, served, {spec.name: batch})
         body = orjson.dumps(
             {"prediction": outputs[manifest.outputs[0].name]}, option=orjson.OPT_SERIALIZE_NUMPY
         )

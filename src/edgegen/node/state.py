@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 from starlette.requests import Request
 
 from edgegen.cache import ResponseCache
-from edgegen.cache.keys import decode_tensors, encode_tensors, tensors_key
 from edgegen.config import Settings
-from edgegen.engine.registry import ModelRegistry, ServedModel
+from edgegen.engine.registry import ModelRegistry
+from edgegen.engine.service import InferenceService
 from edgegen.jobs.queue import JobQueue
 from edgegen.jobs.workers import JobWorkers
 from edgegen.observe.logs import AccessLog
@@ -27,6 +25,7 @@ class NodeState:
     settings: Settings
     store: ModelStore
     registry: ModelRegistry
+    service: InferenceService  # the one way from a route to a model (engine/service.py)
     metrics: NodeMetrics
     access_log: AccessLog
     audit: AuditLog | None = None
@@ -36,28 +35,6 @@ class NodeState:
     cache: ResponseCache | None = None
     started: float = field(default_factory=time.monotonic)
     in_flight: Callable[[], int] = lambda: 0  # requests being answered now (the app sets it)
-
-    async def infer(
-        self, scope: Mapping[str, Any], served: ServedModel, feeds: dict[str, np.ndarray]
-    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """A fixed-shape model's outputs for `feeds` — from the response cache when it has them — and
-        the headers that say where they came from."""
-        batcher = served.fixed_shape()
-        cache = self.cache
-        ticket = None
-        if cache is not None:
-
-            def key(owner: str, model: str, tag: str) -> bytes:
-                return tensors_key(owner, model, tag, feeds)
-
-            ticket = cache.ticket(scope, served.manifest, key, deterministic=True)
-            if ticket is not None and (cached := cache.lookup(ticket)) is not None:
-                return decode_tensors(cached), ticket.headers
-        outputs = await batcher.submit(feeds, self.settings.request_timeout_s)
-        if cache is None or ticket is None:
-            return outputs, {}
-        cache.store(ticket, encode_tensors(outputs))
-        return outputs, ticket.headers
 
 
 def node_of(request: Request) -> NodeState:

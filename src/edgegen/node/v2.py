@@ -18,12 +18,13 @@ from starlette.responses import Response
 
 from edgegen import __version__
 from edgegen.engine.registry import ServedModel
+from edgegen.engine.service import caller_of
 from edgegen.errors import InvalidInput, ModelNotFound
 from edgegen.http.bodies import parse_json
 from edgegen.http.responses import json_response
 from edgegen.node.state import node_of
 from edgegen.node.tensors import cast
-from edgegen.security.auth import authorize_model, principal_of
+from edgegen.security.auth import principal_of
 from edgegen.store import Manifest, TensorSpec
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
@@ -56,8 +57,7 @@ def _tensor_meta(spec: TensorSpec) -> dict[str, Any]:
 
 
 def _served(request: Request, name: str, version: str | None) -> ServedModel:
-    authorize_model(request.scope, name)
-    served = node_of(request).registry.get(name)
+    served = node_of(request).service.model(caller_of(request.scope), name)
     if version is not None and version != served.manifest.version:
         raise ModelNotFound(f"version {version!r} of model {name!r} is not served here")
     request.state.model = name
@@ -198,7 +198,6 @@ def _requested_outputs(header: dict[str, Any], manifest: Manifest) -> list[tuple
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
-    node = node_of(request)
     served = _served(request, name, version)
     served.fixed_shape()
     manifest = served.manifest
@@ -228,7 +227,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("id must be a string")
 
-    outputs, headers = await node.infer(request.scope, served, feeds)
+    outputs, headers = await node_of(request).service.predict(caller_of(request.scope), served, feeds)
 
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []

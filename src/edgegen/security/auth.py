@@ -120,13 +120,6 @@ def principal_of(scope: Mapping[str, Any]) -> Principal:
     return principal  # type: ignore[no-any-return]
 
 
-def authorize_model(scope: Mapping[str, Any], model: str) -> None:
-    """Refuse a model the caller's credential is not scoped to — before looking the model up, so
-    a refusal says nothing about whether it exists."""
-    if not principal_of(scope).allows_model(model):
-        raise Forbidden(f"this credential may not use model {model!r}")
-
-
 def _key_principal(key: ApiKey) -> Principal:
     """The caller an API key of this node's key store stands for."""
     return Principal(f"key:{key.id}", key.role, key.models, key.tenant, key.id)

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from edgegen.cache import ResponseCache, directives
+from edgegen.cache import Directives, ResponseCache, directives
 from edgegen.cache.keys import decode_tensors, encode_tensors, generation_key, model_tag, tensors_key
 from edgegen.cache.memory import Removed
 from edgegen.config import CacheSettings, ModelOverrides, Settings
 from edgegen.engine.sampling import SamplingParams
 from edgegen.errors import IntegrityError
 from edgegen.security.atrest import Keyring, new_key
-from edgegen.security.auth import Principal
 from edgegen.store import Manifest, TensorSpec
 from tests.unit.cache.test_tiers import Clock
 
@@ -27,9 +27,14 @@ def manifest(version: str = "1", digest: str = "a" * 64, name: str = "m") -> Man
     )
 
 
-def scope(tenant: str = "acme", cache_control: str | None = None) -> dict[str, Any]:
+def scope(cache_control: str | None = None) -> dict[str, Any]:
     headers = [(b"cache-control", cache_control.encode())] if cache_control is not None else []
-    return {"headers": headers, "edgegen.principal": Principal(f"key-{tenant}", "user", None, tenant)}
+    return {"headers": headers}
+
+
+def ask(tenant: str = "acme", cache_control: str | None = None) -> tuple[str, Directives]:
+    """A tenant's request: its owner, and what its Cache-Control allows."""
+    return tenant, directives(scope(cache_control))
 
 
 class Observer:
@@ -78,7 +83,7 @@ def test_keys_are_canonical_and_separate_tenants_models_and_versions() -> None:
 
     def gen(prompt: str = "hi", special: bool = True, params: SamplingParams = greedy, **kw: Any) -> bytes:
         fields = {"max_tokens": 16, "n_ctx": 2048, "stops": [], **kw}
-        return generation_key("acme", "m", tag, ((prompt, special),), params, **fields)
+        return generation_key("acme", "m", tag, ((prompt, special),), asdict(params), **fields)
 
     assert gen() == gen(params=SamplingParams(temperature=0))
     others = [gen("hi "), gen(special=False), gen(max_tokens=17), gen(max_tokens=None), gen(n_ctx=4096),
@@ -120,22 +125,22 @@ def test_cache_control_directives(header: str | None, expected: tuple[bool, bool
 def test_miss_then_hit_from_memory_then_from_disk_after_a_restart(tmp_path: Path) -> None:
     clock, observer = Clock(), Observer()
     cache = make(tmp_path, clock, observer)
-    ticket = cache.ticket(scope(), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
+    ticket = cache.ticket(*ask(), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
     assert ticket is not None
     assert cache.lookup(ticket) is None
     assert ticket.headers == {"X-Edgegen-Cache": "miss"}
     cache.store(ticket, b"answer")
     clock.now += 5
-    again = cache.ticket(scope(), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
+    again = cache.ticket(*ask(), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
     assert again is not None
     assert cache.lookup(again) == b"answer"
     assert again.headers == {"X-Edgegen-Cache": "hit", "Age": "5"}
     cache.close()  # waits for the disk write
     restarted = make(tmp_path, clock, observer)
-    third = restarted.ticket(scope(), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
+    third = restarted.ticket(*ask(), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
     assert third is not None
     assert restarted.lookup(third) == b"answer"
-    fourth = restarted.ticket(scope(), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
+    fourth = restarted.ticket(*ask(), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
     assert fourth is not None
     assert restarted.lookup(fourth) == b"answer"  # promoted into memory by the disk hit
     restarted.close()
@@ -149,11 +154,11 @@ def test_miss_then_hit_from_memory_then_from_disk_after_a_restart(tmp_path: Path
 
 def test_tenants_do_not_share_answers(tmp_path: Path) -> None:
     cache = make(tmp_path, Clock(), disk_bytes=0)
-    mine = cache.ticket(scope("acme"), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
+    mine = cache.ticket(*ask("acme"), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
     assert mine is not None
     cache.lookup(mine)
     cache.store(mine, b"acme's")
-    theirs = cache.ticket(scope("globex"), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
+    theirs = cache.ticket(*ask("globex"), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
     assert theirs is not None
     assert cache.lookup(theirs) is None
 
@@ -162,25 +167,25 @@ def test_directives_and_nondeterministic_requests(tmp_path: Path) -> None:
     clock, observer = Clock(), Observer()
     cache = make(tmp_path, clock, observer, disk_bytes=0)
     k = key_for(feeds(0, 0, 0, 0))
-    sampled = cache.ticket(scope(), manifest(), k, deterministic=False)
+    sampled = cache.ticket(*ask(), manifest(), k, deterministic=False)
     assert sampled is not None
     assert cache.lookup(sampled) is None
     cache.store(sampled, b"sampled")
     assert sampled.headers == {"X-Edgegen-Cache": "bypass"}
-    unstored = cache.ticket(scope(cache_control="no-store"), manifest(), k, deterministic=True)
+    unstored = cache.ticket(*ask(cache_control="no-store"), manifest(), k, deterministic=True)
     assert unstored is not None
     assert cache.lookup(unstored) is None
     cache.store(unstored, b"not kept")
-    fresh = cache.ticket(scope(cache_control="no-cache"), manifest(), k, deterministic=True)
+    fresh = cache.ticket(*ask(cache_control="no-cache"), manifest(), k, deterministic=True)
     assert fresh is not None
     assert cache.lookup(fresh) is None
     assert fresh.headers == {"X-Edgegen-Cache": "bypass"}
     cache.store(fresh, b"kept")  # no-cache computes afresh, and the fresh answer is kept
     clock.now += 100
-    young = cache.ticket(scope(cache_control="max-age=60"), manifest(), k, deterministic=True)
+    young = cache.ticket(*ask(cache_control="max-age=60"), manifest(), k, deterministic=True)
     assert young is not None
     assert cache.lookup(young) is None
-    plain = cache.ticket(scope(), manifest(), k, deterministic=True)
+    plain = cache.ticket(*ask(), manifest(), k, deterministic=True)
     assert plain is not None
     assert cache.lookup(plain) == b"kept"
     assert [r for _, r, _ in observer.lookups] == ["bypass", "miss", "bypass", "miss", "hit"]
@@ -189,8 +194,8 @@ def test_directives_and_nondeterministic_requests(tmp_path: Path) -> None:
 def test_ttl_and_size_limits(tmp_path: Path) -> None:
     clock = Clock()
     cache = make(tmp_path, clock, disk_bytes=0, ttl_s=10, max_entry_bytes=100)
-    big = cache.ticket(scope(), manifest(), key_for(feeds(9, 9, 9, 9)), deterministic=True)
-    small = cache.ticket(scope(), manifest(), key_for(feeds(1, 1, 1, 1)), deterministic=True)
+    big = cache.ticket(*ask(), manifest(), key_for(feeds(9, 9, 9, 9)), deterministic=True)
+    small = cache.ticket(*ask(), manifest(), key_for(feeds(1, 1, 1, 1)), deterministic=True)
     assert big is not None
     assert small is not None
     cache.store(big, bytes(101))
@@ -205,10 +210,10 @@ def test_activation_drops_the_other_versions_answers_in_both_tiers(tmp_path: Pat
     clock, observer = Clock(), Observer()
     cache = make(tmp_path, clock, observer)
     for version in ("1", "2"):
-        ticket = cache.ticket(scope(), manifest(version), key_for(feeds(1, 2, 3, 4)), deterministic=True)
+        ticket = cache.ticket(*ask(), manifest(version), key_for(feeds(1, 2, 3, 4)), deterministic=True)
         assert ticket is not None
         cache.store(ticket, f"v{version}".encode())
-    other = cache.ticket(scope(), manifest(name="n"), key_for(feeds(1, 2, 3, 4)), deterministic=True)
+    other = cache.ticket(*ask(), manifest(name="n"), key_for(feeds(1, 2, 3, 4)), deterministic=True)
     assert other is not None
     cache.store(other, b"n")
     cache.invalidate("m", manifest("2"))
@@ -217,8 +222,8 @@ def test_activation_drops_the_other_versions_answers_in_both_tiers(tmp_path: Pat
     assert observer.removed["disk"].invalidated == 1
     assert observer.sizes["disk"][1] == 2
     reopened = make(tmp_path, clock, disk_bytes=2**20, memory_bytes=0)
-    v1 = reopened.ticket(scope(), manifest("1"), key_for(feeds(1, 2, 3, 4)), deterministic=True)
-    v2 = reopened.ticket(scope(), manifest("2"), key_for(feeds(1, 2, 3, 4)), deterministic=True)
+    v1 = reopened.ticket(*ask(), manifest("1"), key_for(feeds(1, 2, 3, 4)), deterministic=True)
+    v2 = reopened.ticket(*ask(), manifest("2"), key_for(feeds(1, 2, 3, 4)), deterministic=True)
     assert v1 is not None
     assert v2 is not None
     assert reopened.lookup(v1) is None
@@ -229,20 +234,20 @@ def test_activation_drops_the_other_versions_answers_in_both_tiers(tmp_path: Pat
 def test_a_model_can_be_left_out_and_the_cache_switched_off(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, models={"m": ModelOverrides(cache=False)})
     cache = ResponseCache(settings)
-    assert cache.ticket(scope(), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True) is None
+    assert cache.ticket(*ask(), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True) is None
     assert (
-        cache.ticket(scope(), manifest(name="n"), key_for(feeds(1, 2, 3, 4)), deterministic=True) is not None
+        cache.ticket(*ask(), manifest(name="n"), key_for(feeds(1, 2, 3, 4)), deterministic=True) is not None
     )
     cache.close()
     off = ResponseCache(Settings(home=tmp_path, cache=CacheSettings(enabled=False)))
-    assert off.ticket(scope(), manifest(name="n"), key_for(feeds(1, 2, 3, 4)), deterministic=True) is None
+    assert off.ticket(*ask(), manifest(name="n"), key_for(feeds(1, 2, 3, 4)), deterministic=True) is None
 
 
 def test_encrypted_disk_tier_through_the_cache(tmp_path: Path) -> None:
     keyring = Keyring.parse(f"k1:{new_key()}")
     settings = Settings(home=tmp_path, cache=CacheSettings(memory_bytes=0))
     cache = ResponseCache(settings, keyring)
-    ticket = cache.ticket(scope(), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
+    ticket = cache.ticket(*ask(), manifest(), key_for(feeds(1, 2, 3, 4)), deterministic=True)
     assert ticket is not None
     cache.store(ticket, b"a secret answer")
     cache.close()

@@ -1,0 +1,243 @@
+"""The one door from a route (or a job) to a model, in the manner of TGI's `Infer`.
+
+    caller = caller_of(scope)                        who asks, and what its Cache-Control allows
+    served = service.fixed_shape(caller, name)       authorized, served here, takes tensors
+    outputs, headers = await service.predict(caller, served, feeds)
+    served = service.generator(caller, name)         authorized, served here, generates text
+    source, headers = await service.generate(caller, served, TextRequest(...))
+
+A route parses its protocol into these calls and encodes what they give back; nothing else stands
+between it and the engine. The service decides, for tensors and text alike, once: whether the caller
+may use the model, whether the response cache answers (a `Replay`) or a new answer is computed (and,
+when it may be cached, recorded as it is produced), and where the work goes — the model's dynamic
+batcher, or its generation scheduler, which renders a chat in the model's template and tokenizes the
+prompt off the event loop.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from edgegen.cache import Directives, ResponseCache, Ticket, directives
+from edgegen.cache.keys import decode_tensors, encode_tensors, generation_key, tensors_key
+from edgegen.engine.generation import Event, Generation, Scheduler, Usage
+from edgegen.engine.prompt import Prompt, text_prompt
+from edgegen.engine.registry import ModelRegistry, ServedModel
+from edgegen.engine.sampling import SamplingParams
+from edgegen.errors import Forbidden, InvalidInput
+from edgegen.security.auth import Principal, principal_of
+
+ANY_USE = Directives()  # a request without Cache-Control: the cache may answer it and keep its answer
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks (its model scope and tenant), and what its request lets the response cache do."""
+
+    principal: Principal
+    cache: Directives = ANY_USE
+
+
+def caller_of(scope: Mapping[str, Any]) -> Caller:
+    """The caller of an HTTP request: the principal the security gate left in its scope, and its
+    Cache-Control."""
+    return Caller(principal_of(scope), directives(scope))
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """A generation: a chat (`messages`, rendered by the model's template) or a completion's `text`."""
+
+    params: SamplingParams
+    max_tokens: int | None = None  # None: the room the prompt leaves in a sequence's context
+    stops: Sequence[str] = ()
+    messages: Sequence[Mapping[str, str]] | None = None
+    text: str = ""
+
+
+class Replay:
+    """A generation answered from the response cache: its whole text as one event."""
+
+    def __init__(self, cached: bytes) -> None:
+        data = orjson.loads(cached)
+        self.text: str = data["text"]
+        self.finish_reason: str = data["finish_reason"]
+        prompt = int(data["prompt_tokens"])
+        self.usage = Usage(prompt, int(data["completion_tokens"]), cached_tokens=prompt)
+
+    async def events(self) -> AsyncIterator[Event]:
+        yield Event(self.text, self.finish_reason)
+
+    def cancel(self) -> None:
+        pass
+
+
+class Recorded:
+    """A generation whose finished text is stored in the response cache."""
+
+    def __init__(self, generation: Generation, done: Callable[[bytes], None]) -> None:
+        self._generation = generation
+        self._done = done
+
+    @property
+    def usage(self) -> Usage:
+        return self._generation.usage
+
+    async def events(self) -> AsyncIterator[Event]:
+        parts = []
+        async for event in self._generation.events():
+            parts.append(event.text)
+            if event.finish_reason is not None:
+                usage = self.usage
+                self._done(
+                    orjson.dumps(
+                        {
+                            "text": "".join(parts),
+                            "finish_reason": event.finish_reason,
+                            "prompt_tokens": usage.prompt_tokens,
+                            "completion_tokens": usage.completion_tokens,
+                        }
+                    )
+                )
+            yield event
+
+    def cancel(self) -> None:
+        self._generation.cancel()
+
+
+Source = Generation | Replay | Recorded  # what a generation's events and usage are read from
+
+
+class InferenceService:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        cache: ResponseCache | None,
+        *,
+        request_timeout_s: float,
+        generation_timeout_s: float,
+    ) -> None:
+        self.registry = registry
+        self.cache = cache
+        self.request_timeout_s = request_timeout_s
+        self.generation_timeout_s = generation_timeout_s
+
+    # -- which model ------------------------------------------------------------------------------
+    def model(self, caller: Caller, name: str) -> ServedModel:
+        """`name` as this node serves it, once the caller may use it (403 before 404: a caller learns
+        nothing of models outside its scope)."""
+        if not caller.principal.allows_model(name):
+            raise Forbidden(f"this credential may not use model {name!r}")
+        return self.registry.get(name)
+
+    def fixed_shape(self, caller: Caller, name: str) -> ServedModel:
+        served = self.model(caller, name)
+        served.fixed_shape()
+        return served
+
+    def generator(self, caller: Caller, name: str) -> ServedModel:
+        served = self.model(caller, name)
+        if served.scheduler is None:
+            raise InvalidInput(
+                f"model {name!r} does not generate text; use /v2/models/{name}/infer or /predict"
+            )
+        return served
+
+    # -- the work ---------------------------------------------------------------------------------
+    async def predict(
+        self, caller: Caller, served: ServedModel, feeds: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """A fixed-shape model's outputs for `feeds` — from the response cache when it has them — and
+        the headers that say where they came from."""
+        batcher = served.fixed_shape()
+        ticket = self._ticket(
+            caller, served, functools.partial(_tensors_key, feeds=feeds), deterministic=True
+        )
+        if ticket is not None and (cached := self._lookup(ticket)) is not None:
+            return decode_tensors(cached), ticket.headers
+        outputs = await batcher.submit(feeds, self.request_timeout_s)
+        if ticket is None:
+            return outputs, {}
+        self._store(ticket, encode_tensors(outputs))
+        return outputs, ticket.headers
+
+    async def generate(
+        self, caller: Caller, served: ServedModel, request: TextRequest
+    ) -> tuple[Source, dict[str, str]]:
+        """The answer's source — the response cache, or a new generation (recorded when it may be
+        cached) — and the headers that say which. The cache key holds the prompt's text, not its
+        tokens: a hit skips tokenizing (llama.cpp's tokenizer is the dearest part of a hit)."""
+        scheduler = served.scheduler
+        if scheduler is None:
+            raise InvalidInput(f"model {served.manifest.name!r} does not generate text")
+        n_ctx = scheduler.executor.n_ctx_seq
+        if request.max_tokens is not None and request.max_tokens >= n_ctx:
+            # Refused before the prompt is rendered or tokenized: no prompt would fit beside it.
+            raise InvalidInput(
+                f"max_tokens {request.max_tokens} leaves no room for a prompt "
+                f"in the context of {n_ctx} tokens"
+            )
+        prompt = await self._prompt(scheduler, request)
+        params = request.params
+
+        def key(owner: str, model: str, tag: str) -> bytes:
+            fields = asdict(params)
+            return generation_key(owner, model, tag, prompt, fields, request.max_tokens, n_ctx, request.stops)
+
+        deterministic = params.greedy or params.seed is not None
+        ticket = self._ticket(caller, served, key, deterministic=deterministic)
+        if ticket is not None and (cached := self._lookup(ticket)) is not None:
+            return Replay(cached), ticket.headers
+        tokens = await scheduler.encode(prompt)
+        budget = request.max_tokens if request.max_tokens is not None else max(n_ctx - len(tokens), 1)
+        generation = scheduler.submit(
+            tokens,
+            params,
+            max_tokens=budget,
+            stop=request.stops,
+            timeout_s=self.generation_timeout_s,
+            tenant=caller.principal.owner,
+        )
+        if ticket is None:
+            return generation, {}
+        if ticket.write:
+            return Recorded(generation, functools.partial(self._store, ticket)), ticket.headers
+        return generation, ticket.headers
+
+    @staticmethod
+    async def _prompt(scheduler: Scheduler, request: TextRequest) -> Prompt:
+        if request.messages is None:
+            return text_prompt(request.text)
+        return await scheduler.render_chat(request.messages)
+
+    # -- the response cache -----------------------------------------------------------------------
+    def _ticket(
+        self,
+        caller: Caller,
+        served: ServedModel,
+        key: Callable[[str, str, str], bytes],
+        *,
+        deterministic: bool,
+    ) -> Ticket | None:
+        if self.cache is None:
+            return None
+        owner = caller.principal.owner
+        return self.cache.ticket(owner, caller.cache, served.manifest, key, deterministic=deterministic)
+
+    def _lookup(self, ticket: Ticket) -> bytes | None:
+        assert self.cache is not None  # (a ticket comes from it)
+        return self.cache.lookup(ticket)
+
+    def _store(self, ticket: Ticket, value: bytes) -> None:
+        assert self.cache is not None
+        self.cache.store(ticket, value)
+
+
+def _tensors_key(owner: str, model: str, tag: str, *, feeds: Mapping[str, np.ndarray]) -> bytes:
+    return tensors_key(owner, model, tag, feeds)
