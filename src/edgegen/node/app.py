@@ -58,9 +58,8 @@ class NodeApp:
         self.api = api
         self.state = api.state
         settings = node.settings
-        self.routes = seed.SeedRoutes(api, node)  # what job workers call: the routes, behind the gate
         self._entry, gate = edge_stack(
-            self.routes,
+            seed.SeedRoutes(api, node),  # the seed's two routes, in front of the FastAPI app
             settings,
             node.metrics.registry,
             node.metrics,
@@ -117,7 +116,7 @@ def create_app(settings: Settings) -> NodeApp:
                 keys = KeyStore(settings.keys_file) if settings.security.auth else None
 
                 async def run(job: Job) -> tuple[int, bytes]:
-                    return await run_job(app_.routes, keys, settings.default_model, job)
+                    return await run_job(service, keys, settings, job)
 
                 workers = JobWorkers(
                     node.jobs, run, settings.jobs, lambda: app_.inflight, worker_name(), observer=metrics

@@ -16,13 +16,13 @@ A job keeps its submitter's principal, and its scope is decided again when it ru
 as its record reads then — narrowed, it no longer reaches the model it lost; revoked, nothing; moved to
 another tenant, none of its old tenant's jobs — and any other credential as it was checked. A job its
 credential may no longer run ends with the 403 the live route would answer, recorded as any 4xx answer is
-(a failed job with that answer), without reaching the model. Workers run the others through the node's
-own routes (`run_in_process`) as that principal, so a job's answer is the one the live route would give.
+(a failed job with that answer), without reaching the model. Workers run the others through the inference
+service as that principal, with the routes' own parsing and encoding (`seed.prediction`,
+`openai.answer`), so a job's answer is the one the live route would give.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Mapping
@@ -32,10 +32,11 @@ import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message
 
-from edgegen.engine.service import caller_of
+from edgegen.config import Settings
+from edgegen.engine.service import Caller, InferenceService, caller_of
 from edgegen.errors import (
+    EdgegenError,
     Forbidden,
     InvalidInput,
     ModelNotFound,
@@ -44,8 +45,10 @@ from edgegen.errors import (
     validation_message,
 )
 from edgegen.http.bodies import parse_json
+from edgegen.http.errors import render
 from edgegen.http.responses import json_response
 from edgegen.jobs.queue import JOB_ID, Job, JobRequest
+from edgegen.node import openai, seed
 from edgegen.node.openai import GENERATION_URLS, validate_generation
 from edgegen.node.state import NodeState, node_of
 from edgegen.security.auth import Principal, current_principal, principal_of
@@ -115,7 +118,7 @@ def _check_target(request: Request, node: NodeState, order: JobCreate) -> None:
     if order.url in GENERATION_URLS:
         if order.body.get("stream") is True:
             raise InvalidInput("body.stream: a job's answer is kept whole; stream live instead")
-        validate_generation(order.url, order.body, node.settings.llm)
+        validate_generation(order.url, order.body, node.settings.llm, at=("body",))
     model = model_of(order.url, order.body, node.settings.default_model)
     served = node.service.model(caller_of(request.scope), model)
     if order.url in GENERATION_URLS and served.scheduler is None:
@@ -200,45 +203,23 @@ def runs_as(job: Job, keys: KeyStore | None, default_model: str) -> Principal:
     return principal
 
 
-async def run_job(routes: ASGIApp, keys: KeyStore | None, default_model: str, job: Job) -> tuple[int, bytes]:
-    """Answer `job` as the live route would answer its submitter now: through `routes` as `runs_as` says,
-    or the route's 403 when its credential may no longer run it."""
+async def run_job(
+    service: InferenceService, keys: KeyStore | None, settings: Settings, job: Job
+) -> tuple[int, bytes]:
+    """Answer `job` as the live route would answer its submitter now (status and JSON body): through the
+    inference service as `runs_as` says, or the route's 403 when its credential may no longer run it."""
+    url = job.request.url
     try:
-        principal = runs_as(job, keys, default_model)
-    except Forbidden as exc:
-        log.info("job refused", extra={"job": job.id, "reason": exc.message})
-        return 403, error_body(exc.message, 403, is_openai(job.request.url))
-    return await run_in_process(routes, job.request, principal)
-
-
-async def run_in_process(app: ASGIApp, request: JobRequest, principal: Principal) -> tuple[int, bytes]:
-    """Send a job's request through the node's routes (behind the security gate) as `principal` and keep
-    the answer."""
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http",
-        "method": request.method, "path": request.url, "raw_path": request.url.encode(), "query_string": b"",
-        "root_path": "", "client": ("job", 0), "server": ("127.0.0.1", 0), "state": {},
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(request.body)).encode())],
-        "edgegen.principal": principal,
-    }  # fmt: skip
-    sent = False
-    status, chunks = 500, []
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": request.body, "more_body": False}
-        await asyncio.Event().wait()  # no disconnect: the job runs until answered or cancelled
-        raise AssertionError("unreachable")
-
-    async def send(message: Message) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await app(scope, receive, send)
-    return status, b"".join(chunks)
+        caller = Caller(runs_as(job, keys, settings.default_model))
+        data = parse_json(job.request.body)
+        if url in GENERATION_URLS:
+            body = validate_generation(url, data, settings.llm)
+            return 200, orjson.dumps(await openai.answer(service, caller, body))
+        served = service.model(caller, model_of(url, data, settings.default_model))
+        return 200, (await seed.prediction(service, caller, served, data))[0]
+    except EdgegenError as exc:
+        status, error, _ = render(exc, is_openai(url))
+        return status, error
+    except Exception:
+        log.exception("job failed", extra={"job": job.id})
+        return 500, error_body("internal error", 500, is_openai(url))

@@ -36,9 +36,8 @@ from pydantic import (
 from starlette.responses import Response, StreamingResponse
 
 from edgegen.config import LlmSettings
-from edgegen.engine.registry import ServedModel
 from edgegen.engine.sampling import SamplingParams
-from edgegen.engine.service import Replay, Source, TextRequest, caller_of
+from edgegen.engine.service import Caller, InferenceService, Replay, Source, TextRequest, caller_of
 from edgegen.errors import ClientGone, InvalidInput, validation_message
 from edgegen.http.bodies import parse_json
 from edgegen.http.responses import json_response
@@ -183,18 +182,38 @@ def validate(model: type[_P], data: Any, limits: LlmSettings, at: tuple[str, ...
         raise InvalidInput(validation_message(exc.errors(), at)) from None
 
 
-def validate_generation(url: str, data: Any, limits: LlmSettings) -> ChatRequest | CompletionRequest:
-    """The body a generation job will send to `url`, checked as the live route checks it."""
+def validate_generation(
+    url: str, data: Any, limits: LlmSettings, at: tuple[str, ...] = ()
+) -> ChatRequest | CompletionRequest:
+    """The body of a generation for `url` (a job's), checked as the live route checks it; a problem is
+    named under `at` (a job's order: "body")."""
     model: type[ChatRequest | CompletionRequest] = (
         ChatRequest if url == "/v1/chat/completions" else CompletionRequest
     )
-    return validate(model, data, limits, at=("body",))
+    return validate(model, data, limits, at=at)
 
 
-def _generator(request: Request, name: str) -> ServedModel:
-    served = node_of(request).service.generator(caller_of(request.scope), name)
-    request.state.model = name
-    return served
+def text_request(body: ChatRequest | CompletionRequest) -> TextRequest:
+    """What the inference service generates for `body`."""
+    if isinstance(body, ChatRequest):
+        messages = [{"role": m.role, "content": m.text} for m in body.messages]
+        return TextRequest(
+            body.sampling, body.max_completion_tokens or body.max_tokens, body.stops, messages=messages
+        )
+    return TextRequest(body.sampling, body.max_tokens, body.stops, text=body.text)
+
+
+async def answer(
+    service: InferenceService, caller: Caller, body: ChatRequest | CompletionRequest
+) -> dict[str, Any]:
+    """The whole answer the route gives `body` when it does not stream (a job's answer)."""
+    served = service.generator(caller, body.model)
+    generation, _ = await service.generate(caller, served, text_request(body))
+    try:
+        text, reason = await _whole_text(generation)
+    finally:
+        generation.cancel()
+    return _whole(body, _head(body), text, reason, generation)
 
 
 def _usage(generation: Source) -> dict[str, Any]:
@@ -212,19 +231,20 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
+async def _whole_text(generation: Source) -> tuple[str, str]:
+    """The generation's whole text and finish reason."""
+    parts, reason = [], "stop"
+    async for event in generation.events():
+        parts.append(event.text)
+        reason = event.finish_reason or reason
+    return "".join(parts), reason
+
+
 async def _collect(request: Request, generation: Source) -> tuple[str, str]:
     """The whole text and finish reason; cancels the generation if the client leaves first."""
     if isinstance(generation, Replay):
         return generation.text, generation.finish_reason
-
-    async def run() -> tuple[str, str]:
-        parts, reason = [], "stop"
-        async for event in generation.events():
-            parts.append(event.text)
-            reason = event.finish_reason or reason
-        return "".join(parts), reason
-
-    work = asyncio.ensure_future(run())
+    work = asyncio.ensure_future(_whole_text(generation))
     gone = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
@@ -285,65 +305,57 @@ async def list_models(request: Request) -> Response:
 @router.post("/chat/completions", summary="Chat completion (OpenAI)")
 async def chat_completions(request: Request) -> Response:
     body = validate(ChatRequest, parse_json(await request.body()), node_of(request).settings.llm)
-    served = _generator(request, body.model)
-    asked = TextRequest(
-        body.sampling,
-        body.max_completion_tokens or body.max_tokens,
-        body.stops,
-        messages=[{"role": m.role, "content": m.text} for m in body.messages],
-    )
-    generation, headers = await node_of(request).service.generate(caller_of(request.scope), served, asked)
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-    if body.stream:
-
-        def piece(text: str | None, reason: str | None, *, first: bool) -> dict[str, Any] | None:
-            if first:
-                return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-            return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason}
-
-        return _sse_response(
-            generation, {**head, "object": "chat.completion.chunk"}, piece, body.include_usage, headers
-        )
-    text, reason = await _collect(request, generation)
-    message = {"role": "assistant", "content": text}
-    return json_response(
-        {
-            **head,
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
-            "usage": _usage(generation),
-        },
-        headers=headers,
-    )
+    return await _generate(request, body)
 
 
 @router.post("/completions", summary="Text completion (OpenAI)")
 async def completions(request: Request) -> Response:
     body = validate(CompletionRequest, parse_json(await request.body()), node_of(request).settings.llm)
-    served = _generator(request, body.model)
-    asked = TextRequest(body.sampling, body.max_tokens, body.stops, text=body.text)
-    generation, headers = await node_of(request).service.generate(caller_of(request.scope), served, asked)
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+    return await _generate(request, body)
+
+
+async def _generate(request: Request, body: ChatRequest | CompletionRequest) -> Response:
+    service, caller = node_of(request).service, caller_of(request.scope)
+    served = service.generator(caller, body.model)
+    request.state.model = body.model
+    generation, headers = await service.generate(caller, served, text_request(body))
+    head = _head(body)
     if body.stream:
-
-        def piece(text: str | None, reason: str | None, *, first: bool) -> dict[str, Any] | None:
-            if first:
-                return None
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-
-        return _sse_response(
-            generation, {**head, "object": "text_completion"}, piece, body.include_usage, headers
-        )
+        chat = isinstance(body, ChatRequest)
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        piece = _chat_piece if chat else _text_piece
+        return _sse_response(generation, {**head, "object": kind}, piece, body.include_usage, headers)
     text, reason = await _collect(request, generation)
-    return json_response(
-        {
-            **head,
-            "object": "text_completion",
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-            "usage": _usage(generation),
-        },
-        headers=headers,
-    )
+    return json_response(_whole(body, head, text, reason, generation), headers=headers)
+
+
+def _head(body: ChatRequest | CompletionRequest) -> dict[str, Any]:
+    prefix = "chatcmpl" if isinstance(body, ChatRequest) else "cmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+
+
+def _whole(
+    body: ChatRequest | CompletionRequest, head: dict[str, Any], text: str, reason: str, generation: Source
+) -> dict[str, Any]:
+    """The answer that is not streamed: the whole text, why it ended, and the tokens it took."""
+    if isinstance(body, ChatRequest):
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(generation)}
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+    return {**head, "object": "text_completion", "choices": [choice], "usage": _usage(generation)}
+
+
+def _chat_piece(text: str | None, reason: str | None, *, first: bool) -> dict[str, Any] | None:
+    if first:
+        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason}
+
+
+def _text_piece(text: str | None, reason: str | None, *, first: bool) -> dict[str, Any] | None:
+    if first:
+        return None
+    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
 
 
 def _sse_response(

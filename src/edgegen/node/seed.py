@@ -19,7 +19,8 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edgegen.engine.service import caller_of
+from edgegen.engine.registry import ServedModel
+from edgegen.engine.service import Caller, InferenceService, caller_of
 from edgegen.errors import EdgegenError, InvalidInput
 from edgegen.http.bodies import parse_json, read_body
 from edgegen.http.errors import render
@@ -81,20 +82,27 @@ class SeedRoutes:
         service, caller = self.node.service, caller_of(scope)
         served = service.model(caller, name)
         scope.setdefault("state", {})["model"] = name
-        served.fixed_shape()
-        manifest = served.manifest
-        if len(manifest.inputs) != 1:
-            raise InvalidInput(f"model {name!r} takes several inputs; use /v2/models/{name}/infer")
-        payload = parse_json(await read_body(receive))
-        if not isinstance(payload, dict) or "input_data" not in payload:
-            raise InvalidInput('the body must be a JSON object with an "input_data" list')
-        spec = manifest.inputs[0]
-        batch = to_batch(payload["input_data"], spec)
-        outputs, headers = await service.predict(caller, served, {spec.name: batch})
-        body = orjson.dumps(
-            {"prediction": outputs[manifest.outputs[0].name]}, option=orjson.OPT_SERIALIZE_NUMPY
+        return await prediction(service, caller, served, parse_json(await read_body(receive)))
+
+
+async def prediction(
+    service: InferenceService, caller: Caller, served: ServedModel, payload: Any
+) -> tuple[bytes, dict[str, str]]:
+    """The seed's answer to a parsed body, `{"prediction": ...}` as JSON, and the headers that say where
+    it came from (the route's, and a queued job's)."""
+    served.fixed_shape()
+    manifest = served.manifest
+    if len(manifest.inputs) != 1:
+        raise InvalidInput(
+            f"model {manifest.name!r} takes several inputs; use /v2/models/{manifest.name}/infer"
         )
-        return body, headers
+    if not isinstance(payload, dict) or "input_data" not in payload:
+        raise InvalidInput('the body must be a JSON object with an "input_data" list')
+    spec = manifest.inputs[0]
+    batch = to_batch(payload["input_data"], spec)
+    outputs, headers = await service.predict(caller, served, {spec.name: batch})
+    body = orjson.dumps({"prediction": outputs[manifest.outputs[0].name]}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return body, headers
 
 
 _OPERATION: dict[str, Any] = {

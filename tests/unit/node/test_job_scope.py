@@ -7,12 +7,12 @@ import contextlib
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
-from starlette.types import Receive, Scope, Send
+from starlette.testclient import TestClient
 
+from edgegen.config import Settings
 from edgegen.errors import Forbidden
 from edgegen.jobs.queue import Job, JobRequest, Status
 from edgegen.node.jobs import run_job, runs_as
@@ -100,29 +100,36 @@ def test_other_credentials_keep_the_scope_they_were_checked_with(keys: KeyStore)
         runs_as(job(None), keys, DEFAULT_MODEL)
 
 
-class Routes:
-    """The node's routes as a job meets them: whoever the scope says is calling gets a 200."""
-
-    def __init__(self) -> None:
-        self.callers: list[Any] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.callers.append(scope["edgegen.principal"])
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+def forward_passes(client: TestClient, model: str) -> float:
+    """The forward passes `model` has run, from the node's own metrics."""
+    value = client.app.state.node.metrics.registry.get_sample_value(
+        "edgegen_batch_size_count", {"model": model}
+    )
+    return float(value or 0.0)
 
 
-async def test_a_refused_job_gets_the_live_routes_403_and_never_reaches_them(
-    keys: KeyStore, edit_key: EditKey
+def test_a_job_runs_through_the_service_and_a_refused_one_never_reaches_the_model(
+    client: TestClient, settings: Settings, keys: KeyStore, edit_key: EditKey
 ) -> None:
-    routes, principal = Routes(), submitted(keys, models=("digits",))
-    assert await run_job(routes, keys, DEFAULT_MODEL, job(principal)) == (200, b"{}")
-    assert routes.callers == [principal]
+    service = client.app.state.node.service
+    principal = submitted(keys, models=("digits",))
+    pixels = orjson.dumps({"input_data": [1.0] * 64})
+    status, body = client.portal.call(run_job, service, keys, settings, job(principal, body=pixels))
+    live = client.post("/models/digits/predict", content=pixels)
+    assert (status, orjson.loads(body)) == (200, live.json())  # the live route's answer, for this request
+    passes = forward_passes(client, "digits")
     edit_key(principal.key_id or "", "models", "digits-tflite")
-    status, body = await run_job(routes, keys, DEFAULT_MODEL, job(principal))
+    status, body = client.portal.call(run_job, service, keys, settings, job(principal, body=pixels))
     assert (status, orjson.loads(body)) == (403, {"error": "this credential may not use model 'digits'"})
     chat = orjson.dumps({"model": "digits", "prompt": "hi"})
-    status, body = await run_job(routes, keys, DEFAULT_MODEL, job(principal, "/v1/completions", chat))
+    status, body = client.portal.call(
+        run_job, service, keys, settings, job(principal, "/v1/completions", chat)
+    )
     assert status == 403
     assert orjson.loads(body)["error"]["type"] == "permission_error"  # OpenAI's shape under /v1/
-    assert len(routes.callers) == 1
+    assert forward_passes(client, "digits") == passes
+    status, body = client.portal.call(
+        run_job, service, keys, settings, job(submitted(keys), body=b'{"input_data": [1, 2]}')
+    )
+    assert status == 400  # a body the route refuses, refused alike
+    assert "error" in orjson.loads(body)
