@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgegen.cache.memory import Entry, Removed
+from edgegen.db import connect, transaction
 from edgegen.errors import IntegrityError
 from edgegen.security.atrest import Keyring
-from edgegen.sqlite import connect, transaction
 
 log = logging.getLogger(__name__)
 

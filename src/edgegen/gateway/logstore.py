@@ -24,9 +24,9 @@ from typing import Any
 
 import orjson
 
+from edgegen.db import connect, transaction
 from edgegen.errors import InvalidInput
 from edgegen.observe.logs import JsonFormatter
-from edgegen.sqlite import connect, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS logs (

@@ -15,7 +15,7 @@ every claim counts an attempt, and a job that used up `max_attempts` — retried
 holds the lease, so a job finishes once even when a slow worker and its successor both ran it.
 Idempotency keys are per owner: the same key gives back the same job (409 if the request differs).
 A job keeps its submitter's principal (encrypted at rest like its bodies); the node decides again, from
-it, what the job may do when it runs (node/jobs.py). A job stored without one (queued by an older edgegen)
+it, what the job may do when it runs (node/jobs_api.py). A job stored without one (queued by an older edgegen)
 reads None.
 
 Each owner (a tenant, else a credential) may have at most `max_queued` unfinished jobs (queued or running)

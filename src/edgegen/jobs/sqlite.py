@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgegen.db import connect, transaction
 from edgegen.errors import Conflict
 from edgegen.jobs.queue import FINAL, Job, JobRequest, Status, backoff, new_job_id, over_allowance
 from edgegen.security.atrest import Keyring
 from edgegen.security.auth import Principal
-from edgegen.sqlite import connect, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

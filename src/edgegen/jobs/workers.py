@@ -5,7 +5,7 @@
 
 `run(job)` answers a job's request exactly as the live route would answer its submitter (status and
 body): the node passes its routes behind the security gate, and the submitter's scope as it stands when
-the job runs (node/jobs.py), so a job meets the same checks, batcher or scheduler as a live request.
+the job runs (node/jobs_api.py), so a job meets the same checks, batcher or scheduler as a live request.
 Workers beyond `reserved` wait while live requests are in flight, so a burst of jobs never starves
 interactive traffic; the reserved ones keep the queue moving. While a job runs, its lease is renewed every
 third of `lease_s`; a renewal that fails (the job was cancelled, or the lease lost) stops the run. A 5xx or

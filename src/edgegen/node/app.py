@@ -33,8 +33,8 @@ from edgegen.http.serving import UPLOADS, GuardedHttpProtocol, tls_context
 from edgegen.jobs.queue import Job, JobQueue
 from edgegen.jobs.sqlite import SqliteJobQueue
 from edgegen.jobs.workers import JobWorkers
-from edgegen.node import admin, jobs, openai, remote_config, seed, software, v2
-from edgegen.node.jobs import run_job
+from edgegen.node import admin, jobs_api, openai, predict, remote_config, software, v2
+from edgegen.node.jobs_api import run_job
 from edgegen.node.state import NodeState, node_of
 from edgegen.observe.logs import AccessLog, configure_logging
 from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
@@ -59,7 +59,7 @@ class NodeApp:
         self.state = api.state
         settings = node.settings
         self._entry, gate = edge_stack(
-            seed.SeedRoutes(api, node),  # the seed's two routes, in front of the FastAPI app
+            predict.PredictRoutes(api, node),  # the seed's two routes, in front of the FastAPI app
             settings,
             node.metrics.registry,
             node.metrics,
@@ -174,7 +174,7 @@ def create_app(settings: Settings) -> NodeApp:
     app.include_router(v2.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
-    app.include_router(jobs.router)
+    app.include_router(jobs_api.router)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def metrics_route(request: Request) -> Response:
@@ -194,7 +194,7 @@ def create_app(settings: Settings) -> NodeApp:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            schema["paths"] = {**seed.OPENAPI_PATHS, **schema["paths"]}
+            schema["paths"] = {**predict.OPENAPI_PATHS, **schema["paths"]}
             app.openapi_schema = schema
         return app.openapi_schema
 

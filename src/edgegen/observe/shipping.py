@@ -28,8 +28,8 @@ from typing import IO
 import httpx
 import orjson
 
+from edgegen.db import connect, transaction
 from edgegen.observe.logs import JsonFormatter
-from edgegen.sqlite import connect, transaction
 
 log = logging.getLogger("edgegen.logs")
 MAX_BACKOFF_S = 30.0

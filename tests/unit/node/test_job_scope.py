@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from edgegen.config import Settings
 from edgegen.errors import Forbidden
 from edgegen.jobs.queue import Job, JobRequest, Status
-from edgegen.node.jobs import run_job, runs_as
+from edgegen.node.jobs_api import run_job, runs_as
 from edgegen.security.auth import Authenticator, Principal
 from edgegen.security.keys import KeyStore
 

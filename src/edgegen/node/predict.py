@@ -40,7 +40,7 @@ async def respond(send: Send, status: int, body: bytes, headers: dict[str, str] 
     await send({"type": "http.response.body", "body": body})
 
 
-class SeedRoutes:
+class PredictRoutes:
     """ASGI middleware: answers the seed's routes itself and hands every other request to `app`."""
 
     def __init__(self, app: ASGIApp, node: NodeState) -> None:

@@ -17,7 +17,7 @@ as its record reads then — narrowed, it no longer reaches the model it lost; r
 another tenant, none of its old tenant's jobs — and any other credential as it was checked. A job its
 credential may no longer run ends with the 403 the live route would answer, recorded as any 4xx answer is
 (a failed job with that answer), without reaching the model. Workers run the others through the inference
-service as that principal, with the routes' own parsing and encoding (`seed.prediction`,
+service as that principal, with the routes' own parsing and encoding (`predict.prediction`,
 `openai.answer`), so a job's answer is the one the live route would give.
 """
 
@@ -48,7 +48,7 @@ from edgegen.http.bodies import parse_json
 from edgegen.http.errors import render
 from edgegen.http.responses import json_response
 from edgegen.jobs.queue import JOB_ID, Job, JobRequest
-from edgegen.node import openai, seed
+from edgegen.node import openai, predict
 from edgegen.node.openai import GENERATION_URLS, validate_generation
 from edgegen.node.state import NodeState, node_of
 from edgegen.security.auth import Principal, current_principal, principal_of
@@ -216,7 +216,7 @@ async def run_job(
             body = validate_generation(url, data, settings.llm)
             return 200, orjson.dumps(await openai.answer(service, caller, body))
         served = service.model(caller, model_of(url, data, settings.default_model))
-        return 200, (await seed.prediction(service, caller, served, data))[0]
+        return 200, (await predict.prediction(service, caller, served, data))[0]
     except EdgegenError as exc:
         status, error, _ = render(exc, is_openai(url))
         return status, error
