@@ -68,7 +68,7 @@ from edgegen.security.tokens import InvalidToken
 log = logging.getLogger("edgegen.security")
 _OU = re.compile(r"(?:^|,)OU=([^,+]+)")
 _CN = re.compile(r"(?:^|,)CN=([^,+]+)")
-SHIP_PATH = "/gateway/logs"  # where nodes ship their logs (gateway/app.py)
+SHIP_PATH = "/gateway/logs"  # where nodes ship their logs (gateway/routes/logs.py)
 METRICS_PATH = "/metrics"
 _MODEL_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)(?:/|$)")
 PUBLIC = Principal("anonymous", "user", models=())  # the caller of a public path, with no credential
