@@ -46,6 +46,7 @@ from edgegen.http.boundary import edge_stack
 from edgegen.http.errors import error_response, render
 from edgegen.http.serving import UPLOADS, GuardedHttpProtocol, tls_context
 from edgegen.observe.logs import AccessLog, request_id
+from edgegen.security.gate import open_audit
 
 log = logging.getLogger("edgegen.gateway")
 ADMIN_PREFIXES = ("/gateway/", "/metrics", "/dashboard")
@@ -82,9 +83,10 @@ class Gateway:
         )
         self.access_log = AccessLog(settings.access_log)
         self.admin = admin_app(self.state)
-        self.entry, self.gate = edge_stack(
+        self.entry = edge_stack(
             self._http,
             settings,
+            open_audit(settings.security, settings.home),
             metrics.registry,
             metrics,
             self.access_log,

@@ -30,7 +30,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from edgegen.errors import PayloadTooLarge, is_openai
 from edgegen.http.errors import error_response
 from edgegen.observe.logs import AccessLog, request_id
-from edgegen.security.gate import SecurityGate, build_gate
+from edgegen.security.audit import AuditLog
+from edgegen.security.gate import build_gate
 from edgegen.security.settings import SecuritySettings, TlsSettings
 
 access = logging.getLogger("edgegen.access")
@@ -120,6 +121,17 @@ class EdgeSettings(Protocol):
 Upload = tuple[str, re.Pattern[str], int]  # (method, path, the body limit of that route)
 
 
+class InFlight:
+    """How many requests are being answered now; read by calling it (a node's job workers give way to
+    live requests, and its status shows the count)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> int:
+        return self.count
+
+
 class RequestBoundary:
     def __init__(
         self,
@@ -130,6 +142,7 @@ class RequestBoundary:
         max_body_bytes: int,
         max_header_bytes: int,
         uploads: Sequence[Upload] = (),
+        in_flight: InFlight | None = None,
     ) -> None:
         self.app = app
         self.observer = observer
@@ -138,7 +151,7 @@ class RequestBoundary:
         self.max_headers = max_header_bytes
         self.uploads = uploads
         self.request_ids = RequestIds()
-        self.inflight = 0  # live requests being answered (a node's job workers give way to them)
+        self.in_flight = in_flight or InFlight()
 
     def body_limit(self, method: str, path: str) -> int:
         for upload_method, route, limit in self.uploads:
@@ -165,7 +178,7 @@ class RequestBoundary:
                 message["headers"] = [*message.get("headers", []), rid_header]
             await send(message)
 
-        self.inflight += 1
+        self.in_flight.count += 1
         try:
             if refusal is not None:
                 message, code = refusal
@@ -177,7 +190,7 @@ class RequestBoundary:
             else:
                 await self.app(scope, self._limited(receive, limit), send_with_id)
         finally:
-            self.inflight -= 1
+            self.in_flight.count -= 1
             self._record(scope, status, time.perf_counter() - started)
             request_id.reset(token)
 
@@ -219,28 +232,30 @@ class RequestBoundary:
 def edge_stack(
     routes: ASGIApp,
     settings: EdgeSettings,
+    audit: AuditLog,
     registry: CollectorRegistry,
     observer: RequestObserver,
     access_log: AccessLog,
     uploads: Sequence[Upload] = (),
-) -> tuple[RequestBoundary, SecurityGate]:
+    in_flight: InFlight | None = None,
+) -> RequestBoundary:
     """A node's or a gateway's routes wrapped, in the one order both apps share: the boundary, then the
-    security gate (credentials, roles, rate limits, intrusion guard; its metrics in `registry`). Gives
-    the entry and the gate (whose audit log the app writes its own entries to)."""
+    security gate (credentials, roles, rate limits, intrusion guard; admin changes to `audit`, its
+    metrics in `registry`)."""
     gate = build_gate(
         routes,
         settings.security,
         settings.keys_file,
-        settings.home,
+        audit,
         registry,
         mutual_tls=settings.tls.mutual,
     )
-    entry = RequestBoundary(
+    return RequestBoundary(
         gate,
         observer,
         access_log,
         max_body_bytes=settings.max_body_bytes,
         max_header_bytes=settings.max_header_bytes,
         uploads=uploads,
+        in_flight=in_flight,
     )
-    return entry, gate

@@ -294,7 +294,5 @@ async def packages(request: Request) -> Response:
 @router.get("/audit", summary="The audit log's last entries")
 async def audit(request: Request, limit: int = Query(50, ge=1, le=1000)) -> Response:
     log = node_of(request).audit
-    if log is None:
-        raise InvalidInput("this node keeps no audit log")
     entries = [entry.__dict__ for entry in log.tail(limit)]
     return json_response({"entries": entries, "chain_broken_at": log.verify()})

@@ -28,7 +28,7 @@ from edgegen.config import Settings, load_settings
 from edgegen.engine.registry import ModelRegistry
 from edgegen.engine.service import InferenceService
 from edgegen.http import errors, serving
-from edgegen.http.boundary import edge_stack
+from edgegen.http.boundary import InFlight, edge_stack
 from edgegen.http.serving import UPLOADS, GuardedHttpProtocol, tls_context
 from edgegen.jobs.queue import Job, JobQueue
 from edgegen.jobs.sqlite import SqliteJobQueue
@@ -41,6 +41,7 @@ from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
 from edgegen.observe.shipping import LogShipper, ShipHandler, default_node_name
 from edgegen.security.atrest import Keyring
 from edgegen.security.auth import principal_of
+from edgegen.security.gate import open_audit
 from edgegen.security.keys import KeyStore
 from edgegen.security.signing import store_trust
 from edgegen.store import ModelStore
@@ -58,19 +59,16 @@ class NodeApp:
         self.api = api
         self.state = api.state
         settings = node.settings
-        self._entry, gate = edge_stack(
+        self._entry = edge_stack(
             predict.PredictRoutes(api, node),  # the seed's two routes, in front of the FastAPI app
             settings,
+            node.audit,
             node.metrics.registry,
             node.metrics,
             node.access_log,
             uploads=[("PUT", UPLOADS, settings.security.max_pull_bytes)],
+            in_flight=node.in_flight,
         )
-        node.audit = gate.audit
-
-    @property
-    def inflight(self) -> int:
-        return self._entry.inflight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
@@ -92,37 +90,26 @@ def create_app(settings: Settings) -> NodeApp:
         request_timeout_s=settings.request_timeout_s,
         generation_timeout_s=settings.llm.timeout_s,
     )
+    in_flight = InFlight()
+    queue = open_queue(settings, keyring)
+    workers = job_workers(settings, queue, service, in_flight, metrics) if settings.jobs.workers else None
     node = NodeState(
         settings=settings, store=store, registry=registry, service=service, metrics=metrics,
-        access_log=access_log, jobs=open_queue(settings, keyring), cache=cache,
+        access_log=access_log, audit=open_audit(settings.security, settings.home), in_flight=in_flight,
+        jobs=queue, job_workers=workers, cache=cache,
     )  # fmt: skip
-    entry: list[NodeApp] = []  # the app built below, which the job workers call into
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Models load in the background: /v2/health/live answers at once, /ready once they are in.
-        workers: JobWorkers | None = None
-
         async def load() -> None:
-            nonlocal workers
             await registry.refresh()
             # What start-up allocated lives as long as the process: keep the collector off it.
             gc.freeze()
             metrics.models_loaded.set(len(registry.names()))
             log.info("node ready", extra={"models": registry.names(), "ready": registry.ready})
-            if node.jobs is not None and settings.jobs.workers:  # once the models are in, not before
-                app_ = entry[0]
-                # Where the API keys that queued jobs are looked up again as their jobs run.
-                keys = KeyStore(settings.keys_file) if settings.security.auth else None
-
-                async def run(job: Job) -> tuple[int, bytes]:
-                    return await run_job(service, keys, settings, job)
-
-                workers = JobWorkers(
-                    node.jobs, run, settings.jobs, lambda: app_.inflight, worker_name(), observer=metrics
-                )
+            if workers is not None:  # once the models are in, not before
                 await workers.start()
-                node.job_workers = workers
             if settings.store_poll_s > 0:
                 await asyncio.gather(
                     registry.watch(settings.store_poll_s),
@@ -199,9 +186,19 @@ def create_app(settings: Settings) -> NodeApp:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    entry.append(NodeApp(app, node))
-    node.in_flight = lambda: entry[0].inflight
-    return entry[0]
+    return NodeApp(app, node)
+
+
+def job_workers(
+    settings: Settings, queue: JobQueue, service: InferenceService, in_flight: InFlight, observer: NodeMetrics
+) -> JobWorkers:
+    """The workers that run queued jobs through `service`, giving way while live requests are in flight."""
+    keys = KeyStore(settings.keys_file) if settings.security.auth else None  # looked up again per job
+
+    async def run(job: Job) -> tuple[int, bytes]:
+        return await run_job(service, keys, settings, job)
+
+    return JobWorkers(queue, run, settings.jobs, in_flight, worker_name(), observer=observer)
 
 
 def open_queue(settings: Settings, keyring: Keyring | None) -> JobQueue:

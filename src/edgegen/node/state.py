@@ -1,9 +1,8 @@
-"""What the routes of one node share, hung on `app.state.node`."""
+"""What the routes of one node share, hung on `app.state.node`; built whole by node/app.py's create_app."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -12,6 +11,7 @@ from edgegen.cache import ResponseCache
 from edgegen.config import Settings
 from edgegen.engine.registry import ModelRegistry
 from edgegen.engine.service import InferenceService
+from edgegen.http.boundary import InFlight
 from edgegen.jobs.queue import JobQueue
 from edgegen.jobs.workers import JobWorkers
 from edgegen.observe.logs import AccessLog
@@ -28,13 +28,13 @@ class NodeState:
     service: InferenceService  # the one way from a route to a model (engine/service.py)
     metrics: NodeMetrics
     access_log: AccessLog
-    audit: AuditLog | None = None
-    packages: list[tuple[str, str]] | None = None  # installed distributions, read on first request
+    audit: AuditLog  # the security gate's, where admin changes are written
+    in_flight: InFlight  # requests being answered now (the request boundary counts them)
     jobs: JobQueue | None = None
-    job_workers: JobWorkers | None = None  # set once the models are loaded
+    job_workers: JobWorkers | None = None  # started once the models are loaded
     cache: ResponseCache | None = None
+    packages: list[tuple[str, str]] | None = None  # installed distributions, read on first request
     started: float = field(default_factory=time.monotonic)
-    in_flight: Callable[[], int] = lambda: 0  # requests being answered now (the app sets it)
 
 
 def node_of(request: Request) -> NodeState:

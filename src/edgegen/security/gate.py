@@ -446,20 +446,24 @@ async def _refuse(send: Send, status: int, message: str, headers: dict[str, str]
     await send({"type": "http.response.body", "body": body})
 
 
+def open_audit(settings: SecuritySettings, home: Path) -> AuditLog:
+    """The audit log the settings name (default: HOME/security/audit.sqlite)."""
+    return AuditLog(settings.audit_file or home / "security" / "audit.sqlite")
+
+
 def build_gate(
     app: ASGIApp,
     settings: SecuritySettings,
     keys_file: Path,
-    home: Path,
+    audit: AuditLog,
     registry: CollectorRegistry,
     *,
     mutual_tls: bool,
 ) -> SecurityGate:
-    """The gate with its key store, JWT verifier and audit log opened from the settings."""
+    """The gate with its key store and JWT verifier opened from the settings, writing to `audit`."""
     from edgegen.security.keys import KeyStore
     from edgegen.security.tokens import JwtVerifier
 
     jwt = JwtVerifier(settings.jwt) if settings.jwt is not None else None
     authn = Authenticator(KeyStore(keys_file) if settings.auth else None, jwt)
-    audit = AuditLog(settings.audit_file or home / "security" / "audit.sqlite")
     return SecurityGate(app, settings, authn, audit, SecurityMetrics(registry), mutual_tls=mutual_tls)
