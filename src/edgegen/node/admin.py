@@ -49,7 +49,6 @@ from edgegen.http.responses import json_response
 from edgegen.http.serving import can_restart, request_exit, request_restart, top_pid
 from edgegen.node import remote_config, software
 from edgegen.node.state import NodeState, node_of
-from edgegen.security.sources import check_source, download
 from edgegen.security.vulns import installed_packages
 from edgegen.store.archive import ARCHIVE_SUFFIXES, archive_kind
 from edgegen.store.manifest import check_name
@@ -223,6 +222,9 @@ class Pull(BaseModel):
 async def pull(name: str, order: Pull, request: Request) -> Response:
     """Only from `security.model_sources`, never from loopback, link-local or private addresses the
     operator did not name, no redirects; the package must be an archive a trusted key signed."""
+    # Here, not at start-up: aiohttp (about 200 ms and 10 MB) is only a node's when it pulls a package.
+    from edgegen.security.sources import check_source, download
+
     node = node_of(request)
     version = _check_package(node, name, order.version, "pulled")
     security = node.settings.security

@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -38,13 +38,15 @@ from edgegen.node.jobs_api import run_job
 from edgegen.node.state import NodeState, node_of
 from edgegen.observe.logs import AccessLog, configure_logging
 from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
-from edgegen.observe.shipping import LogShipper, ShipHandler, default_node_name
 from edgegen.security.atrest import Keyring
 from edgegen.security.auth import principal_of
 from edgegen.security.gate import open_audit
 from edgegen.security.keys import KeyStore
 from edgegen.security.signing import store_trust
 from edgegen.store import ModelStore
+
+if TYPE_CHECKING:
+    from edgegen.observe.shipping import LogShipper
 
 log = logging.getLogger("edgegen.node")
 # The schema's `info.version` is the HTTP API's, never the software's: which edgegen (and so which of its
@@ -225,10 +227,13 @@ def open_queue(settings: Settings, keyring: Keyring | None) -> JobQueue:
 
 
 def start_shipping(settings: Settings, access_log: AccessLog) -> LogShipper | None:
-    """With `[logs] ship_to`, this process's log lines (and access lines) go to the gateway too."""
+    """With `[logs] ship_to`, this process's log lines (and access lines) go to the gateway too (its
+    HTTP client, httpx, is imported only then)."""
     s = settings.logs
     if s.ship_to is None:
         return None
+    from edgegen.observe.shipping import LogShipper, ShipHandler, default_node_name
+
     headers = {"authorization": f"Bearer {s.key.get_secret_value()}"} if s.key is not None else {}
     verify: ssl.SSLContext | bool = True
     if s.ca_file is not None or s.cert_file is not None:
@@ -247,6 +252,8 @@ def start_shipping(settings: Settings, access_log: AccessLog) -> LogShipper | No
 
 
 def stop_shipping(shipper: LogShipper) -> None:
+    from edgegen.observe.shipping import ShipHandler
+
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, ShipHandler) and h.shipper is shipper]:
         root.removeHandler(handler)
