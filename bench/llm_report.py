@@ -249,12 +249,19 @@ def print_report(
             side.add_row(*row)
         console.print(side)
     b = bound(result, summary)
-    shares = ", ".join(f"{k} {v:.0%}" for k, v in b["share"].items())
     console.print(
         f"bandwidth bound, 1 stream: {b['bandwidth_gb_per_s']:.1f} GB/s ÷ {b['tensor_mb']:.1f} MB/token = "
-        f"{b['bound_tps']:.0f} tok/s; 1-stream decode stands at {shares} of it"
+        f"{b['bound_tps']:.0f} tok/s; {_decode_share(b)}"
     )
     console.print(_run_note(result))
+
+
+def _decode_share(b: dict[str, Any]) -> str:
+    """Where 1-stream decode stands against the bound (a run without 1 stream has no such figure)."""
+    if not b["share"]:
+        return "no 1-stream run to set against it"
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in b["share"].items())
+    return f"1-stream decode stands at {shares} of it"
 
 
 def _run_note(result: dict[str, Any]) -> str:
@@ -296,12 +303,11 @@ def markdown(summary: Summary, checks: list[dict[str, Any]], result: dict[str, A
     lines.append("")
     lines += _md_table(MEMORY_COLUMNS, _memory_rows(result))
     b = bound(result, summary)
-    shares = ", ".join(f"{k} {v:.0%}" for k, v in b["share"].items())
     lines += [
         "",
         f"Bandwidth bound, 1 stream: {b['bandwidth_gb_per_s']:.1f} GB/s (single-threaded numpy copy of "
         f"512 MiB, read + write, median of {result['bandwidth']['runs']}) ÷ {b['tensor_mb']:.1f} MB of GGUF "
-        f"tensors per token = **{b['bound_tps']:.0f} tok/s**; 1-stream decode stands at {shares} of it.",
+        f"tensors per token = **{b['bound_tps']:.0f} tok/s**; {_decode_share(b)}.",
         "",
         _run_note(result),
     ]
