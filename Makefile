@@ -31,7 +31,13 @@ $(LLAMA_WHEELS)/.built: | $(BIN)/python
 	CMAKE_ARGS="$(LLAMA_FLAGS)" $(PIP) wheel -q --no-deps --no-cache-dir $(LLAMA) -w $(LLAMA_WHEELS)
 	touch $@
 
-# Reinstalls when pyproject.toml changes.
+# What a node runs, and nothing else: the node extra and the llama.cpp wheel (no torch, test tools or
+# browser; the default models are built and fetched with these alone). Reinstalls when pyproject.toml changes.
+$(VENV)/.node: pyproject.toml $(LLAMA_WHEELS)/.built | $(BIN)/python
+	$(PIP) install -q --find-links $(LLAMA_WHEELS) -e '.[node]'
+	touch $@
+
+# Everything the tests, the benchmarks and the optimization stack need. Reinstalls when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml $(LLAMA_WHEELS)/.built | $(BIN)/python
 	$(PIP) install -q $(PIP_FLAGS) $(TORCH)
 	$(PIP) install -q $(PIP_FLAGS) --find-links $(LLAMA_WHEELS) -e '.[node,optimize,dev]'
@@ -49,7 +55,7 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_WHEELS)/.built | $(BIN)/python
 
 setup: $(VENV)/.installed /usr/bin/redis-server /usr/bin/chromium
 
-serve: setup
+serve: $(VENV)/.node
 	$(BIN)/edgegen models pull digits
 	$(BIN)/edgegen models pull smollm2-135m
 	$(BIN)/edgegen serve --host $(HOST) --port $(PORT)

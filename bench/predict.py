@@ -135,7 +135,7 @@ def session(model: Path) -> ort.InferenceSession:
 
 def write_data(model: Path, count: int, path: Path) -> bytes:
     """Write `body<TAB>10 expected logits` a line for `count` test images; return the first body."""
-    from edgegen.optimize.defaults import sample_inputs
+    from edgegen.modelkit.digits import sample_inputs
 
     images = sample_inputs(count)
     if len(images) < count:  # the test split is ~360 images; cycle it if more are asked
@@ -150,7 +150,7 @@ def write_data(model: Path, count: int, path: Path) -> bytes:
 
 def in_process_floor(model: Path, runs: int = 3000) -> dict[str, float]:
     """Median µs per sample of `InferenceSession.run`, batch 1 and batch 32, one intra-op thread."""
-    from edgegen.optimize.defaults import sample_inputs
+    from edgegen.modelkit.digits import sample_inputs
 
     sess = session(model)
     floor: dict[str, float] = {}

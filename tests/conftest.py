@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from edgegen.executors import describe_model
-from edgegen.optimize.layers import DenseLayer
-from edgegen.optimize.onnx_export import mlp_to_onnx
-from edgegen.optimize.tflite_export import mlp_to_tflite
+from edgegen.modelkit.layers import DenseLayer
+from edgegen.modelkit.onnx_writer import mlp_to_onnx
+from edgegen.modelkit.tflite_writer import mlp_to_tflite
 from edgegen.store import ModelStore
 
 

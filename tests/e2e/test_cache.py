@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from edgegen.executors import describe_model
-from edgegen.optimize.onnx_export import mlp_to_onnx
+from edgegen.modelkit.onnx_writer import mlp_to_onnx
 from edgegen.store import ModelStore
 from tests.conftest import fill_store, make_layers
 from tests.e2e.conftest import LLM_ENV

@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegen.executors import describe_model
-from edgegen.optimize.onnx_export import mlp_to_onnx
+from edgegen.modelkit.onnx_writer import mlp_to_onnx
 from edgegen.store import ModelStore
 from edgegen.store.manifest import TensorSpec
 from tests.conftest import fill_store, make_layers

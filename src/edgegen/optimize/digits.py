@@ -1,7 +1,8 @@
 """The `digits` task: the seed's MLPs on scikit-learn's bundled handwritten digits.
 
-The data set (1,797 8x8 images, grey levels 0-16, 10 classes) ships inside scikit-learn, so nothing
-is downloaded. The split is fixed (stratified, seed 0) so every figure is comparable across runs.
+The data set (1,797 8x8 images, grey levels 0-16, 10 classes) and its split (stratified, seed 0) are
+the ones the node's default model is trained on (edgegen.modelkit.digits), so every figure is
+comparable across runs and with the served model.
 The seed's networks are 784-wide for MNIST; here the input is the 64 pixels:
 
     teacher  64 -> 1200 -> 1200 -> 10
@@ -13,36 +14,16 @@ client sends the pixels exactly as `load_digits().data` holds them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from edgegen.optimize.layers import DenseLayer
+from edgegen.modelkit.digits import PIXEL_MAX, STUDENT_HIDDEN, Split, load_split
+from edgegen.modelkit.layers import DenseLayer
 
-PIXEL_MAX = 16.0
 TEACHER_HIDDEN = 1200
-STUDENT_HIDDEN = 800
-
-
-@dataclass(frozen=True)
-class Split:
-    x_train: np.ndarray  # (N, 64) float32, grey levels 0-16
-    y_train: np.ndarray  # (N,) int64
-    x_test: np.ndarray
-    y_test: np.ndarray
-
-
-def load_split(test_size: float = 0.2, seed: int = 0) -> Split:
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x.astype(np.float32), y.astype(np.int64), test_size=test_size, random_state=seed, stratify=y
-    )
-    return Split(x_train, y_train, x_test, y_test)
+__all__ = ["PIXEL_MAX", "STUDENT_HIDDEN", "TEACHER_HIDDEN", "Split", "load_split"]
 
 
 class MLP(nn.Module):

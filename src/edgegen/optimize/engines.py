@@ -18,9 +18,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edgegen.optimize.layers import DenseLayer, mlp_forward
-from edgegen.optimize.onnx_export import mlp_to_onnx
-from edgegen.optimize.tflite_export import mlp_to_tflite
+from edgegen.modelkit.layers import DenseLayer, mlp_forward
+from edgegen.modelkit.onnx_writer import mlp_to_onnx
+from edgegen.modelkit.tflite_writer import mlp_to_tflite
 from edgegen.optimize.train import to_torch
 
 Runner = Callable[[np.ndarray], np.ndarray]

@@ -25,13 +25,13 @@ import orjson
 from edgegen import __version__
 from edgegen.errors import ConfigError
 from edgegen.executors import describe_model
+from edgegen.modelkit.layers import DenseLayer, mlp_forward
+from edgegen.modelkit.onnx_writer import mlp_to_onnx
+from edgegen.modelkit.tflite_writer import mlp_to_tflite
 from edgegen.optimize import budget, digits, lm_task, plots, report
 from edgegen.optimize.engines import compare, litert_runner, onnxruntime_runner, p50_ms
-from edgegen.optimize.layers import DenseLayer, mlp_forward
-from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.optimize.quantize import quantize
 from edgegen.optimize.recipe import DigitsRecipe, Distill, LmRecipe, LowRank, Prune, Quantize, Share
-from edgegen.optimize.tflite_export import mlp_to_tflite
 from edgegen.optimize.train import fresh_mlp, train
 from edgegen.optimize.transforms import (
     low_rank,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from edgegen.optimize.layers import DenseLayer
+from edgegen.modelkit.layers import DenseLayer
 
 
 class _Range(nn.Module):

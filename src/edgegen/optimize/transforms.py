@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from edgegen.optimize.layers import DenseLayer
+from edgegen.modelkit.layers import DenseLayer
 
 
 @dataclass(frozen=True)

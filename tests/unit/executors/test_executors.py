@@ -8,7 +8,7 @@ import pytest
 from edgegen.config import OnnxSettings, Settings
 from edgegen.errors import ExecutorError
 from edgegen.executors import describe_model, load_executor
-from edgegen.optimize.layers import DenseLayer, mlp_forward
+from edgegen.modelkit.layers import DenseLayer, mlp_forward
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])

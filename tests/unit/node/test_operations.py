@@ -9,9 +9,9 @@ from starlette.testclient import TestClient
 
 from edgegen.config import Settings
 from edgegen.executors import describe_model
+from edgegen.modelkit.layers import mlp_forward
+from edgegen.modelkit.onnx_writer import mlp_to_onnx
 from edgegen.node.app import create_app
-from edgegen.optimize.layers import mlp_forward
-from edgegen.optimize.onnx_export import mlp_to_onnx
 from edgegen.security.signing import Signer
 from edgegen.store import ModelStore
 from tests.conftest import make_layers

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from edgegen.optimize.layers import DenseLayer, mlp_forward
+from edgegen.modelkit.layers import DenseLayer, mlp_forward
 
 SAMPLE = np.arange(64, dtype=np.float32) % 17
 

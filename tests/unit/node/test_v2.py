@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from edgegen.optimize.layers import DenseLayer, mlp_forward
+from edgegen.modelkit.layers import DenseLayer, mlp_forward
 
 X = (np.arange(128, dtype=np.float32) % 17).reshape(2, 64)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgegen.modelkit.layers import DenseLayer
 from edgegen.optimize import digits
 from edgegen.optimize.budget import sensitivity
-from edgegen.optimize.layers import DenseLayer
 from edgegen.optimize.recipe import LowRank, Prune
 from edgegen.optimize.train import fresh_mlp, train
 

@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edgegen.optimize.layers import mlp_forward
-from edgegen.optimize.onnx_export import mlp_to_onnx
+from edgegen.modelkit.layers import mlp_forward
+from edgegen.modelkit.onnx_writer import mlp_to_onnx
 from edgegen.optimize.quantize import quantize
 from edgegen.optimize.train import QatLinear, to_torch, train
 from tests.conftest import make_layers

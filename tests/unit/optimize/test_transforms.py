@@ -5,8 +5,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edgegen.optimize.layers import mlp_forward
-from edgegen.optimize.onnx_export import mlp_to_onnx
+from edgegen.modelkit.layers import mlp_forward
+from edgegen.modelkit.onnx_writer import mlp_to_onnx
 from edgegen.optimize.train import train
 from edgegen.optimize.transforms import (
     low_rank,

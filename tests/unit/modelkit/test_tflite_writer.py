@@ -6,8 +6,8 @@ import pytest
 import tflite
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from edgegen.optimize.layers import Activation, DenseLayer, check_chain, mlp_forward
-from edgegen.optimize.tflite_export import mlp_to_tflite
+from edgegen.modelkit.layers import Activation, DenseLayer, check_chain, mlp_forward
+from edgegen.modelkit.tflite_writer import mlp_to_tflite
 
 DIMS = (64, 32, 16, 10)
 ACTIVATIONS: tuple[Activation, ...] = ("relu", "relu", "none")

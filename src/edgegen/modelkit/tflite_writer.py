@@ -25,7 +25,7 @@ import flatbuffers
 import numpy as np
 import tflite
 
-from edgegen.optimize.layers import DenseLayer, check_chain
+from edgegen.modelkit.layers import DenseLayer, check_chain
 
 SCHEMA_VERSION = 3
 FILE_IDENTIFIER = b"TFL3"
