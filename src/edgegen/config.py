@@ -93,14 +93,27 @@ class TFLiteSettings(BaseModel):
     threads: int = Field(1, ge=1, le=256)
 
 
+KvType = Literal["f16", "q8_0", "q4_0"]
+
+
 class LlmSettings(BaseModel):
-    """Generation with llama.cpp: one context holding `max_num_seqs` sequences of `ctx_per_seq` tokens."""
+    """Generation with llama.cpp: `max_num_seqs` sequences of up to `ctx_per_seq` tokens each, sharing one
+    KV cache of `kv_budget_mb` (a sequence takes the cells it uses; admission waits for free cells)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_num_seqs: int = Field(8, ge=1, le=256, description="sequences decoded together (continuous batching)")
     ctx_per_seq: int = Field(
         2048, ge=64, le=131_072, description="KV positions per sequence (prompt + output)"
+    )
+    kv_budget_mb: float = Field(
+        0,
+        ge=0,
+        le=1_048_576,
+        description="MB of KV cache one model's sequences share; 0: min(64 MB, RAM/16); at least one context",
+    )
+    kv_type: KvType = Field(
+        "f16", description="KV cache element type: f16, or llama.cpp's q8_0 / q4_0 blocks"
     )
     n_batch: int = Field(512, ge=16, le=8192, description="tokens one decode step may carry (prefill chunk)")
     threads: int = Field(0, ge=0, le=256, description="llama.cpp threads; 0: one per core")

@@ -5,6 +5,13 @@ one waiting prompt up to the step's token budget (`n_batch`), so a long prompt i
 steps while the running streams keep getting a token per step. A sequence joins as soon as a slot is
 free and leaves the moment it finishes, is cancelled or passes its deadline.
 
+KV cells: the slots share one pool of `executor.n_cells` cells. A sequence joins only when the cells it
+may come to hold (its prompt plus `max_tokens`) are free besides what every running sequence may come to
+hold, so a running sequence never finds the pool full: a long request waits in line (first come, first
+served), it never evicts or fails one that runs. Idle slots' cached prefixes are the first thing given
+up for it, least recently used first. Cells are counted per slot, so a prefix shared by two slots counts
+twice: the count can only overstate what llama.cpp holds.
+
 Prefix caching: a finished sequence's slot keeps its KV cache and remembers the tokens in it. A new
 prompt finds the slot (busy or free) whose cached tokens share the longest prefix with it and prefills
 only the rest — a common system prompt or a chat's earlier turns are computed once. When that slot
@@ -224,7 +231,7 @@ class Scheduler:
             raise Overloaded(f"model {self.model!r} was unloaded; retry shortly")
         if not prompt:
             raise InvalidInput("the prompt is empty")
-        room = self.executor.n_ctx_seq - len(prompt)
+        room = self.executor.n_ctx_seq - len(prompt)  # n_ctx_seq <= n_cells: what fits a slot fits the pool
         if room <= 0:
             raise InvalidInput(
                 f"the prompt has {len(prompt)} tokens; this model's context holds {self.executor.n_ctx_seq}"
@@ -292,11 +299,19 @@ class Scheduler:
             f"generation did not finish within its deadline ({len(sequence.generated)} tokens)"
         )
 
+    def _reserved(self, slot: _Slot) -> int:
+        """The cells `slot` holds, or may come to hold while its sequence runs."""
+        owner = slot.owner
+        return len(slot.tokens) if owner is None else len(owner.prompt) + owner.max_tokens
+
     def _admit(self) -> None:
         while self._waiting:
             free = [s for s in self._slots if s.owner is None]
             if not free:
                 return
+            running = sum(self._reserved(s) for s in self._slots if s.owner is not None)
+            if running + len(self._waiting[0].prompt) + self._waiting[0].max_tokens > self.executor.n_cells:
+                return  # it waits for running sequences to finish; idle caches alone would not make room
             sequence = self._waiting.popleft()
             # At least the prompt's last token is decoded again: its logits give the first token.
             longest = len(sequence.prompt) - 1
@@ -329,6 +344,18 @@ class Scheduler:
             sequence.prefilled = reuse
             sequence.usage.cached_tokens = reuse
             self._running.append(sequence)
+            self._make_room()
+
+    def _make_room(self) -> None:
+        """Drop idle slots' caches, least recently used first, until every reservation fits the pool."""
+        idle = sorted((s for s in self._slots if s.owner is None and s.tokens), key=lambda s: s.released_at)
+        excess = sum(self._reserved(s) for s in self._slots) - self.executor.n_cells
+        for slot in idle:
+            if excess <= 0:
+                return
+            excess -= len(slot.tokens)
+            slot.tokens.clear()
+            self.executor.forget(slot.index, 0)
 
     def _plan(self) -> tuple[list[DecodeItem], list[_Sequence]]:
         items: list[DecodeItem] = []
@@ -448,7 +475,8 @@ class Scheduler:
         if self._observer is not None:
             try:
                 kv_used = sum(len(s.tokens) for s in self._slots)
-                kv_total = len(self._slots) * self.executor.n_ctx_seq
-                self._observer.on_state(self.model, len(self._running), len(self._waiting), kv_used, kv_total)
+                self._observer.on_state(
+                    self.model, len(self._running), len(self._waiting), kv_used, self.executor.n_cells
+                )
             except Exception:
                 log.exception("generation observer failed")

@@ -53,6 +53,7 @@ class LlmExecutor(Protocol):
     n_vocab: int
     n_seq: int
     n_ctx_seq: int  # KV positions available to one sequence
+    n_cells: int  # KV positions all sequences share (n_ctx_seq <= n_cells <= n_seq * n_ctx_seq)
 
     def tokenize(self, text: str, *, special: bool) -> list[int]: ...
 

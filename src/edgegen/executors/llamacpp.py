@@ -1,9 +1,13 @@
 """llama.cpp executor over llama-cpp-python's low-level (ctypes) API.
 
-One model, one context whose KV cache holds `n_seq` sequences of `n_ctx_seq` positions each. A decode
-step is one `llama_decode` over a `llama_batch` that mixes prompt chunks and single tokens of several
-sequences; logits are requested only where the scheduler will sample. The ctypes calls release the
-GIL, so a decode in a worker thread leaves the event loop free.
+One model, one context whose KV cache is one pool of `n_cells` cells shared by `n_seq` sequences (llama.cpp's
+unified cache): a sequence takes the cells it uses, up to `n_ctx_seq`. The pool is sized from a budget in
+MB (`kv_budget_mb`; by default min(64 MB, RAM/16), the RAM being the container's limit where there is one)
+and the cache's element type (`kv_type`): the memory is allocated, and touched, when the context is made,
+so it is what the node holds whether the sequences use it or not. A decode step is one `llama_decode` over
+a `llama_batch` that mixes prompt chunks and single tokens of several sequences; logits are requested
+only where the scheduler will sample. The ctypes calls release the GIL, so a decode in a worker thread
+leaves the event loop free.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 import llama_cpp as llama
 import numpy as np
 
-from edgegen.config import LlmSettings
+from edgegen.config import KvType, LlmSettings
 from edgegen.errors import ExecutorError
 from edgegen.executors.base import DecodeItem
 from edgegen.store.gguf import read_gguf
@@ -32,6 +36,35 @@ _quiet = llama.llama_log_callback(_drop_log)
 
 
 _backend_ready = False
+
+# Bytes one cached value takes: f16, or ggml's blocks of 32 values (q8_0: 34 bytes, q4_0: 18 bytes).
+KV_BYTES: dict[KvType, float] = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+_GGML_TYPES: dict[KvType, int] = {
+    "f16": llama.GGML_TYPE_F16,
+    "q8_0": llama.GGML_TYPE_Q8_0,
+    "q4_0": llama.GGML_TYPE_Q4_0,
+}
+AUTO_KV_BYTES = 64 << 20
+_CELL_BLOCK = 256  # llama.cpp rounds a context up to a multiple of 256 cells
+_CGROUP_LIMIT = Path("/sys/fs/cgroup/memory.max")
+
+
+def memory_limit() -> int:
+    """The bytes this process may use: the machine's memory, or a lower cgroup (container) limit."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = _CGROUP_LIMIT.read_text().strip()
+    except OSError:
+        return physical
+    return min(physical, int(limit)) if limit.isdigit() else physical
+
+
+def kv_cells(settings: LlmSettings, bytes_per_cell: float, n_ctx_seq: int) -> int:
+    """Cells in the shared pool: the budget's worth, at least one whole context, at most every slot's whole
+    context (more could never be used)."""
+    budget = settings.kv_budget_mb * (1 << 20) or min(AUTO_KV_BYTES, memory_limit() // 16)
+    cells = int(budget // bytes_per_cell) // _CELL_BLOCK * _CELL_BLOCK
+    return max(n_ctx_seq, min(cells, settings.max_num_seqs * n_ctx_seq))
 
 
 def init_backend() -> None:
@@ -62,16 +95,24 @@ class LlamaExecutor:
         self.n_ctx_train = llama.llama_model_n_ctx_train(self._model)
         self.n_seq = settings.max_num_seqs
         self.n_ctx_seq = min(settings.ctx_per_seq, self.n_ctx_train)
+        # K and V of every layer: n_head_kv heads of n_embd / n_head values each.
+        head = llama.llama_model_n_embd(self._model) // max(llama.llama_model_n_head(self._model), 1)
+        values = 2 * llama.llama_model_n_layer(self._model) * llama.llama_model_n_head_kv(self._model) * head
+        self.kv_bytes_per_cell = values * KV_BYTES[settings.kv_type]
+        self.n_cells = kv_cells(settings, self.kv_bytes_per_cell, self.n_ctx_seq)
         threads = settings.threads or os.cpu_count() or 1
         params = llama.llama_context_default_params()
-        params.n_ctx = self.n_ctx_seq * self.n_seq
+        params.n_ctx = self.n_cells
+        params.type_k = params.type_v = _GGML_TYPES[settings.kv_type]
+        if settings.kv_type != "f16":  # llama.cpp reads a quantized V cache only in its flash-attention path
+            params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.n_batch = settings.n_batch
         params.n_ubatch = settings.n_batch
         params.n_seq_max = self.n_seq
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
-        # One KV pool shared by all sequences: a long chat may use more than an even share.
+        # One KV pool shared by all sequences: a sequence takes what it uses, a long chat more than others.
         params.kv_unified = True
         self._ctx = llama.llama_init_from_model(self._model, params)
         if not self._ctx:

@@ -26,7 +26,7 @@ import llama_cpp as llama
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
-from edgegen.config import LlmSettings
+from edgegen.config import KvType, LlmSettings
 from edgegen.errors import ConfigError, ExecutorError
 from edgegen.executors.base import DecodeItem
 from edgegen.executors.llamacpp import LlamaExecutor, init_backend
@@ -124,8 +124,8 @@ def drop_layers(source: Path, dest: Path, drop: Collection[int]) -> int:
 class Scorer:
     """One GGUF loaded the way the node loads it, with one sequence of `ctx` positions."""
 
-    def __init__(self, path: Path, ctx: int, threads: int) -> None:
-        settings = LlmSettings(max_num_seqs=1, ctx_per_seq=ctx, n_batch=ctx, threads=threads)
+    def __init__(self, path: Path, ctx: int, threads: int, kv_type: KvType = "f16") -> None:
+        settings = LlmSettings(max_num_seqs=1, ctx_per_seq=ctx, n_batch=ctx, threads=threads, kv_type=kv_type)
         self.executor = LlamaExecutor(path, settings)
         self.ctx = min(ctx, self.executor.n_ctx_seq)
 

@@ -34,9 +34,10 @@ def next_token(sequence: Sequence[int]) -> int:
 class CountingLM:
     n_vocab = VOCAB
 
-    def __init__(self, n_seq: int = 4, n_ctx_seq: int = 256) -> None:
+    def __init__(self, n_seq: int = 4, n_ctx_seq: int = 256, n_cells: int | None = None) -> None:
         self.n_seq = n_seq
         self.n_ctx_seq = n_ctx_seq
+        self.n_cells = n_cells or n_seq * n_ctx_seq
         self.kv: dict[int, list[int]] = {i: [] for i in range(n_seq)}
         self.steps: list[list[tuple[int, int]]] = []  # per step: (seq, n tokens)
         self.ends_after: dict[tuple[int, ...], int] = {}
@@ -61,6 +62,8 @@ class CountingLM:
             cache = self.kv[item.seq]
             assert item.pos == len(cache), f"seq {item.seq}: token at {item.pos}, cache ends at {len(cache)}"
             cache.extend(item.tokens)
+            held = sum(len(c) for c in self.kv.values())  # llama.cpp's decode fails when its pool is full
+            assert held <= self.n_cells, f"{held} cells in a pool of {self.n_cells}"
             if item.logits:
                 row = np.zeros(VOCAB, np.float32)
                 row[next_token(cache)] = 5.0
@@ -268,3 +271,57 @@ async def test_the_node_metrics_observe_a_generation(caplog: pytest.LogCaptureFi
     assert 'edgegen_decode_step_tokens_count{model="toy"}' in text
     assert "edgegen_kv_cache_usage_ratio" in text
     assert not [r for r in caplog.records if r.levelno >= 40]  # no observer failed
+
+
+async def test_sequences_share_a_pool_of_cells_and_a_long_one_waits_its_turn() -> None:
+    lm = CountingLM(n_seq=4, n_ctx_seq=128, n_cells=128)  # 4 slots, cells for one long or 3 short
+    scheduler = Scheduler("toy", lm, max_num_seqs=4, n_batch=64)
+    scheduler.start()
+    try:
+        shorts = [[i + 1, i + 2, i + 3, i + 4] for i in range(3)]  # 4 + 36 = 40 cells each
+        long_prompt = list(range(100, 129))  # 29 + 90 = 119 cells: the pool, once the shorts are done
+        later = [9, 8, 7, 6]
+        first = [asyncio.create_task(run(scheduler, p, 36)) for p in shorts]
+        await asyncio.sleep(0)
+        long_one = asyncio.create_task(run(scheduler, long_prompt, 90))
+        await asyncio.sleep(0)
+        last = asyncio.create_task(run(scheduler, later, 36))  # fits beside the shorts, but comes after
+        results = await asyncio.gather(*first, long_one, last)
+        expected = zip([*shorts, long_prompt, later], [36, 36, 36, 90, 36], strict=True)
+        for (prompt, n), (text, reason, _) in zip(expected, results, strict=True):
+            assert text == as_text(lm, reference(prompt, n))  # every one finished, none failed
+            assert reason == "length"
+        concurrent = [len(step) for step in lm.steps]
+        assert max(concurrent) == 3  # the shorts ran together; never the long one beside them
+        long_steps = [i for i, step in enumerate(lm.steps) if any(n == 29 for _, n in step)]
+        assert len(long_steps) == 1
+        # First come, first served: the later short one did not pass the long one waiting for cells.
+        assert all(len(step) == 1 for step in lm.steps[long_steps[0] : long_steps[0] + 90])
+    finally:
+        await scheduler.close()
+
+
+async def test_idle_prefixes_are_given_up_for_a_sequence_that_needs_their_cells() -> None:
+    lm = CountingLM(n_seq=4, n_ctx_seq=100, n_cells=100)
+    scheduler = Scheduler("toy", lm, max_num_seqs=4, n_batch=64)
+    scheduler.start()
+    try:
+        for start in (1, 11):  # two finished chats leave their caches in two slots (30 cells each)
+            await run(scheduler, list(range(start, start + 10)), 20)
+        assert sum(len(c) for c in lm.kv.values()) >= 58
+        prompt = [30, 31, 32, 33]
+        text, _, _ = await run(scheduler, prompt, 90)  # 94 cells: both caches must go
+        assert text == as_text(lm, reference(prompt, 90))
+        again, _, warm = await run(scheduler, list(range(1, 11)), 20)
+        assert warm.usage.cached_tokens == 0  # its prefix was given up
+        assert again == as_text(lm, reference(list(range(1, 11)), 20))
+    finally:
+        await scheduler.close()
+
+
+async def test_a_cached_prefix_stays_while_the_pool_has_room(lm_scheduler) -> None:
+    _, scheduler = lm_scheduler
+    await run(scheduler, list(range(1, 11)), 20)
+    await run(scheduler, [30, 31, 32, 33], 90)
+    _, _, warm = await run(scheduler, list(range(1, 11)), 20)
+    assert warm.usage.cached_tokens == 9  # all but the prompt's last token came from the cache
