@@ -303,6 +303,22 @@ BAD_FILES: dict[str, tuple[bytes, str]] = {
         gguf_file([kv("k", GGUFValueType.ARRAY, array_header(GGUFValueType.STRING, 2**40))], []),
         "string items runs past the end",
     ),
+    "a long string array's item longer than the file": (
+        gguf_file(
+            [
+                kv(
+                    "k",
+                    GGUFValueType.ARRAY,
+                    array_header(GGUFValueType.STRING, 100)
+                    + gguf_string("ab") * 70
+                    + struct.pack("<Q", 2**40)
+                    + b"x" * 256,
+                )
+            ],
+            [],
+        ),
+        r"'k'\[70\]: string length 1099511627776 runs past the end",
+    ),
     "unknown value type": (gguf_file([kv("k", 13, b"\x00" * 8)], []), "unknown value type 13"),
     "unknown array item type": (
         gguf_file([kv("k", GGUFValueType.ARRAY, array_header(99, 1) + b"\x00")], []),
