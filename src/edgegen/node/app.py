@@ -227,22 +227,21 @@ def open_queue(settings: Settings, keyring: Keyring | None) -> JobQueue:
 
 
 def start_shipping(settings: Settings, access_log: AccessLog) -> LogShipper | None:
-    """With `[logs] ship_to`, this process's log lines (and access lines) go to the gateway too (its
-    HTTP client, httpx, is imported only then)."""
+    """With `[logs] ship_to`, this process's log lines (and access lines) go to the gateway too."""
     s = settings.logs
     if s.ship_to is None:
         return None
     from edgegen.observe.shipping import LogShipper, ShipHandler, default_node_name
 
     headers = {"authorization": f"Bearer {s.key.get_secret_value()}"} if s.key is not None else {}
-    verify: ssl.SSLContext | bool = True
+    context: ssl.SSLContext | None = None
     if s.ca_file is not None or s.cert_file is not None:
-        verify = ssl.create_default_context(cafile=s.ca_file)
+        context = ssl.create_default_context(cafile=s.ca_file)
         if s.cert_file is not None:  # the node's certificate speaks for it: no key on the node
-            verify.load_cert_chain(s.cert_file, s.key_file)
+            context.load_cert_chain(s.cert_file, s.key_file)
     shipper = LogShipper(
         s.ship_to, s.node or default_node_name(settings.port), settings.home / "logs" / "spool.sqlite",
-        headers=headers, verify=verify, interval_s=s.interval_s, batch=s.batch, spool_bytes=s.spool_bytes,
+        headers=headers, context=context, interval_s=s.interval_s, batch=s.batch, spool_bytes=s.spool_bytes,
     )  # fmt: skip
     logging.getLogger().addHandler(ShipHandler(shipper, logging.getLevelName(s.level.upper())))
     if s.access:

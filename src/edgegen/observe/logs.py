@@ -65,9 +65,6 @@ def configure_logging(level: str = "info") -> None:
         logging.getLogger(name).propagate = True
     # Our middleware writes the access line, with the request id and the model.
     logging.getLogger("uvicorn.access").disabled = True
-    # httpx logs every request it makes at info: the log shipper's own POSTs would be shipped in turn.
-    for chatty in ("httpx", "httpcore"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
     logging.getLogger("asyncio").addFilter(_client_tls_failures)
 
 
