@@ -20,7 +20,7 @@ LLAMA_WHEELS := $(HOME)/.cache/edgegen/wheels/$(shell echo '$(LLAMA) $(LLAMA_FLA
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve test bench bench-optimize audit lint format clean
+.PHONY: setup serve test image bench bench-optimize audit lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,13 @@ serve: $(VENV)/.node
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The container image (docs/operations.md, "Containers"): podman builds deploy/docker/Dockerfile from the
+# llama.cpp wheel built above; the base is made locally with debootstrap (as root) the first time.
+PODMAN_PKGS := podman buildah runc debootstrap podman-compose
+image: $(LLAMA_WHEELS)/.built
+	command -v podman >/dev/null || apt-get install -y -qq $(PODMAN_PKGS) || { apt-get update -qq && apt-get install -y -qq $(PODMAN_PKGS); }
+	deploy/podman/image.sh $(LLAMA_WHEELS)
 
 bench: setup
 	$(BIN)/python bench/predict.py
