@@ -3,7 +3,7 @@
 What it measures, for SmolLM2-135M-Instruct Q4_1 (the store's `smollm2-135m`) on 2 llama.cpp threads, with
 `LlamaExecutor` and our `Scheduler` in process (what a node runs, without HTTP):
 
-    memory      bytes per KV cell, the pool the default budget (64 MB) buys, and the RSS of a child
+    memory      bytes per KV cell, the pool the default budget buys, and the RSS of a child
                 process that loaded the model with a pool of 8 x 2048 cells (every slot's whole context)
     tok/s       greedy, 128 new tokens, 1 stream and 8 streams started at once (aggregate tokens ÷ time),
                 the same pool of 4096 cells for every type, so only the element type differs
@@ -152,7 +152,7 @@ def main() -> None:
         f"SmolLM2-135M Q4_1, {THREADS} threads, {args.rounds} rounds; perplexity over {args.chunks} "
         f"chunks of 512 tokens; default budget {AUTO_KV_BYTES >> 20} MB",
         "",
-        "| KV type | bytes/cell | cells in 64 MB | RSS, 8 × 2048 cells | perplexity (Δ vs f16) | "
+        "| KV type | bytes/cell | cells by default | RSS, 8 × 2048 cells | perplexity (Δ vs f16) | "
         "greedy: same answers, mean agreeing tokens | tok/s 1 stream | tok/s 8 streams |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -110,10 +110,11 @@ class LlmSettings(BaseModel):
         0,
         ge=0,
         le=1_048_576,
-        description="MB of KV cache one model's sequences share; 0: min(64 MB, RAM/16); at least one context",
+        description="MB of KV cache one model's sequences share; 0: min(32 MB, RAM/32); at least one context",
     )
     kv_type: KvType = Field(
-        "f16", description="KV cache element type: f16, or llama.cpp's q8_0 / q4_0 blocks"
+        "q8_0",
+        description="KV cache element type: llama.cpp's q8_0 / q4_0 blocks, or f16 (docs/benchmarks.md)",
     )
     n_batch: int = Field(512, ge=16, le=8192, description="tokens one decode step may carry (prefill chunk)")
     threads: int = Field(0, ge=0, le=256, description="llama.cpp threads; 0: one per core")

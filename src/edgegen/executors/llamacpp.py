@@ -2,7 +2,7 @@
 
 One model, one context whose KV cache is one pool of `n_cells` cells shared by `n_seq` sequences (llama.cpp's
 unified cache): a sequence takes the cells it uses, up to `n_ctx_seq`. The pool is sized from a budget in
-MB (`kv_budget_mb`; by default min(64 MB, RAM/16), the RAM being the container's limit where there is one)
+MB (`kv_budget_mb`; by default min(32 MB, RAM/32), the RAM being the container's limit where there is one)
 and the cache's element type (`kv_type`): the memory is allocated, and touched, when the context is made,
 so it is what the node holds whether the sequences use it or not. A decode step is one `llama_decode` over
 a `llama_batch` that mixes prompt chunks and single tokens of several sequences; logits are requested
@@ -13,6 +13,7 @@ leaves the event loop free.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from edgegen.errors import ExecutorError
 from edgegen.executors.base import DecodeItem
 from edgegen.store.gguf import read_gguf
 from edgegen.store.gguf_hparams import check_language_model
+
+log = logging.getLogger(__name__)
 
 
 def _drop_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
@@ -44,7 +47,10 @@ _GGML_TYPES: dict[KvType, int] = {
     "q8_0": llama.GGML_TYPE_Q8_0,
     "q4_0": llama.GGML_TYPE_Q4_0,
 }
-AUTO_KV_BYTES = 64 << 20
+_QUANT_BLOCK = 32  # values per q8_0 / q4_0 block
+# The default budget: 32 MB (a node with SmolLM2 and both classifiers stays under 300 MB), less on a
+# machine with under 1 GB (a 32nd of its memory). docs/benchmarks.md, "What a node holds".
+AUTO_KV_BYTES = 32 << 20
 _CELL_BLOCK = 256  # llama.cpp rounds a context up to a multiple of 256 cells
 _CGROUP_LIMIT = Path("/sys/fs/cgroup/memory.max")
 
@@ -59,10 +65,15 @@ def memory_limit() -> int:
     return min(physical, int(limit)) if limit.isdigit() else physical
 
 
+def auto_kv_budget() -> int:
+    """Bytes of KV cache a model gets when `kv_budget_mb` is 0."""
+    return min(AUTO_KV_BYTES, memory_limit() // 32)
+
+
 def kv_cells(settings: LlmSettings, bytes_per_cell: float, n_ctx_seq: int) -> int:
     """Cells in the shared pool: the budget's worth, at least one whole context, at most every slot's whole
     context (more could never be used)."""
-    budget = settings.kv_budget_mb * (1 << 20) or min(AUTO_KV_BYTES, memory_limit() // 16)
+    budget = settings.kv_budget_mb * (1 << 20) or auto_kv_budget()
     cells = int(budget // bytes_per_cell) // _CELL_BLOCK * _CELL_BLOCK
     return max(n_ctx_seq, min(cells, settings.max_num_seqs * n_ctx_seq))
 
@@ -98,13 +109,23 @@ class LlamaExecutor:
         # K and V of every layer: n_head_kv heads of n_embd / n_head values each.
         head = llama.llama_model_n_embd(self._model) // max(llama.llama_model_n_head(self._model), 1)
         values = 2 * llama.llama_model_n_layer(self._model) * llama.llama_model_n_head_kv(self._model) * head
-        self.kv_bytes_per_cell = values * KV_BYTES[settings.kv_type]
+        self.kv_type: KvType = settings.kv_type
+        if self.kv_type != "f16" and head % _QUANT_BLOCK:
+            # llama.cpp quantizes a head's values in blocks of 32 and refuses the context otherwise.
+            log.warning(
+                "KV cache kept in f16: this model's attention heads hold %d values, not blocks of %d",
+                head,
+                _QUANT_BLOCK,
+                extra={"kv_type": settings.kv_type},
+            )
+            self.kv_type = "f16"
+        self.kv_bytes_per_cell = values * KV_BYTES[self.kv_type]
         self.n_cells = kv_cells(settings, self.kv_bytes_per_cell, self.n_ctx_seq)
         threads = settings.threads or os.cpu_count() or 1
         params = llama.llama_context_default_params()
         params.n_ctx = self.n_cells
-        params.type_k = params.type_v = _GGML_TYPES[settings.kv_type]
-        if settings.kv_type != "f16":  # llama.cpp reads a quantized V cache only in its flash-attention path
+        params.type_k = params.type_v = _GGML_TYPES[self.kv_type]
+        if self.kv_type != "f16":  # llama.cpp reads a quantized V cache only in its flash-attention path
             params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.n_batch = settings.n_batch
         params.n_ubatch = settings.n_batch

@@ -10,7 +10,7 @@ import pytest
 from edgegen.config import KvType, LlmSettings
 from edgegen.engine.generation import Scheduler
 from edgegen.engine.sampling import SamplingParams
-from edgegen.executors.llamacpp import AUTO_KV_BYTES, KV_BYTES, LlamaExecutor, kv_cells, memory_limit
+from edgegen.executors.llamacpp import AUTO_KV_BYTES, KV_BYTES, LlamaExecutor, auto_kv_budget, kv_cells
 from tests.llm_models import write_tiny_llama
 
 # 2 layers x 2 KV heads x 32 values, K and V: 256 values a cell.
@@ -30,7 +30,8 @@ def test_the_pool_is_the_budget_never_less_than_a_context_nor_more_than_all_slot
     assert kv_cells(settings.model_copy(update={"kv_budget_mb": 1}), per_cell, 2048) == 2048
     assert kv_cells(settings.model_copy(update={"kv_budget_mb": 4096}), per_cell, 2048) == 8 * 2048
     auto = kv_cells(settings.model_copy(update={"kv_budget_mb": 0}), per_cell, 2048)
-    assert auto * per_cell <= min(AUTO_KV_BYTES, memory_limit() // 16)
+    assert auto_kv_budget() <= AUTO_KV_BYTES
+    assert auto == max(2048, int(auto_kv_budget() // per_cell) // 256 * 256)  # 32 MB of f16: one context
 
 
 @pytest.mark.parametrize("kv_type", ["f16", "q8_0", "q4_0"])
@@ -49,7 +50,9 @@ def test_each_cache_type_loads_at_its_size_and_answers_like_f16(tiny: Path, kv_t
 def test_a_small_pool_makes_requests_wait_and_every_answer_is_its_own(tiny: Path) -> None:
     # 4 slots, a pool of 256 cells: two of these requests (~95 cells each) run at once, the rest wait.
     budget_mb = 256 * VALUES_PER_CELL * KV_BYTES["f16"] / 2**20
-    settings = LlmSettings(max_num_seqs=4, ctx_per_seq=256, n_batch=64, threads=1, kv_budget_mb=budget_mb)
+    settings = LlmSettings(
+        max_num_seqs=4, ctx_per_seq=256, n_batch=64, threads=1, kv_budget_mb=budget_mb, kv_type="f16"
+    )
     executor = LlamaExecutor(tiny, settings)
     assert executor.n_cells == 256
     executor.close()
@@ -79,3 +82,13 @@ def _greedy(model: Path, settings: LlmSettings, prompts: list[str], max_tokens: 
             await scheduler.close()  # frees the model too
 
     return asyncio.run(run())
+
+
+def test_a_model_whose_heads_do_not_split_into_blocks_keeps_an_f16_cache(tmp_path: Path) -> None:
+    odd = write_tiny_llama(tmp_path / "odd.gguf", n_embd=64, n_head=4, n_head_kv=2)  # heads of 16 values
+    executor = LlamaExecutor(odd, LlmSettings(max_num_seqs=2, ctx_per_seq=256, threads=1, kv_type="q8_0"))
+    try:
+        assert executor.kv_type == "f16"
+        assert executor.kv_bytes_per_cell == 2 * 2 * 2 * 16 * KV_BYTES["f16"]
+    finally:
+        executor.close()
