@@ -73,6 +73,15 @@ def check_chain(layers: Sequence[DenseLayer]) -> None:
             )
 
 
+def check_io_names(input_name: str, output_name: str) -> None:
+    """Raise ValueError unless a model's input and output names are distinct and non-empty."""
+    if not input_name or not output_name or input_name == output_name:
+        raise ValueError(
+            f"input_name and output_name must be distinct non-empty strings, got {input_name!r} and "
+            f"{output_name!r}"
+        )
+
+
 def mlp_forward(layers: Sequence[DenseLayer], x: np.ndarray) -> np.ndarray:
     """Numpy reference forward pass in float32; ``x`` has shape (batch, in_features)."""
     check_chain(layers)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edgegen.modelkit.layers import DenseLayer, check_chain
+from edgegen.modelkit.layers import DenseLayer, check_chain, check_io_names
 
 OPSET = 17
 IR_VERSION = 9
@@ -86,11 +86,7 @@ def mlp_to_onnx(
 ) -> bytes:
     """Serialize `layers` as an ONNX model: input (batch, in) float32 -> output (batch, out) float32."""
     check_chain(layers)
-    if not input_name or not output_name or input_name == output_name:
-        raise ValueError(
-            f"input_name and output_name must be distinct non-empty strings, got {input_name!r} and "
-            f"{output_name!r}"
-        )
+    check_io_names(input_name, output_name)
     nodes: list[bytes] = []
     initializers: list[bytes] = []
     current = input_name

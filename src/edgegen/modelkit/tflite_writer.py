@@ -25,7 +25,7 @@ import flatbuffers
 import numpy as np
 import tflite
 
-from edgegen.modelkit.layers import DenseLayer, check_chain
+from edgegen.modelkit.layers import DenseLayer, check_chain, check_io_names
 
 SCHEMA_VERSION = 3
 FILE_IDENTIFIER = b"TFL3"
@@ -47,11 +47,7 @@ def mlp_to_tflite(
 ) -> bytes:
     """Serialize ``layers`` to TFLite flatbuffer bytes (layout in the module docstring)."""
     check_chain(layers)
-    if not input_name or not output_name or input_name == output_name:
-        raise ValueError(
-            f"input_name and output_name must be distinct non-empty strings, "
-            f"got {input_name!r} and {output_name!r}"
-        )
+    check_io_names(input_name, output_name)
 
     b = flatbuffers.Builder(1024 + sum(layer.weight.nbytes + layer.bias.nbytes for layer in layers))
 
