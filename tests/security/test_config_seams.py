@@ -219,6 +219,9 @@ def refused_changes(fleet: Fleet) -> list[tuple[str, Any]]:
         ("cache.disk_bytes", 10**30),
         ("request_timeout_s", math.inf),
         ("llm.timeout_s", math.nan),
+        ("llm.kv_budget_mb", 1e12),  # beyond any machine's memory
+        ("llm.kv_budget_mb", -1),
+        ("llm.kv_type", "q2_k"),  # a type llama.cpp may not read a cache in
         ("jobs.lease_s", 1e300),
         ("default_model", 'digits"\n[security]\nauth = false\n'),
         ("models.digits.max_queue_size", 10**12),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from gguf import GGUFReader
 
 from edgegen.config import LlmSettings
 from edgegen.errors import Unprocessable
@@ -37,6 +39,7 @@ from tests.security.conftest import Fleet, error_of, node_env
 
 CHAT = {"model": "tiny-llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 # name → (what differs from the tiny llama, what the refusal says)
+TOKEN_PAST_THE_END = "a token whose length runs past the end of the file"
 BAD_GGUFS: dict[str, tuple[dict[str, Value | None], str]] = {
     "a million blocks": ({"llama.block_count": 1_000_000}, "llama.block_count is 1000000"),
     "kv heads not dividing the heads": (
@@ -48,6 +51,9 @@ BAD_GGUFS: dict[str, tuple[dict[str, Value | None], str]] = {
         {"llama.embedding_length": 128, "llama.rope.dimension_count": 32},
         "'token_embd.weight' has shape [64, 758], but the metadata makes it [128, 758]",
     ),
+    # No metadata edit makes this one: `cut_token` sets a token's length past the end of the file, deep in
+    # the token list that the reader steps over without naming each item.
+    TOKEN_PAST_THE_END: ({}, "'tokenizer.ggml.tokens'[500]: string length 1099511627776 runs past the end"),
 }
 ABORT = (sys.executable, "-c", "import os; os.abort()")  # a loader that crashes as llama.cpp's asserts do
 
@@ -101,10 +107,23 @@ def signed_archive(model: Path, out: Path, signer: Signer) -> bytes:
 def bad_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad-ggufs")
     good = write_tiny_llama(root / "good.gguf")
-    return {
+    files = {
         case: edited_gguf(good, root / f"bad-{i}.gguf", changes)
         for i, (case, (changes, _)) in enumerate(BAD_GGUFS.items())
     }
+    cut_token(files[TOKEN_PAST_THE_END], 500)
+    return files
+
+
+def cut_token(path: Path, index: int) -> None:
+    """Make token `index`'s length 2**40 in place: the file is otherwise the same."""
+    tokens = GGUFReader(path).fields["tokenizer.ggml.tokens"]
+    token = bytes(tokens.parts[tokens.data[index]])
+    data = path.read_bytes()
+    field = struct.pack("<Q", len(token)) + token
+    assert data.count(field) == 1
+    at = data.index(field)
+    path.write_bytes(data[:at] + struct.pack("<Q", 2**40) + data[at + 8 :])
 
 
 @pytest.fixture(scope="module")
