@@ -28,6 +28,7 @@ import subprocess  # nosec B404
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +65,11 @@ class Split:
 
 
 def _checked_csv(compressed: bytes, origin: str) -> bytes:
-    with gzip.GzipFile(fileobj=io.BytesIO(compressed)) as stream:
-        text = stream.read(_MAX_DATA_BYTES + 1)
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(compressed)) as stream:
+            text = stream.read(_MAX_DATA_BYTES + 1)
+    except (OSError, EOFError, zlib.error):
+        raise IntegrityError(f"{origin} is not a gzip file: not the digits data set edgegen pins") from None
     if len(text) > _MAX_DATA_BYTES or hashlib.sha256(text).hexdigest() != DATA_SHA256:
         raise IntegrityError(f"{origin} is not the digits data set edgegen pins (sha256 {DATA_SHA256})")
     return text
