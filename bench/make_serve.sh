@@ -13,7 +13,7 @@ export EDGEGEN_HOME="$work/home"
 start=$(date +%s.%N)
 make serve PORT=$port >"$work/serve.log" 2>&1 &
 pid=$!
-trap 'kill -INT $pid 2>/dev/null; pkill -f "$work/clone/.venv/bin/edgegen serve" || true' EXIT
+trap 'kill -INT $pid 2>/dev/null; pkill -f "$work/clone/.venv/bin/python" || true' EXIT
 until curl -sf -o /dev/null "http://127.0.0.1:$port/v2/health/ready"; do
   kill -0 $pid 2>/dev/null || { echo "make serve stopped:"; tail -20 "$work/serve.log"; exit 1; }
   sleep 0.2
