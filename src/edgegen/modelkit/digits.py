@@ -29,7 +29,6 @@ import sys
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from edgegen.modelkit.layers import DenseLayer, mlp_forward
 from edgegen.modelkit.onnx_writer import mlp_to_onnx
 from edgegen.modelkit.tflite_writer import mlp_to_tflite
 from edgegen.store import ModelStore
-from edgegen.store.pull import pip_download
+from edgegen.store.pull import Download, pip_download
 
 PIXEL_MAX = 16.0
 STUDENT_HIDDEN = 800
@@ -51,9 +50,6 @@ SKLEARN = "scikit-learn==1.9.1"
 # sha256 of the decompressed CSV (1,797 rows of 64 pixels and a label), as scikit-learn 1.4 to 1.9 ship it.
 DATA_SHA256 = "6ebb3d2fee246a4e99363262ddf8a00a3c41bee6014c373ed9d9216ba7f651b8"
 _MAX_DATA_BYTES = 1 << 20  # the CSV is ~520 kB; a member that inflates past this is not it
-
-# (requirement, directory) → the wheel is in the directory afterwards, or StoreError is raised.
-Download = Callable[[str, Path], None]
 
 
 @dataclass(frozen=True)
