@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from edgegen.engine.sampling import SamplingParams, apply_penalties, sample
+from edgegen.engine.sampling import SamplingParams, _nucleus, apply_penalties, sample
+
+VOCAB = 49_152  # SmolLM2's
 
 finite_logits = arrays(
     np.float32,
@@ -35,8 +38,9 @@ def test_top_p_keeps_the_most_likely_token_reachable_and_drops_the_tail(
     token = sample(logits, SamplingParams(temperature=1.0, top_p=top_p), np.random.default_rng(seed), [])
     probs = np.exp(logits.astype(np.float64) - logits.max())
     probs /= probs.sum()
-    # Every token with more mass than the picked one was kept, so the mass above it is below top_p.
-    assert probs[probs > probs[token]].sum() < top_p + 1e-9
+    # Every token with more mass than the picked one was kept, so the mass above it is below top_p
+    # (weights are float32: logits closer than its resolution count as a tie).
+    assert probs[probs > probs[token] * (1 + 1e-6)].sum() < top_p + 1e-6
 
 
 @settings(max_examples=30)
@@ -60,3 +64,72 @@ def test_low_temperature_concentrates_on_the_best_token() -> None:
     rng = np.random.default_rng(1)
     picks = [sample(logits, SamplingParams(temperature=0.05), rng, []) for _ in range(200)]
     assert picks.count(1) >= 199
+
+
+def reference_distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The textbook definition in float64 with full sorts: top-k, temperature, softmax, top-p."""
+    scores = logits.astype(np.float64)
+    keep = np.ones(len(scores), bool)
+    if 0 < params.top_k < len(scores):
+        keep[np.argsort(-scores, kind="stable")[params.top_k :]] = False
+    probs = np.where(keep, np.exp((scores - scores[keep].max()) / params.temperature), 0.0)
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        cut = int(np.searchsorted(cumulative, params.top_p)) + 1
+        probs[order[cut:]] = 0.0
+        probs /= probs.sum()
+    return probs
+
+
+def language_model_row(seed: int) -> np.ndarray:
+    """Logits shaped like a language model's: a few strong candidates over a long, low tail."""
+    rng = np.random.default_rng(seed)
+    row = rng.standard_normal(VOCAB).astype(np.float32) * 2.0
+    row[rng.choice(VOCAB, 40, replace=False)] += rng.uniform(6, 12, 40).astype(np.float32)
+    return row
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=0.8, top_p=0.95),
+        SamplingParams(temperature=1.0, top_p=0.5),
+        SamplingParams(temperature=1.3, top_k=40),
+        SamplingParams(temperature=0.7, top_k=100, top_p=0.9),
+        SamplingParams(temperature=2.0),
+    ],
+    ids=lambda p: f"t{p.temperature}-p{p.top_p}-k{p.top_k}",
+)
+def test_draws_follow_the_reference_distribution(params: SamplingParams) -> None:
+    """Chi-square of 6,000 draws against the float64 full-sort definition: the fast paths (float32
+    weights, floors before the nucleus sort, block-wise draw) change no distribution."""
+    draws = 6_000
+    rng = np.random.default_rng(7)
+    logits = language_model_row(0)
+    expected = reference_distribution(logits, params) * draws
+    counts = np.bincount([sample(logits, params, rng, []) for _ in range(draws)], minlength=VOCAB)
+    assert counts[expected == 0].sum() == 0, "drew a token outside the reference's support"
+    big = expected >= 5  # the usual chi-square rule; the rest is pooled in one bin
+    observed = np.append(counts[big], counts[~big].sum())
+    wanted = np.append(expected[big], expected[~big].sum())
+    observed, wanted = observed[wanted > 0], wanted[wanted > 0]
+    chi2 = float(((observed - wanted) ** 2 / wanted).sum())
+    df = len(wanted) - 1
+    # Far beyond the 1e-6 tail of chi-square(df) (Wilson-Hilferty: ~df + 7 sqrt(2 df) for these df).
+    assert chi2 < df + 7 * np.sqrt(2 * df) + 10, (chi2, df)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.99999, 1.0 - 1e-12])
+def test_the_nucleus_reaches_below_the_first_floors_when_it_must(top_p: float) -> None:
+    """Half the tokens weigh 1e-4 of the others, a few 1e-9: a wide top_p needs them, so the floors step
+    down, and the nucleus is still exactly the reference's."""
+    weights = np.ones(5000, np.float32)
+    weights[2500:] = 1e-4
+    weights[4990:] = 1e-9
+    logits = np.log(weights)
+    kept = np.sort(_nucleus(weights, top_p))
+    reference = np.flatnonzero(reference_distribution(logits, SamplingParams(temperature=1.0, top_p=top_p)))
+    np.testing.assert_array_equal(kept, reference)
