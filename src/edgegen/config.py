@@ -117,6 +117,13 @@ class LlmSettings(BaseModel):
         description="KV cache element type: llama.cpp's q8_0 / q4_0 blocks, or f16 (docs/benchmarks.md)",
     )
     n_batch: int = Field(512, ge=16, le=8192, description="tokens one decode step may carry (prefill chunk)")
+    itl_target_ms: float = Field(
+        75.0,
+        ge=0,
+        le=60_000,
+        description="while streams run, prompts are prefilled in chunks that keep a step about this long; "
+        "0: a prompt takes the whole n_batch",
+    )
     threads: int = Field(0, ge=0, le=256, description="llama.cpp threads; 0: one per core")
     max_waiting: int = Field(
         64, ge=0, le=100_000, description="requests waiting for a slot beyond which the node answers 429"

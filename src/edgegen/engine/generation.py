@@ -1,9 +1,12 @@
 """Continuous batching for language models: our scheduler over an `LlmExecutor`.
 
-Every step builds one batch for `executor.decode`: one token of each running sequence, then a chunk of
-one waiting prompt up to the step's token budget (`n_batch`), so a long prompt is prefilled over several
-steps while the running streams keep getting a token per step. A sequence joins as soon as a slot is
-free and leaves the moment it finishes, is cancelled or passes its deadline.
+Every step builds one batch for `executor.decode`: one token of each running sequence first, then
+chunks of the prompts being prefilled, oldest first, up to the step's token budget. With no stream
+running the budget is `n_batch`; while streams run it is what keeps a step near the inter-token latency
+target (`itl_target_ms`, learned from the steps' own times: `engine/budget.py`), so a newcomer's long
+prompt is prefilled over several steps and never stalls the streams already running (Sarathi-Serve's
+chunked prefill). A sequence joins as soon as a slot is free and leaves the moment it finishes, is
+cancelled or passes its deadline.
 
 KV cells: the slots share one pool of `executor.n_cells` cells. A sequence joins only when the cells it
 may come to hold (its prompt plus `max_tokens`) are free besides what every running sequence may come to
@@ -44,6 +47,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from edgegen.engine.budget import StepBudget
 from edgegen.engine.prompt import Prompt, chat_prompt, encode
 from edgegen.engine.sampling import SamplingParams, sample
 from edgegen.engine.text import TextStream
@@ -157,12 +161,14 @@ class Scheduler:
         *,
         max_num_seqs: int,
         n_batch: int = 512,
+        itl_target_ms: float = 0.0,
         max_waiting: int = 64,
         observer: GenerationObserver | None = None,
     ) -> None:
         self.model = model
         self.executor = executor
         self.n_batch = n_batch
+        self.budget = StepBudget(itl_target_ms / 1000, n_batch)
         self.max_waiting = max_waiting
         self._observer = observer
         self._slots = [_Slot(i) for i in range(min(max_num_seqs, executor.n_seq))]
@@ -274,15 +280,16 @@ class Scheduler:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            items, owners = self._plan()
+            items, owners, filled = self._plan()
             try:
-                tokens = await loop.run_in_executor(self._pool, self._step, items, owners)
+                tokens, seconds = await loop.run_in_executor(self._pool, self._step, items, owners)
             except Exception:
                 log.exception("decode step failed", extra={"model": self.model})
                 for sequence in list(self._running):
                     self._finish(sequence, error=ExecutorError("the model failed during generation"))
                     self._forget_slot(sequence)
                 continue
+            self.budget.observe(sum(len(i.tokens) for i in items), seconds, filled=filled)
             self._apply(items, owners, tokens)
 
     def _retire(self) -> None:
@@ -357,32 +364,55 @@ class Scheduler:
             slot.tokens.clear()
             self.executor.forget(slot.index, 0)
 
-    def _plan(self) -> tuple[list[DecodeItem], list[_Sequence]]:
+    def _plan(self) -> tuple[list[DecodeItem], list[_Sequence], bool]:
+        """The next step: the running streams' tokens, then prompt chunks, oldest prompt first, as far
+        as the budget goes; and whether the chunks filled the room (a prompt token had to wait)."""
         items: list[DecodeItem] = []
         owners: list[_Sequence] = []
-        budget = self.n_batch
         for sequence in self._running:
             if sequence.pending is not None:
                 slot = self._slots[sequence.slot or 0]
                 items.append(DecodeItem(slot.index, [sequence.pending], len(slot.tokens), True))
                 owners.append(sequence)
-                budget -= 1
-        # One prompt per step, oldest first: prefill runs at the same tokens/s whether a step carries one
-        # prompt or four, so finishing them one after the other gives the first ones their first token
-        # sooner and keeps each step (the running streams' inter-token gap) short.
-        prefilling = next((s for s in self._running if s.pending is None), None)
-        if prefilling is not None and budget > 0:
-            chunk = prefilling.prompt[prefilling.prefilled : prefilling.prefilled + budget]
-            last = prefilling.prefilled + len(chunk) == len(prefilling.prompt)
-            items.append(DecodeItem(prefilling.slot or 0, chunk, prefilling.prefilled, last))
-            owners.append(prefilling)
-        return items, owners
+        room = self.budget.room(len(items))
+        # The oldest prompt is finished first, the next one starts in what its last chunk leaves over:
+        # the first ones get their first token sooner than if every prompt advanced a little each step.
+        for sequence in self._running:
+            if sequence.pending is not None:
+                continue
+            if room <= 0:
+                return items, owners, True
+            chunk = sequence.prompt[sequence.prefilled : sequence.prefilled + room]
+            last = sequence.prefilled + len(chunk) == len(sequence.prompt)
+            items.append(DecodeItem(sequence.slot or 0, chunk, sequence.prefilled, last))
+            owners.append(sequence)
+            room -= len(chunk)
+            if not last:
+                return items, owners, True
+        return items, owners, False
 
-    def _step(self, items: list[DecodeItem], owners: list[_Sequence]) -> list[int]:
-        """Worker thread: one forward pass, then a token for each item that asked for logits."""
+    def _step(self, items: list[DecodeItem], owners: list[_Sequence]) -> tuple[list[int], float]:
+        """Worker thread: one forward pass, then a token for each item that asked for logits; and the
+        seconds it all took (the step's share of every running stream's inter-token gap)."""
+        start = time.perf_counter()
         rows = self.executor.decode(items)
         wanted = [owner for item, owner in zip(items, owners, strict=True) if item.logits]
-        return [sample(row, s.params, s.rng, s.generated) for row, s in zip(rows, wanted, strict=True)]
+        tokens = [self._sample(row, s) for row, s in zip(rows, wanted, strict=True)]
+        return tokens, time.perf_counter() - start
+
+    def _sample(self, row: np.ndarray, sequence: _Sequence) -> int:
+        """The sequence's next token. While end tokens are banned (`ignore_eos`, or fewer than
+        `min_tokens` generated) a drawn end token is struck out and the draw repeated: the same as
+        drawing from the distribution without it (llama.cpp's server bans them with a logit bias)."""
+        params = sequence.params
+        token = sample(row, params, sequence.rng, sequence.generated)
+        if not (params.ignore_eos or len(sequence.generated) < params.min_tokens):
+            return token
+        row = row.copy()  # the executor's logits buffer stays as it was
+        while self.executor.is_end(token):
+            row[token] = -np.inf
+            token = sample(row, params, sequence.rng, sequence.generated)
+        return token
 
     def _apply(self, items: list[DecodeItem], owners: list[_Sequence], tokens: list[int]) -> None:
         sampled = iter(tokens)

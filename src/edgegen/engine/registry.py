@@ -219,6 +219,7 @@ class ModelRegistry:
                 executor,
                 max_num_seqs=llm.max_num_seqs,
                 n_batch=llm.n_batch,
+                itl_target_ms=llm.itl_target_ms,
                 max_waiting=llm.max_waiting,
                 observer=self._generation_observer,
             )

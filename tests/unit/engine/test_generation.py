@@ -9,6 +9,7 @@ assertion, here. The llama.cpp executor runs under the same scheduler in the end
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -325,3 +326,65 @@ async def test_a_cached_prefix_stays_while_the_pool_has_room(lm_scheduler) -> No
     await run(scheduler, [30, 31, 32, 33], 90)
     _, _, warm = await run(scheduler, list(range(1, 11)), 20)
     assert warm.usage.cached_tokens == 9  # all but the prompt's last token came from the cache
+
+
+async def test_ignore_eos_and_min_tokens_hold_the_end_token_back(lm_scheduler) -> None:
+    lm, scheduler = lm_scheduler
+    prompt = [8, 8, 8, 8, 2]
+    lm.ends_after[tuple(prompt[:4])] = len(prompt) + 2  # the model wants to end after 2 tokens
+    _, reason, plain = await run(scheduler, prompt, 40)
+    assert (reason, plain.usage.completion_tokens) == ("stop", 2)
+    held_back = SamplingParams(temperature=0, ignore_eos=True)
+    text, reason, held = await run(scheduler, prompt, 40, params=held_back)
+    assert (reason, held.usage.completion_tokens) == ("length", 40)
+    assert text == as_text(lm, reference(prompt, 40))  # the best token that is not the end, every time
+    _, reason, least = await run(scheduler, prompt, 40, params=SamplingParams(temperature=0, min_tokens=7))
+    assert (reason, least.usage.completion_tokens) == ("stop", 7)
+    sampled = SamplingParams(temperature=1.0, seed=3, ignore_eos=True)
+    _, reason, drawn = await run(scheduler, prompt, 30, params=sampled)
+    assert (reason, drawn.usage.completion_tokens) == ("length", 30)
+
+
+async def test_prompts_that_fit_one_step_are_prefilled_together(lm_scheduler) -> None:
+    lm, scheduler = lm_scheduler
+    prompts = [[i, i + 1, i + 2, i + 3, i + 4] for i in range(1, 4)]
+    results = await asyncio.gather(*(run(scheduler, p, 4) for p in prompts))
+    for prompt, (text, _, _) in zip(prompts, results, strict=True):
+        assert text == as_text(lm, reference(prompt, 4))
+    assert sorted(lm.steps[0]) == [(0, 5), (1, 5), (2, 5)]  # one step, three prompts (n_batch 64)
+
+
+class SlowLM(CountingLM):
+    """A step takes 2 ms plus 1 ms per token, as a compute-bound model's would (sleeping, so the
+    scheduler's thread hand-off and the test machine's load add to it, as they would in a node)."""
+
+    def decode(self, items: Sequence[DecodeItem]) -> list[np.ndarray]:
+        time.sleep(0.002 + 0.001 * sum(len(i.tokens) for i in items))
+        return super().decode(items)
+
+
+async def test_a_prompt_beside_running_streams_is_chunked_to_the_latency_target() -> None:
+    lm = SlowLM(n_ctx_seq=1024)
+    # 30 ms target: ~28 tokens a step; a lone prompt still takes the whole n_batch.
+    scheduler = Scheduler("toy", lm, max_num_seqs=4, n_batch=256, itl_target_ms=30)
+    scheduler.start()
+    try:
+        lone = list(range(1, 39)) * 5  # 190 tokens, nothing running: one step
+        await run(scheduler, lone, 1)
+        assert lm.steps[0] == [(0, 190)]
+        running = [scheduler.submit([k, 2, 3], GREEDY, max_tokens=600, stop=[], timeout_s=30) for k in (1, 2)]
+        for generation in running:
+            await generation.events().__anext__()
+        start = len(lm.steps)
+        long_prompt = list(range(2, 40)) * 5
+        text, _, _ = await run(scheduler, long_prompt, 3)
+        for generation in running:
+            generation.cancel()
+        assert text == as_text(lm, reference(long_prompt, 3))
+        mixed = [step for step in lm.steps[start:] if any(n > 1 for _, n in step)]
+        # ~190 prompt tokens at ≤ 28 a step, give or take what a loaded machine's sleeps teach the budget
+        assert len(mixed) >= 4
+        assert all(sum(n for _, n in step) <= 128 for step in mixed)
+        assert all(sum(1 for _, n in step if n == 1) == 2 for step in mixed)  # both streams in every step
+    finally:
+        await scheduler.close()
