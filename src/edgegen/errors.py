@@ -81,7 +81,11 @@ class RequestError(EdgegenError):
 
 
 class InvalidInput(RequestError):
-    pass
+    """`param`: the request field at fault, where there is one (OpenAI's error shape names it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PayloadTooLarge(RequestError):
@@ -180,13 +184,13 @@ def is_openai(path: str) -> bool:
     return path.startswith("/v1/")
 
 
-def error_body(message: str, status: int, openai: bool) -> bytes:
+def error_body(message: str, status: int, openai: bool, param: str | None = None) -> bytes:
     """`{"error": "..."}` (seed, KServe v2) or OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
     if not openai:
         return orjson.dumps({"error": message})
     kind = OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     code = "model_not_found" if status == 404 else None
-    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
 def validation_message(

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from edgegen.errors import (
     ClientGone,
     EdgegenError,
+    InvalidInput,
     Overloaded,
     error_body,
     is_openai,
@@ -43,7 +44,8 @@ def render(exc: EdgegenError, openai: bool = False) -> tuple[int, bytes, dict[st
         log.warning("request failed", extra={"status": status, "reason": exc.message})
     else:
         log.info("request refused", extra={"status": status, "reason": exc.message})
-    return status, error_body(exc.message, status, openai), headers
+    param = exc.param if isinstance(exc, InvalidInput) else None
+    return status, error_body(exc.message, status, openai, param), headers
 
 
 def error_response(

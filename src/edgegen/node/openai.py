@@ -11,15 +11,30 @@ Requests are checked before any work: strict JSON types (`"max_tokens": true`, `
 messages and `[llm] max_prompt_chars` characters of prompt. Rendering the chat and tokenizing it run in
 a worker thread (`Scheduler.render_chat`, `Scheduler.encode`), so a long prompt never stalls the event
 loop; a message's content is tokenized as plain text, never as control tokens (`engine/prompt.py`).
+
+Fields, beyond OpenAI's sampling ones:
+* `ignore_eos` and `min_tokens` (vLLM's and llama.cpp's extensions, which fixed-length benchmarks send):
+  end tokens are never sampled, or not before `min_tokens` tokens; a `min_tokens` over the request's
+  maximum is a 400. `top_k` and `repetition_penalty` are llama.cpp's.
+* On chat, `max_completion_tokens` wins over `max_tokens` when both are given, as on OpenAI.
+* `user` (at most 256 characters) and `metadata` (OpenAI's 16 short string pairs) only label the request
+  for the caller; they are checked and change nothing.
+* Fields OpenAI defines that this node does not implement (`NOT_IMPLEMENTED`: `logprobs`, `echo`, `tools`,
+  `response_format`, `n` > 1, `store`, …) are a 400 naming the field, never dropped in silence, unless
+  they hold the value that asks for nothing (null, false, `"none"`, `{"type": "text"}`), which clients
+  send by default.
+* Any other field is ignored, as OpenAI-compatible servers do, and its name logged (INFO), so a client
+  that expects something from it can be found in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import calendar
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -44,6 +59,7 @@ from edgegen.http.responses import json_response
 from edgegen.node.state import node_of
 from edgegen.security.auth import principal_of
 
+log = logging.getLogger("edgegen.openai")
 router = APIRouter(prefix="/v1", tags=["openai"])
 MAX_STOPS = 16
 # A stop string is held back token by token while the output could still become it: a long one would
@@ -52,6 +68,43 @@ MAX_STOP_CHARS = 256
 GENERATION_URLS = ("/v1/chat/completions", "/v1/completions")
 
 Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+MAX_USER_CHARS = 256
+# OpenAI's bounds on `metadata`.
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=16)
+]
+# The names of ignored fields a request's log line carries: a hostile body must not flood the log.
+MAX_LOGGED_FIELDS = 8
+MAX_LOGGED_NAME = 64
+
+
+def _one_of(*neutral: Any) -> Callable[[Any], bool]:
+    """A test that a value is one of `neutral`, type and all (`0` is not `false`, `1.0` is not `1`)."""
+    return lambda value: any(type(value) is type(n) and value == n for n in neutral)
+
+
+# Fields OpenAI defines that this node does not implement yet: what each asks for, and a test that a
+# value asks for nothing (what clients send by default), which passes. Implementing one removes its line.
+NOT_IMPLEMENTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    # `n` is a field too: its type and range are checked there, only n > 1 here.
+    "n": ("more than one choice (only n=1)", lambda n: type(n) is not int or n <= 1),
+    "logprobs": ("log probabilities", _one_of(None, False)),
+    "top_logprobs": ("log probabilities", _one_of(None, 0)),
+    "echo": ("echoing the prompt", _one_of(None, False)),
+    "best_of": ("choosing the best of several answers", _one_of(None, 1)),
+    "suffix": ("a suffix", _one_of(None, "")),
+    "logit_bias": ("logit bias", _one_of(None, {})),
+    "response_format": ("structured output", _one_of(None, {"type": "text"})),
+    "tools": ("tool calls", _one_of(None, [])),
+    "tool_choice": ("tool calls", _one_of(None, "none")),
+    "parallel_tool_calls": ("tool calls", _one_of(None, False)),
+    "functions": ("function calls", _one_of(None, [])),
+    "function_call": ("function calls", _one_of(None, "none")),
+    "prediction": ("predicted outputs", _one_of(None)),
+    "audio": ("audio output", _one_of(None)),
+    "modalities": ("output other than text", _one_of(None, ["text"])),
+    "store": ("storing completions", _one_of(None, False)),
+}
 
 
 def _limits(info: ValidationInfo) -> LlmSettings:
@@ -60,8 +113,9 @@ def _limits(info: ValidationInfo) -> LlmSettings:
 
 
 class _Params(BaseModel):
-    """What both endpoints share. Unknown fields are ignored, as OpenAI's own API does; known ones have
-    their JSON type exactly (strict: no `true` for a number, no `"0.5"` for a float)."""
+    """What both endpoints share. Unknown fields are ignored (`validate` logs their names and refuses
+    those in `NOT_IMPLEMENTED`); known ones have their JSON type exactly (strict: no `true` for a
+    number, no `"0.5"` for a float)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -76,16 +130,13 @@ class _Params(BaseModel):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
-    n: int = 1
+    n: Annotated[int, Field(ge=1)] = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    user: Annotated[str, Field(max_length=MAX_USER_CHARS)] | None = None
+    metadata: Metadata | None = None
 
     @field_validator("stop")
     @classmethod
@@ -93,6 +144,11 @@ class _Params(BaseModel):
         if isinstance(stop, list) and len(stop) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop sequences")
         return stop
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        """The most tokens the answer may have (None: the room the prompt leaves)."""
+        return self.max_tokens
 
     @property
     def stops(self) -> list[str]:
@@ -108,6 +164,8 @@ class _Params(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=self.seed if self.seed != -1 else None,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
         )
 
     @property
@@ -136,6 +194,11 @@ class Message(BaseModel):
 class ChatRequest(_Params):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        # OpenAI's newer name wins when a client sends both.
+        return self.max_completion_tokens or self.max_tokens
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -174,12 +237,45 @@ _P = TypeVar("_P", bound=_Params)
 
 
 def validate(model: type[_P], data: Any, limits: LlmSettings, at: tuple[str, ...] = ()) -> _P:
-    """A parsed JSON body as `model`, or InvalidInput naming the first thing wrong with it (its place
-    in the body, under `at`)."""
+    """A parsed JSON body as `model`, or InvalidInput naming the first thing wrong with it: its place in
+    the body, under `at`, and as the error's `param` the field it is in.
+
+    >>> validate(CompletionRequest, {"model": "m", "prompt": "hi", "echo": True}, LlmSettings())
+    Traceback (most recent call last):
+    edgegen.errors.InvalidInput: echo: this server does not support echoing the prompt
+    """
+    fields = data if isinstance(data, dict) else {}
+    _refuse_unimplemented(fields, at)
     try:
-        return model.model_validate(data, context=limits)
+        body = model.model_validate(data, context=limits)
     except ValidationError as exc:
-        raise InvalidInput(validation_message(exc.errors(), at)) from None
+        errors = exc.errors()
+        field = errors[0]["loc"][:1] if errors else ()
+        param = ".".join(str(part) for part in (*at, *field)) if field else None
+        raise InvalidInput(validation_message(errors, at), param=param) from None
+    most = body.max_new_tokens
+    if most is not None and body.min_tokens > most:
+        where = ".".join((*at, "min_tokens"))
+        raise InvalidInput(
+            f"{where}: {body.min_tokens} is more than the {most} tokens the answer may have", param=where
+        )
+    _log_ignored(model, fields)
+    return body
+
+
+def _refuse_unimplemented(data: dict[str, Any], at: tuple[str, ...]) -> None:
+    for name, (what, asks_nothing) in NOT_IMPLEMENTED.items():
+        if name in data and not asks_nothing(data[name]):
+            where = ".".join((*at, name))
+            raise InvalidInput(f"{where}: this server does not support {what}", param=where)
+
+
+def _log_ignored(model: type[_Params], data: dict[str, Any]) -> None:
+    """Log, once, the names of the fields `model` ignores in `data` (a bounded few, cut short)."""
+    ignored = [name for name in data if name not in model.model_fields and name not in NOT_IMPLEMENTED]
+    if ignored:
+        names = [name[:MAX_LOGGED_NAME] for name in ignored[:MAX_LOGGED_FIELDS]]
+        log.info("request fields ignored", extra={"fields": names, "count": len(ignored)})
 
 
 def validate_generation(
@@ -197,10 +293,8 @@ def text_request(body: ChatRequest | CompletionRequest) -> TextRequest:
     """What the inference service generates for `body`."""
     if isinstance(body, ChatRequest):
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
-        return TextRequest(
-            body.sampling, body.max_completion_tokens or body.max_tokens, body.stops, messages=messages
-        )
-    return TextRequest(body.sampling, body.max_tokens, body.stops, text=body.text)
+        return TextRequest(body.sampling, body.max_new_tokens, body.stops, messages=messages)
+    return TextRequest(body.sampling, body.max_new_tokens, body.stops, text=body.text)
 
 
 async def answer(
