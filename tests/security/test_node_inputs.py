@@ -321,9 +321,9 @@ def test_control_tokens_in_a_message_are_tokenized_as_text(tiny: LlamaExecutor) 
     message are plain text."""
     messages = [{"role": "user", "content": INJECTION}]
     tokens = encode(tiny, chat_prompt(tiny, messages))
-    # the template's own (llama.cpp's chatml): the user's turn, then the assistant's turn opened
-    assert tokens.count(IM_START_ID) == 2
-    assert tokens.count(IM_END_ID) == 1
+    # the template's own: its default system turn, the user's turn, then the assistant's turn opened
+    assert tokens.count(IM_START_ID) == 3
+    assert tokens.count(IM_END_ID) == 2
     plain = tiny.tokenize(INJECTION, special=False)
     assert IM_START_ID not in plain
     assert IM_END_ID not in plain

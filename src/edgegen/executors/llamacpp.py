@@ -22,8 +22,9 @@ import llama_cpp as llama
 import numpy as np
 
 from edgegen.config import KvType, LlmSettings
-from edgegen.errors import ExecutorError
+from edgegen.errors import ExecutorError, Unprocessable
 from edgegen.executors.base import DecodeItem
+from edgegen.executors.chat_template import ChatTemplate
 from edgegen.store.gguf import read_gguf
 from edgegen.store.gguf_hparams import check_language_model
 
@@ -144,6 +145,7 @@ class LlamaExecutor:
         self._batch = llama.llama_batch_init(self._batch_size, 0, 1)
         template = llama.llama_model_chat_template(self._model, None)
         self.chat_template: str | None = template.decode() if template else None
+        self._jinja = self._compile_chat_template()
         self._pieces: dict[int, bytes] = {}
 
     # -- text ----------------------------------------------------------------------------------------
@@ -172,11 +174,41 @@ class LlamaExecutor:
     def is_end(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self._vocab, token))
 
-    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
-        """The model's own chat template applied by llama.cpp, with the assistant's turn opened."""
+    def _vocab_text(self, token: int) -> str:
+        """A token's text as the vocabulary spells it (`<|im_start|>`); "" for no token (-1)."""
+        return "" if token < 0 else llama.llama_vocab_get_text(self._vocab, token).decode(errors="replace")
+
+    def _compile_chat_template(self) -> ChatTemplate | None:
+        """The model's chat template compiled for Jinja: None without one, or when it does not compile
+        (then llama.cpp's built-in rendering of the family it recognises stands in)."""
+        if self.chat_template is None:
+            return None
+        try:
+            return ChatTemplate(
+                self.chat_template,
+                bos_token=self._vocab_text(llama.llama_vocab_bos(self._vocab)),
+                eos_token=self._vocab_text(llama.llama_vocab_eos(self._vocab)),
+            )
+        except ExecutorError as exc:
+            log.warning("%s; llama.cpp's built-in template of its family is used instead", exc.message)
+            return None
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, object]], tools: Sequence[Mapping[str, object]] | None = None
+    ) -> str:
+        """The chat as the model's own Jinja chat template writes it, with the assistant's turn opened.
+
+        The template's text is the whole prompt: tokenized without llama.cpp's automatic BOS (`tokenize`),
+        so a template that writes `{{ bos_token }}` gets one BOS, and one that does not gets none, as with
+        transformers. Raises ExecutorError, InvalidInput (the template refused the chat), Unprocessable.
+        """
         if self.chat_template is None:
             raise ExecutorError("this model has no chat template; use /v1/completions")
-        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+        if self._jinja is not None:
+            return self._jinja.render(messages, tools=tools)
+        if tools:
+            raise Unprocessable("this model's chat template cannot be rendered with tools")
+        keep = [(str(m["role"]).encode(), str(m["content"]).encode()) for m in messages]
         chat = (llama.llama_chat_message * len(keep))(*[llama.llama_chat_message(r, c) for r, c in keep])
         template = self.chat_template.encode()
         size = sum(len(r) + len(c) for r, c in keep) * 2 + 256
