@@ -73,6 +73,7 @@ image: $(LLAMA_WHEELS)/.built
 bench: setup
 	$(BIN)/python bench/predict.py
 	$(BIN)/python bench/llm.py
+	$(BIN)/python bench/streams.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/security.py
 	$(BIN)/python bench/jobs.py
