@@ -70,8 +70,12 @@ def sample(
     if 0 < params.top_k < scores.shape[0]:
         candidates = np.argpartition(scores, -params.top_k)[-params.top_k :]
         scores = scores[candidates]
-    scaled = scores.astype(np.float32, copy=False) * np.float32(1.0 / params.temperature)
-    weights = np.exp(scaled - scaled.max())
+    scale = 1.0 / params.temperature
+    if scale > _MAX_SCALE:  # so cold that every weight but the heaviest underflows: the limit is argmax
+        best = int(np.argmax(scores))
+        return best if candidates is None else int(candidates[best])
+    # Shifted before it is scaled: the heaviest weighs exactly 1 and nothing overflows.
+    weights = np.exp((scores.astype(np.float32, copy=False) - scores.max()) * np.float32(scale))
     if params.top_p < 1.0:
         nucleus = _nucleus(weights, params.top_p)
         candidates = nucleus if candidates is None else candidates[nucleus]
@@ -100,6 +104,9 @@ def _nucleus(weights: np.ndarray, top_p: float) -> np.ndarray:
 
 # Weights are relative to the heaviest (1.0); the last floor takes every token.
 _FLOORS = (1e-3, 1e-6, 1e-12, 0.0)
+# The largest 1/temperature kept: past it float32 would overflow (a temperature under ~3e-39, which a
+# client may send: OpenAI's bound is only > 0).
+_MAX_SCALE = 1e38
 _BLOCK = 1024
 
 
