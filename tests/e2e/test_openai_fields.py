@@ -119,13 +119,9 @@ REFUSED = [
     ("chat", "tools", TOOLS),
     ("chat", "tool_choice", "required"),
     ("chat", "response_format", {"type": "json_object"}),
-    ("chat", "logprobs", True),
-    ("chat", "top_logprobs", 2),
     ("chat", "logit_bias", {"42": 10}),
     ("chat", "n", 2),
     ("chat", "store", True),
-    ("completions", "echo", True),
-    ("completions", "logprobs", 1),
     ("completions", "best_of", 2),
     ("completions", "suffix", "the end"),
 ]

@@ -48,6 +48,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from edgegen.engine.budget import StepBudget
+from edgegen.engine.logprobs import TokenLogprob, score
 from edgegen.engine.prompt import Prompt, chat_prompt, encode
 from edgegen.engine.sampling import SamplingParams, sample
 from edgegen.engine.text import TextStream
@@ -55,6 +56,9 @@ from edgegen.errors import DeadlineExceeded, EdgegenError, ExecutorError, Invali
 from edgegen.executors.base import DecodeItem, LlmExecutor
 
 log = logging.getLogger(__name__)
+# Prompt tokens an `echo` sequence prefills per step: llama.cpp keeps an output buffer of n_vocab floats
+# for each row a step returns (SmolLM2: 6 MB for 32 rows), and never shrinks it.
+ECHO_CHUNK = 32
 Arg = TypeVar("Arg")
 Result = TypeVar("Result")
 
@@ -76,6 +80,9 @@ class Event:
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length"
     error: EdgegenError | None = None
+    # With `logprobs`: the tokens generated since the last event, scored (their text may be in this
+    # event's or still held back, as for a stop string that might be starting)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -93,12 +100,16 @@ class _Sequence:
     deadline: float
     text: TextStream
     tenant: str
+    logprobs: int | None = None  # None: no scores; else how many alternatives each score lists
+    echo: bool = False  # score the prompt's tokens too (its cache is then computed, not reused)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     rng: np.random.Generator = field(init=False)
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the KV cache
     generated: list[int] = field(default_factory=list)
     pending: int | None = None  # sampled, not yet decoded into the cache
+    scores: list[TokenLogprob] = field(default_factory=list)  # scored, not yet in an event
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)  # with echo: prompt tokens 1, 2, …
     usage: Usage = field(default_factory=Usage)
     submitted: float = field(default_factory=time.perf_counter)
     last_token_at: float = 0.0
@@ -108,6 +119,15 @@ class _Sequence:
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.params.seed)
         self.usage.prompt_tokens = len(self.prompt)
+
+
+@dataclass
+class _Outcome:
+    """What one item of a decode step gave its sequence."""
+
+    token: int | None = None  # sampled: the prompt ended or the stream decoded in this step
+    score: TokenLogprob | None = None  # the sampled token's, with `logprobs`
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)  # with `echo`
 
 
 class Generation:
@@ -120,6 +140,16 @@ class Generation:
     @property
     def usage(self) -> Usage:
         return self._sequence.usage
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        return self._sequence.prompt
+
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprob]:
+        """With `echo`: the log probability of each prompt token but the first, complete once the
+        first event has come."""
+        return self._sequence.prompt_scores
 
     async def events(self) -> AsyncIterator[Event]:
         while True:
@@ -228,10 +258,14 @@ class Scheduler:
         stop: Sequence[str],
         timeout_s: float,
         tenant: str = "",
+        logprobs: int | None = None,
+        echo: bool = False,
     ) -> Generation:
         """Queue a generation. Raises InvalidInput when it cannot fit the context, Overloaded when full.
 
         `tenant` names whose cached prefixes the prompt may reuse: only those of the same tenant.
+        `logprobs`: score every generated token, with that many alternatives; `echo`: score the prompt's
+        tokens too. `max_tokens` 0 (with `echo`): the prompt is only scored.
         """
         if self._closed:
             raise Overloaded(f"model {self.model!r} was unloaded; retry shortly")
@@ -250,7 +284,7 @@ class Scheduler:
         if len(self._waiting) >= self.max_waiting:
             raise Overloaded(f"model {self.model!r} has {len(self._waiting)} requests waiting; retry shortly")
         sequence = _Sequence(
-            prompt, params, max_tokens, time.monotonic() + timeout_s, TextStream(stop), tenant
+            prompt, params, max_tokens, time.monotonic() + timeout_s, TextStream(stop), tenant, logprobs, echo
         )
         self._waiting.append(sequence)
         self.wake()
@@ -282,7 +316,7 @@ class Scheduler:
                 continue
             items, owners, filled = self._plan()
             try:
-                tokens, seconds = await loop.run_in_executor(self._pool, self._step, items, owners)
+                outcomes, seconds = await loop.run_in_executor(self._pool, self._step, items, owners)
             except Exception:
                 log.exception("decode step failed", extra={"model": self.model})
                 for sequence in list(self._running):
@@ -290,7 +324,7 @@ class Scheduler:
                     self._forget_slot(sequence)
                 continue
             self.budget.observe(sum(len(i.tokens) for i in items), seconds, filled=filled)
-            self._apply(items, owners, tokens)
+            self._apply(items, owners, outcomes)
 
     def _retire(self) -> None:
         """Drop cancelled and expired sequences, waiting or running; their slots become free."""
@@ -325,7 +359,7 @@ class Scheduler:
             own = [s for s in self._slots if s.tenant == sequence.tenant]
             donor = max(own, key=lambda s: common_prefix(s.tokens, sequence.prompt), default=None)
             common = common_prefix(donor.tokens, sequence.prompt) if donor is not None else 0
-            reuse = min(common, longest)
+            reuse = 0 if sequence.echo else min(common, longest)  # echo needs every prompt row
             if (
                 donor is not None
                 and donor.owner is None
@@ -382,23 +416,40 @@ class Scheduler:
                 continue
             if room <= 0:
                 return items, owners, True
-            chunk = sequence.prompt[sequence.prefilled : sequence.prefilled + room]
+            take = min(room, ECHO_CHUNK) if sequence.echo else room
+            chunk = sequence.prompt[sequence.prefilled : sequence.prefilled + take]
             last = sequence.prefilled + len(chunk) == len(sequence.prompt)
-            items.append(DecodeItem(sequence.slot or 0, chunk, sequence.prefilled, last))
+            scored = sequence.echo
+            items.append(DecodeItem(sequence.slot or 0, chunk, sequence.prefilled, last or scored, scored))
             owners.append(sequence)
+            if not last:  # the room is filled unless an echo chunk's bound stopped short of it
+                return items, owners, take == room
             room -= len(chunk)
-            if not last:
-                return items, owners, True
         return items, owners, False
 
-    def _step(self, items: list[DecodeItem], owners: list[_Sequence]) -> tuple[list[int], float]:
-        """Worker thread: one forward pass, then a token for each item that asked for logits; and the
-        seconds it all took (the step's share of every running stream's inter-token gap)."""
+    def _step(self, items: list[DecodeItem], owners: list[_Sequence]) -> tuple[list[_Outcome], float]:
+        """Worker thread: one forward pass, then what each item gave: the next token where a prompt
+        ended or a stream decoded, and scores where they were asked for; and the seconds it all took
+        (the step's share of every running stream's inter-token gap)."""
         start = time.perf_counter()
-        rows = self.executor.decode(items)
-        wanted = [owner for item, owner in zip(items, owners, strict=True) if item.logits]
-        tokens = [self._sample(row, s) for row, s in zip(rows, wanted, strict=True)]
-        return tokens, time.perf_counter() - start
+        rows = iter(self.executor.decode(items))
+        outcomes = []
+        for item, sequence in zip(items, owners, strict=True):
+            outcome = _Outcome()
+            outcomes.append(outcome)
+            if not item.logits:
+                continue
+            mine = [next(rows) for _ in item.tokens] if item.every else [next(rows)]
+            if item.every:  # the row at position p scores the prompt's token p + 1
+                top = sequence.logprobs or 0
+                ahead = sequence.prompt[item.pos + 1 : item.pos + 1 + len(mine)]
+                outcome.prompt_scores = [score(row, t, top) for row, t in zip(mine, ahead, strict=False)]
+            if sequence.pending is not None or item.pos + len(item.tokens) == len(sequence.prompt):
+                row = mine[-1]
+                outcome.token = self._sample(row, sequence)
+                if sequence.logprobs is not None:
+                    outcome.score = score(row, outcome.token, sequence.logprobs)
+        return outcomes, time.perf_counter() - start
 
     def _sample(self, row: np.ndarray, sequence: _Sequence) -> int:
         """The sequence's next token. While end tokens are banned (`ignore_eos`, or fewer than
@@ -414,41 +465,43 @@ class Scheduler:
             token = sample(row, params, sequence.rng, sequence.generated)
         return token
 
-    def _apply(self, items: list[DecodeItem], owners: list[_Sequence], tokens: list[int]) -> None:
-        sampled = iter(tokens)
+    def _apply(self, items: list[DecodeItem], owners: list[_Sequence], outcomes: list[_Outcome]) -> None:
         now = time.perf_counter()
-        for item, sequence in zip(items, owners, strict=True):
+        for item, sequence, outcome in zip(items, owners, outcomes, strict=True):
             slot = self._slots[item.seq]
             slot.tokens.extend(item.tokens)
             if sequence.pending is None:
                 sequence.prefilled += len(item.tokens)
-            if not item.logits:
-                continue
-            token = next(sampled)
-            if sequence.done:
+                sequence.prompt_scores += outcome.prompt_scores
+            if outcome.token is None or sequence.done:
                 continue
             if sequence.pending is None:
                 self._observe_first(sequence, now)
+                if sequence.max_tokens == 0:  # the prompt was only to be scored
+                    self._finish(sequence, reason="length")
+                    continue
             else:
                 self._observe_token(now - sequence.last_token_at)
             sequence.last_token_at = now
-            self._accept(sequence, slot, token)
+            self._accept(sequence, slot, outcome.token, outcome.score)
         self._observe_step(sum(len(i.tokens) for i in items))
 
-    def _accept(self, sequence: _Sequence, slot: _Slot, token: int) -> None:
+    def _accept(self, sequence: _Sequence, slot: _Slot, token: int, scored: TokenLogprob | None) -> None:
         if self.executor.is_end(token):
             sequence.pending = None
             self._finish(sequence, reason="stop")
             return
         sequence.generated.append(token)
         sequence.usage.completion_tokens = len(sequence.generated)
+        if scored is not None:
+            sequence.scores.append(scored)
         text = sequence.text.push(self.executor.piece(token))
         if sequence.text.stopped:
-            sequence.events.put_nowait(Event(text))
+            sequence.events.put_nowait(Event(text, logprobs=self._take_scores(sequence)))
             self._finish(sequence, reason="stop")
             return
         if text:
-            sequence.events.put_nowait(Event(text))
+            sequence.events.put_nowait(Event(text, logprobs=self._take_scores(sequence)))
         if len(sequence.generated) >= sequence.max_tokens or len(slot.tokens) + 1 >= self.executor.n_ctx_seq:
             self._finish(sequence, reason="length")
             return
@@ -463,13 +516,20 @@ class Scheduler:
         if error is not None:
             sequence.events.put_nowait(Event(error=error))
         elif reason is not None:
-            sequence.events.put_nowait(Event(sequence.text.finish(), finish_reason=reason))
+            sequence.events.put_nowait(
+                Event(sequence.text.finish(), finish_reason=reason, logprobs=self._take_scores(sequence))
+            )
         if sequence in self._running:
             self._running.remove(sequence)
         if sequence.slot is not None:
             slot = self._slots[sequence.slot]
             slot.owner = None
             slot.released_at = time.monotonic()
+
+    @staticmethod
+    def _take_scores(sequence: _Sequence) -> list[TokenLogprob]:
+        scores, sequence.scores = sequence.scores, []
+        return scores
 
     def _forget_slot(self, sequence: _Sequence) -> None:
         if sequence.slot is not None:

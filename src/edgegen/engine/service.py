@@ -59,6 +59,8 @@ class TextRequest:
     stops: Sequence[str] = ()
     messages: Sequence[Mapping[str, str]] | None = None
     text: str = ""
+    logprobs: int | None = None  # score the answer's tokens, with this many alternatives each
+    echo: bool = False  # score the prompt's tokens too; max_tokens 0: only them
 
 
 class Replay:
@@ -191,7 +193,9 @@ class InferenceService:
             return generation_key(owner, model, tag, prompt, fields, request.max_tokens, n_ctx, request.stops)
 
         deterministic = params.greedy or params.seed is not None
-        ticket = self._ticket(caller, served, key, deterministic=deterministic)
+        # The cache keeps text, not scores: a request for scores is always computed.
+        scored = request.logprobs is not None or request.echo
+        ticket = None if scored else self._ticket(caller, served, key, deterministic=deterministic)
         if ticket is not None and (cached := self._lookup(ticket)) is not None:
             return Replay(cached), ticket.headers
         tokens = await scheduler.encode(prompt)
@@ -203,6 +207,8 @@ class InferenceService:
             stop=request.stops,
             timeout_s=self.generation_timeout_s,
             tenant=caller.principal.owner,
+            logprobs=request.logprobs,
+            echo=request.echo,
         )
         if ticket is None:
             return generation, {}

@@ -39,13 +39,15 @@ class DecodeItem:
     tokens: Sequence[int]
     pos: int
     logits: bool  # whether the step must return logits for the last of these tokens
+    every: bool = False  # with `logits`: a row for each of these tokens (scoring a prompt), not the last only
 
 
 class LlmExecutor(Protocol):
     """A language model with a KV cache holding several sequences (slots 0 … n_seq-1).
 
     `decode` runs one batched forward pass over a mix of prompt chunks and single decode tokens and
-    returns one row of logits (n_vocab,) per item that asked for them, in item order. The rows are
+    returns one row of logits (n_vocab,) per item that asked for them (one per token of an item with
+    `every`), in item and token order. The rows are
     valid until the next call. The engine never calls two methods at once, except `tokenize` and
     `render_chat`, which read the vocabulary only and may run in other threads beside any call but `close`.
     """

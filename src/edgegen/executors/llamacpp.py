@@ -6,8 +6,8 @@ MB (`kv_budget_mb`; by default min(32 MB, RAM/32), the RAM being the container's
 and the cache's element type (`kv_type`): the memory is allocated, and touched, when the context is made,
 so it is what the node holds whether the sequences use it or not. A decode step is one `llama_decode` over
 a `llama_batch` that mixes prompt chunks and single tokens of several sequences; logits are requested
-only where the scheduler will sample. The ctypes calls release the GIL, so a decode in a worker thread
-leaves the event loop free.
+only where the scheduler samples or scores a prompt (`echo`). The ctypes calls release the GIL, so a
+decode in a worker thread leaves the event loop free.
 """
 
 from __future__ import annotations
@@ -234,11 +234,11 @@ class LlamaExecutor:
                 batch.pos[n] = item.pos + offset
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = item.seq
-                last = offset == len(item.tokens) - 1
-                batch.logits[n] = bool(item.logits and last)
+                wanted = item.logits and (item.every or offset == len(item.tokens) - 1)
+                batch.logits[n] = wanted
+                if wanted:
+                    outputs.append(n)
                 n += 1
-            if item.logits:
-                outputs.append(n - 1)
         batch.n_tokens = n
         status = llama.llama_decode(self._ctx, batch)
         if status != 0:

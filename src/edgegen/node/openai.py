@@ -19,8 +19,11 @@ Fields, beyond OpenAI's sampling ones:
 * On chat, `max_completion_tokens` wins over `max_tokens` when both are given, as on OpenAI.
 * `user` (at most 256 characters) and `metadata` (OpenAI's 16 short string pairs) only label the request
   for the caller; they are checked and change nothing.
-* Fields OpenAI defines that this node does not implement (`NOT_IMPLEMENTED`: `logprobs`, `echo`, `tools`,
-  `response_format`, `n` > 1, `store`, …) are a 400 naming the field, never dropped in silence, unless
+* `logprobs` (chat: with `top_logprobs` alternatives; completions: a count, and `echo` to score the
+  prompt too, `max_tokens` 0 to score it only): the model's own log probabilities
+  (`node/openai_logprobs.py`); such a request is never answered from the response cache.
+* Fields OpenAI defines that this node does not implement (`NOT_IMPLEMENTED`: `tools`, `response_format`,
+  `n` > 1, `store`, …) are a 400 naming the field, never dropped in silence, unless
   they hold the value that asks for nothing (null, false, `"none"`, `{"type": "text"}`), which clients
   send by default.
 * Any other field is ignored, as OpenAI-compatible servers do, and its name logged (INFO), so a client
@@ -35,6 +38,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -51,11 +55,15 @@ from pydantic import (
 from starlette.responses import Response, StreamingResponse
 
 from edgegen.config import LlmSettings
+from edgegen.engine.generation import Event, Generation
+from edgegen.engine.logprobs import TokenLogprob
+from edgegen.engine.registry import ServedModel
 from edgegen.engine.sampling import SamplingParams
 from edgegen.engine.service import Caller, InferenceService, Replay, Source, TextRequest, caller_of
 from edgegen.errors import ClientGone, InvalidInput, validation_message
 from edgegen.http.bodies import parse_json
 from edgegen.http.responses import json_response
+from edgegen.node.openai_logprobs import LogprobWriter, merge_completion
 from edgegen.node.state import node_of
 from edgegen.security.auth import principal_of
 
@@ -88,9 +96,6 @@ def _one_of(*neutral: Any) -> Callable[[Any], bool]:
 NOT_IMPLEMENTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     # `n` is a field too: its type and range are checked there, only n > 1 here.
     "n": ("more than one choice (only n=1)", lambda n: type(n) is not int or n <= 1),
-    "logprobs": ("log probabilities", _one_of(None, False)),
-    "top_logprobs": ("log probabilities", _one_of(None, 0)),
-    "echo": ("echoing the prompt", _one_of(None, False)),
     "best_of": ("choosing the best of several answers", _one_of(None, 1)),
     "suffix": ("a suffix", _one_of(None, "")),
     "logit_bias": ("logit bias", _one_of(None, {})),
@@ -120,7 +125,7 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
-    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0: only with echo (completions)
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
@@ -149,6 +154,21 @@ class _Params(BaseModel):
     def max_new_tokens(self) -> int | None:
         """The most tokens the answer may have (None: the room the prompt leaves)."""
         return self.max_tokens
+
+    @property
+    def scores(self) -> int | None:
+        """Alternatives each token's log probability lists; None: no log probabilities."""
+        return None
+
+    @property
+    def echoed(self) -> bool:
+        return False
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> _Params:
+        if self.max_new_tokens == 0 and not self.echoed:
+            raise ValueError("max_tokens 0 asks for nothing (it is accepted with echo, to score the prompt)")
+        return self
 
     @property
     def stops(self) -> list[str]:
@@ -191,9 +211,24 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat
+
+
 class ChatRequest(_Params):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    @property
+    def scores(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -217,6 +252,16 @@ class ChatRequest(_Params):
 
 class CompletionRequest(_Params):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    echo: bool = False
+
+    @property
+    def scores(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def echoed(self) -> bool:
+        return self.echo
 
     @property
     def text(self) -> str:
@@ -293,8 +338,14 @@ def text_request(body: ChatRequest | CompletionRequest) -> TextRequest:
     """What the inference service generates for `body`."""
     if isinstance(body, ChatRequest):
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
-        return TextRequest(body.sampling, body.max_new_tokens, body.stops, messages=messages)
-    return TextRequest(body.sampling, body.max_new_tokens, body.stops, text=body.text)
+        return TextRequest(
+            body.sampling, body.max_new_tokens, body.stops, messages=messages, logprobs=body.scores
+        )
+    # The prompt is scored only when its scores are asked for; its text is echoed here either way.
+    echo = body.echo and body.logprobs is not None
+    return TextRequest(
+        body.sampling, body.max_new_tokens, body.stops, text=body.text, logprobs=body.logprobs, echo=echo
+    )
 
 
 async def answer(
@@ -304,10 +355,10 @@ async def answer(
     served = service.generator(caller, body.model)
     generation, _ = await service.generate(caller, served, text_request(body))
     try:
-        text, reason = await _whole_text(generation)
+        whole = await _whole_text(generation)
     finally:
         generation.cancel()
-    return _whole(body, _head(body), text, reason, generation)
+    return _Answer(body, _writer(served), generation).whole(_head(body), whole)
 
 
 def _usage(generation: Source) -> dict[str, Any]:
@@ -325,19 +376,27 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def _whole_text(generation: Source) -> tuple[str, str]:
-    """The generation's whole text and finish reason."""
-    parts, reason = [], "stop"
+@dataclass
+class _Whole:
+    text: str
+    finish_reason: str
+    scores: list[TokenLogprob]
+
+
+async def _whole_text(generation: Source) -> _Whole:
+    """The generation's whole text, finish reason and (with logprobs) its tokens' scores."""
+    parts, reason, scores = [], "stop", []
     async for event in generation.events():
         parts.append(event.text)
+        scores += event.logprobs
         reason = event.finish_reason or reason
-    return "".join(parts), reason
+    return _Whole("".join(parts), reason, scores)
 
 
-async def _collect(request: Request, generation: Source) -> tuple[str, str]:
-    """The whole text and finish reason; cancels the generation if the client leaves first."""
+async def _collect(request: Request, generation: Source) -> _Whole:
+    """The whole answer; cancels the generation if the client leaves first."""
     if isinstance(generation, Replay):
-        return generation.text, generation.finish_reason
+        return _Whole(generation.text, generation.finish_reason, [])
     work = asyncio.ensure_future(_whole_text(generation))
     gone = asyncio.ensure_future(_until_disconnected(request))
     try:
@@ -360,17 +419,20 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-async def _stream(
-    generation: Source, head: dict[str, Any], piece: Any, include_usage: bool
-) -> AsyncIterator[bytes]:
+async def _stream(answer: _Answer, head: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
     """SSE chunks; leaving early (the client went away) cancels the generation."""
+    generation = answer.generation
     try:
-        first = piece(None, None, first=True)
-        if first is not None:
-            yield _sse({**head, "choices": [first]})
+        opening = answer.opening()
+        if opening is not None:
+            yield _sse({**head, "choices": [opening]})
+        first = True
         async for event in generation.events():
-            if event.text or event.finish_reason:
-                yield _sse({**head, "choices": [piece(event.text, event.finish_reason, first=False)]})
+            if first and (echo := answer.echo()) is not None:  # the prompt's scores are complete now
+                yield _sse({**head, "choices": [echo]})
+            first = False
+            if event.text or event.finish_reason or event.logprobs:
+                yield _sse({**head, "choices": [answer.piece(event)]})
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(generation)})
         yield _sse("[DONE]")
@@ -414,13 +476,16 @@ async def _generate(request: Request, body: ChatRequest | CompletionRequest) -> 
     request.state.model = body.model
     generation, headers = await service.generate(caller, served, text_request(body))
     head = _head(body)
+    answer = _Answer(body, _writer(served), generation)
     if body.stream:
-        chat = isinstance(body, ChatRequest)
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        piece = _chat_piece if chat else _text_piece
-        return _sse_response(generation, {**head, "object": kind}, piece, body.include_usage, headers)
-    text, reason = await _collect(request, generation)
-    return json_response(_whole(body, head, text, reason, generation), headers=headers)
+        kind = "chat.completion.chunk" if isinstance(body, ChatRequest) else "text_completion"
+        return _sse_response(answer, {**head, "object": kind}, body.include_usage, headers)
+    whole = await _collect(request, generation)
+    return json_response(answer.whole(head, whole), headers=headers)
+
+
+def _writer(served: ServedModel) -> LogprobWriter | None:
+    return LogprobWriter(served.scheduler.executor.piece) if served.scheduler is not None else None
 
 
 def _head(body: ChatRequest | CompletionRequest) -> dict[str, Any]:
@@ -428,35 +493,88 @@ def _head(body: ChatRequest | CompletionRequest) -> dict[str, Any]:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
 
 
-def _whole(
-    body: ChatRequest | CompletionRequest, head: dict[str, Any], text: str, reason: str, generation: Source
-) -> dict[str, Any]:
-    """The answer that is not streamed: the whole text, why it ended, and the tokens it took."""
-    if isinstance(body, ChatRequest):
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
-        return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(generation)}
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-    return {**head, "object": "text_completion", "choices": [choice], "usage": _usage(generation)}
+class _Answer:
+    """The answer's JSON for one request: whole, or chunk by chunk (a stream keeps its text offset)."""
 
+    def __init__(
+        self, body: ChatRequest | CompletionRequest, writer: LogprobWriter | None, generation: Source
+    ):
+        self.body = body
+        self.writer = writer
+        self.generation = generation
+        self.chat = isinstance(body, ChatRequest)
+        self._offset = 0  # characters of completion text sent so far
 
-def _chat_piece(text: str | None, reason: str | None, *, first: bool) -> dict[str, Any] | None:
-    if first:
-        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-    return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason}
+    def whole(self, head: dict[str, Any], whole: _Whole) -> dict[str, Any]:
+        """The answer that is not streamed: the whole text, why it ended, and the tokens it took."""
+        usage = _usage(self.generation)
+        if self.chat:
+            message = {"role": "assistant", "content": whole.text}
+            choice = {
+                "index": 0,
+                "message": message,
+                "finish_reason": whole.finish_reason,
+                "logprobs": self._chat_logprobs(whole.scores),
+            }
+            return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+        echo = self.echo()
+        text = (echo["text"] if echo else "") + whole.text
+        logprobs = self._text_logprobs(whole.scores)
+        if echo is not None and logprobs is not None:
+            logprobs = merge_completion([echo["logprobs"], logprobs])
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": whole.finish_reason}
+        return {**head, "object": "text_completion", "choices": [choice], "usage": usage}
 
+    def opening(self) -> dict[str, Any] | None:
+        """A stream's first chunk, before any token: chat's assistant role."""
+        if not self.chat:
+            return None
+        return {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
 
-def _text_piece(text: str | None, reason: str | None, *, first: bool) -> dict[str, Any] | None:
-    if first:
-        return None
-    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+    def echo(self) -> dict[str, Any] | None:
+        """With echo (completions): the prompt as a piece of the answer, scored when scores were asked for."""
+        body = self.body
+        if not isinstance(body, CompletionRequest) or not body.echo:
+            return None
+        logprobs = None
+        if body.logprobs is not None and self.writer is not None and isinstance(self.generation, Generation):
+            prompt = self.generation.prompt_tokens
+            logprobs = self.writer.completion(self.generation.prompt_logprobs, 0, first=prompt[0])
+        self._offset = len(body.text)
+        return {"index": 0, "text": body.text, "logprobs": logprobs, "finish_reason": None}
+
+    def piece(self, event: Event) -> dict[str, Any]:
+        """One streamed chunk's choice: the event's text, its tokens' scores, and why it ended."""
+        if self.chat:
+            delta = {"content": event.text} if event.text else {}
+            logprobs = self._chat_logprobs(event.logprobs)
+            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}
+        logprobs = self._text_logprobs(event.logprobs)
+        return {"index": 0, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
+
+    def _chat_logprobs(self, scores: list[TokenLogprob]) -> dict[str, Any] | None:
+        if self.body.scores is None or self.writer is None:
+            return None
+        return self.writer.chat(scores)
+
+    def _text_logprobs(self, scores: list[TokenLogprob]) -> dict[str, Any] | None:
+        if self.body.scores is None or self.writer is None:
+            return None
+        logprobs = self.writer.completion(scores, self._offset)
+        self._offset += sum(len(token) for token in logprobs["tokens"])
+        return logprobs
 
 
 def _sse_response(
-    generation: Source, head: dict[str, Any], piece: Any, include_usage: bool, headers: dict[str, str]
+    answer: _Answer, head: dict[str, Any], include_usage: bool, headers: dict[str, str]
 ) -> Response:
     return StreamingResponse(
-        _stream(generation, head, piece, include_usage),
+        _stream(answer, head, include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
     )

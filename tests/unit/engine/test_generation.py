@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pytest
 
-from edgegen.engine.generation import Generation, Scheduler
+from edgegen.engine.generation import ECHO_CHUNK, Generation, Scheduler
+from edgegen.engine.logprobs import score
 from edgegen.engine.sampling import SamplingParams
 from edgegen.errors import DeadlineExceeded, InvalidInput, Overloaded
 from edgegen.executors.base import DecodeItem
@@ -66,11 +67,16 @@ class CountingLM:
             held = sum(len(c) for c in self.kv.values())  # llama.cpp's decode fails when its pool is full
             assert held <= self.n_cells, f"{held} cells in a pool of {self.n_cells}"
             if item.logits:
-                row = np.zeros(VOCAB, np.float32)
-                row[next_token(cache)] = 5.0
-                row[END] = 10.0 if len(cache) >= self.ends_after.get(tuple(cache[:4]), 10**9) else -10.0
-                rows.append(row)
+                first = len(cache) - len(item.tokens) + 1 if item.every else len(cache)
+                rows += [self.row(cache[:end]) for end in range(first, len(cache) + 1)]
         return rows
+
+    def row(self, context: list[int]) -> np.ndarray:
+        """The logits after `context`: its next token far ahead, the end token when its time has come."""
+        row = np.zeros(VOCAB, np.float32)
+        row[next_token(context)] = 5.0
+        row[END] = 10.0 if len(context) >= self.ends_after.get(tuple(context[:4]), 10**9) else -10.0
+        return row
 
     def forget(self, seq: int, start: int) -> None:
         del self.kv[seq][start:]
@@ -388,3 +394,36 @@ async def test_a_prompt_beside_running_streams_is_chunked_to_the_latency_target(
         assert all(sum(1 for _, n in step if n == 1) == 2 for step in mixed)  # both streams in every step
     finally:
         await scheduler.close()
+
+
+async def test_logprobs_score_each_token_from_the_models_own_row(lm_scheduler) -> None:
+    lm, scheduler = lm_scheduler
+    prompt = [1 + i % (VOCAB - 2) for i in range(77)]  # an echo prompt is scored in chunks of ECHO_CHUNK
+    await run(scheduler, prompt[:40], 2)  # a cached prefix the echo request must not reuse
+    start = len(lm.steps)
+    generation = scheduler.submit(prompt, GREEDY, max_tokens=6, stop=[], timeout_s=10, logprobs=2, echo=True)
+    scores = [s async for event in generation.events() for s in event.logprobs]
+    answer = reference(prompt, 6)
+    assert [s.token for s in scores] == answer
+    context = list(prompt)
+    for scored in scores:
+        assert scored.logprob == pytest.approx(score(lm.row(context), scored.token, 2).logprob)
+        assert scored.top[0][0] == next_token(context)
+        assert len(scored.top) == 2
+        context.append(scored.token)
+    assert generation.usage.cached_tokens == 0
+    assert [s.token for s in generation.prompt_logprobs] == prompt[1:]
+    for i, scored in enumerate(generation.prompt_logprobs):
+        assert scored.logprob == pytest.approx(score(lm.row(prompt[: i + 1]), prompt[i + 1], 2).logprob)
+    assert max(n for step in lm.steps[start:] for _, n in step) <= ECHO_CHUNK
+
+
+async def test_max_tokens_zero_only_scores_the_prompt(lm_scheduler) -> None:
+    _lm, scheduler = lm_scheduler
+    prompt = [4, 9, 2, 7]
+    generation = scheduler.submit(prompt, GREEDY, max_tokens=0, stop=[], timeout_s=10, logprobs=0, echo=True)
+    events = [event async for event in generation.events()]
+    assert [(e.text, e.finish_reason) for e in events] == [("", "length")]
+    assert generation.usage.completion_tokens == 0
+    assert [s.token for s in generation.prompt_logprobs] == prompt[1:]
+    assert all(s.top == () for s in generation.prompt_logprobs)

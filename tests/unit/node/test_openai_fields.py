@@ -40,11 +40,6 @@ def refusal(url: str, body: dict[str, Any]) -> InvalidInput:
 # What each field OpenAI defines and this node does not implement looks like when a client asks for it.
 ASKING = [
     ("n", 2),
-    ("logprobs", True),
-    ("logprobs", 0),  # on completions, 0 asks for the chosen tokens' log probabilities
-    ("logprobs", 5),
-    ("top_logprobs", 3),
-    ("echo", True),
     ("best_of", 3),
     ("suffix", "and then"),
     ("logit_bias", {"50256": -100}),
@@ -67,12 +62,6 @@ ASKING = [
 # The values that ask for nothing, which clients send by default: they pass.
 NEUTRAL = [
     ("n", 1),
-    ("logprobs", None),
-    ("logprobs", False),
-    ("top_logprobs", None),
-    ("top_logprobs", 0),
-    ("echo", None),
-    ("echo", False),
     ("best_of", None),
     ("best_of", 1),
     ("suffix", None),
@@ -127,7 +116,9 @@ def test_every_refused_field_is_tested() -> None:
 @pytest.mark.parametrize("value", [1, 0.0, "false", [], {}])
 def test_a_neutral_value_of_another_type_asks_for_something(value: object) -> None:
     """`false` and `0` compare equal in Python; only the value itself passes, type and all."""
-    assert refusal(COMPLETIONS_URL, {**COMPLETION, "echo": value}).param == "echo"
+    assert (
+        refusal(COMPLETIONS_URL, {**COMPLETION, "parallel_tool_calls": value}).param == "parallel_tool_calls"
+    )
 
 
 def test_a_job_body_names_the_field_under_body() -> None:
