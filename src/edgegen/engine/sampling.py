@@ -74,8 +74,10 @@ def sample(
     if scale > _MAX_SCALE:  # so cold that every weight but the heaviest underflows: the limit is argmax
         best = int(np.argmax(scores))
         return best if candidates is None else int(candidates[best])
-    # Shifted before it is scaled: the heaviest weighs exactly 1 and nothing overflows.
-    weights = np.exp((scores.astype(np.float32, copy=False) - scores.max()) * np.float32(scale))
+    # Shifted before it is scaled: the heaviest weighs exactly 1. At a temperature near float32's limit a
+    # light token's scaled logit overflows to -inf: its weight is 0, which is what it is.
+    with np.errstate(over="ignore"):
+        weights = np.exp((scores.astype(np.float32, copy=False) - scores.max()) * np.float32(scale))
     if params.top_p < 1.0:
         nucleus = _nucleus(weights, params.top_p)
         candidates = nucleus if candidates is None else candidates[nucleus]
