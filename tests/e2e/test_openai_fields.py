@@ -118,7 +118,6 @@ def test_min_tokens_over_max_tokens_is_refused_with_both_numbers(
 REFUSED = [
     ("chat", "tools", TOOLS),
     ("chat", "tool_choice", "required"),
-    ("chat", "response_format", {"type": "json_object"}),
     ("chat", "logit_bias", {"42": 10}),
     ("chat", "n", 2),
     ("chat", "store", True),

@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -53,7 +53,7 @@ from edgegen.engine.prompt import Prompt, chat_prompt, encode
 from edgegen.engine.sampling import SamplingParams, sample
 from edgegen.engine.text import TextStream
 from edgegen.errors import DeadlineExceeded, EdgegenError, ExecutorError, InvalidInput, Overloaded
-from edgegen.executors.base import DecodeItem, LlmExecutor
+from edgegen.executors.base import DecodeItem, Grammar, LlmExecutor
 
 log = logging.getLogger(__name__)
 # Prompt tokens an `echo` sequence prefills per step: llama.cpp keeps an output buffer of n_vocab floats
@@ -102,6 +102,7 @@ class _Sequence:
     tenant: str
     logprobs: int | None = None  # None: no scores; else how many alternatives each score lists
     echo: bool = False  # score the prompt's tokens too (its cache is then computed, not reused)
+    grammar: Grammar | None = None  # what the answer must be (JSON of a schema); None: free text
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     rng: np.random.Generator = field(init=False)
     slot: int | None = None
@@ -183,6 +184,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _json_grammar(executor: LlmExecutor, schema: Mapping[str, Any] | None) -> Grammar:
+    return executor.json_grammar(schema)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -243,6 +248,11 @@ class Scheduler:
         """The prompt's token ids, tokenized off the event loop: a long prompt takes a while."""
         return await self._off_loop(encode, prompt)
 
+    async def json_grammar(self, schema: Mapping[str, Any] | None) -> Grammar:
+        """The grammar of JSON valid under `schema` (None: any object), built off the event loop: a
+        schema's conversion and the grammar's compilation take milliseconds. Raises InvalidInput."""
+        return await self._off_loop(_json_grammar, schema)
+
     async def _off_loop(self, work: Callable[[LlmExecutor, Arg], Result], arg: Arg) -> Result:
         if self._closed:
             raise Overloaded(f"model {self.model!r} was unloaded; retry shortly")
@@ -260,12 +270,14 @@ class Scheduler:
         tenant: str = "",
         logprobs: int | None = None,
         echo: bool = False,
+        grammar: Grammar | None = None,
     ) -> Generation:
         """Queue a generation. Raises InvalidInput when it cannot fit the context, Overloaded when full.
 
         `tenant` names whose cached prefixes the prompt may reuse: only those of the same tenant.
         `logprobs`: score every generated token, with that many alternatives; `echo`: score the prompt's
-        tokens too. `max_tokens` 0 (with `echo`): the prompt is only scored.
+        tokens too. `max_tokens` 0 (with `echo`): the prompt is only scored. `grammar` (from
+        `json_grammar`): every token drawn is one it allows, and the answer ends only where it may.
         """
         if self._closed:
             raise Overloaded(f"model {self.model!r} was unloaded; retry shortly")
@@ -284,7 +296,15 @@ class Scheduler:
         if len(self._waiting) >= self.max_waiting:
             raise Overloaded(f"model {self.model!r} has {len(self._waiting)} requests waiting; retry shortly")
         sequence = _Sequence(
-            prompt, params, max_tokens, time.monotonic() + timeout_s, TextStream(stop), tenant, logprobs, echo
+            prompt,
+            params,
+            max_tokens,
+            time.monotonic() + timeout_s,
+            TextStream(stop),
+            tenant,
+            logprobs,
+            echo,
+            grammar,
         )
         self._waiting.append(sequence)
         self.wake()
@@ -452,17 +472,26 @@ class Scheduler:
         return outcomes, time.perf_counter() - start
 
     def _sample(self, row: np.ndarray, sequence: _Sequence) -> int:
-        """The sequence's next token. While end tokens are banned (`ignore_eos`, or fewer than
-        `min_tokens` generated) a drawn end token is struck out and the draw repeated: the same as
-        drawing from the distribution without it (llama.cpp's server bans them with a logit bias)."""
-        params = sequence.params
+        """The sequence's next token.
+
+        With a grammar, a drawn token it refuses sends the draw to the row it constrains (the same as
+        drawing from that row: `executors/llama_grammar.py`), and the grammar takes the token. While
+        end tokens are banned (`ignore_eos`, or fewer than `min_tokens` generated) a drawn end token is
+        struck out and the draw repeated: the same as drawing from the distribution without it
+        (llama.cpp's server bans them with a logit bias). The executor's logits buffer is never written.
+        """
+        params, grammar = sequence.params, sequence.grammar
         token = sample(row, params, sequence.rng, sequence.generated)
-        if not (params.ignore_eos or len(sequence.generated) < params.min_tokens):
-            return token
-        row = row.copy()  # the executor's logits buffer stays as it was
-        while self.executor.is_end(token):
-            row[token] = -np.inf
+        if grammar is not None and not grammar.allows(token):
+            row = grammar.constrain(row)
             token = sample(row, params, sequence.rng, sequence.generated)
+        if params.ignore_eos or len(sequence.generated) < params.min_tokens:
+            row = row.copy()
+            while self.executor.is_end(token):
+                row[token] = -np.inf
+                token = sample(row, params, sequence.rng, sequence.generated)
+        if grammar is not None:
+            grammar.accept(token)
         return token
 
     def _apply(self, items: list[DecodeItem], owners: list[_Sequence], outcomes: list[_Outcome]) -> None:

@@ -61,6 +61,8 @@ class TextRequest:
     text: str = ""
     logprobs: int | None = None  # score the answer's tokens, with this many alternatives each
     echo: bool = False  # score the prompt's tokens too; max_tokens 0: only them
+    json: bool = False  # the answer is JSON: an object, or valid under `schema`
+    schema: Mapping[str, Any] | None = None
 
 
 class Replay:
@@ -189,7 +191,9 @@ class InferenceService:
         params = request.params
 
         def key(owner: str, model: str, tag: str) -> bytes:
-            fields = asdict(params)
+            fields: dict[str, Any] = asdict(params)
+            if request.json:
+                fields["json"] = request.schema or True
             return generation_key(owner, model, tag, prompt, fields, request.max_tokens, n_ctx, request.stops)
 
         deterministic = params.greedy or params.seed is not None
@@ -198,6 +202,7 @@ class InferenceService:
         ticket = None if scored else self._ticket(caller, served, key, deterministic=deterministic)
         if ticket is not None and (cached := self._lookup(ticket)) is not None:
             return Replay(cached), ticket.headers
+        grammar = await scheduler.json_grammar(request.schema) if request.json else None
         tokens = await scheduler.encode(prompt)
         budget = request.max_tokens if request.max_tokens is not None else max(n_ctx - len(tokens), 1)
         generation = scheduler.submit(
@@ -209,6 +214,7 @@ class InferenceService:
             tenant=caller.principal.owner,
             logprobs=request.logprobs,
             echo=request.echo,
+            grammar=grammar,
         )
         if ticket is None:
             return generation, {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -42,6 +42,19 @@ class DecodeItem:
     every: bool = False  # with `logits`: a row for each of these tokens (scoring a prompt), not the last only
 
 
+class Grammar(Protocol):
+    """Which tokens may come next in a constrained answer (JSON of a schema), as it grows token by token.
+    Used by the decode thread only."""
+
+    def allows(self, token: int) -> bool: ...
+
+    def constrain(self, row: np.ndarray) -> np.ndarray:
+        """A copy of one row of logits with every token that may not come next at -inf."""
+        ...
+
+    def accept(self, token: int) -> None: ...
+
+
 class LlmExecutor(Protocol):
     """A language model with a KV cache holding several sequences (slots 0 … n_seq-1).
 
@@ -66,6 +79,11 @@ class LlmExecutor(Protocol):
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str: ...
 
     def decode(self, items: Sequence[DecodeItem]) -> list[np.ndarray]: ...
+
+    def json_grammar(self, schema: Mapping[str, Any] | None) -> Grammar:
+        """A grammar for JSON that validates against `schema` (None: any JSON object). Raises
+        InvalidInput for a schema it cannot express."""
+        ...
 
     def forget(self, seq: int, start: int) -> None:
         """Drop KV positions >= start of sequence `seq` (start 0 empties it)."""

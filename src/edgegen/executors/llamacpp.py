@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as llama
 import numpy as np
@@ -25,6 +26,7 @@ from edgegen.config import KvType, LlmSettings
 from edgegen.errors import ExecutorError, Unprocessable
 from edgegen.executors.base import DecodeItem
 from edgegen.executors.chat_template import ChatTemplate
+from edgegen.executors.llama_grammar import LlamaGrammar, schema_grammar
 from edgegen.store.gguf import read_gguf
 from edgegen.store.gguf_hparams import check_language_model
 
@@ -247,6 +249,9 @@ class LlamaExecutor:
             np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
             for i in outputs
         ]
+
+    def json_grammar(self, schema: Mapping[str, Any] | None) -> LlamaGrammar:
+        return LlamaGrammar(self._vocab, self.n_vocab, schema_grammar(schema))
 
     def forget(self, seq: int, start: int) -> None:
         llama.llama_memory_seq_rm(self._memory, seq, start, -1)

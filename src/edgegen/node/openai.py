@@ -22,8 +22,12 @@ Fields, beyond OpenAI's sampling ones:
 * `logprobs` (chat: with `top_logprobs` alternatives; completions: a count, and `echo` to score the
   prompt too, `max_tokens` 0 to score it only): the model's own log probabilities
   (`node/openai_logprobs.py`); such a request is never answered from the response cache.
-* Fields OpenAI defines that this node does not implement (`NOT_IMPLEMENTED`: `tools`, `response_format`,
-  `n` > 1, `store`, …) are a 400 naming the field, never dropped in silence, unless
+* `response_format` `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": {"name", "schema"}}`:
+  the answer is drawn under a grammar of that JSON (`executors/llama_grammar.py`), so it parses, and
+  validates against the schema, whenever it ends by itself (not cut by `max_tokens` or a stop string).
+  A schema the converter cannot express, or too large, is a 400. Not with `ignore_eos` / `min_tokens`.
+* Fields OpenAI defines that this node does not implement (`NOT_IMPLEMENTED`: `tools`, `n` > 1, `store`,
+  …) are a 400 naming the field, never dropped in silence, unless
   they hold the value that asks for nothing (null, false, `"none"`, `{"type": "text"}`), which clients
   send by default.
 * Any other field is ignored, as OpenAI-compatible servers do, and its name logged (INFO), so a client
@@ -86,6 +90,37 @@ MAX_LOGGED_FIELDS = 8
 MAX_LOGGED_NAME = 64
 
 
+class _JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class _Text(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"]
+
+
+class _JsonObject(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["json_object"]
+
+
+class _JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["json_schema"]
+    json_schema: _JsonSchema
+
+
+ResponseFormat = Annotated[_Text | _JsonObject | _JsonSchemaFormat, Field(discriminator="type")]
+
+
 def _one_of(*neutral: Any) -> Callable[[Any], bool]:
     """A test that a value is one of `neutral`, type and all (`0` is not `false`, `1.0` is not `1`)."""
     return lambda value: any(type(value) is type(n) and value == n for n in neutral)
@@ -99,7 +134,6 @@ NOT_IMPLEMENTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "best_of": ("choosing the best of several answers", _one_of(None, 1)),
     "suffix": ("a suffix", _one_of(None, "")),
     "logit_bias": ("logit bias", _one_of(None, {})),
-    "response_format": ("structured output", _one_of(None, {"type": "text"})),
     "tools": ("tool calls", _one_of(None, [])),
     "tool_choice": ("tool calls", _one_of(None, "none")),
     "parallel_tool_calls": ("tool calls", _one_of(None, False)),
@@ -140,6 +174,7 @@ class _Params(BaseModel):
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    response_format: ResponseFormat | None = None
     user: Annotated[str, Field(max_length=MAX_USER_CHARS)] | None = None
     metadata: Metadata | None = None
 
@@ -163,6 +198,23 @@ class _Params(BaseModel):
     @property
     def echoed(self) -> bool:
         return False
+
+    @property
+    def wants_json(self) -> bool:
+        return isinstance(self.response_format, _JsonObject | _JsonSchemaFormat)
+
+    @property
+    def answer_schema(self) -> dict[str, Any] | None:
+        form = self.response_format
+        return form.json_schema.schema_ if isinstance(form, _JsonSchemaFormat) else None
+
+    @model_validator(mode="after")
+    def _json_may_end(self) -> _Params:
+        if self.wants_json and (self.ignore_eos or self.min_tokens):
+            raise ValueError(
+                "response_format JSON ends where its grammar ends: not with ignore_eos or min_tokens"
+            )
+        return self
 
     @model_validator(mode="after")
     def _something_to_do(self) -> _Params:
@@ -339,12 +391,25 @@ def text_request(body: ChatRequest | CompletionRequest) -> TextRequest:
     if isinstance(body, ChatRequest):
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
         return TextRequest(
-            body.sampling, body.max_new_tokens, body.stops, messages=messages, logprobs=body.scores
+            body.sampling,
+            body.max_new_tokens,
+            body.stops,
+            messages=messages,
+            logprobs=body.scores,
+            json=body.wants_json,
+            schema=body.answer_schema,
         )
     # The prompt is scored only when its scores are asked for; its text is echoed here either way.
     echo = body.echo and body.logprobs is not None
     return TextRequest(
-        body.sampling, body.max_new_tokens, body.stops, text=body.text, logprobs=body.logprobs, echo=echo
+        body.sampling,
+        body.max_new_tokens,
+        body.stops,
+        text=body.text,
+        logprobs=body.logprobs,
+        echo=echo,
+        json=body.wants_json,
+        schema=body.answer_schema,
     )
 
 

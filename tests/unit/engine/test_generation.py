@@ -427,3 +427,31 @@ async def test_max_tokens_zero_only_scores_the_prompt(lm_scheduler) -> None:
     assert generation.usage.completion_tokens == 0
     assert [s.token for s in generation.prompt_logprobs] == prompt[1:]
     assert all(s.top == () for s in generation.prompt_logprobs)
+
+
+class OddTokens:
+    """A grammar over the toy vocabulary: odd tokens only, and the end once 6 were taken."""
+
+    def __init__(self) -> None:
+        self.taken: list[int] = []
+
+    def allows(self, token: int) -> bool:
+        return token == END if len(self.taken) >= 6 else token % 2 == 1
+
+    def constrain(self, row: np.ndarray) -> np.ndarray:
+        return np.where([self.allows(t) for t in range(len(row))], row, -np.inf).astype(np.float32)
+
+    def accept(self, token: int) -> None:
+        self.taken.append(token)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.5, seed=4)])
+async def test_a_grammar_decides_every_token_and_where_the_answer_ends(lm_scheduler, params) -> None:
+    _, scheduler = lm_scheduler
+    grammar = OddTokens()
+    generation = scheduler.submit([2, 4, 6], params, max_tokens=40, stop=[], timeout_s=10, grammar=grammar)
+    reason = [e.finish_reason async for e in generation.events()][-1]
+    assert reason == "stop"
+    assert generation.usage.completion_tokens == 6
+    assert all(t % 2 == 1 for t in grammar.taken[:6])
+    assert grammar.taken[6:] == [END]  # the grammar took the end token too
