@@ -74,6 +74,7 @@ bench: setup
 	$(BIN)/python bench/predict.py
 	$(BIN)/python bench/llm.py
 	$(BIN)/python bench/streams.py
+	$(BIN)/python bench/structured.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/security.py
 	$(BIN)/python bench/jobs.py

@@ -77,7 +77,7 @@ def body(i: int, shaped: bool) -> dict[str, Any]:
 
 
 async def run_mode(url: str, requests: int, shaped: bool, first: int) -> dict[str, Any]:
-    valid, tokens = 0, 0
+    valid, tokens, failures = 0, 0, []
     queue = list(range(first, first + requests))
 
     async def client_loop(client: httpx.AsyncClient) -> None:
@@ -87,22 +87,33 @@ async def run_mode(url: str, requests: int, shaped: bool, first: int) -> dict[st
             answer = (await client.post(url, json=body(i, shaped))).json()
             tokens += answer["usage"]["completion_tokens"]
             choice = answer["choices"][0]
-            if shaped and choice["finish_reason"] == "stop":
+            if not shaped:
+                continue
+            ok = False
+            if choice["finish_reason"] == "stop":
                 with contextlib.suppress(ValueError):  # not JSON: not valid
-                    valid += conforms(json.loads(choice["message"]["content"]), schema_for(i))
+                    ok = conforms(json.loads(choice["message"]["content"]), schema_for(i))
+            valid += ok
+            if not ok:
+                failures.append(
+                    {
+                        "request": i,
+                        "finish_reason": choice["finish_reason"],
+                        "text": choice["message"]["content"],
+                    }
+                )
 
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=600) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(CLIENTS)))
-    return {"tok_s": tokens / (time.perf_counter() - started), "valid": valid, "requests": requests}
+    elapsed = time.perf_counter() - started
+    return {"tok_s": tokens / elapsed, "valid": valid, "requests": requests, "failures": failures}
 
 
 async def run(args: argparse.Namespace, home: Path) -> dict[str, list[dict[str, Any]]]:
     prepare_home(home, args.source_home)
     port = free_port()
-    env = clean_env(
-        EDGEGEN_HOME=str(home), EDGEGEN_LLM__THREADS="2", EDGEGEN_CACHE__ENABLED="false", **LIKE_BASELINES
-    )
+    env = clean_env(EDGEGEN_HOME=str(home), EDGEGEN_LLM__THREADS="2", **LIKE_BASELINES)
     node = Server(
         "edgegen", [str(BIN / "edgegen"), "serve", "--port", str(port)], env, "/v2/health/ready", port
     )
@@ -119,6 +130,8 @@ async def run(args: argparse.Namespace, home: Path) -> dict[str, list[dict[str, 
                 results[mode].append(result)
                 shares = f"valid {result['valid']}/{result['requests']}"
                 print(f"round {round_no + 1} {mode:6s} {result['tok_s']:6.1f} tok/s  {shares}")
+                for failure in result["failures"]:
+                    print(f"  not valid: {json.dumps(failure)}")
     finally:
         stop(node)
     return results
