@@ -124,6 +124,13 @@ class LlmSettings(BaseModel):
         description="while streams run, prompts are prefilled in chunks that keep a step about this long; "
         "0: a prompt takes the whole n_batch",
     )
+    speculative_tokens: int = Field(
+        4,
+        ge=0,
+        le=16,
+        description="draft tokens a stream may verify per step, guessed from its own prompt and answer "
+        "(prompt lookup), where the measured step cost says they pay; 0: off",
+    )
     threads: int = Field(0, ge=0, le=256, description="llama.cpp threads; 0: one per core")
     max_waiting: int = Field(
         64, ge=0, le=100_000, description="requests waiting for a slot beyond which the node answers 429"

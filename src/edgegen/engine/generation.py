@@ -37,6 +37,7 @@ only, so they may run beside a decode step); `close` waits for them before the m
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import deque
@@ -47,8 +48,9 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from edgegen.engine.budget import StepBudget
+from edgegen.engine.budget import StepBudget, StepCost
 from edgegen.engine.logprobs import TokenLogprob, score
+from edgegen.engine.lookup import PromptLookup
 from edgegen.engine.prompt import Prompt, chat_prompt, encode
 from edgegen.engine.sampling import SamplingParams, sample
 from edgegen.engine.text import TextStream
@@ -59,6 +61,9 @@ log = logging.getLogger(__name__)
 # Prompt tokens an `echo` sequence prefills per step: llama.cpp keeps an output buffer of n_vocab floats
 # for each row a step returns (SmolLM2: 6 MB for 32 rows), and never shrinks it.
 ECHO_CHUNK = 32
+# How fast a sequence's draft acceptance forgets: the weight of the newest guess checked.
+_DRAFT_SMOOTHING = 0.3
+_DRAFT_PRIOR = 0.5  # a new sequence's acceptance, before its first guess was checked
 Arg = TypeVar("Arg")
 Result = TypeVar("Result")
 
@@ -112,6 +117,9 @@ class _Sequence:
     scores: list[TokenLogprob] = field(default_factory=list)  # scored, not yet in an event
     prompt_scores: list[TokenLogprob] = field(default_factory=list)  # with echo: prompt tokens 1, 2, …
     usage: Usage = field(default_factory=Usage)
+    lookup: PromptLookup | None = None  # its prompt and answer, indexed for drafts; None: no drafts yet
+    guess: list[int] = field(default_factory=list)  # the lookup's draft for the next tokens, this step
+    acceptance: float = _DRAFT_PRIOR  # how often a guessed token was the one sampled (smoothed)
     submitted: float = field(default_factory=time.perf_counter)
     last_token_at: float = 0.0
     cancelled: bool = False
@@ -126,8 +134,10 @@ class _Sequence:
 class _Outcome:
     """What one item of a decode step gave its sequence."""
 
-    token: int | None = None  # sampled: the prompt ended or the stream decoded in this step
-    score: TokenLogprob | None = None  # the sampled token's, with `logprobs`
+    # Sampled where the prompt ended or the stream decoded in this step: one token, or with drafts the
+    # drafts the samples agreed with and the sample after them
+    tokens: list[int] = field(default_factory=list)
+    scores: list[TokenLogprob] = field(default_factory=list)  # the sampled tokens', with `logprobs`
     prompt_scores: list[TokenLogprob] = field(default_factory=list)  # with `echo`
 
 
@@ -197,6 +207,7 @@ class Scheduler:
         max_num_seqs: int,
         n_batch: int = 512,
         itl_target_ms: float = 0.0,
+        speculative_tokens: int = 0,
         max_waiting: int = 64,
         observer: GenerationObserver | None = None,
     ) -> None:
@@ -204,6 +215,8 @@ class Scheduler:
         self.executor = executor
         self.n_batch = n_batch
         self.budget = StepBudget(itl_target_ms / 1000, n_batch)
+        self.cost = StepCost()
+        self.speculative_tokens = speculative_tokens
         self.max_waiting = max_waiting
         self._observer = observer
         self._slots = [_Slot(i) for i in range(min(max_num_seqs, executor.n_seq))]
@@ -240,9 +253,11 @@ class Scheduler:
     def wake(self) -> None:
         self._wakeup.set()
 
-    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> Prompt:
-        """The chat in the model's template (`engine/prompt.py`), rendered off the event loop."""
-        return await self._off_loop(chat_prompt, messages)
+    async def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> Prompt:
+        """The chat and its tools in the model's template (`engine/prompt.py`), rendered off the loop."""
+        return await self._off_loop(lambda executor, chat: chat_prompt(executor, chat, tools), messages)
 
     async def encode(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids, tokenized off the event loop: a long prompt takes a while."""
@@ -343,7 +358,9 @@ class Scheduler:
                     self._finish(sequence, error=ExecutorError("the model failed during generation"))
                     self._forget_slot(sequence)
                 continue
-            self.budget.observe(sum(len(i.tokens) for i in items), seconds, filled=filled)
+            tokens = sum(len(i.tokens) for i in items)
+            self.budget.observe(tokens, seconds, filled=filled)
+            self.cost.observe(tokens, seconds)
             self._apply(items, owners, outcomes)
 
     def _retire(self) -> None:
@@ -420,7 +437,8 @@ class Scheduler:
 
     def _plan(self) -> tuple[list[DecodeItem], list[_Sequence], bool]:
         """The next step: the running streams' tokens, then prompt chunks, oldest prompt first, as far
-        as the budget goes; and whether the chunks filled the room (a prompt token had to wait)."""
+        as the budget goes, then the streams' drafts where they pay; and whether the chunks filled the
+        room (a prompt token had to wait)."""
         items: list[DecodeItem] = []
         owners: list[_Sequence] = []
         for sequence in self._running:
@@ -428,14 +446,17 @@ class Scheduler:
                 slot = self._slots[sequence.slot or 0]
                 items.append(DecodeItem(slot.index, [sequence.pending], len(slot.tokens), True))
                 owners.append(sequence)
-        room = self.budget.room(len(items))
+        decoding = len(items)
+        room = self.budget.room(decoding)
+        filled = False
         # The oldest prompt is finished first, the next one starts in what its last chunk leaves over:
         # the first ones get their first token sooner than if every prompt advanced a little each step.
         for sequence in self._running:
             if sequence.pending is not None:
                 continue
             if room <= 0:
-                return items, owners, True
+                filled = True
+                break
             take = min(room, ECHO_CHUNK) if sequence.echo else room
             chunk = sequence.prompt[sequence.prefilled : sequence.prefilled + take]
             last = sequence.prefilled + len(chunk) == len(sequence.prompt)
@@ -443,14 +464,70 @@ class Scheduler:
             items.append(DecodeItem(sequence.slot or 0, chunk, sequence.prefilled, last or scored, scored))
             owners.append(sequence)
             if not last:  # the room is filled unless an echo chunk's bound stopped short of it
-                return items, owners, take == room
+                filled = take == room
+                break
             room -= len(chunk)
-        return items, owners, False
+        if self.speculative_tokens:
+            self._draft(items, owners, decoding)
+        return items, owners, filled
+
+    def _draft(self, items: list[DecodeItem], owners: list[_Sequence], decoding: int) -> None:
+        """Put drafts (`engine/lookup.py`) behind the streams' tokens in the first `decoding` items, as
+        many as raise the step's expected tokens per second.
+
+        A step of n tokens takes a + b·n (`StepCost`) and is expected to give y tokens: one per stream,
+        plus each draft token's chance of being kept, taken as the stream's acceptance to the power of
+        the token's place in its draft (every token before it must be kept too). A draft token adds b
+        seconds and p tokens, so it pays when p > y·b / (a + b·n): the most likely ones are added first
+        while that holds. One stream alone on two cores pays for tokens kept more than about a quarter
+        of the time; eight streams, for hardly any.
+        """
+        line = self.cost.line()
+        for sequence in owners[:decoding]:
+            if sequence.lookup is None:
+                sequence.lookup = PromptLookup([*sequence.prompt, *sequence.generated])
+            sequence.guess = sequence.lookup.draft(self.speculative_tokens)
+        if line is None:
+            return
+        fixed, per_token = line
+        tokens = sum(len(i.tokens) for i in items)
+        expected = float(decoding)
+        # (-chance, item index, place in the draft): the most likely next draft token first
+        heap: list[tuple[float, int, int]] = []
+        bounds: list[int] = []
+        for index, (item, sequence) in enumerate(zip(items[:decoding], owners, strict=False)):
+            # No draft beyond what the sequence reserved (max_tokens) or its context holds.
+            most = min(
+                len(sequence.guess),
+                sequence.max_tokens - len(sequence.generated),
+                self.executor.n_ctx_seq - 1 - item.pos,
+            )
+            bounds.append(most)
+            if most > 0:
+                heap.append((-sequence.acceptance, index, 1))
+        heapq.heapify(heap)
+        lengths = [0] * decoding
+        while heap and tokens < self.n_batch:
+            chance, index, place = heapq.heappop(heap)
+            if -chance <= expected * per_token / (fixed + per_token * tokens):
+                break
+            lengths[index] = place
+            expected -= chance
+            tokens += 1
+            if place < bounds[index]:
+                heapq.heappush(heap, (chance * owners[index].acceptance, index, place + 1))
+        for index, length in enumerate(lengths):
+            if length:
+                item = items[index]
+                drafted = [*item.tokens, *owners[index].guess[:length]]
+                items[index] = DecodeItem(item.seq, drafted, item.pos, True, every=True)
 
     def _step(self, items: list[DecodeItem], owners: list[_Sequence]) -> tuple[list[_Outcome], float]:
         """Worker thread: one forward pass, then what each item gave: the next token where a prompt
-        ended or a stream decoded, and scores where they were asked for; and the seconds it all took
-        (the step's share of every running stream's inter-token gap)."""
+        ended or a stream decoded (and, behind a stream's token, the drafts its samples agreed with:
+        the first disagreement is the next token, and the cells of the drafts after it are dropped),
+        and scores where they were asked for; and the seconds it all took (the step's share of every
+        running stream's inter-token gap)."""
         start = time.perf_counter()
         rows = iter(self.executor.decode(items))
         outcomes = []
@@ -460,19 +537,39 @@ class Scheduler:
             if not item.logits:
                 continue
             mine = [next(rows) for _ in item.tokens] if item.every else [next(rows)]
+            if sequence.pending is not None:
+                self._verify(item, sequence, mine, outcome)
+                continue
             if item.every:  # the row at position p scores the prompt's token p + 1
                 top = sequence.logprobs or 0
                 ahead = sequence.prompt[item.pos + 1 : item.pos + 1 + len(mine)]
                 outcome.prompt_scores = [score(row, t, top) for row, t in zip(mine, ahead, strict=False)]
-            if sequence.pending is not None or item.pos + len(item.tokens) == len(sequence.prompt):
-                row = mine[-1]
-                outcome.token = self._sample(row, sequence)
-                if sequence.logprobs is not None:
-                    outcome.score = score(row, outcome.token, sequence.logprobs)
+            if item.pos + len(item.tokens) == len(sequence.prompt):
+                self._take(mine[-1], sequence, outcome)
         return outcomes, time.perf_counter() - start
 
-    def _sample(self, row: np.ndarray, sequence: _Sequence) -> int:
-        """The sequence's next token.
+    def _verify(
+        self, item: DecodeItem, sequence: _Sequence, rows: list[np.ndarray], outcome: _Outcome
+    ) -> None:
+        """Sample each row as if the drafts before it were the stream's own tokens, as long as they were."""
+        drafts = item.tokens[1:]
+        for place, row in enumerate(rows):
+            token = self._take(row, sequence, outcome)
+            if place == len(drafts) or token != drafts[place] or self.executor.is_end(token):
+                break
+        kept = len(outcome.tokens)  # the stream's token and the drafts that matched
+        if kept < len(item.tokens):
+            self.executor.forget(item.seq, item.pos + kept)
+
+    def _take(self, row: np.ndarray, sequence: _Sequence, outcome: _Outcome) -> int:
+        token = self._sample(row, sequence, [*sequence.generated, *outcome.tokens])
+        outcome.tokens.append(token)
+        if sequence.logprobs is not None:
+            outcome.scores.append(score(row, token, sequence.logprobs))
+        return token
+
+    def _sample(self, row: np.ndarray, sequence: _Sequence, history: list[int]) -> int:
+        """The sequence's next token after `history` (what it generated, and the drafts kept before it).
 
         With a grammar, a drawn token it refuses sends the draw to the row it constrains (the same as
         drawing from that row: `executors/llama_grammar.py`), and the grammar takes the token. While
@@ -481,15 +578,15 @@ class Scheduler:
         (llama.cpp's server bans them with a logit bias). The executor's logits buffer is never written.
         """
         params, grammar = sequence.params, sequence.grammar
-        token = sample(row, params, sequence.rng, sequence.generated)
+        token = sample(row, params, sequence.rng, history)
         if grammar is not None and not grammar.allows(token):
             row = grammar.constrain(row)
-            token = sample(row, params, sequence.rng, sequence.generated)
-        if params.ignore_eos or len(sequence.generated) < params.min_tokens:
+            token = sample(row, params, sequence.rng, history)
+        if params.ignore_eos or len(history) < params.min_tokens:
             row = row.copy()
             while self.executor.is_end(token):
                 row[token] = -np.inf
-                token = sample(row, params, sequence.rng, sequence.generated)
+                token = sample(row, params, sequence.rng, history)
         if grammar is not None:
             grammar.accept(token)
         return token
@@ -498,22 +595,53 @@ class Scheduler:
         now = time.perf_counter()
         for item, sequence, outcome in zip(items, owners, outcomes, strict=True):
             slot = self._slots[item.seq]
-            slot.tokens.extend(item.tokens)
-            if sequence.pending is None:
-                sequence.prefilled += len(item.tokens)
-                sequence.prompt_scores += outcome.prompt_scores
-            if outcome.token is None or sequence.done:
+            if sequence.pending is not None:
+                self._advance(item, sequence, slot, outcome, now)
                 continue
-            if sequence.pending is None:
-                self._observe_first(sequence, now)
-                if sequence.max_tokens == 0:  # the prompt was only to be scored
-                    self._finish(sequence, reason="length")
-                    continue
-            else:
-                self._observe_token(now - sequence.last_token_at)
+            slot.tokens.extend(item.tokens)
+            sequence.prefilled += len(item.tokens)
+            sequence.prompt_scores += outcome.prompt_scores
+            if not outcome.tokens or sequence.done:
+                continue
+            self._observe_first(sequence, now)
+            if sequence.max_tokens == 0:  # the prompt was only to be scored
+                self._finish(sequence, reason="length")
+                continue
             sequence.last_token_at = now
-            self._accept(sequence, slot, outcome.token, outcome.score)
+            self._accept(sequence, slot, outcome.tokens[0], outcome.scores[0] if outcome.scores else None)
         self._observe_step(sum(len(i.tokens) for i in items))
+
+    def _advance(
+        self, item: DecodeItem, sequence: _Sequence, slot: _Slot, outcome: _Outcome, now: float
+    ) -> None:
+        """A stream's step: its token (and the drafts kept) now in the cache, the tokens sampled taken."""
+        self._learn_acceptance(sequence, outcome.tokens, len(item.tokens) - 1)
+        if sequence.done:
+            slot.tokens.extend(item.tokens[: len(outcome.tokens)])
+            return
+        self._observe_token(now - sequence.last_token_at)
+        sequence.last_token_at = now
+        for place, token in enumerate(outcome.tokens):
+            slot.tokens.append(item.tokens[place])
+            self._accept(sequence, slot, token, outcome.scores[place] if outcome.scores else None)
+            if sequence.done:
+                break
+        cached = item.pos + len(outcome.tokens)
+        if len(slot.tokens) < cached:  # it finished before all the drafts kept: their cells go
+            self.executor.forget(slot.index, len(slot.tokens))
+
+    @staticmethod
+    def _learn_acceptance(sequence: _Sequence, sampled: list[int], drafted: int) -> None:
+        """Compare the lookup's guess with what was sampled: every drafted token up to the first miss,
+        or, without drafts, the first guessed token alone (so a stream whose drafts do not pay now can
+        still show that they would)."""
+        for place, guessed in enumerate(sequence.guess[: max(drafted, 1)]):
+            if place >= len(sampled):
+                return
+            hit = sampled[place] == guessed
+            sequence.acceptance += _DRAFT_SMOOTHING * (hit - sequence.acceptance)
+            if not hit:
+                return
 
     def _accept(self, sequence: _Sequence, slot: _Slot, token: int, scored: TokenLogprob | None) -> None:
         if self.executor.is_end(token):
@@ -521,6 +649,8 @@ class Scheduler:
             self._finish(sequence, reason="stop")
             return
         sequence.generated.append(token)
+        if sequence.lookup is not None:
+            sequence.lookup.extend([token])
         sequence.usage.completion_tokens = len(sequence.generated)
         if scored is not None:
             sequence.scores.append(scored)

@@ -220,6 +220,7 @@ class ModelRegistry:
                 max_num_seqs=llm.max_num_seqs,
                 n_batch=llm.n_batch,
                 itl_target_ms=llm.itl_target_ms,
+                speculative_tokens=llm.speculative_tokens,
                 max_waiting=llm.max_waiting,
                 observer=self._generation_observer,
             )
