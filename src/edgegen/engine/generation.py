@@ -64,6 +64,10 @@ ECHO_CHUNK = 32
 # How fast a sequence's draft acceptance forgets: the weight of the newest guess checked.
 _DRAFT_SMOOTHING = 0.3
 _DRAFT_PRIOR = 0.5  # a new sequence's acceptance, before its first guess was checked
+_REUSE_SMOOTHING = 0.2  # the weight of the newest idle cache's fate in the reuse estimate
+# The least share of an idle cache assumed to be reused: a cache is kept beside running streams for at
+# least this share of what computing it again costs.
+_REUSE_FLOOR = 0.05
 Arg = TypeVar("Arg")
 Result = TypeVar("Result")
 
@@ -184,6 +188,7 @@ class _Slot:
     tenant: str = ""  # whose prompts `tokens` came from
     owner: _Sequence | None = None
     released_at: float = 0.0
+    rent: float = 0.0  # while idle: tokens decoded beside its cache since it was last trimmed
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -216,6 +221,7 @@ class Scheduler:
         self.n_batch = n_batch
         self.budget = StepBudget(itl_target_ms / 1000, n_batch)
         self.cost = StepCost()
+        self.reuse = 1.0  # the share of an idle cache the prompt that next takes its slot reuses (smoothed)
         self.speculative_tokens = speculative_tokens
         self.max_waiting = max_waiting
         self._observer = observer
@@ -362,6 +368,7 @@ class Scheduler:
             self.budget.observe(tokens, seconds, filled=filled)
             self.cost.observe(tokens, seconds)
             self._apply(items, owners, outcomes)
+            self._trim_idle(tokens)
 
     def _retire(self) -> None:
         """Drop cancelled and expired sequences, waiting or running; their slots become free."""
@@ -408,6 +415,7 @@ class Scheduler:
                 # Evict the free slot whose cache is worth least (empty first, then idle longest);
                 # the donor keeps its cache, and shares the common prefix with the new sequence.
                 slot = min(free, key=lambda s: (len(s.tokens) > 0, s.released_at))
+            self._learn_fate(slot, donor, reuse)
             self.executor.forget(slot.index, 0 if slot is not donor else reuse)
             if slot is donor:
                 del slot.tokens[reuse:]
@@ -418,11 +426,51 @@ class Scheduler:
                     slot.tokens.extend(donor.tokens[:reuse])
             slot.tenant = sequence.tenant
             slot.owner = sequence
+            slot.rent = 0.0
             sequence.slot = slot.index
             sequence.prefilled = reuse
             sequence.usage.cached_tokens = reuse
             self._running.append(sequence)
             self._make_room()
+
+    def _trim_idle(self, tokens: int) -> None:
+        """Give up idle caches that cost the running streams more than they are likely to save.
+
+        Every cell in the pool is attended by every token decoded (llama.cpp masks other sequences' cells
+        but reads them), so an idle slot's cache costs each step `executor.cell_cost` of a token per cell
+        and token. Computing a cell again costs about one token. The cache is kept until the rent paid
+        reaches what it would save, the share of it the next prompt reuses (`reuse`, learned from what
+        became of idle caches) of a token per cell: the ski-rental rule, never more than twice the best
+        choice made knowing the future. Cells a running stream shares (a common system prompt) cost no
+        more kept, and stay.
+        """
+        if self.executor.cell_cost <= 0:
+            return
+        limit = max(self.reuse, _REUSE_FLOOR) / self.executor.cell_cost
+        running = [s for s in self._slots if s.owner is not None]
+        for slot in self._slots:
+            if slot.owner is not None or not slot.tokens:
+                continue
+            slot.rent += tokens
+            if slot.rent < limit:
+                continue
+            slot.rent = 0.0
+            shared = (common_prefix(slot.tokens, s.tokens) for s in running if s.tenant == slot.tenant)
+            keep = max(shared, default=0)
+            if keep < len(slot.tokens):
+                self._learn_reuse(0.0)
+                del slot.tokens[keep:]
+                self.executor.forget(slot.index, keep)
+
+    def _learn_fate(self, slot: _Slot, donor: _Slot | None, reuse: int) -> None:
+        """What became of idle caches as a prompt took `slot`, reusing `reuse` tokens of `donor`'s."""
+        if slot.tokens:  # the slot's cache ends here, reused as far as the prompt follows it
+            self._learn_reuse((reuse if slot is donor else 0) / len(slot.tokens))
+        if donor is not None and donor is not slot and donor.owner is None and reuse:
+            self._learn_reuse(reuse / len(donor.tokens))  # an idle cache shared its prefix
+
+    def _learn_reuse(self, share: float) -> None:
+        self.reuse += _REUSE_SMOOTHING * (share - self.reuse)
 
     def _make_room(self) -> None:
         """Drop idle slots' caches, least recently used first, until every reservation fits the pool."""
@@ -684,6 +732,7 @@ class Scheduler:
             slot = self._slots[sequence.slot]
             slot.owner = None
             slot.released_at = time.monotonic()
+            slot.rent = 0.0
 
     @staticmethod
     def _take_scores(sequence: _Sequence) -> list[TokenLogprob]:

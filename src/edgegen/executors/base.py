@@ -69,6 +69,9 @@ class LlmExecutor(Protocol):
     n_seq: int
     n_ctx_seq: int  # KV positions available to one sequence
     n_cells: int  # KV positions all sequences share (n_ctx_seq <= n_cells <= n_seq * n_ctx_seq)
+    # What one cached cell adds to each token decoded beside it (attention), as a share of the token's own
+    # compute: the price of keeping an idle prefix, against computing it again
+    cell_cost: float
 
     def tokenize(self, text: str, *, special: bool) -> list[int]: ...
 

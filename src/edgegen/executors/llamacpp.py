@@ -123,6 +123,11 @@ class LlamaExecutor:
             )
             self.kv_type = "f16"
         self.kv_bytes_per_cell = values * KV_BYTES[self.kv_type]
+        # Attention reads a cell's key and value for every head of every layer, 2·n_embd·n_layer multiply-
+        # adds per token decoded (masked cells of other sequences too: the pool is one); a token's own
+        # compute is about one multiply-add per parameter.
+        n_embd, n_layer = llama.llama_model_n_embd(self._model), llama.llama_model_n_layer(self._model)
+        self.cell_cost = 2 * n_embd * n_layer / max(llama.llama_model_n_params(self._model), 1)
         self.n_cells = kv_cells(settings, self.kv_bytes_per_cell, self.n_ctx_seq)
         threads = settings.threads or os.cpu_count() or 1
         params = llama.llama_context_default_params()

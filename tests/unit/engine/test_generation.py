@@ -35,6 +35,7 @@ def next_token(sequence: Sequence[int]) -> int:
 
 class CountingLM:
     n_vocab = VOCAB
+    cell_cost = 0.0  # idle caches cost nothing here: they are kept until their cells are needed
 
     def __init__(self, n_seq: int = 4, n_ctx_seq: int = 256, n_cells: int | None = None) -> None:
         self.n_seq = n_seq
@@ -455,3 +456,56 @@ async def test_a_grammar_decides_every_token_and_where_the_answer_ends(lm_schedu
     assert generation.usage.completion_tokens == 6
     assert all(t % 2 == 1 for t in grammar.taken[:6])
     assert grammar.taken[6:] == [END]  # the grammar took the end token too
+
+
+class AttendingLM(CountingLM):
+    """A model whose idle cells cost each decoded token 1 % of a token: keeping a cache of n cells
+    beside running streams costs as much as computing it again after 100 tokens decoded."""
+
+    cell_cost = 0.01
+
+
+async def test_an_idle_cache_is_trimmed_once_its_rent_exceeds_what_it_saves() -> None:
+    lm = AttendingLM()
+    scheduler = Scheduler("toy", lm, max_num_seqs=4, n_batch=64)
+    scheduler.start()
+    try:
+        system = list(range(2, 22))
+        idle_prompt = [*system, 30, 31]
+        await run(scheduler, idle_prompt, 10)  # its slot keeps 31 cells
+        idle = next(s for s, cache in lm.kv.items() if cache[: len(idle_prompt)] == idle_prompt)
+        # A stream with the same system prompt shares those cells; 50 decoded tokens are not yet the
+        # 100 that would pay for the rest.
+        stream = scheduler.submit([*system, 33], GREEDY, max_tokens=200, stop=[], timeout_s=10)
+        events = stream.events()
+        for _ in range(50):
+            await events.__anext__()
+        assert len(lm.kv[idle]) == 31
+        for _ in range(60):
+            await events.__anext__()
+        assert lm.kv[idle] == system  # past 100: trimmed to what the stream shares
+        assert scheduler.reuse < 1.0  # an idle cache went unused: the next ones are kept less long
+        stream.cancel()
+        text, _, again = await run(scheduler, idle_prompt, 10)
+        assert again.usage.cached_tokens == len(system)
+        assert text == as_text(lm, reference(idle_prompt, 10))
+    finally:
+        await scheduler.close()
+
+
+async def test_idle_caches_that_prompts_reuse_are_kept_longer() -> None:
+    lm = AttendingLM()
+    scheduler = Scheduler("toy", lm, max_num_seqs=4, n_batch=64)
+    scheduler.start()
+    try:
+        for first in range(1, 30, 5):  # unrelated prompts: 4 slots, so idle caches are evicted unused
+            await run(scheduler, [first, first + 1, first + 2], 4)
+        unused = scheduler.reuse
+        assert unused < 0.7
+        chat = [5, 6, 7, 8, 9]
+        for _ in range(4):  # a chat whose every turn continues the cache the last one left
+            await run(scheduler, chat, 8)
+            chat = [*chat, *reference(chat, 8), 3, 4]
+        assert scheduler.reuse > unused  # its first turn evicted one more unused cache, the others reused
+    finally:
+        await scheduler.close()
