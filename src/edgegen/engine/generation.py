@@ -112,6 +112,7 @@ class _Sequence:
     logprobs: int | None = None  # None: no scores; else how many alternatives each score lists
     echo: bool = False  # score the prompt's tokens too (its cache is then computed, not reused)
     grammar: Grammar | None = None  # what the answer must be (JSON of a schema); None: free text
+    leader: _Sequence | None = None  # another choice of the same request, whose prompt cells it shares
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     rng: np.random.Generator = field(init=False)
     slot: int | None = None
@@ -292,6 +293,7 @@ class Scheduler:
         logprobs: int | None = None,
         echo: bool = False,
         grammar: Grammar | None = None,
+        choice_of: Generation | None = None,
     ) -> Generation:
         """Queue a generation. Raises InvalidInput when it cannot fit the context, Overloaded when full.
 
@@ -299,6 +301,9 @@ class Scheduler:
         `logprobs`: score every generated token, with that many alternatives; `echo`: score the prompt's
         tokens too. `max_tokens` 0 (with `echo`): the prompt is only scored. `grammar` (from
         `json_grammar`): every token drawn is one it allows, and the answer ends only where it may.
+        `choice_of`: a generation of the same prompt submitted just before (one of a request's `n`
+        choices): this one waits for that one's prompt to be in the cache and shares its cells (seq_cp),
+        so the prompt is computed once for all the choices.
         """
         if self._closed:
             raise Overloaded(f"model {self.model!r} was unloaded; retry shortly")
@@ -326,6 +331,7 @@ class Scheduler:
             logprobs,
             echo,
             grammar,
+            None if choice_of is None else choice_of._sequence,
         )
         self._waiting.append(sequence)
         self.wake()
@@ -397,6 +403,9 @@ class Scheduler:
             running = sum(self._reserved(s) for s in self._slots if s.owner is not None)
             if running + len(self._waiting[0].prompt) + self._waiting[0].max_tokens > self.executor.n_cells:
                 return  # it waits for running sequences to finish; idle caches alone would not make room
+            leader = self._waiting[0].leader
+            if leader is not None and not leader.done and leader.prefilled < len(leader.prompt):
+                return  # its prompt is being computed for another choice: it shares those cells next
             sequence = self._waiting.popleft()
             # At least the prompt's last token is decoded again: its logits give the first token.
             longest = len(sequence.prompt) - 1

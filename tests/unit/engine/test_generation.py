@@ -509,3 +509,34 @@ async def test_idle_caches_that_prompts_reuse_are_kept_longer() -> None:
         assert scheduler.reuse > unused  # its first turn evicted one more unused cache, the others reused
     finally:
         await scheduler.close()
+
+
+async def test_the_choices_of_one_request_compute_its_prompt_once(lm_scheduler) -> None:
+    lm, scheduler = lm_scheduler
+    prompt = list(range(3, 40))
+    choices: list[Generation] = []
+    for i in range(3):
+        params = SamplingParams(temperature=1.0, seed=100 + i)
+        choices.append(
+            scheduler.submit(
+                prompt,
+                params,
+                max_tokens=12,
+                stop=[],
+                timeout_s=10,
+                choice_of=choices[0] if choices else None,
+            )
+        )
+    texts = ["".join([e.text async for e in c.events()]) for c in choices]
+    prompt_tokens = sum(n for step in lm.steps for _, n in step if n > 1)
+    assert prompt_tokens == len(prompt)  # the first choice's prefill; the others decoded its last token
+    assert [c.usage.cached_tokens for c in choices] == [0, len(prompt) - 1, len(prompt) - 1]
+    fresh = Scheduler("toy", CountingLM(), max_num_seqs=4, n_batch=64)
+    fresh.start()
+    try:
+        for i, text in enumerate(texts):  # each choice is what its seed gives alone
+            again, _, _ = await run(fresh, prompt, 12, params=SamplingParams(temperature=1.0, seed=100 + i))
+            assert again == text
+    finally:
+        await fresh.close()
+    assert len(set(texts)) == 3
