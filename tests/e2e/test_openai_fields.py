@@ -26,7 +26,7 @@ from tests.llm_models import BIAS_CHANNEL, EOS_ID, SUPPRESSED_LOGIT, write_tiny_
 pytestmark = pytest.mark.e2e
 MODEL, EAGER = "tiny-llm", "eager-eos"
 MESSAGES = [{"role": "user", "content": "the quick brown fox"}]
-TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+FUNCTIONS = [{"name": "f", "parameters": {"type": "object"}}]  # OpenAI's deprecated form of tools
 STREAMED = pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 ENDPOINTS = pytest.mark.parametrize("endpoint", ["chat", "completions"])
 
@@ -116,8 +116,8 @@ def test_min_tokens_over_max_tokens_is_refused_with_both_numbers(
 
 
 REFUSED = [
-    ("chat", "tools", TOOLS),
-    ("chat", "tool_choice", "required"),
+    ("chat", "functions", FUNCTIONS),
+    ("chat", "function_call", "auto"),
     ("chat", "logit_bias", {"42": 10}),
     ("chat", "n", 2),
     ("chat", "store", True),
@@ -137,14 +137,14 @@ def test_a_field_the_node_does_not_implement_is_a_bad_request_naming_it(
 
 
 def test_the_refusal_has_openai_error_shape(node: NodeProcess) -> None:
-    body = {"model": MODEL, "messages": MESSAGES, "tools": TOOLS}
+    body = {"model": MODEL, "messages": MESSAGES, "functions": FUNCTIONS}
     response = httpx.post(f"{node.url}/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert response.json() == {
         "error": {
-            "message": "tools: this server does not support tool calls",
+            "message": "functions: this server does not support function calls",
             "type": "invalid_request_error",
-            "param": "tools",
+            "param": "functions",
             "code": None,
         }
     }
@@ -214,11 +214,11 @@ def test_unknown_fields_are_ignored_and_named_in_the_log(client: openai.OpenAI, 
     assert "request fields ignored" in line
 
 
-def test_a_job_asking_for_tools_is_refused_at_submission(node: NodeProcess) -> None:
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "tools": TOOLS}
+def test_a_job_asking_for_functions_is_refused_at_submission(node: NodeProcess) -> None:
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "functions": FUNCTIONS}
     order = {"method": "POST", "url": "/v1/chat/completions", "body": body}
     response = httpx.post(f"{node.url}/v1/jobs", json=order)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["param"] == "body.tools"
-    assert "does not support tool calls" in error["message"]
+    assert error["param"] == "body.functions"
+    assert "does not support function calls" in error["message"]

@@ -57,12 +57,13 @@ class TextRequest:
     params: SamplingParams
     max_tokens: int | None = None  # None: the room the prompt leaves in a sequence's context
     stops: Sequence[str] = ()
-    messages: Sequence[Mapping[str, str]] | None = None
+    messages: Sequence[Mapping[str, Any]] | None = None  # OpenAI's shape, `tool_calls` and `tool` ones too
     text: str = ""
     logprobs: int | None = None  # score the answer's tokens, with this many alternatives each
     echo: bool = False  # score the prompt's tokens too; max_tokens 0: only them
     json: bool = False  # the answer is JSON: an object, or valid under `schema`
     schema: Mapping[str, Any] | None = None
+    tools: Sequence[Mapping[str, Any]] | None = None  # OpenAI's tool definitions, rendered with the chat
 
 
 class Replay:
@@ -194,6 +195,8 @@ class InferenceService:
             fields: dict[str, Any] = asdict(params)
             if request.json:
                 fields["json"] = request.schema or True
+            if request.tools:
+                fields["tools"] = request.tools
             return generation_key(owner, model, tag, prompt, fields, request.max_tokens, n_ctx, request.stops)
 
         deterministic = params.greedy or params.seed is not None
@@ -226,7 +229,7 @@ class InferenceService:
     async def _prompt(scheduler: Scheduler, request: TextRequest) -> Prompt:
         if request.messages is None:
             return text_prompt(request.text)
-        return await scheduler.render_chat(request.messages)
+        return await scheduler.render_chat(request.messages, request.tools)
 
     # -- the response cache -----------------------------------------------------------------------
     def _ticket(

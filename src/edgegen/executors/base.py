@@ -42,6 +42,12 @@ class DecodeItem:
     every: bool = False  # with `logits`: a row for each of these tokens (scoring a prompt), not the last only
 
 
+# The bounds of a JSON schema a grammar is made from (`response_format`, a tool's parameters): its
+# conversion and compilation take time and memory that grow with it.
+MAX_SCHEMA_CHARS = 64 << 10
+MAX_SCHEMA_DEPTH = 32
+
+
 class Grammar(Protocol):
     """Which tokens may come next in a constrained answer (JSON of a schema), as it grows token by token.
     Used by the decode thread only."""
@@ -72,6 +78,7 @@ class LlmExecutor(Protocol):
     # What one cached cell adds to each token decoded beside it (attention), as a share of the token's own
     # compute: the price of keeping an idle prefix, against computing it again
     cell_cost: float
+    chat_takes_tools: bool  # the chat template writes `tools` itself; else engine/prompt.py describes them
 
     def tokenize(self, text: str, *, special: bool) -> list[int]: ...
 
@@ -79,7 +86,12 @@ class LlmExecutor(Protocol):
 
     def is_end(self, token: int) -> bool: ...
 
-    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str: ...
+    def render_chat(
+        self, messages: Sequence[Mapping[str, object]], tools: Sequence[Mapping[str, object]] | None = None
+    ) -> str:
+        """The chat in the model's template, the assistant's turn opened; `tools` only where
+        `chat_takes_tools`."""
+        ...
 
     def decode(self, items: Sequence[DecodeItem]) -> list[np.ndarray]: ...
 

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, NoReturn
 
+from jinja2 import meta
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.runtime import Context
@@ -117,9 +118,13 @@ class ChatTemplate:
         env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
         try:
-            self._template = env.from_string(source)
+            parsed = env.parse(source)
+            self._template = env.from_string(parsed)
         except TemplateError as exc:
             raise ExecutorError(f"the model's chat template does not compile: {exc}") from exc
+        # A template that reads `tools` writes them itself (and the calls and results of a chat that
+        # carries on after one); engine/prompt.py describes them for one that does not.
+        self.takes_tools = "tools" in meta.find_undeclared_variables(parsed)
         self._source_len = len(source)
         self._tokens = {"bos_token": bos_token, "eos_token": eos_token}
 

@@ -24,11 +24,10 @@ import numpy as np
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from edgegen.errors import InvalidInput
+from edgegen.executors.base import MAX_SCHEMA_CHARS, MAX_SCHEMA_DEPTH
 
 # llama_token_data: int32 id, float logit, float p (12 bytes, no padding)
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
-MAX_SCHEMA_CHARS = 64 << 10
-MAX_SCHEMA_DEPTH = 32
 MAX_REPEAT = 256  # the largest minItems / maxItems / minLength / maxLength / min-maxProperties accepted
 _COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
 ANY_OBJECT: dict[str, Any] = {

@@ -153,6 +153,7 @@ class LlamaExecutor:
         template = llama.llama_model_chat_template(self._model, None)
         self.chat_template: str | None = template.decode() if template else None
         self._jinja = self._compile_chat_template()
+        self.chat_takes_tools = self._jinja is not None and self._jinja.takes_tools
         self._pieces: dict[int, bytes] = {}
 
     # -- text ----------------------------------------------------------------------------------------
@@ -207,7 +208,9 @@ class LlamaExecutor:
 
         The template's text is the whole prompt: tokenized without llama.cpp's automatic BOS (`tokenize`),
         so a template that writes `{{ bos_token }}` gets one BOS, and one that does not gets none, as with
-        transformers. Raises ExecutorError, InvalidInput (the template refused the chat), Unprocessable.
+        transformers. `tools` (OpenAI's tool definitions) reach a template that takes them
+        (`chat_takes_tools`); llama.cpp's built-in rendering takes none. Raises ExecutorError, InvalidInput
+        (the template refused the chat), Unprocessable.
         """
         if self.chat_template is None:
             raise ExecutorError("this model has no chat template; use /v1/completions")

@@ -26,8 +26,14 @@ Fields, beyond OpenAI's sampling ones:
   the answer is drawn under a grammar of that JSON (`executors/llama_grammar.py`), so it parses, and
   validates against the schema, whenever it ends by itself (not cut by `max_tokens` or a stop string).
   A schema the converter cannot express, or too large, is a 400. Not with `ignore_eos` / `min_tokens`.
-* Fields OpenAI defines that this node does not implement (`NOT_IMPLEMENTED`: `tools`, `n` > 1, `store`,
-  …) are a 400 naming the field, never dropped in silence, unless
+* `tools` (at most 64 functions, unique names, each one's `parameters` a JSON schema of an object within
+  response_format's bounds), `tool_choice` (`"none"`, `"auto"`, `"required"` or one function by name)
+  and `parallel_tool_calls` (`node/openai_tools.py`): the tools are rendered with the chat, a forced call
+  is drawn under a grammar of the call (then `response_format` does not apply: the answer is the call),
+  and calls come back as `message.tool_calls`. A chat carries on after a call with an assistant message
+  holding `tool_calls` (`content` null) and a `tool` message per result (`tool_call_id`).
+* Fields OpenAI defines that this node does not implement (`NOT_IMPLEMENTED`: `n` > 1, `store`,
+  `functions`, …) are a 400 naming the field, never dropped in silence, unless
   they hold the value that asks for nothing (null, false, `"none"`, `{"type": "text"}`), which clients
   send by default.
 * Any other field is ignored, as OpenAI-compatible servers do, and its name logged (INFO), so a client
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import json
 import logging
 import time
 import uuid
@@ -68,6 +75,19 @@ from edgegen.errors import ClientGone, InvalidInput, validation_message
 from edgegen.http.bodies import parse_json
 from edgegen.http.responses import json_response
 from edgegen.node.openai_logprobs import LogprobWriter, merge_completion
+from edgegen.node.openai_tools import (
+    MAX_TOOLS,
+    CallStream,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolUse,
+    call_schema,
+    choice_among,
+    message_of,
+    tool_use,
+    unique_names,
+)
 from edgegen.node.state import node_of
 from edgegen.security.auth import principal_of
 
@@ -134,9 +154,6 @@ NOT_IMPLEMENTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "best_of": ("choosing the best of several answers", _one_of(None, 1)),
     "suffix": ("a suffix", _one_of(None, "")),
     "logit_bias": ("logit bias", _one_of(None, {})),
-    "tools": ("tool calls", _one_of(None, [])),
-    "tool_choice": ("tool calls", _one_of(None, "none")),
-    "parallel_tool_calls": ("tool calls", _one_of(None, False)),
     "functions": ("function calls", _one_of(None, [])),
     "function_call": ("function calls", _one_of(None, "none")),
     "prediction": ("predicted outputs", _one_of(None)),
@@ -255,12 +272,42 @@ class _TextPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: Literal["system", "user", "assistant"]
-    content: str | list[_TextPart]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None  # null only beside tool_calls
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: str | None = None  # a tool message's: the call it answers
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    @property
+    def chars(self) -> int:
+        """Characters of the caller's text the message holds."""
+        calls = self.tool_calls or ()
+        called = sum(len(c.id) + len(c.function.name) + len(c.function.arguments) for c in calls)
+        return len(self.text) + called + len(self.tool_call_id or "")
+
+    @model_validator(mode="after")
+    def _shaped(self) -> Message:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message holds tool_calls")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is missing (it may be null beside tool_calls only)")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a message of role 'tool' needs the tool_call_id of the call it answers")
+        return self
+
+    def plain(self) -> dict[str, Any]:
+        """The message as the engine renders it: OpenAI's shape, its text parts joined."""
+        plain: dict[str, Any] = {"role": self.role, "content": None if self.content is None else self.text}
+        if self.tool_calls:
+            plain["tool_calls"] = [call.plain() for call in self.tool_calls]
+        if self.role == "tool":
+            plain["tool_call_id"] = self.tool_call_id
+        return plain
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat
@@ -271,10 +318,42 @@ class ChatRequest(_Params):
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # None: true, as on OpenAI
 
     @property
     def scores(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @field_validator("tools")
+    @classmethod
+    def _unique(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        return unique_names(tools)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _among_tools(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        choice_among(choice, info.data.get("tools"))
+        return choice
+
+    @property
+    def tool_use(self) -> ToolUse | None:
+        """What the answer may hold of calls; None: text only."""
+        return tool_use(self.tools, self.tool_choice, self.parallel_tool_calls is not False)
+
+    @property
+    def forces_call(self) -> bool:
+        use = self.tool_use
+        return use is not None and use.forced
+
+    @model_validator(mode="after")
+    def _call_may_end(self) -> ChatRequest:
+        if self.forces_call and (self.ignore_eos or self.min_tokens):
+            raise ValueError(
+                "a forced tool call ends where its grammar ends: not with ignore_eos or min_tokens"
+            )
+        return self
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatRequest:
@@ -298,7 +377,8 @@ class ChatRequest(_Params):
 
     @model_validator(mode="after")
     def _short_enough(self, info: ValidationInfo) -> ChatRequest:
-        _check_length(sum(len(m.text) for m in self.messages), _limits(info))
+        tools = sum(len(json.dumps(tool.model_dump(exclude_none=True))) for tool in self.tools or ())
+        _check_length(sum(m.chars for m in self.messages) + tools, _limits(info))
         return self
 
 
@@ -389,15 +469,18 @@ def validate_generation(
 def text_request(body: ChatRequest | CompletionRequest) -> TextRequest:
     """What the inference service generates for `body`."""
     if isinstance(body, ChatRequest):
-        messages = [{"role": m.role, "content": m.text} for m in body.messages]
+        use, tools = body.tool_use, body.tools or []
+        call = call_schema(tools, use.names) if use is not None and use.forced else None
         return TextRequest(
             body.sampling,
             body.max_new_tokens,
             body.stops,
-            messages=messages,
+            messages=[m.plain() for m in body.messages],
             logprobs=body.scores,
-            json=body.wants_json,
-            schema=body.answer_schema,
+            # A forced call is the whole answer: its grammar, not response_format's.
+            json=call is not None or body.wants_json,
+            schema=call if call is not None else body.answer_schema,
+            tools=[tool.model_dump(exclude_none=True) for tool in tools] or None,
         )
     # The prompt is scored only when its scores are asked for; its text is echoed here either way.
     echo = body.echo and body.logprobs is not None
@@ -418,12 +501,29 @@ async def answer(
 ) -> dict[str, Any]:
     """The whole answer the route gives `body` when it does not stream (a job's answer)."""
     served = service.generator(caller, body.model)
-    generation, _ = await service.generate(caller, served, text_request(body))
+    generation, _ = await _start(service, caller, served, body)
     try:
         whole = await _whole_text(generation)
     finally:
         generation.cancel()
     return _Answer(body, _writer(served), generation).whole(_head(body), whole)
+
+
+_GRAMMAR_FIELD = "response_format: "
+
+
+async def _start(
+    service: InferenceService, caller: Caller, served: ServedModel, body: ChatRequest | CompletionRequest
+) -> tuple[Source, dict[str, str]]:
+    """The generation of `body`'s answer. A forced call's grammar that cannot be built is the tools'
+    fault: the converter's complaint (`executors/llama_grammar.py`, which names response_format) is
+    told of them."""
+    try:
+        return await service.generate(caller, served, text_request(body))
+    except InvalidInput as exc:
+        if isinstance(body, ChatRequest) and body.forces_call and exc.message.startswith(_GRAMMAR_FIELD):
+            raise InvalidInput("tools: " + exc.message.removeprefix(_GRAMMAR_FIELD), param="tools") from None
+        raise
 
 
 def _usage(generation: Source) -> dict[str, Any]:
@@ -496,8 +596,8 @@ async def _stream(answer: _Answer, head: dict[str, Any], include_usage: bool) ->
             if first and (echo := answer.echo()) is not None:  # the prompt's scores are complete now
                 yield _sse({**head, "choices": [echo]})
             first = False
-            if event.text or event.finish_reason or event.logprobs:
-                yield _sse({**head, "choices": [answer.piece(event)]})
+            for choice in answer.pieces(event):
+                yield _sse({**head, "choices": [choice]})
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(generation)})
         yield _sse("[DONE]")
@@ -539,7 +639,7 @@ async def _generate(request: Request, body: ChatRequest | CompletionRequest) -> 
     service, caller = node_of(request).service, caller_of(request.scope)
     served = service.generator(caller, body.model)
     request.state.model = body.model
-    generation, headers = await service.generate(caller, served, text_request(body))
+    generation, headers = await _start(service, caller, served, body)
     head = _head(body)
     answer = _Answer(body, _writer(served), generation)
     if body.stream:
@@ -568,17 +668,19 @@ class _Answer:
         self.writer = writer
         self.generation = generation
         self.chat = isinstance(body, ChatRequest)
+        self._use = body.tool_use if isinstance(body, ChatRequest) else None
+        self._calls = CallStream(self._use) if self._use is not None else None
         self._offset = 0  # characters of completion text sent so far
 
     def whole(self, head: dict[str, Any], whole: _Whole) -> dict[str, Any]:
         """The answer that is not streamed: the whole text, why it ended, and the tokens it took."""
         usage = _usage(self.generation)
         if self.chat:
-            message = {"role": "assistant", "content": whole.text}
+            message, called = message_of(whole.text, self._use)
             choice = {
                 "index": 0,
                 "message": message,
-                "finish_reason": whole.finish_reason,
+                "finish_reason": "tool_calls" if called else whole.finish_reason,
                 "logprobs": self._chat_logprobs(whole.scores),
             }
             return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
@@ -613,8 +715,32 @@ class _Answer:
         self._offset = len(body.text)
         return {"index": 0, "text": body.text, "logprobs": logprobs, "finish_reason": None}
 
-    def piece(self, event: Event) -> dict[str, Any]:
-        """One streamed chunk's choice: the event's text, its tokens' scores, and why it ended."""
+    def pieces(self, event: Event) -> list[dict[str, Any]]:
+        """The streamed chunks' choices one event gives: its text, its tokens' scores, why it ended."""
+        if self._calls is not None:
+            return self._call_pieces(self._calls, event)
+        if not (event.text or event.finish_reason or event.logprobs):
+            return []
+        return [self._piece(event)]
+
+    def _call_pieces(self, calls: CallStream, event: Event) -> list[dict[str, Any]]:
+        """With tools: the text that cannot be a call at once, then at the end what was held back, the
+        calls found in it, and why the answer ended."""
+        text = calls.feed(event.text)
+        choices = []
+        if text or event.logprobs:
+            choices.append(_delta({"content": text} if text else {}, self._chat_logprobs(event.logprobs)))
+        if event.finish_reason is None:
+            return choices
+        tail, found = calls.finish()
+        if tail:
+            choices.append(_delta({"content": tail}))
+        if found:
+            choices.append(_delta({"tool_calls": [{"index": i, **call} for i, call in enumerate(found)]}))
+        choices.append(_delta({}, finish_reason="tool_calls" if found else event.finish_reason))
+        return choices
+
+    def _piece(self, event: Event) -> dict[str, Any]:
         if self.chat:
             delta = {"content": event.text} if event.text else {}
             logprobs = self._chat_logprobs(event.logprobs)
@@ -633,6 +759,12 @@ class _Answer:
         logprobs = self.writer.completion(scores, self._offset)
         self._offset += sum(len(token) for token in logprobs["tokens"])
         return logprobs
+
+
+def _delta(
+    delta: dict[str, Any], logprobs: dict[str, Any] | None = None, finish_reason: str | None = None
+) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def _sse_response(

@@ -12,8 +12,8 @@ import pytest
 
 from edgegen.config import LlmSettings
 from edgegen.errors import InvalidInput
-from edgegen.executors.base import DecodeItem
-from edgegen.executors.llama_grammar import MAX_REPEAT, MAX_SCHEMA_DEPTH, schema_grammar
+from edgegen.executors.base import MAX_SCHEMA_DEPTH, DecodeItem
+from edgegen.executors.llama_grammar import MAX_REPEAT, schema_grammar
 from edgegen.executors.llamacpp import LlamaExecutor
 from tests.json_shapes import conforms
 from tests.llm_models import write_tiny_llama

@@ -43,11 +43,6 @@ ASKING = [
     ("best_of", 3),
     ("suffix", "and then"),
     ("logit_bias", {"50256": -100}),
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "auto"),
-    ("tool_choice", "required"),
-    ("tool_choice", {"type": "function", "function": {"name": "f"}}),
-    ("parallel_tool_calls", True),
     ("functions", [{"name": "f", "parameters": {}}]),
     ("function_call", "auto"),
     ("function_call", {"name": "f"}),
@@ -66,12 +61,6 @@ NEUTRAL = [
     ("suffix", ""),
     ("logit_bias", None),
     ("logit_bias", {}),
-    ("tools", None),
-    ("tools", []),
-    ("tool_choice", None),
-    ("tool_choice", "none"),
-    ("parallel_tool_calls", None),
-    ("parallel_tool_calls", False),
     ("functions", None),
     ("functions", []),
     ("function_call", None),
@@ -112,16 +101,14 @@ def test_every_refused_field_is_tested() -> None:
 @pytest.mark.parametrize("value", [1, 0.0, "false", [], {}])
 def test_a_neutral_value_of_another_type_asks_for_something(value: object) -> None:
     """`false` and `0` compare equal in Python; only the value itself passes, type and all."""
-    assert (
-        refusal(COMPLETIONS_URL, {**COMPLETION, "parallel_tool_calls": value}).param == "parallel_tool_calls"
-    )
+    assert refusal(COMPLETIONS_URL, {**COMPLETION, "store": value}).param == "store"
 
 
 def test_a_job_body_names_the_field_under_body() -> None:
     with pytest.raises(InvalidInput) as caught:
-        validate_generation(CHAT_URL, {**CHAT, "tools": [{"type": "function"}]}, LlmSettings(), at=("body",))
-    assert caught.value.param == "body.tools"
-    assert caught.value.message.startswith("body.tools: this server does not support tool calls")
+        validate_generation(CHAT_URL, {**CHAT, "functions": [{"name": "f"}]}, LlmSettings(), at=("body",))
+    assert caught.value.param == "body.functions"
+    assert caught.value.message.startswith("body.functions: this server does not support function calls")
 
 
 @ENDPOINTS
