@@ -170,7 +170,7 @@ def test_a_client_that_disconnects_frees_its_sequence(node: NodeProcess, stream:
         ({"max_tokens": 0}, 400, "max_tokens"),
         ({"max_tokens": -5}, 400, "max_tokens"),
         ({"max_tokens": 100_000}, 400, "context"),
-        ({"n": 2}, 400, "n=1"),
+        ({"n": 17}, 400, "n"),
         ({"temperature": -1}, 400, "temperature"),
         ({"top_p": 0}, 400, "top_p"),
         ({"top_p": 1.5}, 400, "top_p"),

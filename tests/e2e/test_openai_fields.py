@@ -119,7 +119,6 @@ REFUSED = [
     ("chat", "functions", FUNCTIONS),
     ("chat", "function_call", "auto"),
     ("chat", "logit_bias", {"42": 10}),
-    ("chat", "n", 2),
     ("chat", "store", True),
     ("completions", "best_of", 2),
     ("completions", "suffix", "the end"),

@@ -201,18 +201,20 @@ def _arguments(arguments: str, texts: _Texts) -> Any:
         value = json.loads(arguments)
     except (ValueError, RecursionError):
         value = None
-    if isinstance(value, dict) and _shallow(value, _MAX_ARGUMENT_DEPTH):
+    if isinstance(value, dict) and nests_within(value, _MAX_ARGUMENT_DEPTH):
         return texts.value(value)
     return texts.mark(arguments)
 
 
-def _shallow(value: Any, room: int) -> bool:
-    if room < 0:
+def nests_within(value: Any, depth: int) -> bool:
+    """Whether JSON `value` nests its objects and arrays at most `depth` deep (checked before walking it
+    any further: a hostile document may nest thousands deep)."""
+    if depth < 0:
         return False
     if isinstance(value, dict):
-        return all(_shallow(item, room - 1) for item in value.values())
+        return all(nests_within(item, depth - 1) for item in value.values())
     if isinstance(value, list):
-        return all(_shallow(item, room - 1) for item in value)
+        return all(nests_within(item, depth - 1) for item in value)
     return True
 
 

@@ -4,7 +4,7 @@
     served = service.fixed_shape(caller, name)       authorized, served here, takes tensors
     outputs, headers = await service.predict(caller, served, feeds)
     served = service.generator(caller, name)         authorized, served here, generates text
-    source, headers = await service.generate(caller, served, TextRequest(...))
+    sources, headers = await service.generate(caller, served, TextRequest(...))   one per choice
 
 A route parses its protocol into these calls and encodes what they give back; nothing else stands
 between it and the engine. The service decides, for tensors and text alike, once: whether the caller
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,7 @@ class TextRequest:
     json: bool = False  # the answer is JSON: an object, or valid under `schema`
     schema: Mapping[str, Any] | None = None
     tools: Sequence[Mapping[str, Any]] | None = None  # OpenAI's tool definitions, rendered with the chat
+    n: int = 1  # choices: the prompt computed once, each choice seeded seed + i (when seeded)
 
 
 class Replay:
@@ -174,10 +175,11 @@ class InferenceService:
 
     async def generate(
         self, caller: Caller, served: ServedModel, request: TextRequest
-    ) -> tuple[Source, dict[str, str]]:
-        """The answer's source — the response cache, or a new generation (recorded when it may be
-        cached) — and the headers that say which. The cache key holds the prompt's text, not its
-        tokens: a hit skips tokenizing (llama.cpp's tokenizer is the dearest part of a hit)."""
+    ) -> tuple[list[Source], dict[str, str]]:
+        """The answer's sources, one per choice — the response cache, or new generations (recorded when
+        the answer may be cached) — and the headers that say which. The cache key holds the prompt's
+        text, not its tokens: a hit skips tokenizing (llama.cpp's tokenizer is the dearest part of a
+        hit). Several choices are never cached: each is a draw of its own."""
         scheduler = served.scheduler
         if scheduler is None:
             raise InvalidInput(f"model {served.manifest.name!r} does not generate text")
@@ -202,28 +204,43 @@ class InferenceService:
         deterministic = params.greedy or params.seed is not None
         # The cache keeps text, not scores: a request for scores is always computed.
         scored = request.logprobs is not None or request.echo
-        ticket = None if scored else self._ticket(caller, served, key, deterministic=deterministic)
+        cacheable = not scored and request.n == 1
+        ticket = self._ticket(caller, served, key, deterministic=deterministic) if cacheable else None
         if ticket is not None and (cached := self._lookup(ticket)) is not None:
-            return Replay(cached), ticket.headers
-        grammar = await scheduler.json_grammar(request.schema) if request.json else None
+            return [Replay(cached)], ticket.headers
+        # A grammar follows one answer as it grows: each choice has its own.
+        grammars = (
+            [await scheduler.json_grammar(request.schema) for _ in range(request.n)] if request.json else []
+        )
         tokens = await scheduler.encode(prompt)
         budget = request.max_tokens if request.max_tokens is not None else max(n_ctx - len(tokens), 1)
-        generation = scheduler.submit(
-            tokens,
-            params,
-            max_tokens=budget,
-            stop=request.stops,
-            timeout_s=self.generation_timeout_s,
-            tenant=caller.principal.owner,
-            logprobs=request.logprobs,
-            echo=request.echo,
-            grammar=grammar,
-        )
+        generations: list[Generation] = []
+        try:
+            for i in range(request.n):
+                seeded = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+                generations.append(
+                    scheduler.submit(
+                        tokens,
+                        seeded,
+                        max_tokens=budget,
+                        stop=request.stops,
+                        timeout_s=self.generation_timeout_s,
+                        tenant=caller.principal.owner,
+                        logprobs=request.logprobs,
+                        echo=request.echo,
+                        grammar=grammars[i] if grammars else None,
+                        choice_of=generations[0] if generations else None,
+                    )
+                )
+        except Exception:
+            for generation in generations:  # a choice refused (the queue is full): none of them runs
+                generation.cancel()
+            raise
         if ticket is None:
-            return generation, {}
+            return list(generations), {}
         if ticket.write:
-            return Recorded(generation, functools.partial(self._store, ticket)), ticket.headers
-        return generation, ticket.headers
+            return [Recorded(generations[0], functools.partial(self._store, ticket))], ticket.headers
+        return list(generations), ticket.headers
 
     @staticmethod
     async def _prompt(scheduler: Scheduler, request: TextRequest) -> Prompt:

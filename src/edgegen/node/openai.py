@@ -32,7 +32,10 @@ Fields, beyond OpenAI's sampling ones:
   is drawn under a grammar of the call (then `response_format` does not apply: the answer is the call),
   and calls come back as `message.tool_calls`. A chat carries on after a call with an assistant message
   holding `tool_calls` (`content` null) and a `tool` message per result (`tool_call_id`).
-* Fields OpenAI defines that this node does not implement (`NOT_IMPLEMENTED`: `n` > 1, `store`,
+* `n` up to 16 choices: the prompt is computed once and shared (`Scheduler.submit`'s `choice_of`), choice
+  i is seeded `seed` + i when a seed is given; streamed chunks carry their choice's `index`, `usage`
+  counts the prompt once and every choice's tokens. Several choices are never answered from the cache.
+* Fields OpenAI defines that this node does not implement (`NOT_IMPLEMENTED`: `best_of`, `store`,
   `functions`, …) are a 400 naming the field, never dropped in silence, unless
   they hold the value that asks for nothing (null, false, `"none"`, `{"type": "text"}`), which clients
   send by default.
@@ -108,6 +111,8 @@ Metadata = Annotated[
 # The names of ignored fields a request's log line carries: a hostile body must not flood the log.
 MAX_LOGGED_FIELDS = 8
 MAX_LOGGED_NAME = 64
+# Choices one request may ask for (`n`): each takes a sequence slot for the whole answer.
+MAX_CHOICES = 16
 
 
 class _JsonSchema(BaseModel):
@@ -149,8 +154,6 @@ def _one_of(*neutral: Any) -> Callable[[Any], bool]:
 # Fields OpenAI defines that this node does not implement yet: what each asks for, and a test that a
 # value asks for nothing (what clients send by default), which passes. Implementing one removes its line.
 NOT_IMPLEMENTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    # `n` is a field too: its type and range are checked there, only n > 1 here.
-    "n": ("more than one choice (only n=1)", lambda n: type(n) is not int or n <= 1),
     "best_of": ("choosing the best of several answers", _one_of(None, 1)),
     "suffix": ("a suffix", _one_of(None, "")),
     "logit_bias": ("logit bias", _one_of(None, {})),
@@ -186,7 +189,7 @@ class _Params(BaseModel):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
-    n: Annotated[int, Field(ge=1)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
@@ -417,9 +420,9 @@ def validate(model: type[_P], data: Any, limits: LlmSettings, at: tuple[str, ...
     """A parsed JSON body as `model`, or InvalidInput naming the first thing wrong with it: its place in
     the body, under `at`, and as the error's `param` the field it is in.
 
-    >>> validate(CompletionRequest, {"model": "m", "prompt": "hi", "echo": True}, LlmSettings())
+    >>> validate(CompletionRequest, {"model": "m", "prompt": "hi", "best_of": 3}, LlmSettings())
     Traceback (most recent call last):
-    edgegen.errors.InvalidInput: echo: this server does not support echoing the prompt
+    edgegen.errors.InvalidInput: best_of: this server does not support choosing the best of several answers
     """
     fields = data if isinstance(data, dict) else {}
     _refuse_unimplemented(fields, at)
@@ -481,6 +484,7 @@ def text_request(body: ChatRequest | CompletionRequest) -> TextRequest:
             json=call is not None or body.wants_json,
             schema=call if call is not None else body.answer_schema,
             tools=[tool.model_dump(exclude_none=True) for tool in tools] or None,
+            n=body.n,
         )
     # The prompt is scored only when its scores are asked for; its text is echoed here either way.
     echo = body.echo and body.logprobs is not None
@@ -493,6 +497,7 @@ def text_request(body: ChatRequest | CompletionRequest) -> TextRequest:
         echo=echo,
         json=body.wants_json,
         schema=body.answer_schema,
+        n=body.n,
     )
 
 
@@ -501,12 +506,13 @@ async def answer(
 ) -> dict[str, Any]:
     """The whole answer the route gives `body` when it does not stream (a job's answer)."""
     served = service.generator(caller, body.model)
-    generation, _ = await _start(service, caller, served, body)
+    sources, _ = await _start(service, caller, served, body)
     try:
-        whole = await _whole_text(generation)
+        wholes = await asyncio.gather(*(_whole_text(source) for source in sources))
     finally:
-        generation.cancel()
-    return _Answer(body, _writer(served), generation).whole(_head(body), whole)
+        for source in sources:
+            source.cancel()
+    return _whole_answer(_answers(body, served, sources), _head(body), wholes)
 
 
 _GRAMMAR_FIELD = "response_format: "
@@ -514,7 +520,7 @@ _GRAMMAR_FIELD = "response_format: "
 
 async def _start(
     service: InferenceService, caller: Caller, served: ServedModel, body: ChatRequest | CompletionRequest
-) -> tuple[Source, dict[str, str]]:
+) -> tuple[list[Source], dict[str, str]]:
     """The generation of `body`'s answer. A forced call's grammar that cannot be built is the tools'
     fault: the converter's complaint (`executors/llama_grammar.py`, which names response_format) is
     told of them."""
@@ -526,13 +532,15 @@ async def _start(
         raise
 
 
-def _usage(generation: Source) -> dict[str, Any]:
-    usage = generation.usage
+def _usage(sources: list[Source]) -> dict[str, Any]:
+    """The request's tokens: its prompt once (the choices share it), every choice's answer."""
+    first = sources[0].usage
+    completion = sum(source.usage.completion_tokens for source in sources)
     return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": first.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
     }
 
 
@@ -558,21 +566,25 @@ async def _whole_text(generation: Source) -> _Whole:
     return _Whole("".join(parts), reason, scores)
 
 
-async def _collect(request: Request, generation: Source) -> _Whole:
-    """The whole answer; cancels the generation if the client leaves first."""
-    if isinstance(generation, Replay):
-        return _Whole(generation.text, generation.finish_reason, [])
-    work = asyncio.ensure_future(_whole_text(generation))
-    gone = asyncio.ensure_future(_until_disconnected(request))
+async def _collect(request: Request, sources: list[Source]) -> list[_Whole]:
+    """Every choice's whole answer; cancels the generations if the client leaves first."""
+    if len(sources) == 1 and isinstance(replay := sources[0], Replay):
+        return [_Whole(replay.text, replay.finish_reason, [])]
+    work: asyncio.Future[list[_Whole]] = asyncio.ensure_future(
+        asyncio.gather(*(_whole_text(source) for source in sources))
+    )
+    gone: asyncio.Future[None] = asyncio.ensure_future(_until_disconnected(request))
     try:
-        await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+        waiting: list[asyncio.Future[Any]] = [work, gone]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if not work.done():
-            generation.cancel()
+            for source in sources:
+                source.cancel()
             work.cancel()
     try:
-        return await work
+        return list(await work)
     except asyncio.CancelledError:
         if not gone.done() or gone.cancelled():
             raise  # this request itself is being cancelled (shutdown), not the client
@@ -584,28 +596,64 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-async def _stream(answer: _Answer, head: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
-    """SSE chunks; leaving early (the client went away) cancels the generation."""
-    generation = answer.generation
+async def _stream(answers: list[_Answer], head: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
+    """SSE chunks, every choice's as they come (each names its index); leaving early (the client went
+    away) cancels the generations."""
+    sources = [answer.generation for answer in answers]
     try:
-        opening = answer.opening()
-        if opening is not None:
-            yield _sse({**head, "choices": [opening]})
-        first = True
-        async for event in generation.events():
-            if first and (echo := answer.echo()) is not None:  # the prompt's scores are complete now
+        for answer in answers:
+            if (opening := answer.opening()) is not None:
+                yield _sse({**head, "choices": [opening]})
+        started = [False] * len(answers)
+        async for index, event in _merged(sources):
+            answer = answers[index]
+            if not started[index] and (echo := answer.echo()) is not None:  # its prompt's scores are in
                 yield _sse({**head, "choices": [echo]})
-            first = False
+            started[index] = True
             for choice in answer.pieces(event):
                 yield _sse({**head, "choices": [choice]})
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(generation)})
+            yield _sse({**head, "choices": [], "usage": _usage(sources)})
         yield _sse("[DONE]")
     except Exception as exc:  # an error after the 200 went out travels as an SSE error event
         message = getattr(exc, "message", "internal error")
         yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
     finally:
-        generation.cancel()
+        for source in sources:
+            source.cancel()
+
+
+async def _merged(sources: list[Source]) -> AsyncIterator[tuple[int, Event]]:
+    """The events of several generations as they come, each with its generation's index; the first
+    error is raised."""
+    if len(sources) == 1:
+        async for event in sources[0].events():
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, source: Source) -> None:
+        try:
+            async for event in source.events():
+                queue.put_nowait((index, event))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+        queue.put_nowait((index, None))
+
+    pumps = [asyncio.ensure_future(pump(i, source)) for i, source in enumerate(sources)]
+    try:
+        running = len(pumps)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
 
 
 @router.get("/models", summary="Models that generate text")
@@ -639,18 +687,29 @@ async def _generate(request: Request, body: ChatRequest | CompletionRequest) -> 
     service, caller = node_of(request).service, caller_of(request.scope)
     served = service.generator(caller, body.model)
     request.state.model = body.model
-    generation, headers = await _start(service, caller, served, body)
+    sources, headers = await _start(service, caller, served, body)
     head = _head(body)
-    answer = _Answer(body, _writer(served), generation)
+    answers = _answers(body, served, sources)
     if body.stream:
         kind = "chat.completion.chunk" if isinstance(body, ChatRequest) else "text_completion"
-        return _sse_response(answer, {**head, "object": kind}, body.include_usage, headers)
-    whole = await _collect(request, generation)
-    return json_response(answer.whole(head, whole), headers=headers)
+        return _sse_response(answers, {**head, "object": kind}, body.include_usage, headers)
+    wholes = await _collect(request, sources)
+    return json_response(_whole_answer(answers, head, wholes), headers=headers)
 
 
-def _writer(served: ServedModel) -> LogprobWriter | None:
-    return LogprobWriter(served.scheduler.executor.piece) if served.scheduler is not None else None
+def _answers(
+    body: ChatRequest | CompletionRequest, served: ServedModel, sources: list[Source]
+) -> list[_Answer]:
+    scheduler = served.scheduler
+    writer = LogprobWriter(scheduler.executor.piece) if scheduler is not None else None
+    return [_Answer(body, writer, source, index) for index, source in enumerate(sources)]
+
+
+def _whole_answer(answers: list[_Answer], head: dict[str, Any], wholes: list[_Whole]) -> dict[str, Any]:
+    """The answer that is not streamed: every choice whole, and the tokens they took."""
+    kind = "chat.completion" if answers[0].chat else "text_completion"
+    choices = [answer.whole(whole) for answer, whole in zip(answers, wholes, strict=True)]
+    return {**head, "object": kind, "choices": choices, "usage": _usage([a.generation for a in answers])}
 
 
 def _head(body: ChatRequest | CompletionRequest) -> dict[str, Any]:
@@ -662,42 +721,44 @@ class _Answer:
     """The answer's JSON for one request: whole, or chunk by chunk (a stream keeps its text offset)."""
 
     def __init__(
-        self, body: ChatRequest | CompletionRequest, writer: LogprobWriter | None, generation: Source
+        self,
+        body: ChatRequest | CompletionRequest,
+        writer: LogprobWriter | None,
+        generation: Source,
+        index: int,
     ):
         self.body = body
         self.writer = writer
         self.generation = generation
+        self.index = index  # the choice's
         self.chat = isinstance(body, ChatRequest)
         self._use = body.tool_use if isinstance(body, ChatRequest) else None
         self._calls = CallStream(self._use) if self._use is not None else None
         self._offset = 0  # characters of completion text sent so far
 
-    def whole(self, head: dict[str, Any], whole: _Whole) -> dict[str, Any]:
-        """The answer that is not streamed: the whole text, why it ended, and the tokens it took."""
-        usage = _usage(self.generation)
+    def whole(self, whole: _Whole) -> dict[str, Any]:
+        """The choice that is not streamed: its whole text, and why it ended."""
         if self.chat:
             message, called = message_of(whole.text, self._use)
-            choice = {
-                "index": 0,
+            return {
+                "index": self.index,
                 "message": message,
                 "finish_reason": "tool_calls" if called else whole.finish_reason,
                 "logprobs": self._chat_logprobs(whole.scores),
             }
-            return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
         echo = self.echo()
         text = (echo["text"] if echo else "") + whole.text
         logprobs = self._text_logprobs(whole.scores)
         if echo is not None and logprobs is not None:
             logprobs = merge_completion([echo["logprobs"], logprobs])
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": whole.finish_reason}
-        return {**head, "object": "text_completion", "choices": [choice], "usage": usage}
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": whole.finish_reason}
 
     def opening(self) -> dict[str, Any] | None:
         """A stream's first chunk, before any token: chat's assistant role."""
         if not self.chat:
             return None
         return {
-            "index": 0,
+            "index": self.index,
             "delta": {"role": "assistant", "content": ""},
             "logprobs": None,
             "finish_reason": None,
@@ -713,7 +774,7 @@ class _Answer:
             prompt = self.generation.prompt_tokens
             logprobs = self.writer.completion(self.generation.prompt_logprobs, 0, first=prompt[0])
         self._offset = len(body.text)
-        return {"index": 0, "text": body.text, "logprobs": logprobs, "finish_reason": None}
+        return {"index": self.index, "text": body.text, "logprobs": logprobs, "finish_reason": None}
 
     def pieces(self, event: Event) -> list[dict[str, Any]]:
         """The streamed chunks' choices one event gives: its text, its tokens' scores, why it ended."""
@@ -729,24 +790,37 @@ class _Answer:
         text = calls.feed(event.text)
         choices = []
         if text or event.logprobs:
-            choices.append(_delta({"content": text} if text else {}, self._chat_logprobs(event.logprobs)))
+            choices.append(
+                self._delta({"content": text} if text else {}, self._chat_logprobs(event.logprobs))
+            )
         if event.finish_reason is None:
             return choices
         tail, found = calls.finish()
         if tail:
-            choices.append(_delta({"content": tail}))
+            choices.append(self._delta({"content": tail}))
         if found:
-            choices.append(_delta({"tool_calls": [{"index": i, **call} for i, call in enumerate(found)]}))
-        choices.append(_delta({}, finish_reason="tool_calls" if found else event.finish_reason))
+            choices.append(
+                self._delta({"tool_calls": [{"index": i, **call} for i, call in enumerate(found)]})
+            )
+        choices.append(self._delta({}, finish_reason="tool_calls" if found else event.finish_reason))
         return choices
+
+    def _delta(
+        self, delta: dict[str, Any], logprobs: dict[str, Any] | None = None, finish_reason: str | None = None
+    ) -> dict[str, Any]:
+        return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _piece(self, event: Event) -> dict[str, Any]:
         if self.chat:
             delta = {"content": event.text} if event.text else {}
-            logprobs = self._chat_logprobs(event.logprobs)
-            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}
+            return self._delta(delta, self._chat_logprobs(event.logprobs), event.finish_reason)
         logprobs = self._text_logprobs(event.logprobs)
-        return {"index": 0, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
+        return {
+            "index": self.index,
+            "text": event.text,
+            "logprobs": logprobs,
+            "finish_reason": event.finish_reason,
+        }
 
     def _chat_logprobs(self, scores: list[TokenLogprob]) -> dict[str, Any] | None:
         if self.body.scores is None or self.writer is None:
@@ -761,17 +835,11 @@ class _Answer:
         return logprobs
 
 
-def _delta(
-    delta: dict[str, Any], logprobs: dict[str, Any] | None = None, finish_reason: str | None = None
-) -> dict[str, Any]:
-    return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
 def _sse_response(
-    answer: _Answer, head: dict[str, Any], include_usage: bool, headers: dict[str, str]
+    answers: list[_Answer], head: dict[str, Any], include_usage: bool, headers: dict[str, str]
 ) -> Response:
     return StreamingResponse(
-        _stream(answer, head, include_usage),
+        _stream(answers, head, include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
     )

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edgegen.engine.prompt import CALL_CLOSE, CALL_OPEN
+from edgegen.engine.prompt import CALL_CLOSE, CALL_OPEN, nests_within
 from edgegen.executors.base import MAX_SCHEMA_CHARS, MAX_SCHEMA_DEPTH
 
 MAX_TOOLS = 64
@@ -101,23 +101,13 @@ class ToolCall(BaseModel):
 
 def _check_schema(schema: dict[str, Any]) -> None:
     """A tool's parameters within response_format's bounds on a schema, and of an object."""
-    if not _within(schema, MAX_SCHEMA_DEPTH):
+    if not nests_within(schema, MAX_SCHEMA_DEPTH):
         raise ValueError(f"the parameters schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     size = len(json.dumps(schema))
     if size > MAX_SCHEMA_CHARS:
         raise ValueError(f"the parameters schema has {size} characters; at most {MAX_SCHEMA_CHARS}")
     if schema.get("type", "object") != "object":
         raise ValueError('parameters must be the JSON schema of an object ("type": "object")')
-
-
-def _within(node: Any, room: int) -> bool:
-    if room < 0:
-        return False
-    if isinstance(node, dict):
-        return all(_within(value, room - 1) for value in node.values())
-    if isinstance(node, list):
-        return all(_within(value, room - 1) for value in node)
-    return True
 
 
 def unique_names(tools: list[Tool] | None) -> list[Tool] | None:

@@ -39,7 +39,6 @@ def refusal(url: str, body: dict[str, Any]) -> InvalidInput:
 
 # What each field OpenAI defines and this node does not implement looks like when a client asks for it.
 ASKING = [
-    ("n", 2),
     ("best_of", 3),
     ("suffix", "and then"),
     ("logit_bias", {"50256": -100}),
@@ -54,7 +53,6 @@ ASKING = [
 
 # The values that ask for nothing, which clients send by default: they pass.
 NEUTRAL = [
-    ("n", 1),
     ("best_of", None),
     ("best_of", 1),
     ("suffix", None),
@@ -131,6 +129,7 @@ def test_a_job_body_names_the_field_under_body() -> None:
         ("metadata", {"k" * 65: "v"}),
         ("metadata", "tag"),
         ("n", 0),
+        ("n", 17),
         ("n", True),
         ("n", "2"),
     ],
