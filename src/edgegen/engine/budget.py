@@ -37,6 +37,13 @@ class StepBudget:
             return free  # no stream waits on this step (or nothing is known yet)
         return max(min(MIN_PREFILL, free), min(free, int(self.tokens) - decoding))
 
+    def spare(self, planned: int) -> int:
+        """Tokens a step already carrying `planned` may take besides and stay within the target: what
+        speculative drafts may use (unlike prompts, which always move on by at least MIN_PREFILL)."""
+        if self.target_s == 0 or self.tokens is None:
+            return self.most - planned
+        return max(0, min(self.most, int(self.tokens)) - planned)
+
     def observe(self, tokens: int, seconds: float, *, filled: bool) -> None:
         """A step of `tokens` took `seconds`; `filled`: its prompt chunks used all the room it had."""
         if self.target_s == 0 or tokens <= 0 or seconds <= 0:

@@ -537,7 +537,9 @@ class Scheduler:
         the token's place in its draft (every token before it must be kept too). A draft token adds b
         seconds and p tokens, so it pays when p > y·b / (a + b·n): the most likely ones are added first
         while that holds. One stream alone on two cores pays for tokens kept more than about a quarter
-        of the time; eight streams, for hardly any.
+        of the time; eight streams, for hardly any. Drafts also stay within the step's token budget
+        (`StepBudget.spare`): a draft that pays in throughput must not stretch every stream's gap past
+        the inter-token latency target.
         """
         line = self.cost.line()
         for sequence in owners[:decoding]:
@@ -548,6 +550,7 @@ class Scheduler:
             return
         fixed, per_token = line
         tokens = sum(len(i.tokens) for i in items)
+        limit = tokens + self.budget.spare(tokens)
         expected = float(decoding)
         # (-chance, item index, place in the draft): the most likely next draft token first
         heap: list[tuple[float, int, int]] = []
@@ -564,7 +567,7 @@ class Scheduler:
                 heap.append((-sequence.acceptance, index, 1))
         heapq.heapify(heap)
         lengths = [0] * decoding
-        while heap and tokens < self.n_batch:
+        while heap and tokens < limit:
             chance, index, place = heapq.heappop(heap)
             if -chance <= expected * per_token / (fixed + per_token * tokens):
                 break

@@ -56,3 +56,14 @@ def test_without_streams_or_target_a_step_takes_the_whole_batch() -> None:
     off = StepBudget(0.0, 512)
     off.observe(400, 2.0, filled=True)
     assert off.room(8) == 504
+
+
+def test_drafts_may_only_use_what_the_target_leaves() -> None:
+    budget = StepBudget(0.075, 512)
+    assert budget.spare(8) == 504  # nothing learned yet: up to n_batch
+    budget.observe(8, 0.075, filled=True)  # 8 tokens took the whole target
+    assert budget.spare(8) == 0  # prompts still get MIN_PREFILL from `room`; drafts get nothing
+    assert budget.room(8) > 0
+    budget.observe(8, 0.025, filled=True)
+    assert 0 < budget.spare(8) <= 16
+    assert StepBudget(0, 512).spare(100) == 412  # no target: n_batch
