@@ -75,6 +75,8 @@ bench: setup
 	$(BIN)/python bench/llm.py
 	$(BIN)/python bench/streams.py
 	$(BIN)/python bench/structured.py
+	$(BIN)/python bench/speculative.py
+	$(BIN)/python bench/idle_cells.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/security.py
 	$(BIN)/python bench/jobs.py
