@@ -12,6 +12,12 @@ running average of the time per row) runs on the event loop instead.
 
 Stacking rows never changes a row's result (each row of an MLP or a CNN is computed independently);
 `tests/unit/engine/test_batching.py` pins that.
+
+Each batcher counts what it did, in the terms of Triton's statistics extension (`statistics()`; the
+node answers them at `/v2/models/{name}/stats`). The counts are plain integers updated on the event
+loop, from clock readings the batcher takes anyway: the time a request waited (its submission to the
+start of its batch) and the forward pass. Collating and splitting are not timed apart (microseconds),
+and answers from the response cache never reach a batcher, so they are not counted.
 """
 
 from __future__ import annotations
@@ -40,11 +46,65 @@ class BatchObserver(Protocol):
     def on_batch(self, model: str, rows: int, requests: int, seconds: float) -> None: ...
 
 
+@dataclass(frozen=True)
+class Duration:
+    """How many times something happened and how long it took in all (Triton's `StatisticDuration`)."""
+
+    count: int = 0
+    ns: int = 0
+
+
+@dataclass(frozen=True)
+class BatchSize:
+    """The forward passes of one batch size (rows) that succeeded, and their time in all."""
+
+    rows: int
+    executions: int
+    ns: int
+
+
+@dataclass(frozen=True)
+class BatchStatistics:
+    """What a batcher has done since it started. Per request: `success`, `fail`, `queue` (submission to
+    the start of its batch) and `compute` (its batch's forward pass: a batch of k requests adds k
+    times). `inference_count` counts the rows answered, `execution_count` the forward passes that
+    succeeded; `last_inference` is when the last of those started, in seconds since the epoch (None:
+    none yet)."""
+
+    inference_count: int
+    execution_count: int
+    last_inference: float | None
+    success: Duration
+    fail: Duration
+    queue: Duration
+    compute: Duration
+    batches: tuple[BatchSize, ...]
+
+
+@dataclass(slots=True)
+class _Tally:
+    """The mutable counts behind `BatchStatistics`; only the batcher's event loop touches them."""
+
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference: float | None = None
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+    compute_count: int = 0
+    compute_ns: int = 0
+    by_size: dict[int, list[int]] = field(default_factory=dict)  # rows -> [executions, ns]
+
+
 @dataclass(eq=False)
 class _Request:
     feeds: Feeds
     rows: int
     future: asyncio.Future[dict[str, np.ndarray]]
+    queued: float  # clock reading at submission
     deadline: float
     key: tuple[tuple[str, tuple[int, ...], str], ...] = field(init=False)
 
@@ -95,16 +155,43 @@ class DynamicBatcher:
         self._settings = settings
         self._observer = observer
         self._clock = clock
-        batched = all(spec.batched for spec in self._executors[0].inputs)
-        self.max_rows = settings.max_batch_size if batched else 1
+        # Requests stack along the first dimension only when every input's first dimension takes any size.
+        self.batched = all(spec.batched for spec in self._executors[0].inputs)
+        self.max_rows = settings.max_batch_size if self.batched else 1
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=settings.max_queue_size)
         self._pool = ThreadPoolExecutor(max_workers=len(self._executors), thread_name_prefix=f"exec-{model}")
         self._workers: list[asyncio.Task[None]] = []
         self._row_seconds = 0.0  # running average of forward-pass time per row; 0 until measured
+        self._tally = _Tally()
 
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def settings(self) -> BatchSettings:
+        return self._settings
+
+    @property
+    def instances(self) -> int:
+        """Forward passes that may run at once (one worker per executor)."""
+        return len(self._executors)
+
+    def statistics(self) -> BatchStatistics:
+        """A snapshot of the counts (module docstring)."""
+        t = self._tally
+        # The batch started on the batcher's clock; told as wall-clock time only here, off the hot path.
+        last = None if t.last_inference is None else time.time() - (self._clock() - t.last_inference)
+        return BatchStatistics(
+            inference_count=t.inference_count,
+            execution_count=t.execution_count,
+            last_inference=last,
+            success=Duration(t.success_count, t.success_ns),
+            fail=Duration(t.fail_count, t.fail_ns),
+            queue=Duration(t.queue_count, t.queue_ns),
+            compute=Duration(t.compute_count, t.compute_ns),
+            batches=tuple(BatchSize(rows, n, ns) for rows, (n, ns) in sorted(t.by_size.items())),
+        )
 
     def start(self) -> None:
         self._workers = [
@@ -122,10 +209,12 @@ class DynamicBatcher:
                 f"a request may hold at most {self.max_rows} samples for this model, got {rows}"
             )
         loop = asyncio.get_running_loop()
-        request = _Request(feeds, rows, loop.create_future(), self._clock() + timeout_s)
+        queued = self._clock()
+        request = _Request(feeds, rows, loop.create_future(), queued, queued + timeout_s)
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
+            self._tally.fail_count += 1  # refused at the door: it took no time of the model's
             raise Overloaded(f"model {self.model!r} is at capacity; retry shortly") from None
         self._observe_queue()
         # One timer per request, cheaper than asyncio.timeout(); a worker skips expired requests.
@@ -187,10 +276,12 @@ class DynamicBatcher:
                 self._observe_queue()
                 now = self._clock()
                 live = [r for r in batch if not r.future.done() and r.deadline > now]
+                if len(live) < len(batch):
+                    self._failed([r for r in batch if r not in live], now, 0)
                 if not live:
                     continue
                 feeds, offsets = collate([r.feeds for r in live])
-                started = time.perf_counter()
+                started = time.perf_counter_ns()
                 try:
                     if 0 < self._row_seconds * offsets[-1] * 1e6 <= self._settings.inline_max_us:
                         outputs = executor.run(feeds)
@@ -201,19 +292,50 @@ class DynamicBatcher:
                     for r in live:
                         if not r.future.done():
                             r.future.set_exception(ExecutorError("the model failed on this input"))
+                    self._failed(live, now, time.perf_counter_ns() - started)
                     continue
-                elapsed = time.perf_counter() - started
-                per_row = elapsed / offsets[-1]
+                elapsed_ns = time.perf_counter_ns() - started
+                per_row = elapsed_ns / 1e9 / offsets[-1]
                 self._row_seconds = (
                     per_row if not self._row_seconds else 0.8 * self._row_seconds + 0.2 * per_row
                 )
-                self._observe_batch(offsets[-1], len(live), elapsed)
-                for r, result in zip(live, split(outputs, offsets), strict=True):
-                    if not r.future.done():
-                        r.future.set_result(result)
+                self._observe_batch(offsets[-1], len(live), elapsed_ns / 1e9)
+                self._answer(live, split(outputs, offsets), now, elapsed_ns)
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    def _answer(
+        self, live: list[_Request], results: list[dict[str, np.ndarray]], now: float, elapsed_ns: int
+    ) -> None:
+        """Hand each request its rows and count the batch, taken at clock reading `now`, whose forward
+        pass took `elapsed_ns`."""
+        t = self._tally
+        t.execution_count += 1
+        t.last_inference = now
+        size = t.by_size.setdefault(sum(r.rows for r in live), [0, 0])
+        size[0] += 1
+        size[1] += elapsed_ns
+        t.queue_count += len(live)
+        t.compute_count += len(live)
+        t.compute_ns += elapsed_ns * len(live)
+        for r, result in zip(live, results, strict=True):
+            waited = int((now - r.queued) * 1e9)
+            t.queue_ns += waited
+            if r.future.done():  # expired, or its caller went away, while the batch ran
+                t.fail_count += 1
+                t.fail_ns += waited + elapsed_ns
+                continue
+            r.future.set_result(result)
+            t.success_count += 1
+            t.success_ns += waited + elapsed_ns
+            t.inference_count += r.rows
+
+    def _failed(self, requests: list[_Request], now: float, elapsed_ns: int) -> None:
+        """Count requests that got no answer: skipped past their deadline, or in a batch that failed."""
+        t = self._tally
+        t.fail_count += len(requests)
+        t.fail_ns += sum(int((now - r.queued) * 1e9) + elapsed_ns for r in requests)
 
     def _observe_queue(self) -> None:
         if self._observer is not None:

@@ -1,4 +1,5 @@
-"""KServe v2 / Open Inference Protocol, with Triton's binary tensor extension.
+"""KServe v2 / Open Inference Protocol, with Triton's binary tensor, model configuration and statistics
+extensions (the last two in Triton's JSON: node/triton.py).
 
 JSON tensors carry `data` as a flat (or nested) row-major list. With the binary extension, the body is
 a JSON header of `Inference-Header-Content-Length` bytes followed by the raw little-endian bytes of
@@ -22,6 +23,7 @@ from edgegen.engine.service import caller_of
 from edgegen.errors import InvalidInput, ModelNotFound
 from edgegen.http.bodies import parse_json
 from edgegen.http.responses import json_response
+from edgegen.node import triton
 from edgegen.node.state import node_of
 from edgegen.node.tensors import cast
 from edgegen.security.auth import principal_of
@@ -79,7 +81,7 @@ async def ready(request: Request) -> Response:
 async def server_metadata(request: Request) -> Response:
     # The software's version is an operator's business (it tells which known flaws a node has).
     version = __version__ if principal_of(request.scope).at_least("operator") else ""
-    return json_response({"name": "edgegen", "version": version, "extensions": ["binary_tensor_data"]})
+    return json_response({"name": "edgegen", "version": version, "extensions": triton.EXTENSIONS})
 
 
 def _metadata(request: Request, manifest: Manifest) -> Response:
@@ -93,6 +95,24 @@ def _metadata(request: Request, manifest: Manifest) -> Response:
             "outputs": [_tensor_meta(s) for s in manifest.outputs],
         }
     )
+
+
+def _statistics(served: ServedModel) -> dict[str, Any]:
+    """A model's `$model_stat`. A text model answers no KServe inference (/infer refuses it; /metrics
+    counts its generations), so its counts are zeros, in the same shape."""
+    batcher = served.batcher
+    stats = batcher.statistics() if batcher is not None else triton.IDLE
+    return triton.model_statistics(served.manifest.name, served.manifest.version, stats)
+
+
+# Before /models/{name}, which would take "stats" for a model's name.
+@router.get("/models/stats", summary="Statistics of every model (Triton's statistics extension)")
+async def all_statistics(request: Request) -> Response:
+    """Every served model this credential may use; the others are left out, as if not served."""
+    registry = node_of(request).registry
+    principal = principal_of(request.scope)
+    served = [registry.get(n) for n in registry.names() if principal.allows_model(n)]
+    return json_response({"model_stats": [_statistics(s) for s in served]})
 
 
 @router.get("/models/{name}", summary="Model metadata")
@@ -115,6 +135,43 @@ async def model_ready(name: str, request: Request) -> Response:
 async def model_version_ready(name: str, version: str, request: Request) -> Response:
     _served(request, name, version)
     return json_response({"name": name, "ready": True})
+
+
+def _config(request: Request, name: str, version: str | None) -> Response:
+    """Triton's model configuration (node/triton.py).
+
+    A text (GGUF) model is refused with a 400 that says what it is and where to send it, rather than
+    described: /infer refuses it (it generates through /v1), so any configuration (its tokens and
+    logits, or the BYTES text_input/text_output of Triton's generate extension) would send perf_analyzer
+    on to requests that all fail. tritonclient raises the 400 as an InferenceServerException carrying
+    that message, and perf_analyzer stops at once with it ("failed to get model config: …").
+    """
+    served = _served(request, name, version)
+    batcher = served.fixed_shape()
+    manifest = served.manifest
+    inputs = [_tensor_meta(s) for s in manifest.inputs]
+    outputs = [_tensor_meta(s) for s in manifest.outputs]
+    return json_response(triton.model_config(manifest, PLATFORMS[manifest.format], inputs, outputs, batcher))
+
+
+@router.get("/models/{name}/config", summary="Model configuration (Triton's extension)")
+async def model_config(name: str, request: Request) -> Response:
+    return _config(request, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/config", summary="Model version configuration")
+async def model_version_config(name: str, version: str, request: Request) -> Response:
+    return _config(request, name, version)
+
+
+@router.get("/models/{name}/stats", summary="Model statistics (Triton's extension)")
+async def model_statistics(name: str, request: Request) -> Response:
+    return json_response({"model_stats": [_statistics(_served(request, name, None))]})
+
+
+@router.get("/models/{name}/versions/{version}/stats", summary="Model version statistics")
+async def model_version_statistics(name: str, version: str, request: Request) -> Response:
+    return json_response({"model_stats": [_statistics(_served(request, name, version))]})
 
 
 def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:

@@ -70,7 +70,8 @@ _OU = re.compile(r"(?:^|,)OU=([^,+]+)")
 _CN = re.compile(r"(?:^|,)CN=([^,+]+)")
 SHIP_PATH = "/gateway/logs"  # where nodes ship their logs (gateway/routes/logs.py)
 METRICS_PATH = "/metrics"
-_MODEL_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)(?:/|$)")
+# `/v2/models/stats` names no model: it answers the statistics of those the credential may use.
+_MODEL_IN_PATH = re.compile(r"^/(?:v2/models/(?!stats$)|models/)([^/]+)(?:/|$)")
 PUBLIC = Principal("anonymous", "user", models=())  # the caller of a public path, with no credential
 # Which client-certificate roles may make admin calls over mutual TLS, by the role the path needs.
 ADMIN_PEERS = {
