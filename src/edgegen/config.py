@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edgegen.errors import ConfigError, EdgegenError, Forbidden, InvalidInput
@@ -262,6 +271,9 @@ class Settings(EnvFirstSettings):
     store: Path | None = Field(None, description="model store directory (default: HOME/models)")
     host: HostName = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        0, ge=0, le=65535, description="KServe v2 over gRPC (Triton's protocol) on this port; 0: off"
+    )
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port")
     default_model: str = Field("digits", pattern=MODEL_NAME, description="what POST /predict serves")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -286,6 +298,12 @@ class Settings(EnvFirstSettings):
     # The operator's file these were read from (None: EDGEGEN_CONFIG, or none): a remote change is
     # checked against it as the next start will read it.
     _config_file: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _ports(self) -> Settings:
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError("grpc_port must differ from port (or be 0: no gRPC)")
+        return self
 
     @property
     def config_file(self) -> Path | None:

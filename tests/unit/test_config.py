@@ -37,6 +37,8 @@ def test_environment_outranks_the_file_and_nested_fields_use_double_underscore(
         ("unknown_key = 1", "unknown_key"),
         ("[batching]\nmax_batch_size = 0", "batching.max_batch_size"),
         ("port = ", "not valid TOML"),
+        ("grpc_port = -1", "grpc_port"),
+        ("port = 9000\ngrpc_port = 9000", "grpc_port must differ from port"),
     ],
 )
 def test_bad_settings_fail_with_a_message_naming_the_field(tmp_path: Path, text: str, message: str) -> None:

@@ -25,6 +25,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="address to listen on", envvar="EDGEGEN_HOST")] = None,
     port: Annotated[int | None, typer.Option(help="port to listen on", envvar="EDGEGEN_PORT")] = None,
     workers: Annotated[int | None, typer.Option(help="server processes", envvar="EDGEGEN_WORKERS")] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="KServe v2 gRPC port (0: off)", envvar="EDGEGEN_GRPC_PORT")
+    ] = None,
     store: StoreOpt = None,
     log_level: Annotated[
         str | None, typer.Option(help="debug|info|warning|error", envvar="EDGEGEN_LOG_LEVEL")
@@ -36,7 +39,9 @@ def serve(
 
     if insecure:
         os.environ["EDGEGEN_SECURITY__INSECURE"] = "true"
-    settings = node_settings(config, host=host, port=port, workers=workers, store=store, log_level=log_level)
+    settings = node_settings(
+        config, host=host, port=port, workers=workers, grpc_port=grpc_port, store=store, log_level=log_level
+    )
     _check_exposure(settings.host, settings.security, settings.tls)
     configure_logging(settings.log_level)
     _move_to_software(settings)

@@ -215,16 +215,19 @@ class RequestBoundary:
             template = scope.get("edgegen.route") or matched
             model = scope.get("state", {}).get("model", "")
             self.observer.observe_request(template, scope["method"], model, status, seconds)
-            self.access_log.write(
-                {
-                    "request_id": request_id.get(),
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "ms": round(seconds * 1000, 3),
-                    "model": model,
-                }
-            )
+            line = {
+                "request_id": request_id.get(),
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "ms": round(seconds * 1000, 3),
+                "model": model,
+            }
+            if (
+                "edgegen.grpc" in scope
+            ):  # a gRPC call (node/grpc_server.py): its method, beside its twin's path
+                line["rpc"] = template
+            self.access_log.write(line)
         except Exception:
             access.exception("request accounting failed")
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgegen.cache import ResponseCache
 from edgegen.config import Settings, load_settings
@@ -46,6 +46,7 @@ from edgegen.security.signing import store_trust
 from edgegen.store import ModelStore
 
 if TYPE_CHECKING:
+    from edgegen.node.grpc_server import GrpcServer
     from edgegen.observe.shipping import LogShipper
 
 log = logging.getLogger("edgegen.node")
@@ -61,8 +62,13 @@ class NodeApp:
         self.api = api
         self.state = api.state
         settings = node.settings
+        routes: ASGIApp = predict.PredictRoutes(api, node)  # the seed's two routes, before the FastAPI app
+        if settings.grpc_port:
+            from edgegen.node.grpc_server import GrpcCalls
+
+            routes = GrpcCalls(routes, node)  # gRPC calls, past the gate (node/grpc_server.py)
         self._entry = edge_stack(
-            predict.PredictRoutes(api, node),  # the seed's two routes, in front of the FastAPI app
+            routes,
             settings,
             node.audit,
             node.metrics.registry,
@@ -119,6 +125,7 @@ def create_app(settings: Settings) -> NodeApp:
                 )
 
         shipper = start_shipping(settings, access_log)
+        grpc_server = await start_grpc(settings, node_app) if settings.grpc_port else None
         loader = asyncio.create_task(load(), name="model-loader")
         purger = asyncio.create_task(purge_jobs(node.jobs, settings.jobs.retention_s), name="job-purger")
         multiprocess = metrics.multiprocess
@@ -141,6 +148,8 @@ def create_app(settings: Settings) -> NodeApp:
                 await workers.stop()
             if node.jobs is not None:
                 await node.jobs.close()
+            if grpc_server is not None:
+                await grpc_server.stop()
             await registry.close()
             if cache is not None:
                 cache.close()
@@ -188,7 +197,18 @@ def create_app(settings: Settings) -> NodeApp:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return NodeApp(app, node)
+    node_app = NodeApp(app, node)
+    return node_app
+
+
+async def start_grpc(settings: Settings, entry: ASGIApp) -> GrpcServer:
+    """KServe v2 over gRPC on `grpc_port`, through the node's whole stack (`entry`); grpc is imported only
+    by a node that serves it."""
+    from edgegen.node.grpc_server import GrpcServer
+
+    server = GrpcServer(settings, entry)
+    await server.start()
+    return server
 
 
 def job_workers(

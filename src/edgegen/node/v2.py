@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from edgegen import __version__
 from edgegen.engine.registry import ServedModel
@@ -24,9 +25,9 @@ from edgegen.errors import InvalidInput, ModelNotFound
 from edgegen.http.bodies import parse_json
 from edgegen.http.responses import json_response
 from edgegen.node import triton
-from edgegen.node.state import node_of
+from edgegen.node.state import NodeState, node_of
 from edgegen.node.tensors import cast
-from edgegen.security.auth import principal_of
+from edgegen.security.auth import Principal, principal_of
 from edgegen.store import Manifest, TensorSpec
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
@@ -58,12 +59,18 @@ def _tensor_meta(spec: TensorSpec) -> dict[str, Any]:
     }
 
 
-def _served(request: Request, name: str, version: str | None) -> ServedModel:
-    served = node_of(request).service.model(caller_of(request.scope), name)
+def served_model(node: NodeState, scope: Scope, name: str, version: str | None) -> ServedModel:
+    """Model `name` (at `version`, when given) as the caller of `scope` may use it; the model is noted in
+    the scope for the request's metrics and access line."""
+    served = node.service.model(caller_of(scope), name)
     if version is not None and version != served.manifest.version:
         raise ModelNotFound(f"version {version!r} of model {name!r} is not served here")
-    request.state.model = name
+    scope.setdefault("state", {})["model"] = name
     return served
+
+
+def _served(request: Request, name: str, version: str | None) -> ServedModel:
+    return served_model(node_of(request), request.scope, name, version)
 
 
 @router.get("/health/live", summary="The process is up")
@@ -80,24 +87,30 @@ async def ready(request: Request) -> Response:
 @router.get("", summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
     # The software's version is an operator's business (it tells which known flaws a node has).
-    version = __version__ if principal_of(request.scope).at_least("operator") else ""
-    return json_response({"name": "edgegen", "version": version, "extensions": triton.EXTENSIONS})
+    return json_response(server_description(principal_of(request.scope)))
+
+
+def server_description(principal: Principal) -> dict[str, Any]:
+    # The software's version is an operator's business (it tells which known flaws a node has).
+    version = __version__ if principal.at_least("operator") else ""
+    return {"name": "edgegen", "version": version, "extensions": triton.EXTENSIONS}
+
+
+def metadata(node: NodeState, manifest: Manifest) -> dict[str, Any]:
+    return {
+        "name": manifest.name,
+        "versions": node.store.versions(manifest.name),
+        "platform": PLATFORMS[manifest.format],
+        "inputs": [_tensor_meta(s) for s in manifest.inputs],
+        "outputs": [_tensor_meta(s) for s in manifest.outputs],
+    }
 
 
 def _metadata(request: Request, manifest: Manifest) -> Response:
-    versions = node_of(request).store.versions(manifest.name)
-    return json_response(
-        {
-            "name": manifest.name,
-            "versions": versions,
-            "platform": PLATFORMS[manifest.format],
-            "inputs": [_tensor_meta(s) for s in manifest.inputs],
-            "outputs": [_tensor_meta(s) for s in manifest.outputs],
-        }
-    )
+    return json_response(metadata(node_of(request), manifest))
 
 
-def _statistics(served: ServedModel) -> dict[str, Any]:
+def statistics(served: ServedModel) -> dict[str, Any]:
     """A model's `$model_stat`. A text model answers no KServe inference (/infer refuses it; /metrics
     counts its generations), so its counts are zeros, in the same shape."""
     batcher = served.batcher
@@ -109,10 +122,13 @@ def _statistics(served: ServedModel) -> dict[str, Any]:
 @router.get("/models/stats", summary="Statistics of every model (Triton's statistics extension)")
 async def all_statistics(request: Request) -> Response:
     """Every served model this credential may use; the others are left out, as if not served."""
-    registry = node_of(request).registry
-    principal = principal_of(request.scope)
+    return json_response(every_statistics(node_of(request), principal_of(request.scope)))
+
+
+def every_statistics(node: NodeState, principal: Principal) -> dict[str, Any]:
+    registry = node.registry
     served = [registry.get(n) for n in registry.names() if principal.allows_model(n)]
-    return json_response({"model_stats": [_statistics(s) for s in served]})
+    return {"model_stats": [statistics(s) for s in served]}
 
 
 @router.get("/models/{name}", summary="Model metadata")
@@ -137,7 +153,7 @@ async def model_version_ready(name: str, version: str, request: Request) -> Resp
     return json_response({"name": name, "ready": True})
 
 
-def _config(request: Request, name: str, version: str | None) -> Response:
+def configuration(served: ServedModel) -> dict[str, Any]:
     """Triton's model configuration (node/triton.py).
 
     A text (GGUF) model is refused with a 400 that says what it is and where to send it, rather than
@@ -146,12 +162,15 @@ def _config(request: Request, name: str, version: str | None) -> Response:
     on to requests that all fail. tritonclient raises the 400 as an InferenceServerException carrying
     that message, and perf_analyzer stops at once with it ("failed to get model config: …").
     """
-    served = _served(request, name, version)
     batcher = served.fixed_shape()
     manifest = served.manifest
     inputs = [_tensor_meta(s) for s in manifest.inputs]
     outputs = [_tensor_meta(s) for s in manifest.outputs]
-    return json_response(triton.model_config(manifest, PLATFORMS[manifest.format], inputs, outputs, batcher))
+    return triton.model_config(manifest, PLATFORMS[manifest.format], inputs, outputs, batcher)
+
+
+def _config(request: Request, name: str, version: str | None) -> Response:
+    return json_response(configuration(_served(request, name, version)))
 
 
 @router.get("/models/{name}/config", summary="Model configuration (Triton's extension)")
@@ -166,12 +185,12 @@ async def model_version_config(name: str, version: str, request: Request) -> Res
 
 @router.get("/models/{name}/stats", summary="Model statistics (Triton's extension)")
 async def model_statistics(name: str, request: Request) -> Response:
-    return json_response({"model_stats": [_statistics(_served(request, name, None))]})
+    return json_response({"model_stats": [statistics(_served(request, name, None))]})
 
 
 @router.get("/models/{name}/versions/{version}/stats", summary="Model version statistics")
 async def model_version_statistics(name: str, version: str, request: Request) -> Response:
-    return json_response({"model_stats": [_statistics(_served(request, name, version))]})
+    return json_response({"model_stats": [statistics(_served(request, name, version))]})
 
 
 def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:
@@ -184,13 +203,11 @@ def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:
     return body[: int(given)], body[int(given) :]
 
 
-def _input(
-    item: Any, specs: dict[str, TensorSpec], binary: memoryview, offset: int
-) -> tuple[np.ndarray, int]:
-    """Decode one request input; return the array and the new offset into the binary section."""
-    if not isinstance(item, dict):
-        raise InvalidInput("each input must be an object with name, shape, datatype and data")
-    name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
+def input_spec(
+    name: Any, shape: Any, datatype: Any, specs: dict[str, TensorSpec]
+) -> tuple[str, list[int], np.dtype[Any]]:
+    """The name, shape and dtype of one request input, once they fit the model's (KServe over HTTP and
+    gRPC alike)."""
     if not isinstance(name, str) or name not in specs:
         raise InvalidInput(f"unknown input {name!r}; the model's inputs are {sorted(specs)}")
     spec = specs[name]
@@ -205,32 +222,63 @@ def _input(
         raise InvalidInput(
             f"input {name!r}: datatype must be {NUMPY_TYPES.get(spec.dtype)}, got {datatype!r}"
         )
-    dtype = np.dtype(spec.dtype)
-    count = math.prod(shape)
-    parameters = item.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInput(f"input {name!r}: parameters must be an object")
-    size = parameters.get("binary_data_size")
-    if size is not None:
-        if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
-            raise InvalidInput(f"input {name!r}: binary_data_size does not match its shape and the body")
-        array = np.frombuffer(binary[offset : offset + size], dtype=dtype.newbyteorder("<")).astype(dtype)
-        if dtype.kind == "f" and not np.isfinite(array).all():
-            raise InvalidInput(f"input {name!r} holds a value that is not finite")
-        return array.reshape(shape), offset + size
-    data = item.get("data")
-    if not isinstance(data, list):
-        raise InvalidInput(f"input {name!r}: data must be a list (or use binary_data_size)")
+    return name, shape, np.dtype(spec.dtype)
+
+
+def from_bytes(name: str, data: bytes | memoryview, dtype: np.dtype[Any], shape: list[int]) -> np.ndarray:
+    """An input given as its raw little-endian bytes (Triton's binary extension, gRPC's raw contents)."""
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise InvalidInput(f"input {name!r}: {len(data)} bytes do not match its shape {shape}")
+    array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype)
+    if dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput(f"input {name!r} holds a value that is not finite")
+    return array.reshape(shape)
+
+
+def from_values(name: str, data: Any, dtype: np.dtype[Any], shape: list[int]) -> np.ndarray:
+    """An input given as a list of values (JSON's `data`, gRPC's typed contents)."""
     try:
         raw = np.asarray(data)
     except (ValueError, TypeError, OverflowError):
         raise InvalidInput(f"input {name!r}: data must be a list of numbers") from None
     if raw.dtype.kind not in ("b" if dtype.kind == "b" else "iuf"):
-        raise InvalidInput(f"input {name!r}: data must hold {datatype} values")
+        raise InvalidInput(f"input {name!r}: data must hold {NUMPY_TYPES[dtype.name]} values")
+    count = math.prod(shape)
     if raw.size != count:
         raise InvalidInput(f"input {name!r}: data holds {raw.size} values, its shape needs {count}")
     array = raw.astype(dtype) if dtype.kind == "b" else cast(raw, dtype, f"input {name!r}")
-    return array.reshape(shape), offset
+    return array.reshape(shape)
+
+
+def check_feeds(feeds: dict[str, np.ndarray], specs: dict[str, TensorSpec]) -> None:
+    """What a whole request's inputs must be: each given, and one batch of at least one sample."""
+    if missing := set(specs) - set(feeds):
+        raise InvalidInput(f"missing inputs {sorted(missing)}")
+    if len({a.shape[0] for a in feeds.values() if a.ndim}) > 1:
+        raise InvalidInput("all inputs must have the same batch size")
+    if any(a.ndim == 0 or a.shape[0] == 0 for a in feeds.values()):
+        raise InvalidInput("inputs must hold at least one sample")
+
+
+def _input(
+    item: Any, specs: dict[str, TensorSpec], binary: memoryview, offset: int
+) -> tuple[np.ndarray, int]:
+    """Decode one request input; return the array and the new offset into the binary section."""
+    if not isinstance(item, dict):
+        raise InvalidInput("each input must be an object with name, shape, datatype and data")
+    name, shape, dtype = input_spec(item.get("name"), item.get("shape"), item.get("datatype"), specs)
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"input {name!r}: parameters must be an object")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise InvalidInput(f"input {name!r}: binary_data_size does not match its shape and the body")
+        return from_bytes(name, binary[offset : offset + size], dtype, shape), offset + size
+    data = item.get("data")
+    if not isinstance(data, list):
+        raise InvalidInput(f"input {name!r}: data must be a list (or use binary_data_size)")
+    return from_values(name, data, dtype, shape), offset
 
 
 def _requested_outputs(header: dict[str, Any], manifest: Manifest) -> list[tuple[str, bool]]:
@@ -271,14 +319,9 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         if item["name"] in feeds:
             raise InvalidInput(f"input {item['name']!r} is given twice")
         feeds[item["name"]] = array
-    if missing := set(specs) - set(feeds):
-        raise InvalidInput(f"missing inputs {sorted(missing)}")
+    check_feeds(feeds, specs)
     if offset != len(binary):
         raise InvalidInput("the binary section is longer than the inputs declare")
-    if len({a.shape[0] for a in feeds.values() if a.ndim}) > 1:
-        raise InvalidInput("all inputs must have the same batch size")
-    if any(a.ndim == 0 or a.shape[0] == 0 for a in feeds.values()):
-        raise InvalidInput("inputs must hold at least one sample")
     requested = _requested_outputs(header, manifest)
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):

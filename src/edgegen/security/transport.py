@@ -5,7 +5,9 @@
 - `client_context(...)`: what a gateway uses to call nodes: verifies the node against our CA and
   shows its own certificate.
 - `subject_name(cert)`: a verified peer certificate's subject, from which the security gate reads the
-  caller's role.
+  caller's role; `pem_subject_name(pem)` the same of a certificate in PEM (what gRPC gives).
+- `Revocations(crl_file)`: whether a certificate is on the CA's revocation list, for a server whose TLS
+  cannot check it itself (gRPC's).
 """
 
 from __future__ import annotations
@@ -53,3 +55,35 @@ def subject_name(cert: dict[str, Any]) -> str:
     """
     parts = [f"{_SHORT.get(k, k)}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
     return ",".join(reversed(parts))
+
+
+def pem_subject_name(pem: bytes) -> str:
+    """`subject_name` of a certificate in PEM: the same string, so the gate reads both alike."""
+    from cryptography import x509
+
+    subject = x509.load_pem_x509_certificate(pem).subject
+    parts = [f"{a.rfc4514_attribute_name}={a.value!s}" for rdn in subject.rdns for a in rdn]
+    return ",".join(reversed(parts))
+
+
+class Revocations:
+    """The serial numbers on a CA's revocation list (`crl_file`, PEM), read once, as the HTTPS context
+    reads it at start-up; the answer for each certificate seen is kept (bounded)."""
+
+    def __init__(self, crl_file: Path) -> None:
+        from cryptography import x509
+
+        crl = x509.load_pem_x509_crl(crl_file.read_bytes())
+        self._serials = {entry.serial_number for entry in crl}
+        self._seen: dict[bytes, bool] = {}
+
+    def revoked(self, pem: bytes) -> bool:
+        known = self._seen.get(pem)
+        if known is None:
+            from cryptography import x509
+
+            known = x509.load_pem_x509_certificate(pem).serial_number in self._serials
+            if len(self._seen) > 10_000:
+                self._seen.clear()
+            self._seen[pem] = known
+        return known
