@@ -1,8 +1,10 @@
 """Benchmark `POST /predict` on loopback: our node against the seed's Flask app and a bare HTTP floor.
 
 What it measures. Correct-answer throughput and latency of the seed protocol (`{"input_data": [64 grey
-levels]}` → `{"prediction": [[10 logits]]}`) with the digits student MLP, for these servers, each started
-fresh once per run on 127.0.0.1:
+levels]}` → `{"prediction": [[10 logits]]}`) with the digits student MLP — or, with `--model teacher`, the
+seed's own teacher MLP (784-1200-1200-10, 2.4 M parameters, seeded random weights: its cost, not its
+accuracy, is measured; bodies of 784 values in [0, 1]) — for these servers, each started fresh once per
+run on 127.0.0.1:
 
     seed-flask      bench/baselines/seed_app.py, the seed's app as it wrote it, Flask's threaded dev server
     seed-gunicorn   the same app under `gunicorn -w 2` (sync workers), the seed's production advice
@@ -24,7 +26,8 @@ answers and errors; the ratios against seed-gunicorn and the matching floor; whe
 issue are met; the resident memory of our node after the load and its time from start to ready; and the
 in-process floor (`InferenceSession.run`, batch 1 and 32, one intra-op thread).
 
-    python bench/predict.py [--rounds 3] [--duration 5] [--warmup 1] [--concurrency 1,8,64] [--home DIR]
+    python bench/predict.py [--model digits|teacher] [--rounds 3] [--duration 5] [--warmup 1]
+                            [--concurrency 1,8,64] [--home DIR]
 
 Results go to bench/results/<timestamp>.json; a Markdown table ready to paste is printed at the end.
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import shutil
 import statistics
@@ -75,8 +79,8 @@ Summary = dict[tuple[str, int], dict[str, Any]]  # (server, concurrency) -> figu
 # --- servers -------------------------------------------------------------------------------------
 
 
-def define_servers(home: Path, first_body: bytes) -> list[Server]:
-    tflite = model_file(home, "digits-tflite", "model.tflite")
+def define_servers(home: Path, first_body: bytes, model: str = "digits") -> list[Server]:
+    tflite = model_file(home, f"{model}-tflite", "model.tflite")
     uvicorn_floor = [str(BIN / "uvicorn"), "floor_app:app", "--app-dir", str(BASELINES)]
     uvicorn_floor += ["--host", "127.0.0.1", "--loop", "uvloop", "--http", "httptools"]
     uvicorn_floor += ["--no-access-log", "--log-level", "warning"]
@@ -98,7 +102,7 @@ def define_servers(home: Path, first_body: bytes) -> list[Server]:
             node_home.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):
                 (node_home / "models").symlink_to(home / "models")
-            env = clean_env(EDGEGEN_HOME=str(node_home), **LIKE_BASELINES)
+            env = clean_env(EDGEGEN_HOME=str(node_home), EDGEGEN_DEFAULT_MODEL=model, **LIKE_BASELINES)
             ready_path, ready_post = "/v2/health/ready", None
         else:
             env = clean_env(SEED_MODEL_PATH=str(tflite), SEED_PORT=str(port))
@@ -126,6 +130,42 @@ def ensure_models(home: Path) -> None:
     )
 
 
+TEACHER = (784, 1200, 1200, 10)  # the seed's teacher MLP
+
+
+def ensure_teacher(home: Path) -> None:
+    """The seed's teacher MLP in the store, as `teacher` (ONNX, for the nodes) and `teacher-tflite` (for
+    the seed's app): He-scaled random weights from a fixed seed, the same in both files."""
+    if model_file(home, "teacher", "model.onnx").exists():
+        return
+    from edgegen.executors import describe_model
+    from edgegen.modelkit.layers import DenseLayer
+    from edgegen.modelkit.onnx_writer import mlp_to_onnx
+    from edgegen.modelkit.tflite_writer import mlp_to_tflite
+    from edgegen.security.signing import Signer
+    from edgegen.store import ModelStore
+
+    rng = np.random.default_rng(784)
+    layers = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(TEACHER)):
+        weight = rng.normal(0, np.sqrt(2 / n_in), (n_out, n_in)).astype(np.float32)
+        bias = rng.normal(0, 0.01, n_out).astype(np.float32)
+        layers.append(DenseLayer(weight, bias, "relu" if i < len(TEACHER) - 2 else "none"))
+    # Signed with the home's key, as `edgegen models pull` signs digits there.
+    store = ModelStore(home / "models", signer=Signer.local(home), describe=describe_model)
+    built = home / "teacher-build"
+    built.mkdir(parents=True, exist_ok=True)
+    (built / "model.onnx").write_bytes(mlp_to_onnx(layers, doc="the seed's teacher MLP, random weights"))
+    (built / "model.tflite").write_bytes(mlp_to_tflite(layers, description="the seed's teacher MLP"))
+    store.add(built / "model.onnx", "teacher")
+    store.add(built / "model.tflite", "teacher-tflite")
+
+
+def teacher_inputs(count: int) -> np.ndarray:
+    """`count` distinct 784-value images in [0, 1], as MNIST's normalised pixels are."""
+    return np.random.default_rng(28).uniform(0, 1, (count, TEACHER[0])).astype(np.float32)
+
+
 def session(model: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -133,11 +173,12 @@ def session(model: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
-def write_data(model: Path, count: int, path: Path) -> bytes:
-    """Write `body<TAB>10 expected logits` a line for `count` test images; return the first body."""
+def write_data(model: Path, count: int, path: Path, teacher: bool = False) -> bytes:
+    """Write `body<TAB>10 expected logits` a line for `count` test images (the teacher's: random ones);
+    return the first body."""
     from edgegen.modelkit.digits import sample_inputs
 
-    images = sample_inputs(count)
+    images = teacher_inputs(count) if teacher else sample_inputs(count)
     if len(images) < count:  # the test split is ~360 images; cycle it if more are asked
         images = np.resize(images, (count, images.shape[1]))
     logits = session(model).run(["logits"], {"input": images.astype(np.float32)})[0]
@@ -148,14 +189,15 @@ def write_data(model: Path, count: int, path: Path) -> bytes:
     return bodies[0]
 
 
-def in_process_floor(model: Path, runs: int = 3000) -> dict[str, float]:
+def in_process_floor(model: Path, runs: int = 3000, teacher: bool = False) -> dict[str, float]:
     """Median µs per sample of `InferenceSession.run`, batch 1 and batch 32, one intra-op thread."""
     from edgegen.modelkit.digits import sample_inputs
 
     sess = session(model)
     floor: dict[str, float] = {}
     for batch in (1, 32):
-        feed = {"input": np.ascontiguousarray(sample_inputs(batch))}
+        images = teacher_inputs(batch) if teacher else sample_inputs(batch)
+        feed = {"input": np.ascontiguousarray(images)}
         for _ in range(100):
             sess.run(None, feed)
         times = []
@@ -387,6 +429,7 @@ def progress(r: dict[str, Any]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("digits", "teacher"), default="digits", help="the MLP served")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every server × concurrency")
     parser.add_argument("--duration", type=int, default=5, help="seconds of each measured wrk run")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of wrk before each measured run")
@@ -406,12 +449,15 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     with home_dir(args.home) as home:
         ensure_models(home)
-        onnx_model = model_file(home, "digits", "model.onnx")
-        data = home / "predict-bodies.tsv"
-        first_body = write_data(onnx_model, args.samples, data)
-        floor_in_process = in_process_floor(onnx_model)
+        teacher = args.model == "teacher"
+        if teacher:
+            ensure_teacher(home)
+        onnx_model = model_file(home, args.model, "model.onnx")
+        data = home / f"predict-bodies-{args.model}.tsv"
+        first_body = write_data(onnx_model, args.samples, data, teacher)
+        floor_in_process = in_process_floor(onnx_model, 300 if teacher else 3000, teacher)
         console.print("[bold]in-process floor[/] (onnxruntime, 1 intra-op thread):", floor_in_process)
-        servers = define_servers(home, first_body)
+        servers = define_servers(home, first_body, args.model)
         if args.servers:
             wanted = set(args.servers.split(","))
             servers = [s for s in servers if s.name in wanted]

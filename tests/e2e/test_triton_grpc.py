@@ -5,6 +5,7 @@ parts of its own: status codes, the message limit, answers under load."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -278,3 +279,15 @@ def test_calls_are_counted_and_logged_as_requests(
         assert time.monotonic() < until, "no access line for the call"
         time.sleep(0.1)
     assert any(line in entry and '"rpc"' in entry for entry in node.log().splitlines())
+
+
+def test_a_grpc_port_in_use_stops_the_node_with_a_clear_line(node_home: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        node = GrpcNode(node_home)
+        node.grpc_port = taken.getsockname()[1]
+        node.args = ("--grpc-port", str(node.grpc_port))
+        with pytest.raises(RuntimeError, match="node exited"):
+            node.start(timeout=30)
+    assert f"cannot listen for gRPC on 127.0.0.1:{node.grpc_port}: is grpc_port in use?" in node.log()

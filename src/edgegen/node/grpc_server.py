@@ -40,7 +40,7 @@ from google.protobuf import json_format
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgegen.engine.service import caller_of
-from edgegen.errors import EdgegenError, InvalidInput, ModelNotFound
+from edgegen.errors import ConfigError, EdgegenError, InvalidInput, ModelNotFound
 from edgegen.http.errors import render
 from edgegen.node import v2
 from edgegen.node.grpc_messages import SERVICE, message
@@ -327,10 +327,13 @@ class GrpcServer:
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         host = settings.host
         address = f"[{host}]:{settings.grpc_port}" if ":" in host else f"{host}:{settings.grpc_port}"
-        if tls.enabled:
-            self.server.add_secure_port(address, _credentials(settings))
-        else:
-            self.server.add_insecure_port(address)
+        try:
+            if tls.enabled:
+                self.server.add_secure_port(address, _credentials(settings))
+            else:
+                self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio's way of saying the port cannot be had
+            raise ConfigError(f"cannot listen for gRPC on {address}: is grpc_port in use?") from None
 
     async def start(self) -> None:
         await self.server.start()
