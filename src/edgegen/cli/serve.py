@@ -70,6 +70,9 @@ def gateway(
         str | None, typer.Option(help="address to listen on", envvar="EDGEGEN_GATEWAY_HOST")
     ] = None,
     port: Annotated[int | None, typer.Option(help="port to listen on", envvar="EDGEGEN_GATEWAY_PORT")] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="KServe v2 gRPC port (0: off)", envvar="EDGEGEN_GATEWAY_GRPC_PORT")
+    ] = None,
     log_level: Annotated[
         str | None, typer.Option(help="debug|info|warning|error", envvar="EDGEGEN_GATEWAY_LOG_LEVEL")
     ] = None,
@@ -79,7 +82,7 @@ def gateway(
     from edgegen.gateway.settings import load_gateway_settings
     from edgegen.observe.logs import configure_logging
 
-    flags = {"CONFIG": config, "HOST": host, "PORT": port, "LOG_LEVEL": log_level}
+    flags = {"CONFIG": config, "HOST": host, "PORT": port, "GRPC_PORT": grpc_port, "LOG_LEVEL": log_level}
     for key, value in flags.items():
         if value is not None:
             os.environ[f"EDGEGEN_GATEWAY_{key}"] = str(value)

@@ -21,9 +21,10 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgegen.errors import EdgegenError, PayloadTooLarge, is_openai
 from edgegen.gateway import background
@@ -47,6 +48,9 @@ from edgegen.http.errors import error_response, render
 from edgegen.http.serving import UPLOADS, GuardedHttpProtocol, tls_context
 from edgegen.observe.logs import AccessLog, request_id
 from edgegen.security.gate import open_audit
+
+if TYPE_CHECKING:
+    from edgegen.http.grpc import GrpcServer
 
 log = logging.getLogger("edgegen.gateway")
 ADMIN_PREFIXES = ("/gateway/", "/metrics", "/dashboard")
@@ -98,10 +102,15 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
+        grpc_server = None
         try:
+            if self.state.settings.grpc_port:
+                grpc_server = await start_grpc(self.state.settings, self.entry)
             async with background.running(self.state):
                 yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()
             await self.proxy.close()
             self.access_log.flush()
             self.state.logs.close()
@@ -149,6 +158,17 @@ class Gateway:
                 await context.__aexit__(None, None, None)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def start_grpc(settings: GatewaySettings, entry: ASGIApp) -> GrpcServer:
+    """KServe v2 over gRPC on `grpc_port`, relayed through the gateway's whole stack (`entry`);
+    grpc is imported only by a gateway that serves it."""
+    from edgegen.gateway.grpc_relay import RPCS
+    from edgegen.http.grpc import GrpcServer
+
+    server = GrpcServer(settings, entry, RPCS)
+    await server.start()
+    return server
 
 
 def app_from_environment() -> Gateway:

@@ -171,6 +171,9 @@ class GatewaySettings(EnvFirstSettings):
     home: Path = Field(default_factory=default_home, description="where the gateway keeps its state")
     host: HostName = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    grpc_port: int = Field(
+        0, ge=0, le=65535, description="KServe v2 over gRPC, relayed to the nodes over HTTP; 0: off"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
     nodes: list[NodeEntry] = Field(default_factory=list)
@@ -203,6 +206,8 @@ class GatewaySettings(EnvFirstSettings):
         urls = [node.url for node in self.nodes]
         if len(set(names)) != len(names) or len(set(urls)) != len(urls):
             raise ValueError("node names and URLs must be unique")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError("grpc_port must differ from port (or be 0: no gRPC)")
         return self
 
 

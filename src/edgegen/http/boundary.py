@@ -223,9 +223,8 @@ class RequestBoundary:
                 "ms": round(seconds * 1000, 3),
                 "model": model,
             }
-            if (
-                "edgegen.grpc" in scope
-            ):  # a gRPC call (node/grpc_server.py): its method, beside its twin's path
+            # A gRPC call (http/grpc.py): its method, beside its twin's path.
+            if "edgegen.grpc" in scope:
                 line["rpc"] = template
             self.access_log.write(line)
         except Exception:

@@ -46,7 +46,7 @@ from edgegen.security.signing import store_trust
 from edgegen.store import ModelStore
 
 if TYPE_CHECKING:
-    from edgegen.node.grpc_server import GrpcServer
+    from edgegen.http.grpc import GrpcServer
     from edgegen.observe.shipping import LogShipper
 
 log = logging.getLogger("edgegen.node")
@@ -204,9 +204,10 @@ def create_app(settings: Settings) -> NodeApp:
 async def start_grpc(settings: Settings, entry: ASGIApp) -> GrpcServer:
     """KServe v2 over gRPC on `grpc_port`, through the node's whole stack (`entry`); grpc is imported only
     by a node that serves it."""
-    from edgegen.node.grpc_server import GrpcServer
+    from edgegen.http.grpc import GrpcServer
+    from edgegen.node.grpc_server import RPCS
 
-    server = GrpcServer(settings, entry)
+    server = GrpcServer(settings, entry, RPCS)
     await server.start()
     return server
 

@@ -23,6 +23,7 @@ from edgegen.engine.registry import ServedModel
 from edgegen.engine.service import caller_of
 from edgegen.errors import InvalidInput, ModelNotFound
 from edgegen.http.bodies import parse_json
+from edgegen.http.datatypes import NUMPY_TYPES
 from edgegen.http.responses import json_response
 from edgegen.node import triton
 from edgegen.node.state import NodeState, node_of
@@ -32,21 +33,6 @@ from edgegen.store import Manifest, TensorSpec
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
-V2_TYPES = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-}
-NUMPY_TYPES = {v: k for k, v in V2_TYPES.items()}
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tensorflowlite", "gguf": "llama.cpp_gguf"}
 HEADER_LENGTH = "inference-header-content-length"
 

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from edgegen.node.grpc_messages import _MESSAGES, POOL, SERVICE, message
+from edgegen.http.grpc_messages import _MESSAGES, POOL, SERVICE, message
 
 
 def triton_descriptor(name: str) -> Descriptor:
