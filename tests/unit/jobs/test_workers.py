@@ -67,3 +67,45 @@ def test_each_answer_moves_the_job_and_is_reported(
     assert final == status
     assert seen == outcomes
     assert calls == len(outcomes)
+
+
+class CountingQueue(SqliteJobQueue):
+    """A real SQLite queue that counts its workers' looks."""
+
+    looks = 0
+
+    async def claim(self, worker: str, lease_s: float) -> Job | None:
+        self.looks += 1
+        return await super().claim(worker, lease_s)
+
+
+async def idle_then_submit(tmp_path: Path) -> tuple[int, float]:
+    queue = CountingQueue(tmp_path / "jobs.sqlite", max_attempts=1, backoff_s=0.01)
+    ran = asyncio.Event()
+
+    async def run(claimed: Job) -> tuple[int, bytes]:
+        ran.set()
+        return 200, b"{}"
+
+    settings = JobsSettings(workers=1, reserved=1, poll_s=0.01, lease_s=5)
+    workers = JobWorkers(queue, run, settings, live=lambda: 0, name="test")
+    await workers.start()
+    try:
+        await asyncio.sleep(1.5)  # at a fixed poll_s, 150 looks
+        looks = queue.looks
+        await queue.submit("acme", REQUEST)
+        workers.notify()  # what the jobs route does after a submission
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(ran.wait(), 5)
+        waited = asyncio.get_running_loop().time() - started
+    finally:
+        await workers.stop()
+        await queue.close()
+    return looks, waited
+
+
+def test_an_idle_worker_looks_less_and_less_often_yet_a_notice_wakes_it(tmp_path: Path) -> None:
+    looks, waited = asyncio.run(idle_then_submit(tmp_path))
+    # 10, 20, 40 … ms, then once a second: 8 looks in 1.5 s (a little slack for a slow machine).
+    assert 4 <= looks <= 12, looks
+    assert waited < 0.5, waited
