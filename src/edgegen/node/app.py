@@ -62,7 +62,8 @@ class NodeApp:
         self.api = api
         self.state = api.state
         settings = node.settings
-        routes: ASGIApp = predict.PredictRoutes(api, node)  # the seed's two routes, before the FastAPI app
+        # The hot routes before the FastAPI app: the seed's two, and KServe's inference.
+        routes: ASGIApp = predict.PredictRoutes(v2.InferRoutes(api, node), node)
         if settings.grpc_port:
             from edgegen.node.grpc_server import GrpcCalls
 
@@ -192,7 +193,7 @@ def create_app(settings: Settings) -> NodeApp:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            schema["paths"] = {**predict.OPENAPI_PATHS, **schema["paths"]}
+            schema["paths"] = {**predict.OPENAPI_PATHS, **v2.OPENAPI_PATHS, **schema["paths"]}
             app.openapi_schema = schema
         return app.openapi_schema
 

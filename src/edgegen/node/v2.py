@@ -9,32 +9,38 @@ the request asks for `binary_data` (this is what `tritonclient.http` sends by de
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgegen import __version__
 from edgegen.engine.registry import ServedModel
 from edgegen.engine.service import caller_of
-from edgegen.errors import InvalidInput, ModelNotFound
-from edgegen.http.bodies import parse_json
+from edgegen.errors import EdgegenError, InvalidInput, ModelNotFound
+from edgegen.http.bodies import parse_json, read_body
 from edgegen.http.datatypes import NUMPY_TYPES
+from edgegen.http.errors import render
 from edgegen.http.responses import json_response
 from edgegen.node import triton
+from edgegen.node.predict import respond
 from edgegen.node.state import NodeState, node_of
 from edgegen.node.tensors import cast
 from edgegen.security.auth import Principal, principal_of
 from edgegen.store import Manifest, TensorSpec
 
+log = logging.getLogger("edgegen.errors")
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tensorflowlite", "gguf": "llama.cpp_gguf"}
-HEADER_LENGTH = "inference-header-content-length"
+HEADER_LENGTH = b"inference-header-content-length"
+JSON = (b"content-type", b"application/json")
 
 
 def _tensor_meta(spec: TensorSpec) -> dict[str, Any]:
@@ -179,13 +185,14 @@ async def model_version_statistics(name: str, version: str, request: Request) ->
     return json_response({"model_stats": [statistics(_served(request, name, version))]})
 
 
-def _split_body(request: Request, body: bytes) -> tuple[bytes, bytes]:
-    given = request.headers.get(HEADER_LENGTH)
+def _split_body(given: bytes | None, body: bytes) -> tuple[bytes, bytes]:
+    """The JSON header and the binary section of a body whose header is `given` bytes long (None: all
+    JSON)."""
     if given is None:
         return body, b""
-    # isascii: str.isdigit() also takes "²", which int() refuses.
-    if not (given.isascii() and given.isdigit()) or int(given) > len(body):
-        raise InvalidInput(f"{HEADER_LENGTH} must be a byte count within the body")
+    # bytes.isdigit() is ASCII only (str.isdigit() also takes "²", which int() refuses).
+    if not given.isdigit() or int(given) > len(body):
+        raise InvalidInput("inference-header-content-length must be a byte count within the body")
     return body[: int(given)], body[int(given) :]
 
 
@@ -288,11 +295,16 @@ def _requested_outputs(header: dict[str, Any], manifest: Manifest) -> list[tuple
     return chosen
 
 
-async def _infer(request: Request, name: str, version: str | None) -> Response:
-    served = _served(request, name, version)
+async def infer_answer(
+    node: NodeState, scope: Scope, served: ServedModel, body: bytes
+) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The answer to an inference request's `body` (JSON, or Triton's binary form when its
+    `Inference-Header-Content-Length` says so), and its headers: where it came from (the cache), its
+    content type and the length of its JSON part."""
     served.fixed_shape()
     manifest = served.manifest
-    head, binary = _split_body(request, await request.body())
+    given = next((v for k, v in scope["headers"] if k == HEADER_LENGTH), None)
+    head, binary = _split_body(given, body)
     header = parse_json(head)
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise InvalidInput('the body must be a JSON object with an "inputs" list')
@@ -313,7 +325,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("id must be a string")
 
-    outputs, headers = await node_of(request).service.predict(caller_of(request.scope), served, feeds)
+    outputs, told = await node.service.predict(caller_of(scope), served, feeds)
 
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []
@@ -331,40 +343,93 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         else:
             entry["data"] = array.ravel()
         described.append(entry)
-    answer: dict[str, Any] = {"model_name": name, "model_version": manifest.version, "outputs": described}
+    answer: dict[str, Any] = {
+        "model_name": manifest.name,
+        "model_version": manifest.version,
+        "outputs": described,
+    }
     if request_id is not None:
         answer["id"] = request_id
     head_out = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+    headers = [(k.lower().encode(), v.encode()) for k, v in told.items()]
     if not chunks:
-        return Response(head_out, media_type="application/json", headers=headers)
-    return Response(
-        head_out + b"".join(chunks),
-        media_type="application/octet-stream",
-        headers={**headers, "Inference-Header-Content-Length": str(len(head_out))},
-    )
+        return head_out, [*headers, JSON]
+    split = [(b"content-type", b"application/octet-stream"), (HEADER_LENGTH, str(len(head_out)).encode())]
+    return head_out + b"".join(chunks), headers + split
 
 
-_INFER_DOC = {
+class InferRoutes:
+    """`POST /v2/models/{name}[/versions/{v}]/infer`, straight from ASGI in front of the FastAPI app, for
+    the reason node/predict.py gives: a framework's request object, routing and middleware cost more per
+    request than a small model does. Every other request goes on to `app`. The routes appear in
+    /openapi.json through `OPENAPI_PATHS`."""
+
+    def __init__(self, app: ASGIApp, node: NodeState) -> None:
+        self.app = app
+        self.node = node
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = _INFER.fullmatch(scope["path"]) if scope["type"] == "http" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        name, version = match.groups()
+        scope["edgegen.route"] = INFER_ROUTES[version is not None]
+        if scope["method"] != "POST":
+            await respond(send, 405, orjson.dumps({"error": "method not allowed"}), {"Allow": "POST"})
+            return
+        try:
+            served = served_model(self.node, scope, name, version)
+            body, headers = await infer_answer(self.node, scope, served, await read_body(receive))
+        except EdgegenError as exc:
+            status, error, told = render(exc)
+            await respond(send, status, error, told)
+            return
+        except Exception:
+            log.exception("unhandled error")
+            await respond(send, 500, orjson.dumps({"error": "internal error"}))
+            return
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+_INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+INFER_ROUTES = {False: "/v2/models/{name}/infer", True: "/v2/models/{name}/versions/{version}/infer"}
+_EXAMPLE = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+_OPERATION: dict[str, Any] = {
+    "tags": ["kserve-v2"],
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {
-                "example": {
-                    "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]
-                }
-            }
+            "application/json": {"example": _EXAMPLE},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "Triton's binary tensors: a JSON header of Inference-Header-Content-Length "
+                "bytes, then each input's raw little-endian bytes",
+            },
         },
-    }
+    },
+    "responses": {
+        "200": {"description": '{"model_name", "model_version", "outputs": [...]} (binary outputs after it)'},
+        "400": {"description": '{"error": "..."}: a shape, datatype or value the model does not take'},
+        "404": {"description": "unknown model or version"},
+        "503": {"description": "queue full; see Retry-After"},
+        "504": {"description": "deadline passed"},
+    },
 }
-
-
-@router.post("/models/{name}/infer", openapi_extra=_INFER_DOC, summary="Inference")
-async def infer(name: str, request: Request) -> Response:
-    return await _infer(request, name, None)
-
-
-@router.post(
-    "/models/{name}/versions/{version}/infer", openapi_extra=_INFER_DOC, summary="Inference on a version"
-)
-async def infer_version(name: str, version: str, request: Request) -> Response:
-    return await _infer(request, name, version)
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+OPENAPI_PATHS: dict[str, Any] = {
+    INFER_ROUTES[False]: {
+        "post": {**_OPERATION, "summary": "Inference", "operationId": "infer", "parameters": [_NAME]}
+    },
+    INFER_ROUTES[True]: {
+        "post": {
+            **_OPERATION,
+            "summary": "Inference on a version",
+            "operationId": "infer_version",
+            "parameters": [_NAME, _VERSION],
+        }
+    },
+}
