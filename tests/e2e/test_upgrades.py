@@ -158,10 +158,9 @@ def test_a_version_that_cannot_start_is_left_by_the_node_itself(fleet: Fleet) ->
 
 def test_a_version_that_fails_its_probe_is_rolled_back(fleet: Fleet) -> None:
     v2 = (SOURCE / "node" / "v2.py").read_text()
-    broken = v2.replace(
-        "async def _infer(request: Request, name: str, version: str | None) -> Response:\n",
-        "async def _infer(request: Request, name: str, version: str | None) -> Response:\n"
-        "    raise RuntimeError('broken on purpose')\n",
+    broken = v2.replace(  # every inference (the probe's too) fails
+        ") -> tuple[bytes, list[tuple[bytes, bytes]]]:\n",
+        ") -> tuple[bytes, list[tuple[bytes, bytes]]]:\n    raise RuntimeError('broken on purpose')\n",
     )
     assert broken != v2
     done = fleet.upgrade(fleet.signed("0.1.3", {"node/v2.py": broken}))
