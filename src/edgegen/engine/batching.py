@@ -16,8 +16,9 @@ Stacking rows never changes a row's result (each row of an MLP or a CNN is compu
 Each batcher counts what it did, in the terms of Triton's statistics extension (`statistics()`; the
 node answers them at `/v2/models/{name}/stats`). The counts are plain integers updated on the event
 loop, from clock readings the batcher takes anyway: the time a request waited (its submission to the
-start of its batch) and the forward pass. Collating and splitting are not timed apart (microseconds),
-and answers from the response cache never reach a batcher, so they are not counted.
+start of its batch) and the forward pass, timed in the thread that runs it. Collating and splitting are
+not timed apart (microseconds), and answers from the response cache never reach a batcher, so they are
+not counted.
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ class _Request:
     def __post_init__(self) -> None:
         # Requests can share a batch only when every input agrees beyond the batch dimension.
         self.key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(self.feeds.items()))
+
+
+def _timed(run: Callable[[Feeds], dict[str, np.ndarray]], feeds: Feeds) -> tuple[dict[str, np.ndarray], int]:
+    """`run(feeds)` and its time in ns, taken where it runs: a worker thread's wait for a busy event loop
+    to take the result back is no part of the model's time (it was 10 ms of "compute" a request at 64
+    clients, against 0.35 ms at one)."""
+    started = time.perf_counter_ns()
+    return run(feeds), time.perf_counter_ns() - started
 
 
 def _expire(future: asyncio.Future[dict[str, np.ndarray]], model: str, timeout_s: float) -> None:
@@ -284,9 +293,11 @@ class DynamicBatcher:
                 started = time.perf_counter_ns()
                 try:
                     if 0 < self._row_seconds * offsets[-1] * 1e6 <= self._settings.inline_max_us:
-                        outputs = executor.run(feeds)
+                        outputs, elapsed_ns = _timed(executor.run, feeds)
                     else:
-                        outputs = await loop.run_in_executor(self._pool, executor.run, feeds)
+                        outputs, elapsed_ns = await loop.run_in_executor(
+                            self._pool, _timed, executor.run, feeds
+                        )
                 except Exception:
                     log.exception("inference failed", extra={"model": self.model, "rows": offsets[-1]})
                     for r in live:
@@ -294,7 +305,6 @@ class DynamicBatcher:
                             r.future.set_exception(ExecutorError("the model failed on this input"))
                     self._failed(live, now, time.perf_counter_ns() - started)
                     continue
-                elapsed_ns = time.perf_counter_ns() - started
                 per_row = elapsed_ns / 1e9 / offsets[-1]
                 self._row_seconds = (
                     per_row if not self._row_seconds else 0.8 * self._row_seconds + 0.2 * per_row
