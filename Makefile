@@ -72,6 +72,7 @@ image: $(LLAMA_WHEELS)/.built
 
 bench: setup
 	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/triton_clients.py
 	$(BIN)/python bench/llm.py
 	$(BIN)/python bench/streams.py
 	$(BIN)/python bench/structured.py
