@@ -1,7 +1,7 @@
 """Forward one request to a node and its answer back: balancing, retries, header hygiene, streams.
 
     client ─▶ (head and body size checked by http.boundary) ─▶ read the body
-           ─▶ balancer for the model / route ─▶ node (aiohttp, one keep-alive pool per node)
+           ─▶ balancer for the model / route ─▶ node (upstream.py: one keep-alive pool per node)
            ◀─ status + headers, then the body relayed chunk by chunk (SSE token by token)
 
 Retries. A request that never reached a node (connect error, connect timeout) is tried on another
@@ -45,23 +45,24 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
-from multidict import CIMultiDict
 from starlette.types import Message, Receive, Scope, Send
 
 from edgegen.gateway.balancers import Backend, Balancer, make_balancer
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.settings import GatewaySettings, RetrySettings
 from edgegen.gateway.target import Target, affinity_key, json_body, model_of, relative_location
+from edgegen.gateway.upstream import Connection, NodeFailed, NodePool, NodeUnreached
 from edgegen.http.bodies import read_body
 from edgegen.security.auth import GENERATION_PATHS, Principal
 from edgegen.security.transport import client_context
 
 log = logging.getLogger("edgegen.gateway")
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) and what the proxy sets itself: never copied across.
+# Hop-by-hop headers (RFC 9110 §7.6.1) and what the proxy sets itself: never copied across. `Expect`
+# too: the gateway read the whole body already, and a node's `100 Continue` would be an answer too many.
 _HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-     b"transfer-encoding", b"upgrade", b"host", b"content-length"}
+     b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect"}
 )  # fmt: skip
 # A client must not choose what the gateway tells a node about the client (or, later, who it is).
 _CLIENT_FORBIDDEN = (b"x-forwarded-", b"forwarded", b"x-real-ip", b"x-edgegen-")
@@ -111,7 +112,7 @@ class Attempt:
 
     backend: Backend
     started: float
-    response: aiohttp.ClientResponse | None = None
+    response: Connection | None = None  # the node's answer, read through its connection
     body: bytes | None = None  # the whole body, when it was small enough to read before relaying
     error: str | None = None
     reached: bool = True  # False: the node never saw the request
@@ -191,13 +192,24 @@ class Proxy:
         self.observer = observer
         self.budget = RetryBudget(settings.retry)
         self._balancers: dict[str, Balancer] = {}
-        self._clients: dict[str, tuple[str, aiohttp.ClientSession]] = {}
+        self._pools: dict[str, NodePool] = {}  # relayed requests
+        self._clients: dict[str, tuple[str, aiohttp.ClientSession]] = {}  # the gateway's own calls
         self._retiring: dict[Backend, aiohttp.ClientSession] = {}
         self._routes = sorted(settings.balancer.routes.items(), key=lambda kv: -len(kv[0]))
         self.node_ssl = node_ssl_context(settings)
         self.job_homes = JobHomes()
 
+    def pool(self, backend: Backend) -> NodePool:
+        pool = self._pools.get(backend.name)
+        if pool is None or pool.url != backend.url:
+            s = self.settings
+            pool = self._pools[backend.name] = NodePool(
+                backend.url, self.node_ssl, s.max_connections_per_node, s.connect_timeout_s, s.read_timeout_s
+            )
+        return pool
+
     def client(self, backend: Backend) -> aiohttp.ClientSession:
+        """An aiohttp session to the node, for the gateway's own calls (nodes.py)."""
         known = self._clients.get(backend.name)
         if known is None or known[0] != backend.url:
             s = self.settings
@@ -217,6 +229,9 @@ class Proxy:
 
     async def retire(self, backend: Backend) -> None:
         """A node left the fleet: close its connections once the requests still there are done."""
+        pool = self._pools.pop(backend.name, None)
+        if pool is not None:
+            pool.close()
         known = self._clients.pop(backend.name, None)
         if known is None:
             return
@@ -226,6 +241,9 @@ class Proxy:
             await known[1].close()
 
     async def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
         for session in [*(s for _, s in self._clients.values()), *self._retiring.values()]:
             await session.close()
         self._clients.clear()
@@ -313,7 +331,7 @@ class Proxy:
                 await self._finish(attempt)  # whatever ended the request, the node is released (once)
 
     async def _job(
-        self, job_id: str, method: str, target: Target, forward: CIMultiDict[str], send: Send
+        self, job_id: str, method: str, target: Target, forward: list[tuple[bytes, bytes]], send: Send
     ) -> int:
         """A job's state or cancellation, from the node that holds it (looked for when not known)."""
         available = self.fleet.available()
@@ -341,14 +359,14 @@ class Proxy:
     @staticmethod
     def _forward_headers(
         scope: Scope, request_id: str, vouch: bool = False
-    ) -> tuple[CIMultiDict[str], bytes | None]:
+    ) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
         """The headers a node gets (the client's, less hop-by-hop and forwarding ones, plus the gateway's
         own), built once per request; and the client's `X-Session-Id`, if any. The caller the gateway
         authenticated always travels as `X-Edgegen-Principal` (a node with authentication off narrows
         to it: its scopes and tenant hold there); with `vouch` (mutual TLS to the node) instead of the
         client's credential, which then never leaves the gateway. `X-Forwarded-For` names the client the
         security gate counted the request against (security/gate.py)."""
-        fields: CIMultiDict[str] = CIMultiDict()
+        fields: list[tuple[bytes, bytes]] = []
         host = session = None
         principal: Principal | None = scope.get("edgegen.principal")
         skip = _HOP | {b"x-request-id", b"authorization"} if vouch and principal is not None else _HOP_ID
@@ -358,19 +376,19 @@ class Proxy:
             elif key == b"x-session-id":
                 session = value
             if key not in skip and not key.startswith(_CLIENT_FORBIDDEN):
-                fields.add(key.decode("latin-1"), value.decode("latin-1"))
+                fields.append((key, value))
         if principal is not None:
-            fields.add("x-edgegen-principal", principal.to_header().decode())
+            fields.append((b"x-edgegen-principal", principal.to_header()))
         client = scope.get("edgegen.client") or (scope["client"][0] if scope.get("client") else "unknown")
-        fields.add("x-forwarded-for", client)
-        fields.add("x-forwarded-proto", scope.get("scheme", "http"))
+        fields.append((b"x-forwarded-for", client.encode("latin-1")))
+        fields.append((b"x-forwarded-proto", scope.get("scheme", "http").encode("latin-1")))
         if host is not None:
-            fields.add("x-forwarded-host", host.decode("latin-1"))
-        fields.add("x-request-id", request_id)
+            fields.append((b"x-forwarded-host", host))
+        fields.append((b"x-request-id", request_id.encode("latin-1")))
         return fields, session
 
     async def _try(
-        self, backend: Backend, method: str, target: Target, fields: CIMultiDict[str], body: bytes
+        self, backend: Backend, method: str, target: Target, fields: list[tuple[bytes, bytes]], body: bytes
     ) -> Attempt:
         """Send the request and wait for the node's status and headers; a small body is read too. An
         attempt comes back without a response finished already (the node released); one with a response
@@ -378,22 +396,23 @@ class Proxy:
         attempt = Attempt(backend, started=time.perf_counter())
         backend.acquire()
         try:
-            response = attempt.response = await self.client(backend).request(
-                method, target.at(backend.url), headers=fields, data=body or None, allow_redirects=False
+            pool = self.pool(backend)
+            response = attempt.response = await pool.request(
+                method.encode("latin-1"), target.request_target(), fields, body
             )
             backend.observe(time.perf_counter() - attempt.started)  # time to headers
             length = response.content_length
             small = length is not None and length <= WHOLE_BODY_BYTES
-            if small and response.content_type != "text/event-stream":
+            if small and response.content_type != b"text/event-stream":
                 # A small body of known length (every prediction) is read here, before anything goes to
                 # the client: a node that dies while sending it is a failed try, which a retry can fix.
                 attempt.body = await response.read()
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            attempt.error, attempt.reached = type(exc).__name__, False
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        except NodeUnreached as exc:
+            attempt.error, attempt.reached = str(exc), False
+        except NodeFailed as exc:
             # It reached the node, which failed to answer or to send its body whole.
             reading = " while reading the body" if attempt.response is not None else ""
-            attempt.error = type(exc).__name__ + reading
+            attempt.error = str(exc) + reading
         except BaseException:
             # Cancelled (the client left, the gateway stops) or a fault of the gateway's own: released
             # all the same, and nothing held against the node.
@@ -419,9 +438,7 @@ class Proxy:
         elif not attempt.gone:
             self.fleet.record_success(backend)
         if response is not None:
-            # A body read to its end returns the connection to the pool; anything else closes it, which
-            # is how the node learns that nobody waits for the rest (a generation stops there).
-            response.release() if response.content.at_eof() else response.close()
+            response.release()  # back to the pool when read whole; closed otherwise (upstream.py)
         if response is not None or attempt.error is not None:  # (left before any answer: nothing to time)
             self.observer.attempt(attempt, time.perf_counter() - attempt.started)
         if not backend.in_flight and backend in self._retiring:
@@ -432,21 +449,21 @@ class Proxy:
         assert response is not None
         headers = [
             (key, relative_location(value) if key == b"location" else value)
-            for key, value in ((k.lower(), v) for k, v in response.raw_headers)
+            for key, value in response.headers
             if key not in _HOP_RESPONSE
         ]
         headers.append((b"x-edgegen-node", backend.name.encode()))
-        streaming = response.content_type == "text/event-stream"
+        streaming = response.content_type == b"text/event-stream"
         try:
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
             if attempt.body is not None:  # read whole by `_try`: one piece
                 await send({"type": "http.response.body", "body": attempt.body, "more_body": False})
                 return response.status
             try:
-                async for chunk in response.content.iter_any():
+                async for chunk in response.chunks():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                attempt.error = f"{type(exc).__name__} after the response started"
+            except NodeFailed as exc:
+                attempt.error = f"{exc} after the response started"
                 if not streaming:
                     raise  # the client sees a cut-off body, never a short one that looks complete
                 log.warning("a node failed mid-stream", extra={"node": backend.name})

@@ -1,11 +1,12 @@
 """What a relayed request asks for, read once before it goes to a node: where it goes there, which model
 it names, what it should stick to — and a node's redirect, made safe to pass back.
 
-The path is read once (security/paths.py, as the security gate read it for the role) and the node's URL
-built from parts: the node's own scheme and authority, that path encoded, the query string — never parsed
-from anything the client sent, so no request target (`//host:port/`, `/v1/../admin`) can reach another
-host, port or route. A redirect a node answers is relayed with a relative `Location`: its internal address
-never reaches the client. Pure functions of the request; proxy.py does the relaying.
+The path is read once (security/paths.py, as the security gate read it for the role) and the request line
+to the node built from parts: that path encoded and the query string, in origin form, under the node's own
+`Host` (upstream.py) — nothing parsed from what the client sent decides the host, so no request target
+(`//host:port/`, `/v1/../admin`) can reach another host, port or route. A redirect a node answers is
+relayed with a relative `Location`: its internal address never reaches the client. Pure functions of the
+request; proxy.py does the relaying.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from urllib.parse import quote_from_bytes, urlsplit
 
 import orjson
 from starlette.types import Scope
-from yarl import URL
 
 from edgegen.security.paths import canonical_path, raw_path_of, upstream_path
 
@@ -43,20 +43,14 @@ class Target:
         query: bytes = scope.get("query_string", b"")
         return cls(path, quote_from_bytes(query, safe=_QUERY_SAFE) if query else "")
 
-    def at(self, node_url: str) -> URL:
-        """The URL at one node, built from parts (nothing re-parsed, nothing resolved).
+    def request_target(self) -> bytes:
+        """The request line's target at a node: the path encoded, the query string as it came.
 
-        >>> str(Target("/v1/models", "a=1").at("https://10.0.0.5:8000"))
-        'https://10.0.0.5:8000/v1/models?a=1'
+        >>> Target("/models/a b/predict", "x=1").request_target()
+        b'/models/a%20b/predict?x=1'
         """
-        node = URL(node_url)
-        return URL.build(
-            scheme=node.scheme,
-            authority=node.raw_authority,
-            path=upstream_path(self.path),
-            query_string=self.query,
-            encoded=True,
-        )
+        target = upstream_path(self.path) + ("?" + self.query if self.query else "")
+        return target.encode("ascii")
 
 
 def relative_location(location: bytes) -> bytes:
