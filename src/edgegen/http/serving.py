@@ -84,6 +84,47 @@ def tls_context(load: Callable[[], ServerSettings], config: object, default: obj
     return server_context(load().tls)
 
 
+class CoalescedWrites:
+    """A connection's transport whose small writes within one turn of the event loop leave as one.
+
+    uvicorn writes an answer's head when the app starts it and its body apart: two send(2)s and two
+    segments for the client to read, where one will do — a syscall and a wake-up a request, on a node and
+    twice on a gateway (its client and, for the node's answer, the node's server). Writes wait for the end
+    of the turn they were made in (`call_soon`), so a stream's events leave as soon as before; a large body
+    is written at once, after what waits. Everything but `write` and `close` is the transport's own.
+    """
+
+    __slots__ = ("_loop", "_pending", "_transport")
+    LARGE = 64 * 1024
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if len(data) >= self.LARGE:
+            self.flush()
+            self._transport.write(data)
+        elif self._pending is None:
+            self._pending = [data]
+            self._loop.call_soon(self.flush)
+        else:
+            self._pending.append(data)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """A server's subclass sets `load` to how it reads its settings (cached per process, in every worker);
     the deadlines come from their `[security]`. Each is one timer per request, not a timeout around
@@ -96,7 +137,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _tls: dict[object, object] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(CoalescedWrites(transport, self.loop))  # type: ignore[arg-type]
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             cert = ssl_object.getpeercert()
