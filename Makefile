@@ -53,7 +53,12 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_WHEELS)/.built | $(BIN)/python
 	command -v apt-get >/dev/null || { echo "install chromium for the dashboard test"; exit 1; }
 	apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-setup: $(VENV)/.installed /usr/bin/redis-server /usr/bin/chromium
+# deploy/prometheus/ is checked by promtool and run by a real Prometheus scraping a fleet (Debian's, 2.42).
+/usr/bin/prometheus:
+	command -v apt-get >/dev/null || { echo "install prometheus (2.x, with promtool) for its tests"; exit 1; }
+	apt-get install -y -qq prometheus || { apt-get update -qq && apt-get install -y -qq prometheus; }
+
+setup: $(VENV)/.installed /usr/bin/redis-server /usr/bin/chromium /usr/bin/prometheus
 
 serve: $(VENV)/.node
 	$(BIN)/edgegen models pull digits

@@ -42,7 +42,7 @@ Feeds = Mapping[str, np.ndarray]
 
 
 class BatchObserver(Protocol):
-    def on_queue(self, model: str, depth: int) -> None: ...
+    def on_queue(self, model: str, depth: int, capacity: int) -> None: ...
 
     def on_batch(self, model: str, rows: int, requests: int, seconds: float) -> None: ...
 
@@ -350,7 +350,7 @@ class DynamicBatcher:
     def _observe_queue(self) -> None:
         if self._observer is not None:
             try:
-                self._observer.on_queue(self.model, self._queue.qsize())
+                self._observer.on_queue(self.model, self._queue.qsize(), self._queue.maxsize)
             except Exception:
                 log.exception("queue observer failed")
 

@@ -114,6 +114,14 @@ class NodeMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # With `--workers N` each worker has its own queue: capacities add up as depths do.
+        self.queue_capacity = Gauge(
+            "edgegen_queue_capacity",
+            "Requests the batching queue holds before the node answers 503 (max_queue_size).",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.batch_rows = Histogram(
             "edgegen_batch_size", "Rows in one forward pass.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
@@ -250,6 +258,7 @@ class NodeMetrics:
         )
         self._children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self._per_model: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._capacities: dict[str, int] = {}
         if not self.multiprocess:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -269,8 +278,11 @@ class NodeMetrics:
             self._per_model[model] = children
         return children
 
-    def on_queue(self, model: str, depth: int) -> None:
+    def on_queue(self, model: str, depth: int, capacity: int) -> None:
         self._model_children(model)[0].set(depth)
+        if self._capacities.get(model) != capacity:  # set when it changes, not at every request
+            self._capacities[model] = capacity
+            self.queue_capacity.labels(model).set(capacity)
 
     def on_batch(self, model: str, rows: int, requests: int, seconds: float) -> None:
         _, batch_rows, batch_requests, inference_seconds = self._model_children(model)
