@@ -58,9 +58,11 @@ def running_fleet(root: Path, model_files: dict[str, Path], n: int = 3) -> Itera
 
 
 @contextlib.contextmanager
-def running_gateway(root: Path, nodes: list[NodeProcess], extra: str = "") -> Iterator[GatewayProcess]:
+def running_gateway(
+    root: Path, nodes: list[NodeProcess], extra: str = "", *flags: str
+) -> Iterator[GatewayProcess]:
     config = gateway_config(root / "gateway.toml", nodes, extra)
-    process = GatewayProcess(root, "--config", str(config)).start()
+    process = GatewayProcess(root, "--config", str(config), *flags).start()
     try:
         yield process
     finally:

@@ -1,5 +1,6 @@
 """Chaos: a node is SIGKILLed under steady load. No client request may fail; the node is ejected fast,
-and when it comes back it gets traffic again. A stream whose node dies ends with an error event."""
+and when it comes back it gets traffic again. A stream whose node dies ends with an error event. All of it
+with one gateway process and with two workers sharing one fleet (gateway/shared.py)."""
 
 from __future__ import annotations
 
@@ -20,18 +21,27 @@ pytestmark = pytest.mark.e2e
 CLIENTS = 4
 
 
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "workers-2"])
+def workers(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
 @pytest.fixture(scope="module")
 def fleet(
-    tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
+    tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path], workers: int
 ) -> Iterator[list[NodeProcess]]:
-    with running_fleet(tmp_path_factory.mktemp("chaos"), model_files) as nodes:
+    # A fleet of its own for each gateway: the tests kill nodes.
+    with running_fleet(tmp_path_factory.mktemp(f"chaos-{workers}"), model_files) as nodes:
         yield nodes
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess]) -> Iterator[GatewayProcess]:
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess], workers: int
+) -> Iterator[GatewayProcess]:
     extra = "[outlier]\nconsecutive_failures = 3\nbase_ejection_s = 2.0\n"
-    with running_gateway(tmp_path_factory.mktemp("chaos-gateway"), fleet, extra) as process:
+    root = tmp_path_factory.mktemp("chaos-gateway")
+    with running_gateway(root, fleet, extra, "--workers", str(workers)) as process:
         yield process
 
 

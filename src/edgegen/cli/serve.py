@@ -7,6 +7,7 @@ returns (node/lifecycle.py); a gateway simply stops.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -70,6 +71,9 @@ def gateway(
         str | None, typer.Option(help="address to listen on", envvar="EDGEGEN_GATEWAY_HOST")
     ] = None,
     port: Annotated[int | None, typer.Option(help="port to listen on", envvar="EDGEGEN_GATEWAY_PORT")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="server processes, one fleet", envvar="EDGEGEN_GATEWAY_WORKERS")
+    ] = None,
     grpc_port: Annotated[
         int | None, typer.Option(help="KServe v2 gRPC port (0: off)", envvar="EDGEGEN_GATEWAY_GRPC_PORT")
     ] = None,
@@ -82,7 +86,8 @@ def gateway(
     from edgegen.gateway.settings import load_gateway_settings
     from edgegen.observe.logs import configure_logging
 
-    flags = {"CONFIG": config, "HOST": host, "PORT": port, "GRPC_PORT": grpc_port, "LOG_LEVEL": log_level}
+    flags = {"CONFIG": config, "HOST": host, "PORT": port, "WORKERS": workers, "GRPC_PORT": grpc_port,
+             "LOG_LEVEL": log_level}  # fmt: skip
     for key, value in flags.items():
         if value is not None:
             os.environ[f"EDGEGEN_GATEWAY_{key}"] = str(value)
@@ -91,7 +96,24 @@ def gateway(
     settings = load_gateway_settings()  # fail here, in one line, before the server starts
     _check_exposure(settings.host, settings.security, settings.tls)
     configure_logging(settings.log_level)
-    _run_server("edgegen.gateway.app", settings.host, settings.port, tls=settings.tls.enabled)
+    if settings.workers == 1:
+        _run_server("edgegen.gateway.app", settings.host, settings.port, tls=settings.tls.enabled)
+        return
+    from edgegen.gateway.shared import SHARED_DIR
+
+    # The workers' one fleet and their metrics live in a directory of this run's own (gateway/shared.py).
+    run_dir = settings.home / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shared = Path(tempfile.mkdtemp(prefix="gateway-", dir=run_dir))
+    (shared / "metrics").mkdir()
+    os.environ[SHARED_DIR] = str(shared)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared / "metrics")
+    try:
+        _run_server(
+            "edgegen.gateway.app", settings.host, settings.port, settings.workers, tls=settings.tls.enabled
+        )
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _move_to_software(settings: Settings) -> None:

@@ -41,12 +41,13 @@ from edgegen.gateway.rollout import Rollouts
 from edgegen.gateway.routes import admin_app
 from edgegen.gateway.routes.software import MAX_WHEEL_BYTES, UPGRADE
 from edgegen.gateway.settings import GatewaySettings, load_gateway_settings
+from edgegen.gateway.shared import SharedFleet, shared_directory
 from edgegen.gateway.state import GatewayState
 from edgegen.gateway.upgrade import Upgrades
 from edgegen.http.boundary import edge_stack
 from edgegen.http.errors import error_response, render
 from edgegen.http.serving import UPLOADS, GuardedHttpProtocol, tls_context
-from edgegen.observe.logs import AccessLog, request_id
+from edgegen.observe.logs import AccessLog, configure_logging, request_id
 from edgegen.security.gate import open_audit
 
 if TYPE_CHECKING:
@@ -64,17 +65,22 @@ class Gateway:
         fleet = Fleet(settings.health, settings.outlier)
         for entry in settings.nodes:
             fleet.add(entry)
+        directory = shared_directory()  # one of `--workers N`: one fleet for all (shared.py)
+        self.shared = shared = SharedFleet(directory, fleet) if directory is not None else None
         analyzer = Analyzer(settings.alerts)
         metrics = GatewayMetrics(fleet, analyzer)
         self.proxy = proxy = Proxy(settings, fleet, metrics)
         nodes = NodeClient(proxy.client, vouch=proxy.node_ssl is not None, key=settings.nodes_key)
         restarts = Restarts(fleet, nodes, settings.operations)
         rollouts = Rollouts(fleet, nodes.call, settings.operations)
+        if shared is not None:
+            rollouts.before, rollouts.lock = shared.rollbacks, shared.changes_lock()
         store = LogStore(settings.logs.path or settings.home / "logs" / "fleet.sqlite")
         advisories = settings.home / "security" / "advisories.sqlite"
         self.state = GatewayState(
             settings=settings,
             fleet=fleet,
+            shared=shared,
             proxy=proxy,
             nodes=nodes,
             metrics=metrics,
@@ -114,6 +120,8 @@ class Gateway:
             await self.proxy.close()
             self.access_log.flush()
             self.state.logs.close()
+            if self.shared is not None:
+                self.shared.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -172,8 +180,11 @@ async def start_grpc(settings: GatewaySettings, entry: ASGIApp) -> GrpcServer:
 
 
 def app_from_environment() -> Gateway:
-    """The uvicorn factory: settings from the file and environment the CLI set."""
-    return Gateway(load_gateway_settings())
+    """The uvicorn factory: settings from the file and environment the CLI set; logging as the CLI set
+    it, again in each worker process (a worker is a fresh interpreter)."""
+    settings = load_gateway_settings()
+    configure_logging(settings.log_level)
+    return Gateway(settings)
 
 
 @functools.cache

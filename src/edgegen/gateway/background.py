@@ -8,6 +8,10 @@
     own lines   the gateway's own log records into the fleet's logs, every second (when `logs.own` names it)
 
 A round that fails is logged and the loop goes on: observability never breaks serving.
+
+With several workers (shared.py), health, status and purge run in one of them, the leader; every worker
+reads the shared fleet every `sync_s` (others' admin changes, the leader's verdicts) and takes the lead
+when the leader is gone. Analysis and own lines run in each: each has its own share of the lines.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -28,11 +33,14 @@ from edgegen.gateway.logstore import OwnLines
 from edgegen.gateway.metrics import GatewayMetrics
 from edgegen.gateway.nodes import NodeClient
 from edgegen.gateway.settings import HealthSettings
+from edgegen.gateway.shared import SharedFleet
 from edgegen.gateway.state import GatewayState
 
 log = logging.getLogger("edgegen.gateway")
 PURGE_EVERY_S = 60.0
 OWN_LINES_EVERY_S = 1.0
+SYNC_S = 0.5  # at most; half the health interval when that is shorter
+Round = tuple[float, Callable[[], Awaitable[None]], str]  # (every so many seconds, work, what a failure says)
 
 
 @contextlib.asynccontextmanager
@@ -42,19 +50,26 @@ async def running(state: GatewayState) -> AsyncIterator[None]:
     timeout = aiohttp.ClientTimeout(total=s.health.timeout_s)
     connector = aiohttp.TCPConnector(ssl=state.proxy.node_ssl or True)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as client:
-        rounds = [
+        statuses = partial(read_statuses, state.fleet, state.nodes, s.health, state.shared)
+        leading: list[Round] = [
             (s.health.interval_s, partial(check_health, state.fleet, client), "health check round failed"),
-            (s.health.status_interval_s, partial(read_statuses, state.fleet, state.nodes, s.health),
-             "reading the nodes' status failed"),
-            (s.alerts.evaluate_s, partial(analyse, state.analyzer, state.metrics), "log analysis failed"),
+            (s.health.status_interval_s, statuses, "reading the nodes' status failed"),
             (PURGE_EVERY_S, partial(purge, state.logs), "fleet log purge failed"),
-        ]  # fmt: skip
+        ]
+        rounds: list[Round] = [
+            (s.alerts.evaluate_s, partial(analyse, state.analyzer, state.metrics), "log analysis failed")
+        ]
         handler = OwnLines(s.logs.own, logging.getLevelName(s.logs.own_level.upper())) if s.logs.own else None
         if handler is not None:
             logging.getLogger().addHandler(handler)
             keep = partial(state.logs.keep_own, handler)
             rounds.append((OWN_LINES_EVERY_S, keep, "keeping the gateway's own log lines failed"))
         tasks = [asyncio.create_task(every(*r)) for r in rounds]
+        if state.shared is None:
+            tasks += [asyncio.create_task(every(*r)) for r in leading]
+        else:
+            sync_s = min(SYNC_S, s.health.interval_s / 2)
+            tasks.append(asyncio.create_task(follow(state, state.shared, leading, sync_s)))
         try:
             yield
         finally:
@@ -65,6 +80,27 @@ async def running(state: GatewayState) -> AsyncIterator[None]:
             if handler is not None:
                 logging.getLogger().removeHandler(handler)
                 await state.logs.keep_own(handler)
+
+
+async def follow(state: GatewayState, shared: SharedFleet, leading: list[Round], sync_s: float) -> None:
+    """A worker of several: take the shared fleet every `sync_s`, and lead once nobody does."""
+    led: list[asyncio.Task[None]] = []
+    try:
+        while True:
+            try:
+                for member in shared.sync():
+                    await state.proxy.retire(member.backend)
+                if not led and shared.lead():
+                    log.info("this worker leads the fleet's checks", extra={"pid": os.getpid()})
+                    led = [asyncio.create_task(every(*r)) for r in leading]
+            except Exception:
+                log.exception("reading the shared fleet failed")
+            await asyncio.sleep(sync_s)
+    finally:
+        for task in led:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def every(interval_s: float, work: Callable[[], Awaitable[None]], failure: str) -> None:
@@ -91,8 +127,11 @@ async def check_health(fleet: Fleet, client: aiohttp.ClientSession) -> None:
     await asyncio.gather(*(one(name, m.backend.url) for name, m in list(fleet.nodes.items())))
 
 
-async def read_statuses(fleet: Fleet, nodes: NodeClient, health: HealthSettings) -> None:
-    """Every node's GET /admin/status, for the fleet view: version, models, load; then a history point."""
+async def read_statuses(
+    fleet: Fleet, nodes: NodeClient, health: HealthSettings, shared: SharedFleet | None = None
+) -> None:
+    """Every node's GET /admin/status, for the fleet view: version, models, load; then a history point.
+    With several workers the statuses go to the shared fleet, for the others' views."""
 
     async def one(member: FleetMember) -> None:
         try:
@@ -113,6 +152,8 @@ async def read_statuses(fleet: Fleet, nodes: NodeClient, health: HealthSettings)
     wall, now = time.time(), fleet.clock()
     for member in members:
         member.sample(wall, now)
+    if shared is not None:
+        shared.statuses(members)
 
 
 async def analyse(analyzer: Analyzer, metrics: GatewayMetrics) -> None:

@@ -14,6 +14,9 @@ outlier detection). Both verdicts are kept apart, as Envoy keeps them:
 
 `available()` is cached and rebuilt only when a verdict changes or an ejection runs out, so a pick
 over a large fleet does not rescan it. The clock is injectable for tests.
+
+With several gateway workers (shared.py) a `listener` is told of every change this worker makes —
+membership, weight, draining, a health verdict, an ejection — and `apply` takes the changes others made.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from edgegen.errors import ConfigError
 from edgegen.gateway.balancers import Backend
@@ -60,6 +63,16 @@ class Traffic:
             "p50_ms": round(statistics.median(recent) * 1000, 3) if recent else None,
             "p99_ms": round(recent[math.ceil(0.99 * len(recent)) - 1] * 1000, 3) if recent else None,
         }
+
+
+class FleetListener(Protocol):
+    """Who hears of this worker's changes to the fleet (shared.py)."""
+
+    def changed(self, member: FleetMember, *, new: bool = False) -> None:
+        """A member's weight, draining or verdicts changed, or (`new`) it joined; ConfigError when a new
+        member's name or URL is taken already (another worker added it)."""
+
+    def removed(self, name: str) -> None: ...
 
 
 @dataclass(eq=False)
@@ -149,6 +162,7 @@ class Fleet:
         self._numbers = itertools.count(1)
         self._available: list[Backend] | None = None
         self._next_expiry = math.inf
+        self.listener: FleetListener | None = None
 
     # -- membership ------------------------------------------------------------------------------------
     def add(self, entry: NodeEntry) -> FleetMember:
@@ -164,20 +178,55 @@ class Fleet:
         state.history = deque(maxlen=min(points, MAX_HISTORY_POINTS))
         self.nodes[name] = state
         self._changed()
+        if self.listener is not None:
+            try:
+                self.listener.changed(state, new=True)
+            except ConfigError:
+                del self.nodes[name]
+                self._changed()
+                raise
         return state
 
     def remove(self, name: str) -> FleetMember:
         state = self.nodes.pop(name)
         self._changed()
+        if self.listener is not None:
+            self.listener.removed(name)
         return state
 
     def set_weight(self, name: str, weight: int) -> None:
         self.nodes[name].backend.weight = weight
-        self._changed()
+        self._changed(self.nodes[name])
 
     def set_draining(self, name: str, draining: bool) -> None:
         self.nodes[name].draining = draining
+        self._changed(self.nodes[name])
+
+    def apply(self, rows: list[dict[str, Any]]) -> list[FleetMember]:
+        """Take the fleet as the workers left it (shared.py's rows, in the fleet's order): members, weights,
+        verdicts, ejections, last statuses. Gives the members that left, for their pools to close. The
+        listener hears nothing of it: this is where its changes come back from."""
+        gone = [state for name, state in self.nodes.items() if name not in {row["name"] for row in rows}]
+        ordered: dict[str, FleetMember] = {}
+        for row in rows:
+            name = row["name"]
+            state = self.nodes.get(name)
+            if state is None or state.backend.url != row["url"]:
+                if state is not None:
+                    gone.append(state)
+                state = FleetMember(Backend(name=name, url=row["url"]))
+                points = math.ceil(self.health.history_s / self.health.status_interval_s)
+                state.history = deque(maxlen=min(points, MAX_HISTORY_POINTS))
+            state.backend.weight = row["weight"]
+            state.draining, state.healthy = bool(row["draining"]), bool(row["healthy"])
+            state.ejections, state.ejected_until = row["ejections"], row["ejected_until"]
+            state.last_seen, state.status_error = row["last_seen"], row["status_error"]
+            if row["status"] is not None and row["status"] != state.status:
+                state.record_status(row["status"])
+            ordered[name] = state
+        self.nodes = ordered
         self._changed()
+        return gone
 
     # -- who may take traffic ------------------------------------------------------------------------------
     def available(self) -> list[Backend]:
@@ -192,8 +241,11 @@ class Fleet:
             self._next_expiry = min(pending, default=math.inf)
         return self._available
 
-    def _changed(self) -> None:
+    def _changed(self, member: FleetMember | None = None) -> None:
+        """Who takes traffic is to be decided again; `member`'s change is told to the listener."""
         self._available = None
+        if member is not None and self.listener is not None:
+            self.listener.changed(member)
 
     # -- active checks ---------------------------------------------------------------------------------------
     def record_check(self, name: str, ok: bool) -> None:
@@ -206,13 +258,13 @@ class Fleet:
             if not state.healthy and state.passes >= self.health.healthy_after:
                 state.healthy = True
                 log.info("node healthy again", extra={"node": name})
-                self._changed()
+                self._changed(state)
         else:
             state.fails, state.passes = state.fails + 1, 0
             if state.healthy and state.fails >= self.health.unhealthy_after:
                 state.healthy = False
                 log.warning("node failed its health checks", extra={"node": name})
-                self._changed()
+                self._changed(state)
 
     # -- passive outlier detection ---------------------------------------------------------------------------
     def record_success(self, backend: Backend) -> None:
@@ -241,7 +293,7 @@ class Fleet:
         state.ejected_until = now + seconds
         state.consecutive_errors = 0
         log.warning("node ejected", extra={"node": backend.name, "seconds": seconds})
-        self._changed()
+        self._changed(state)
 
     def snapshot(self) -> list[dict[str, object]]:
         now = self.clock()

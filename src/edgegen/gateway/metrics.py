@@ -11,16 +11,19 @@
     edgegen_gateway_vulnerable_packages{node}           at the last GET /gateway/audit
 
 Per-node gauges are collectors rather than labelled children: nodes come and go at run time, and a node
-removed must leave the scrape with it.
+removed must leave the scrape with it. With several workers (`--workers N`, shared.py) the counters and
+histograms are prometheus_client's multiprocess files, summed at each scrape whichever worker answers it;
+the fleet's gauges are read from the fleet, which every worker shares (in flight: the answering worker's).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -53,21 +56,24 @@ class GatewayMetrics:
         self.responses = Counter(
             "edgegen_gateway_responses_total", "Responses to clients by status.", ["status"], registry=r
         )
-        self.retries = Gauge("edgegen_gateway_retries", "Requests sent again to another node.", registry=r)
-        nodes = Gauge(
-            "edgegen_gateway_nodes", "Nodes in the fleet, and how many take traffic.", ["state"], registry=r
+        self.retries = Gauge(
+            "edgegen_gateway_retries",
+            "Requests sent again to another node.",
+            registry=r,
+            multiprocess_mode="sum",
         )
-        nodes.labels("known").set_function(lambda: len(fleet.nodes))
-        nodes.labels("available").set_function(lambda: len(fleet.available()))
-        r.register(FleetCollector(fleet))
         self.alerts = Counter("edgegen_gateway_alerts", "Alerts raised, by kind.", ["kind"], registry=r)
-        r.register(AlertCollector(analyzer))
         self.vulnerable = Gauge(
             "edgegen_gateway_vulnerable_packages",
             "Installed packages with a known advisory, per node (at the last GET /gateway/audit).",
             ["node"],
             registry=r,
+            multiprocess_mode="mostrecent",  # whichever worker ran the audit
         )
+        self.collectors = (FleetCollector(fleet), AlertCollector(analyzer))
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        for collector in self.collectors:
+            r.register(collector)
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._statuses: dict[int, Any] = {}
 
@@ -88,6 +94,16 @@ class GatewayMetrics:
             )
         children[0].observe(seconds)
         children[1].inc()
+
+    def source(self) -> CollectorRegistry:
+        """What a scrape reads: this registry, or with several workers the files of all of them."""
+        if not self.multiprocess:
+            return self.registry
+        source = CollectorRegistry()
+        multiprocess.MultiProcessCollector(source)  # type: ignore[no-untyped-call]  # its __init__ is unannotated
+        for collector in self.collectors:
+            source.register(collector)
+        return source
 
     def retried(self) -> None:
         self.retries.inc()
@@ -114,6 +130,12 @@ class FleetCollector(Collector):
         self.fleet = fleet
 
     def collect(self) -> Iterator[Metric]:
+        nodes = GaugeMetricFamily(
+            "edgegen_gateway_nodes", "Nodes in the fleet, and how many take traffic.", labels=["state"]
+        )
+        nodes.add_metric(["known"], len(self.fleet.nodes))
+        nodes.add_metric(["available"], len(self.fleet.available()))
+        yield nodes
         available = GaugeMetricFamily(
             "edgegen_gateway_node_available", "1 when the node takes traffic now.", labels=["node"]
         )

@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,9 @@ class Rollouts:
     fleet: Fleet
     call: NodeCall  # (state, method, path, body=None, limit_s=10) -> (status, JSON)
     settings: OperationsSettings
-    before: dict[str, dict[str, str | None]] = field(default_factory=dict)  # model -> node -> version
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # model -> node -> version; with several workers, kept in their shared file (shared.py)
+    before: MutableMapping[str, dict[str, str | None]] = field(default_factory=dict)
+    lock: AbstractAsyncContextManager[Any] = field(default_factory=asyncio.Lock)  # or shared.FleetLock
 
     async def rollout(self, order: RolloutOrder, package: Path | None = None) -> dict[str, Any]:
         """`package`: a signed package archive pushed to each node (filed as `order.version`, when given)."""

@@ -174,6 +174,9 @@ class GatewaySettings(EnvFirstSettings):
     grpc_port: int = Field(
         0, ge=0, le=65535, description="KServe v2 over gRPC, relayed to the nodes over HTTP; 0: off"
     )
+    workers: int = Field(
+        1, ge=1, le=64, description="server processes sharing the port and one fleet (gateway/shared.py)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
     nodes: list[NodeEntry] = Field(default_factory=list)

@@ -17,6 +17,7 @@ from edgegen.gateway.proxy import Proxy
 from edgegen.gateway.restarts import Restarts
 from edgegen.gateway.rollout import Rollouts
 from edgegen.gateway.settings import GatewaySettings
+from edgegen.gateway.shared import SharedFleet
 from edgegen.gateway.upgrade import Upgrades
 
 
@@ -24,6 +25,7 @@ from edgegen.gateway.upgrade import Upgrades
 class GatewayState:
     settings: GatewaySettings
     fleet: Fleet  # the nodes, and which take traffic
+    shared: SharedFleet | None  # with several workers: the fleet they share (shared.py)
     proxy: Proxy  # relays client requests; its pool to each node carries the gateway's own calls too
     nodes: NodeClient  # the gateway's own calls to a node
     metrics: GatewayMetrics

@@ -39,7 +39,7 @@ def ready(request: Request, response: Response) -> dict[str, Any]:
 def metrics(request: Request) -> Response:
     # An operator sees everything; anyone else the public view (observe/metrics.py).
     gateway = gateway_of(request)
-    source, full = gateway.metrics.registry, principal_of(request.scope).at_least("operator")
+    source, full = gateway.metrics.source(), principal_of(request.scope).at_least("operator")
     names = full or gateway.settings.security.metrics_model_names
     text = generate_latest(source if full else PublicView(source, model_names=names))
     return Response(text, media_type=CONTENT_TYPE_LATEST)

@@ -8,7 +8,9 @@
     POST   /gateway/nodes/{name}/restart  drain, restart in place, back once ready (restarts.py)
     POST   /gateway/restart               every node so, in turn
 
-A change here lasts until the gateway restarts: the configuration file is never written.
+A change here lasts until the gateway restarts: the configuration file is never written. With several
+workers it reaches all of them (shared.py). The routes run on the event loop, as the relay does: the
+fleet is never changed from another thread while a request reads it.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ class NodeUpdate(BaseModel):
 
 
 @router.get("/nodes")
-def nodes(request: Request) -> dict[str, Any]:
+async def nodes(request: Request) -> dict[str, Any]:
     return {"nodes": gateway_of(request).fleet.snapshot()}
 
 
 @router.post("/nodes", status_code=201)
-def add(request: Request, entry: NodeEntry) -> dict[str, object]:
+async def add(request: Request, entry: NodeEntry) -> dict[str, object]:
     fleet = gateway_of(request).fleet
     try:
         member = fleet.add(entry)
@@ -51,7 +53,7 @@ def add(request: Request, entry: NodeEntry) -> dict[str, object]:
 
 
 @router.patch("/nodes/{name}")
-def update(request: Request, name: str, change: NodeUpdate) -> dict[str, object]:
+async def update(request: Request, name: str, change: NodeUpdate) -> dict[str, object]:
     fleet = gateway_of(request).fleet
     if name not in fleet.nodes:
         raise NotFound(f"no node named {name!r}")

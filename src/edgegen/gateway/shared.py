@@ -1,0 +1,273 @@
+"""One fleet for the gateway's worker processes (`edgegen gateway --workers N`).
+
+uvicorn's workers share the listening socket: the kernel hands each connection to one of them, and each
+relays with its own connection pools and balancers. What must be one across them lives in a SQLite file
+(WAL) in a directory the command made for this run (`SHARED_DIR`, which the workers inherit):
+
+    nodes       the fleet in its order: URL, weight, draining, health verdict, ejection, last status
+    rollbacks   the versions each model's last rollout replaced (POST /gateway/rollback without one)
+    generation  moved by every change; each worker reads it every `sync_s` and reloads when it moved
+
+Decided once. One worker at a time holds `leader.lock` (flock: the kernel frees it when that worker
+dies, and another takes it within `sync_s`) and runs the active health checks and the status reads; the
+others take its verdicts from here. A passive ejection is decided by the worker that saw the failures
+and written here, so every worker stops sending to that node. An admin change (a node added, removed,
+drained, weighed) is written by the worker that took the request and reaches the others within `sync_s`;
+a rollout or upgrade holds `changes.lock` for its whole run, so two never interleave whichever workers
+take them.
+
+Balancing stays per worker, on its own in-flight counts: no shared counter on the hot path. Each worker's
+least-connections keeps its counts of any two nodes within one of each other when it picks, so with W
+workers a node's total stays within about W of any other's (docs/benchmarks.md measures it). Prefix
+affinity's ring is a function of the node names alone, the same in every worker, so a chat goes to the
+same home whichever worker relays it; only the bounded-load spill-over reads the worker's own counts.
+
+What stays per worker: the fleet view's traffic figures and history (each worker's share; Prometheus,
+in multiprocess mode, sums the counters of all), and the log analysis of the lines each worker receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from edgegen.errors import ConfigError
+from edgegen.gateway.fleet import Fleet, FleetMember
+
+SHARED_DIR = "EDGEGEN_GATEWAY_SHARED_DIR"  # set by `edgegen gateway --workers N` for its workers
+LOCK_POLL_S = 0.05
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY, url TEXT NOT NULL UNIQUE, position INTEGER NOT NULL, weight INTEGER NOT NULL,
+    draining INTEGER NOT NULL, healthy INTEGER NOT NULL, ejections INTEGER NOT NULL,
+    ejected_until REAL NOT NULL, last_seen REAL, status TEXT, status_error TEXT
+);
+CREATE TABLE IF NOT EXISTS rollbacks (model TEXT PRIMARY KEY, versions TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+_COLUMNS = ("name", "url", "weight", "draining", "healthy", "ejections", "ejected_until", "last_seen",
+            "status", "status_error")  # fmt: skip
+_SELECT = (
+    "SELECT name, url, weight, draining, healthy, ejections, ejected_until, last_seen, status, status_error"
+    " FROM nodes ORDER BY position"
+)
+
+
+def shared_directory() -> Path | None:
+    """The run's shared directory, in a worker of `--workers N`; None in a one-process gateway."""
+    value = os.environ.get(SHARED_DIR)
+    return Path(value) if value else None
+
+
+class SharedFleet:
+    """The fleet's shared state (a `FleetListener`): what this worker changes goes to the file at once;
+    `sync` takes what the others changed."""
+
+    def __init__(self, directory: Path, fleet: Fleet) -> None:
+        self.directory = directory
+        self.fleet = fleet
+        self._db = sqlite3.connect(directory / "fleet.sqlite", isolation_level=None, timeout=5.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # a run's state: it does not outlive the run
+        self._db.executescript(_SCHEMA)
+        self._seen = -1
+        self._leader: int | None = None
+        self.rollbacks = Rollbacks(self)
+        with self._write():
+            if self._db.execute("SELECT value FROM meta WHERE key = 'seeded'").fetchone() is None:
+                # The first worker up writes the configured fleet; the others (and a worker restarted
+                # later) take the fleet as it is now, admin changes included.
+                for position, member in enumerate(fleet.nodes.values()):
+                    self._upsert(member, position)
+                self._db.execute("INSERT INTO meta VALUES ('seeded', 1)")
+        fleet.listener = self
+        self.sync()
+
+    # -- what this worker changed ------------------------------------------------------------------------
+    def changed(self, member: FleetMember, *, new: bool = False) -> None:
+        with self._write():
+            if new:
+                b = member.backend
+                known = self._db.execute(
+                    "SELECT name FROM nodes WHERE name = ? OR url = ?", (b.name, b.url)
+                ).fetchone()
+                if known is not None:
+                    raise ConfigError(f"node {known[0]!r} has that name or URL already")
+                position = self._db.execute("SELECT coalesce(max(position), -1) + 1 FROM nodes").fetchone()[0]
+            else:
+                found = self._db.execute(
+                    "SELECT position FROM nodes WHERE name = ?", (member.backend.name,)
+                ).fetchone()
+                if found is None:
+                    return  # removed by another worker meanwhile
+                position = found[0]
+            self._upsert(member, position)
+
+    def removed(self, name: str) -> None:
+        with self._write():
+            self._db.execute("DELETE FROM nodes WHERE name = ?", (name,))
+
+    def statuses(self, members: list[FleetMember]) -> None:
+        """The leader's last status reads and checks, for every worker's fleet view."""
+        with self._write():
+            for member in members:
+                self._db.execute(
+                    "UPDATE nodes SET last_seen = ?, status = ?, status_error = ? WHERE name = ?",
+                    (member.last_seen, _json(member.status), member.status_error, member.backend.name),
+                )
+
+    def _upsert(self, member: FleetMember, position: int) -> None:
+        b = member.backend
+        self._db.execute(
+            "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (b.name, b.url, position, b.weight, int(member.draining), int(member.healthy), member.ejections,
+             member.ejected_until, member.last_seen, _json(member.status), member.status_error),
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One transaction that moves the generation; this worker's own write is not reloaded."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+            generation = row[0] if row is not None else 0
+            yield
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (generation + 1,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        if generation == self._seen:
+            self._seen = generation + 1
+
+    # -- what the others changed -----------------------------------------------------------------------
+    def sync(self) -> list[FleetMember]:
+        """Reload the fleet when another worker changed it; gives the members that left."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        generation = row[0] if row is not None else 0
+        if generation == self._seen:
+            return []
+        self._db.execute("BEGIN")
+        try:
+            generation = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
+            rows = self._db.execute(_SELECT).fetchall()
+        finally:
+            self._db.execute("COMMIT")
+        self._seen = generation
+        members = [dict(zip(_COLUMNS, r, strict=True)) for r in rows]
+        for member in members:
+            member["status"] = json.loads(member["status"]) if member["status"] is not None else None
+        return self.fleet.apply(members)
+
+    # -- one worker decides -------------------------------------------------------------------------------
+    def lead(self) -> bool:
+        """Whether this worker leads now: it takes the lock when nobody holds it, and keeps it for life."""
+        if self._leader is not None:
+            return True
+        fd = os.open(self.directory / "leader.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._leader = fd
+        return True
+
+    def changes_lock(self) -> FleetLock:
+        return FleetLock(self.directory / "changes.lock")
+
+    def close(self) -> None:
+        if self._leader is not None:
+            os.close(self._leader)
+            self._leader = None
+        self._db.close()
+
+    # -- rollbacks -------------------------------------------------------------------------------------------
+    def _rollback_get(self, model: str) -> dict[str, str | None] | None:
+        row = self._db.execute("SELECT versions FROM rollbacks WHERE model = ?", (model,)).fetchone()
+        return json.loads(row[0]) if row is not None else None
+
+    def _rollback_set(self, model: str, versions: dict[str, str | None] | None) -> None:
+        with self._write():
+            if versions is None:
+                self._db.execute("DELETE FROM rollbacks WHERE model = ?", (model,))
+            else:
+                row = (model, json.dumps(versions))
+                self._db.execute("INSERT OR REPLACE INTO rollbacks VALUES (?, ?)", row)
+
+    def _rollback_models(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT model FROM rollbacks ORDER BY model")]
+
+
+class FleetLock:
+    """The lock of fleet changes (rollouts, upgrades): one at a time in this worker (asyncio) and across
+    workers (flock on `path`, polled: a rollout waits seconds, not microseconds)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = asyncio.Lock()
+        self._fd: int | None = None
+
+    async def __aenter__(self) -> None:
+        await self._local.acquire()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(LOCK_POLL_S)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+        except BaseException:
+            self._local.release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # (closing the descriptor releases the flock)
+            self._fd = None
+        self._local.release()
+
+
+class Rollbacks(MutableMapping[str, dict[str, str | None]]):
+    """`Rollouts.before` (model → node → the version it served before), kept in the shared file."""
+
+    def __init__(self, shared: SharedFleet) -> None:
+        self._shared = shared
+
+    def __getitem__(self, model: str) -> dict[str, str | None]:
+        versions = self._shared._rollback_get(model)
+        if versions is None:
+            raise KeyError(model)
+        return versions
+
+    def __setitem__(self, model: str, versions: dict[str, str | None]) -> None:
+        self._shared._rollback_set(model, versions)
+
+    def __delitem__(self, model: str) -> None:
+        if self._shared._rollback_get(model) is None:
+            raise KeyError(model)
+        self._shared._rollback_set(model, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shared._rollback_models())
+
+    def __len__(self) -> int:
+        return len(self._shared._rollback_models())
+
+
+def _json(value: Any) -> str | None:
+    return json.dumps(value) if value is not None else None

@@ -1,0 +1,146 @@
+"""`edgegen gateway --workers 2`: two processes on one port, one fleet (gateway/shared.py). Clients hold
+kept-alive connections spread over both workers, so what every client sees, both workers see."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.e2e.conftest import LLM_ENV
+from tests.e2e.node_process import GatewayProcess, NodeProcess, assert_no_errors
+from tests.e2e.test_gateway import PIXELS, running_fleet, running_gateway
+
+pytestmark = pytest.mark.e2e
+CLIENTS = 16
+SETTLE_S = 1.0  # the workers read the shared fleet every 0.1 s here (half the 0.2 s health interval)
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
+) -> Iterator[list[NodeProcess]]:
+    with running_fleet(tmp_path_factory.mktemp("workers"), model_files, n=2) as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess]) -> Iterator[GatewayProcess]:
+    root = tmp_path_factory.mktemp("workers-gateway")
+    with running_gateway(root, fleet, "", "--workers", "2") as process:
+        yield process
+    # A worker killed on purpose below leaves no error line; nodes killed on purpose only warnings.
+    assert_no_errors(process)
+
+
+def workers_of(gateway: GatewayProcess) -> list[psutil.Process]:
+    assert gateway.process is not None
+    children = psutil.Process(gateway.process.pid).children()
+    return [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+
+
+@pytest.fixture
+def clients(gateway: GatewayProcess) -> Iterator[list[httpx.Client]]:
+    """Kept-alive clients, their connections spread by the kernel over both workers."""
+    held = [httpx.Client(base_url=gateway.url, timeout=10) for _ in range(CLIENTS)]
+    try:
+        for client in held:
+            assert client.get("/v2/health/live").status_code == 200
+        holding = {
+            worker.pid
+            for worker in workers_of(gateway)
+            for c in worker.net_connections(kind="tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == gateway.port
+        }
+        assert len(holding) == 2, holding  # both workers serve these clients
+        yield held
+    finally:
+        for client in held:
+            client.close()
+
+
+def every_client_sees(
+    clients: list[httpx.Client], check: Callable[[dict[str, dict]], bool], within_s: float = SETTLE_S
+) -> None:
+    """`check` of the fleet (name -> node) holds for every client within `within_s`."""
+    deadline = time.monotonic() + within_s
+    for client in clients:
+        while True:
+            nodes = {n["name"]: n for n in client.get("/gateway/nodes").json()["nodes"]}
+            if check(nodes):
+                break
+            assert time.monotonic() < deadline, nodes
+            time.sleep(0.05)
+
+
+def test_admin_changes_on_one_worker_reach_every_worker(
+    gateway: GatewayProcess, clients: list[httpx.Client]
+) -> None:
+    assert clients[0].patch("/gateway/nodes/n0", json={"draining": True}).status_code == 200
+    every_client_sees(clients, lambda nodes: nodes["n0"]["draining"])
+    for client in clients:  # and no worker sends anything to it
+        answer = client.post("/predict", json={"input_data": PIXELS})
+        assert (answer.status_code, answer.headers["x-edgegen-node"]) == (200, "n1")
+
+    assert clients[1].patch("/gateway/nodes/n1", json={"weight": 7}).status_code == 200
+    added = clients[2].post("/gateway/nodes", json={"url": "http://127.0.0.1:9", "name": "extra"})
+    assert added.status_code == 201
+    every_client_sees(clients, lambda nodes: "extra" in nodes and nodes["n1"]["weight"] == 7)
+    for client in clients[3:6]:  # taken on every worker: the name and the URL are the fleet's, not one's
+        assert client.post("/gateway/nodes", json={"url": "http://127.0.0.1:9"}).status_code == 409
+        taken = client.post("/gateway/nodes", json={"url": "http://127.0.0.1:8", "name": "extra"})
+        assert taken.status_code == 409
+
+    assert clients[6].delete("/gateway/nodes/extra").status_code == 200
+    assert clients[7].patch("/gateway/nodes/n0", json={"draining": False}).status_code == 200
+    assert clients[8].patch("/gateway/nodes/n1", json={"weight": 1}).status_code == 200
+    every_client_sees(clients, lambda nodes: set(nodes) == {"n0", "n1"} and not nodes["n0"]["draining"])
+    served = {c.post("/predict", json={"input_data": PIXELS}).headers["x-edgegen-node"] for c in clients}
+    assert served == {"n0", "n1"}
+
+
+def leaders(gateway: GatewayProcess) -> list[int]:
+    lines = [json.loads(line) for line in gateway.log().splitlines() if "leads the fleet" in line]
+    return [line["pid"] for line in lines]
+
+
+def test_one_worker_checks_health_and_another_takes_over_when_it_dies(
+    gateway: GatewayProcess, fleet: list[NodeProcess], clients: list[httpx.Client]
+) -> None:
+    first = leaders(gateway)
+    assert len(first) == 1  # one worker checks the nodes; the other takes its verdicts
+    os.kill(first[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while len(leaders(gateway)) < 2:
+        assert time.monotonic() < deadline, gateway.log()[-2000:]
+        time.sleep(0.05)
+    assert leaders(gateway)[1] != first[0]
+
+    # The new leader's verdicts reach every worker: a dead node is out, and back once it is up.
+    victim, port = fleet[1], fleet[1].port
+    victim.kill()
+    alive = [c for c in clients if _answers(c)]  # the clients whose worker was not killed
+    every_client_sees(alive, lambda nodes: not nodes["n1"]["healthy"], within_s=5.0)
+    fleet[1] = NodeProcess(victim.home, env=LLM_ENV, port=port).start()
+    deadline = time.monotonic() + 10
+    while not all(_healthy(c, "n1") for c in alive):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def _answers(client: httpx.Client) -> bool:
+    try:
+        return client.get("/v2/health/live").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _healthy(client: httpx.Client, name: str) -> bool:
+    return bool(next(n for n in client.get("/gateway/nodes").json()["nodes"] if n["name"] == name)["healthy"])

@@ -1,0 +1,129 @@
+"""The fleet that gateway workers share (gateway/shared.py): two workers' views over one real SQLite file,
+as two processes would hold them."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from edgegen.errors import ConfigError
+from edgegen.gateway.fleet import Fleet
+from edgegen.gateway.settings import HealthSettings, NodeEntry, OutlierSettings
+from edgegen.gateway.shared import SharedFleet
+
+
+def worker(directory: Path, nodes: int = 3) -> SharedFleet:
+    """A worker as app.py builds it: the configured nodes, then the shared fleet."""
+    fleet = Fleet(
+        HealthSettings(unhealthy_after=1), OutlierSettings(consecutive_failures=2, max_ejected_share=1.0)
+    )
+    for i in range(nodes):
+        fleet.add(NodeEntry(url=f"http://127.0.0.1:{9000 + i}", name=f"n{i}"))
+    return SharedFleet(directory, fleet)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[SharedFleet, SharedFleet]:
+    a, b = worker(tmp_path), worker(tmp_path)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def names(shared: SharedFleet) -> list[str]:
+    return [b.name for b in shared.fleet.available()]
+
+
+def test_admin_changes_of_one_worker_reach_the_other_at_its_next_sync(
+    pair: tuple[SharedFleet, SharedFleet],
+) -> None:
+    a, b = pair
+    a.fleet.set_draining("n0", True)
+    a.fleet.set_weight("n1", 5)
+    assert names(b) == ["n0", "n1", "n2"]  # not yet: b has not looked
+    b.sync()
+    assert names(b) == ["n1", "n2"]
+    assert b.fleet.nodes["n1"].backend.weight == 5
+    added = b.fleet.add(NodeEntry(url="http://127.0.0.1:9100", name="late"))
+    gone = a.fleet.remove("n2")
+    assert a.sync() == []  # a knew n2 was gone; it takes `late`
+    assert list(a.fleet.nodes) == ["n0", "n1", "late"]
+    assert [m.backend.name for m in b.sync()] == [gone.backend.name]  # b learns n2 left: its pools close
+    assert list(b.fleet.nodes) == ["n0", "n1", "late"]
+    assert b.fleet.nodes["late"] is added  # the same member, its traffic kept
+
+
+def test_a_name_or_url_taken_in_another_worker_is_refused_there_too(
+    pair: tuple[SharedFleet, SharedFleet],
+) -> None:
+    a, b = pair
+    a.fleet.add(NodeEntry(url="http://127.0.0.1:9100", name="late"))
+    with pytest.raises(ConfigError):  # b has not synced, but the shared file knows
+        b.fleet.add(NodeEntry(url="http://127.0.0.1:9101", name="late"))
+    with pytest.raises(ConfigError):
+        b.fleet.add(NodeEntry(url="http://127.0.0.1:9100", name="other"))
+    assert "late" not in b.fleet.nodes  # refused whole
+    b.sync()
+    assert b.fleet.nodes["late"].backend.url == "http://127.0.0.1:9100"
+
+
+def test_verdicts_decided_in_one_worker_hold_in_every_worker(pair: tuple[SharedFleet, SharedFleet]) -> None:
+    a, b = pair
+    a.fleet.record_check("n0", ok=False)  # the leader's health check
+    for _ in range(2):  # the failures one worker saw: an ejection
+        b.fleet.record_failure(b.fleet.nodes["n1"].backend)
+    a.sync()
+    b.sync()
+    for shared in pair:
+        assert names(shared) == ["n2"]
+        assert shared.fleet.nodes["n1"].ejections == 1
+
+
+def test_a_worker_started_later_takes_the_fleet_as_it_is_not_as_configured(tmp_path: Path) -> None:
+    a = worker(tmp_path)
+    a.fleet.remove("n1")
+    late = worker(tmp_path)  # configured with n0..n2, as every worker is
+    assert list(late.fleet.nodes) == ["n0", "n2"]
+    a.close()
+    late.close()
+
+
+def test_statuses_and_rollbacks_are_shared(pair: tuple[SharedFleet, SharedFleet]) -> None:
+    a, b = pair
+    member = a.fleet.nodes["n0"]
+    member.record_status({"version": "1.2", "time": 1.0, "cpu_seconds": 0.5})
+    member.last_seen = 123.0
+    a.statuses(list(a.fleet.nodes.values()))
+    a.rollbacks["digits"] = {"n0": "2", "n1": None}
+    b.sync()
+    assert b.fleet.nodes["n0"].status == {"version": "1.2", "time": 1.0, "cpu_seconds": 0.5}
+    assert b.fleet.nodes["n0"].last_seen == 123.0
+    assert dict(b.rollbacks) == {"digits": {"n0": "2", "n1": None}}
+    b.rollbacks.pop("digits")
+    assert "digits" not in a.rollbacks
+
+
+def test_one_worker_leads_until_it_is_gone(tmp_path: Path) -> None:
+    a, b = worker(tmp_path), worker(tmp_path)
+    assert a.lead()
+    assert not b.lead()
+    assert a.lead()  # it keeps the lead
+    a.close()  # (as the kernel does when that process dies)
+    assert b.lead()
+    b.close()
+
+
+async def test_fleet_changes_run_one_at_a_time_across_workers(pair: tuple[SharedFleet, SharedFleet]) -> None:
+    a, b = pair
+    order: list[str] = []
+
+    async def change(lock: object, name: str) -> None:
+        async with lock:  # type: ignore[attr-defined]
+            order.append(f"{name} in")
+            await asyncio.sleep(0.1)
+            order.append(f"{name} out")
+
+    await asyncio.gather(change(a.changes_lock(), "a"), change(b.changes_lock(), "b"))
+    assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
