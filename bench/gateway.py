@@ -1,10 +1,13 @@
 """Benchmark `edgegen gateway`: its added latency against nginx, balancing an uneven fleet, and pick cost.
 
 overhead  One node (`edgegen serve`, digits). wrk + bench/predict.lua (every answer checked against the
-          logits ONNX Runtime gives for that image) straight to the node, through our gateway, and
-          through nginx (Debian's, started here with an equivalent `least_conn` upstream and keepalive),
-          at concurrency 1 and 64, in rounds (A B C A B C …). Added p50 / p99 = via − direct, same round.
-          Target: our added p50 ≤ 2× nginx's and ≤ 1 ms.
+          logits ONNX Runtime gives for that image) straight to the node, through our gateway (one
+          process, and `--workers 2`), and through nginx (Debian's, started here with an equivalent
+          `least_conn` upstream and keepalive), at concurrency 1 and 64, in rounds (A B C A B C …). Added
+          p50 / p99 = via − direct, same round. Each gateway's CPU (all its processes) per answer, too.
+          `--baseline-src DIR` adds a gateway run from another tree's `src` (A B against a commit).
+          Targets: our added p50 ≤ 2× nginx's and ≤ 1 ms; CPU per relayed answer ≤ 80 µs; with
+          `--workers 2`, added p50 at 64 clients ≤ 25 % of the direct p50.
 uneven    Three nodes serving `digits`; one is reached through bench/baselines/delay_relay.py, which
           holds each request 10 ms (a slow link or a slow machine, without taking CPU from the others on
           this 2-core box). Concurrency 4 through the gateway with round_robin, least_connections and
@@ -16,9 +19,12 @@ affinity  Three nodes serving SmolLM2-135M; SESSIONS chats, each with its own ~1
           (request sent to the first streamed token) p50 and p90 over the turns after each chat's first:
           with affinity a chat returns to the node whose KV cache holds its prompt; without, it lands
           anywhere.
+spread    Two equal nodes behind `--workers 2` with least_connections, 64 clients: each node's share of
+          the answers (from its own /metrics), and max/min — the workers balance on their own counts.
 pick      In process: µs per `pick` of each balancer over 1,000 registered nodes (median of 5 × 20,000).
 
     python bench/gateway.py [--rounds 3] [--duration 5] [--affinity-rounds 1] [--skip uneven,affinity]
+                            [--baseline-src DIR]
 
 Results go to bench/results/gateway-<timestamp>.json, with a Markdown table printed at the end.
 """
@@ -38,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from rich.console import Console
 
 from edgegen.gateway.balancers import Backend, make_balancer
@@ -60,15 +67,25 @@ def node(home: Path, name: str) -> Server:
     return Server(name, command, env, "/v2/health/ready", port)
 
 
-def gateway(root: Path, name: str, nodes: list[Server], balancer: str) -> Server:
+def gateway(
+    root: Path, name: str, nodes: list[Server], balancer: str, workers: int = 1, src: str | None = None
+) -> Server:
     port = free_port()
     config = root / f"{name}.toml"
     lines = [f'[[nodes]]\nurl = "{n.base_url}"\n' for n in nodes]
     # Top-level keys come before the first table.
     config.write_text(f'access_log = false\n{"".join(lines)}[balancer]\ndefault = "{balancer}"\n')
     command = [str(BIN / "edgegen"), "gateway", "--config", str(config), "--port", str(port)]
-    env = clean_env(EDGEGEN_GATEWAY_HOME=str(root), **LIKE_BASELINES)
+    command += ["--workers", str(workers)] if workers > 1 else []
+    env = clean_env(EDGEGEN_GATEWAY_HOME=str(root), **LIKE_BASELINES, **({"PYTHONPATH": src} if src else {}))
     return Server(name, command, env, "/v2/health/ready", port)
+
+
+def cpu_seconds(server: Server) -> float:
+    """User + system CPU of the server's processes (a gateway's workers included)."""
+    assert server.process is not None
+    top = psutil.Process(server.process.pid)
+    return sum(sum(p.cpu_times()[:2]) for p in (top, *top.children(recursive=True)))
 
 
 def nginx(root: Path, name: str, nodes: list[Server], method: str) -> Server:
@@ -131,12 +148,15 @@ def describe(result: dict[str, Any]) -> str:
 
 
 def overhead(
-    home: Path, root: Path, rounds: int, seconds: int, data: Path, wrk_bin: str
+    home: Path, root: Path, rounds: int, seconds: int, data: Path, wrk_bin: str, baseline: str | None
 ) -> list[dict[str, Any]]:
     target = node(home, "node")
     start(target, root)
     servers = [target, gateway(root, "edgegen-gateway", [target], "least_connections"),
+               gateway(root, "edgegen-gateway-w2", [target], "least_connections", workers=2),
                nginx(root, "nginx", [target], "least_conn;")]  # fmt: skip
+    if baseline is not None:
+        servers.insert(2, gateway(root, "edgegen-gateway-base", [target], "least_connections", src=baseline))
     rows = []
     try:
         for server in servers[1:]:
@@ -145,13 +165,51 @@ def overhead(
             for concurrency in (1, 64):
                 for server in servers:
                     wrk(wrk_bin, server, concurrency, 1, data)  # warm-up
+                    before = cpu_seconds(server)
                     result = wrk(wrk_bin, server, concurrency, seconds, data)
+                    result["cpu_us_per_answer"] = (
+                        (cpu_seconds(server) - before) / max(result["correct"], 1) * 1e6
+                    )
                     rows.append({"round": r, "server": server.name, "concurrency": concurrency, **result})
-                    console.print(f"round {r} c{concurrency} {server.name}: {describe(result)}")
+                    cpu = result["cpu_us_per_answer"]
+                    console.print(
+                        f"round {r} c{concurrency} {server.name}: {describe(result)}, {cpu:.0f} µs CPU"
+                    )
     finally:
         for server in reversed(servers):
             stop(server)
     return rows
+
+
+def answers_at(server: Server) -> float:
+    """The predictions a node answered, from its own /metrics."""
+    text = httpx.get(f"{server.base_url}/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("edgegen_responses_total{") and 'route="/predict"' in line
+    )
+
+
+def spread(home: Path, root: Path, seconds: int, data: Path, wrk_bin: str) -> dict[str, Any]:
+    """Two equal nodes behind two gateway workers: how evenly do the workers' own counts balance?"""
+    nodes = [node(home, "spread-a"), node(home, "spread-b")]
+    front = gateway(root, "spread-gateway", nodes, "least_connections", workers=2)
+    try:
+        for server in (*nodes, front):
+            start(server, root)
+        wrk(wrk_bin, front, 64, 1, data)
+        before = [answers_at(n) for n in nodes]
+        result = wrk(wrk_bin, front, 64, seconds, data)
+        served = [answers_at(n) - b for n, b in zip(nodes, before, strict=True)]
+    finally:
+        for server in (front, *nodes):
+            stop(server)
+    shares = [round(s / sum(served), 4) for s in served]
+    console.print(
+        f"spread over two nodes from two workers: {shares}, max/min {max(served) / min(served):.3f}"
+    )
+    return {"shares": shares, "max_over_min": max(served) / min(served), **result}
 
 
 def relay(name: str, target: Server, delay_ms: float) -> Server:
@@ -320,7 +378,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--affinity-rounds", type=int, default=1, help="each takes ~3 min here")
-    parser.add_argument("--skip", default="", help="comma-separated: overhead, uneven, affinity, pick")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: overhead, spread, uneven, affinity, pick"
+    )
+    parser.add_argument(
+        "--baseline-src", default=None, help="another tree's src/: its gateway runs as a baseline"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     result = new_result()
@@ -331,14 +394,26 @@ def main() -> None:
             result["pick_us"] = pick_cost()
             console.print(f"pick cost over 1,000 nodes (µs): {result['pick_us']}")
         if "overhead" not in skip:
-            rows = overhead(home, root, args.rounds, args.duration, data, wrk_bin)
+            rows = overhead(home, root, args.rounds, args.duration, data, wrk_bin, args.baseline_src)
             result["overhead"] = rows
+            gateways = sorted({row["server"] for row in rows if row["server"].startswith("edgegen")})
             for c in (1, 64):
-                for via in ("edgegen-gateway", "nginx"):
+                for name in gateways:
+                    cpus = [
+                        row["cpu_us_per_answer"]
+                        for row in rows
+                        if (row["server"], row["concurrency"]) == (name, c)
+                    ]
+                    med, lo, hi = statistics.median(cpus), min(cpus), max(cpus)
+                    result.setdefault("cpu_us_per_answer", {})[f"{name} c{c}"] = [med, lo, hi]
+                    console.print(f"CPU per answer c{c} {name}: {med:.0f} µs ({lo:.0f}–{hi:.0f})")
+                for via in (*gateways, "nginx"):
                     for pct in ("p50_us", "p99_us"):
                         med, lo, hi = added(rows, via, c, pct)
                         result.setdefault("added_ms", {})[f"{via} c{c} {pct[:3]}"] = [med, lo, hi]
                         console.print(f"added {pct[:3]} c{c} {via}: {med:.3f} ms ({lo:.3f}–{hi:.3f})")
+        if "spread" not in skip:
+            result["spread"] = spread(home, root, args.duration, data, wrk_bin)
         if "uneven" not in skip:
             rows = uneven(home, root, args.rounds, args.duration, data, wrk_bin)
             result["uneven"] = rows
