@@ -286,6 +286,9 @@ class GrpcServer:
                 code, reason = CODES.get(refused.status, grpc.StatusCode.INTERNAL), refused.message
             except EdgegenError as exc:  # a twin that cannot be built says why, as the app would
                 code, reason = CODES.get(status_of(exc), grpc.StatusCode.INTERNAL), exc.message
+            except Exception:  # a fault of ours (an answer the reply cannot read): INTERNAL, and logged
+                log.exception("gRPC call failed", extra={"rpc": name})
+                code, reason = grpc.StatusCode.INTERNAL, "internal error"
             await context.abort(code, reason)
 
         return unary
