@@ -33,11 +33,11 @@ import contextlib
 import fcntl
 import json
 import os
-import sqlite3
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from edgegen.db import connect, transaction
 from edgegen.errors import ConfigError
 from edgegen.gateway.fleet import Fleet, FleetMember
 
@@ -74,9 +74,7 @@ class SharedFleet:
     def __init__(self, directory: Path, fleet: Fleet) -> None:
         self.directory = directory
         self.fleet = fleet
-        self._db = sqlite3.connect(directory / "fleet.sqlite", isolation_level=None, timeout=5.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # a run's state: it does not outlive the run
+        self._db = connect(directory / "fleet.sqlite")
         self._db.executescript(_SCHEMA)
         self._seen = -1
         self._leader: int | None = None
@@ -135,16 +133,11 @@ class SharedFleet:
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
         """One transaction that moves the generation; this worker's own write is not reloaded."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db):
             row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
             generation = row[0] if row is not None else 0
             yield
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (generation + 1,))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         if generation == self._seen:
             self._seen = generation + 1
 
