@@ -20,6 +20,7 @@ from tests.e2e.test_gateway import PIXELS, running_fleet, running_gateway
 
 pytestmark = pytest.mark.e2e
 CLIENTS = 16
+MAX_CLIENTS = 256
 SETTLE_S = 1.0  # the workers read the shared fleet every 0.1 s here (half the 0.2 s health interval)
 
 
@@ -48,22 +49,33 @@ def workers_of(gateway: GatewayProcess) -> list[psutil.Process]:
 
 @pytest.fixture
 def clients(gateway: GatewayProcess) -> Iterator[list[httpx.Client]]:
-    """Kept-alive clients, their connections spread by the kernel over both workers."""
-    held = [httpx.Client(base_url=gateway.url, timeout=10) for _ in range(CLIENTS)]
+    """Kept-alive clients, their connections on both workers: the kernel hands a connection to whichever
+    worker accepts first, which can be the same one many times running, so clients are added until both
+    hold some (or the test says the kernel never spread them)."""
+    held: list[httpx.Client] = []
     try:
-        for client in held:
-            assert client.get("/v2/health/live").status_code == 200
-        holding = {
-            worker.pid
-            for worker in workers_of(gateway)
-            for c in worker.net_connections(kind="tcp")
-            if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == gateway.port
-        }
-        assert len(holding) == 2, holding  # both workers serve these clients
+        while len(held) < MAX_CLIENTS:
+            for _ in range(CLIENTS):
+                client = httpx.Client(base_url=gateway.url, timeout=10)
+                held.append(client)
+                assert client.get("/v2/health/live").status_code == 200
+            if len(holding(gateway)) == 2:
+                break
+        assert len(holding(gateway)) == 2, "no connection reached the second worker"
         yield held
     finally:
         for client in held:
             client.close()
+
+
+def holding(gateway: GatewayProcess) -> set[int]:
+    """The workers that hold a client's connection now."""
+    return {
+        worker.pid
+        for worker in workers_of(gateway)
+        for c in worker.net_connections(kind="tcp")
+        if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == gateway.port
+    }
 
 
 def every_client_sees(
@@ -144,3 +156,22 @@ def _answers(client: httpx.Client) -> bool:
 
 def _healthy(client: httpx.Client, name: str) -> bool:
     return bool(next(n for n in client.get("/gateway/nodes").json()["nodes"] if n["name"] == name)["healthy"])
+
+
+def test_every_worker_scrapes_the_counts_of_all(clients: list[httpx.Client]) -> None:
+    def relayed(client: httpx.Client) -> tuple[float, float]:
+        lines = client.get("/metrics").text.splitlines()
+        tries = sum(
+            float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("edgegen_gateway_attempts_total{")
+        )
+        known = next(
+            float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith('edgegen_gateway_nodes{state="known"}')
+        )
+        return tries, known
+
+    before = relayed(clients[0])[0]
+    for client in clients:
+        assert client.post("/predict", json={"input_data": PIXELS}).status_code == 200
+    scraped = [relayed(client) for client in clients]  # from both workers
+    assert {known for _, known in scraped} == {2.0}
+    assert all(tries - before >= len(clients) for tries, _ in scraped)  # each worker's share counted by all
