@@ -244,6 +244,25 @@ class SoftwareSettings(BaseModel):
     keep: int = Field(3, ge=1, le=20, description="environments kept besides the current and previous ones")
 
 
+class TracingSettings(BaseModel):
+    """Traces over OTLP/HTTP (observe/tracing.py): off, and free, unless `endpoint` is set. The gateway
+    has the same table, named `edgegen-gateway` by default."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    endpoint: Literal[""] | Url = Field(
+        "", description="OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces; empty: tracing off"
+    )
+    service_name: str = Field("edgegen-node", min_length=1, max_length=128, description="service.name")
+    sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="share of the traces begun here that are kept (a caller's flag rules)"
+    )
+
+
+class GatewayTracingSettings(TracingSettings):
+    service_name: str = Field("edgegen-gateway", min_length=1, max_length=128, description="service.name")
+
+
 class EnvFirstSettings(BaseSettings):
     """Settings whose environment variables outrank the TOML file (which arrives as init values)."""
 
@@ -294,6 +313,7 @@ class Settings(EnvFirstSettings):
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     logs: LogsSettings = Field(default_factory=LogsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     software: SoftwareSettings = Field(default_factory=SoftwareSettings)
     # The operator's file these were read from (None: EDGEGEN_CONFIG, or none): a remote change is
     # checked against it as the next start will read it.

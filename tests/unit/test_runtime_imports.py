@@ -25,12 +25,14 @@ def test_the_node_and_gateway_runtimes_import_no_training_framework() -> None:
 
 def test_a_node_starts_without_the_clients_and_protocols_it_does_not_use(tmp_path: Path) -> None:
     # aiohttp (pulling a package by URL) loads when a pull needs it; httpx is no node dependency; grpc and
-    # protobuf only with a `grpc_port`.
+    # protobuf only with a `grpc_port`; OpenTelemetry's SDK and exporter only with a `[tracing] endpoint`
+    # (FastAPI itself imports OpenTelemetry's API).
+    unused = ("aiohttp", "httpx", "grpc", "google.protobuf", "opentelemetry.sdk", "opentelemetry.exporter")
     code = (
         "import sys; from pathlib import Path; from edgegen.config import Settings;"
         "from edgegen.node.app import create_app;"
         f"create_app(Settings(home=Path({str(tmp_path)!r}), store_poll_s=0));"
-        "print(sorted(m for m in ('aiohttp', 'httpx', 'grpc', 'google.protobuf') if m in sys.modules))"
+        f"print(sorted(m for m in {unused!r} if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

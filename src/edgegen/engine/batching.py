@@ -36,6 +36,8 @@ import numpy as np
 from edgegen.config import BatchSettings
 from edgegen.errors import DeadlineExceeded, ExecutorError, InvalidInput, Overloaded
 from edgegen.executors.base import Executor
+from edgegen.observe import tracing
+from edgegen.observe.tracing import BatchTrace
 
 log = logging.getLogger(__name__)
 Feeds = Mapping[str, np.ndarray]
@@ -107,6 +109,7 @@ class _Request:
     future: asyncio.Future[dict[str, np.ndarray]]
     queued: float  # clock reading at submission
     deadline: float
+    trace: BatchTrace | None = None  # tracing on: its wait and its batch, told as spans once answered
     key: tuple[tuple[str, tuple[int, ...], str], ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -220,6 +223,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         queued = self._clock()
         request = _Request(feeds, rows, loop.create_future(), queued, queued + timeout_s)
+        if (tracer := tracing.tracer) is not None:
+            request.trace = tracer.batched()
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
@@ -290,6 +295,7 @@ class DynamicBatcher:
                 if not live:
                     continue
                 feeds, offsets = collate([r.feeds for r in live])
+                wall_ns = time.time_ns() if tracing.tracer is not None else 0  # (for spans only)
                 started = time.perf_counter_ns()
                 try:
                     if 0 < self._row_seconds * offsets[-1] * 1e6 <= self._settings.inline_max_us:
@@ -310,16 +316,21 @@ class DynamicBatcher:
                     per_row if not self._row_seconds else 0.8 * self._row_seconds + 0.2 * per_row
                 )
                 self._observe_batch(offsets[-1], len(live), elapsed_ns / 1e9)
-                self._answer(live, split(outputs, offsets), now, elapsed_ns)
+                self._answer(live, split(outputs, offsets), now, elapsed_ns, wall_ns)
             finally:
                 for _ in batch:
                     self._queue.task_done()
 
     def _answer(
-        self, live: list[_Request], results: list[dict[str, np.ndarray]], now: float, elapsed_ns: int
+        self,
+        live: list[_Request],
+        results: list[dict[str, np.ndarray]],
+        now: float,
+        elapsed_ns: int,
+        wall_ns: int = 0,
     ) -> None:
         """Hand each request its rows and count the batch, taken at clock reading `now`, whose forward
-        pass took `elapsed_ns`."""
+        pass took `elapsed_ns` from about `wall_ns` (since the epoch; read only with tracing on)."""
         t = self._tally
         t.execution_count += 1
         t.last_inference = now
@@ -331,6 +342,8 @@ class DynamicBatcher:
         t.compute_ns += elapsed_ns * len(live)
         for r, result in zip(live, results, strict=True):
             waited = int((now - r.queued) * 1e9)
+            if r.trace is not None:
+                r.trace.ran(wall_ns, elapsed_ns, sum(q.rows for q in live), len(live))
             t.queue_ns += waited
             if r.future.done():  # expired, or its caller went away, while the batch ran
                 t.fail_count += 1

@@ -56,6 +56,8 @@ from edgegen.engine.sampling import SamplingParams, sample
 from edgegen.engine.text import TextStream
 from edgegen.errors import DeadlineExceeded, EdgegenError, ExecutorError, InvalidInput, Overloaded
 from edgegen.executors.base import DecodeItem, Grammar, LlmExecutor
+from edgegen.observe import tracing
+from edgegen.observe.tracing import GenerationTrace
 
 log = logging.getLogger(__name__)
 # Prompt tokens an `echo` sequence prefills per step: llama.cpp keeps an output buffer of n_vocab floats
@@ -127,6 +129,7 @@ class _Sequence:
     acceptance: float = _DRAFT_PRIOR  # how often a guessed token was the one sampled (smoothed)
     submitted: float = field(default_factory=time.perf_counter)
     last_token_at: float = 0.0
+    trace: GenerationTrace | None = None  # tracing on: its queue, prefill and decode, told as spans
     cancelled: bool = False
     done: bool = False
 
@@ -333,6 +336,8 @@ class Scheduler:
             grammar,
             None if choice_of is None else choice_of._sequence,
         )
+        if (tracer := tracing.tracer) is not None:
+            sequence.trace = tracer.generation()
         self._waiting.append(sequence)
         self.wake()
         return Generation(sequence, self)
@@ -438,6 +443,8 @@ class Scheduler:
             slot.rent = 0.0
             sequence.slot = slot.index
             sequence.prefilled = reuse
+            if sequence.trace is not None:
+                sequence.trace.admit()
             sequence.usage.cached_tokens = reuse
             self._running.append(sequence)
             self._make_room()
@@ -664,6 +671,8 @@ class Scheduler:
             if not outcome.tokens or sequence.done:
                 continue
             self._observe_first(sequence, now)
+            if sequence.trace is not None:
+                sequence.trace.first_token()
             if sequence.max_tokens == 0:  # the prompt was only to be scored
                 self._finish(sequence, reason="length")
                 continue
@@ -732,6 +741,10 @@ class Scheduler:
         if sequence.done:
             return
         sequence.done = True
+        if sequence.trace is not None:
+            outcome = reason or ("error" if error is not None else "cancelled")
+            usage = sequence.usage
+            sequence.trace.end(outcome, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
         if error is not None:
             sequence.events.put_nowait(Event(error=error))
         elif reason is not None:

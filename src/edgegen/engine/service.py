@@ -31,6 +31,7 @@ from edgegen.engine.prompt import Prompt, text_prompt
 from edgegen.engine.registry import ModelRegistry, ServedModel
 from edgegen.engine.sampling import SamplingParams
 from edgegen.errors import Forbidden, InvalidInput
+from edgegen.observe import tracing
 from edgegen.security.auth import Principal, principal_of
 
 ANY_USE = Directives()  # a request without Cache-Control: the cache may answer it and keep its answer
@@ -264,7 +265,15 @@ class InferenceService:
 
     def _lookup(self, ticket: Ticket) -> bytes | None:
         assert self.cache is not None  # (a ticket comes from it)
-        return self.cache.lookup(ticket)
+        if (tracer := tracing.tracer) is None:
+            return self.cache.lookup(ticket)
+        span = tracer.span("cache.lookup")
+        try:
+            found = self.cache.lookup(ticket)
+            span.set_attribute("edgegen.cache_hit", found is not None)
+            return found
+        finally:
+            span.end()
 
     def _store(self, ticket: Ticket, value: bytes) -> None:
         assert self.cache is not None

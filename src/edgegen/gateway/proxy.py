@@ -53,6 +53,7 @@ from edgegen.gateway.settings import GatewaySettings, RetrySettings
 from edgegen.gateway.target import Target, affinity_key, json_body, model_of, relative_location
 from edgegen.gateway.upstream import Connection, NodeFailed, NodePool, NodeUnreached
 from edgegen.http.bodies import read_body
+from edgegen.observe import tracing
 from edgegen.security.auth import GENERATION_PATHS, Principal
 from edgegen.security.transport import client_context
 
@@ -275,23 +276,25 @@ class Proxy:
 
     async def _forward(self, scope: Scope, target: Target, body: bytes, send: Send, request_id: str) -> int:
         path, method = target.path, scope["method"]
-        forward, session = self._forward_headers(scope, request_id, vouch=self.node_ssl is not None)
-        if method in ("GET", "DELETE") and (job := _JOB.match(path)):
-            return await self._job(job.group(1), method, target, forward, send)
-        idempotent = method in ("GET", "HEAD") or bool(_IDEMPOTENT.match(path))
-        request = json_body(path, body)
-        model = model_of(path, request)
-        principal: Principal | None = scope.get("edgegen.principal")
-        if model is not None and principal is not None and not principal.allows_model(model):
-            # The gate refused a model named in the path already; one named in the body is decided here,
-            # before any node sees the request (the node refuses it too: a second wall, not the only one).
-            raise Refused(403, f"this credential may not use model {model!r}")
-        balancer = self.balancer_for(path, model)
-        key = affinity_key(session, request) if balancer.name == "prefix_affinity" else None
-        self.budget.deposit()
+        relay, traceparent = tracer.relay() if (tracer := tracing.tracer) is not None else (None, None)
+        vouch = self.node_ssl is not None
+        forward, session = self._forward_headers(scope, request_id, vouch=vouch, traceparent=traceparent)
         tried: set[str] = set()
         attempt: Attempt | None = None
         try:
+            if method in ("GET", "DELETE") and (job := _JOB.match(path)):
+                return await self._job(job.group(1), method, target, forward, send)
+            idempotent = method in ("GET", "HEAD") or bool(_IDEMPOTENT.match(path))
+            request = json_body(path, body)
+            model = model_of(path, request)
+            principal: Principal | None = scope.get("edgegen.principal")
+            if model is not None and principal is not None and not principal.allows_model(model):
+                # The gate refused a model named in the path already; one named in the body is decided
+                # here, before any node sees the request (the node refuses it too: a second wall).
+                raise Refused(403, f"this credential may not use model {model!r}")
+            balancer = self.balancer_for(path, model)
+            key = affinity_key(session, request) if balancer.name == "prefix_affinity" else None
+            self.budget.deposit()
             for number in range(self.settings.retry.attempts):
                 if number:
                     if not self.budget.withdraw():
@@ -329,6 +332,11 @@ class Proxy:
         finally:
             if attempt is not None:
                 await self._finish(attempt)  # whatever ended the request, the node is released (once)
+            if relay is not None:
+                relay.set_attribute("edgegen.tries", len(tried))
+                if attempt is not None:
+                    relay.set_attribute("edgegen.node", attempt.backend.name)
+                relay.end()
 
     async def _job(
         self, job_id: str, method: str, target: Target, forward: list[tuple[bytes, bytes]], send: Send
@@ -358,18 +366,21 @@ class Proxy:
 
     @staticmethod
     def _forward_headers(
-        scope: Scope, request_id: str, vouch: bool = False
+        scope: Scope, request_id: str, vouch: bool = False, traceparent: bytes | None = None
     ) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
         """The headers a node gets (the client's, less hop-by-hop and forwarding ones, plus the gateway's
         own), built once per request; and the client's `X-Session-Id`, if any. The caller the gateway
         authenticated always travels as `X-Edgegen-Principal` (a node with authentication off narrows
         to it: its scopes and tenant hold there); with `vouch` (mutual TLS to the node) instead of the
         client's credential, which then never leaves the gateway. `X-Forwarded-For` names the client the
-        security gate counted the request against (security/gate.py)."""
+        security gate counted the request against (security/gate.py). A `traceparent` (the relay's span,
+        tracing on) replaces the client's; without one the client's goes on as it came."""
         fields: list[tuple[bytes, bytes]] = []
         host = session = None
         principal: Principal | None = scope.get("edgegen.principal")
         skip = _HOP | {b"x-request-id", b"authorization"} if vouch and principal is not None else _HOP_ID
+        if traceparent is not None:
+            skip = skip | {b"traceparent"}
         for key, value in scope["headers"]:
             if key == b"host":
                 host = value
@@ -385,6 +396,8 @@ class Proxy:
         if host is not None:
             fields.append((b"x-forwarded-host", host))
         fields.append((b"x-request-id", request_id.encode("latin-1")))
+        if traceparent is not None:
+            fields.append((b"traceparent", traceparent))
         return fields, session
 
     async def _try(

@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import SettingsConfigDict
 
-from edgegen.config import EnvFirstSettings, default_home, read_toml, settings_error
+from edgegen.config import EnvFirstSettings, GatewayTracingSettings, default_home, read_toml, settings_error
 from edgegen.security.settings import DAY_S, HostName, SecuritySettings, TlsSettings
 
 BalancerName = Literal[
@@ -195,6 +195,7 @@ class GatewaySettings(EnvFirstSettings):
     logs: LogStoreSettings = Field(default_factory=LogStoreSettings)
     operations: OperationsSettings = Field(default_factory=OperationsSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    tracing: GatewayTracingSettings = Field(default_factory=GatewayTracingSettings)
     nodes_key: SecretStr | None = Field(
         None, description="an operator key the nodes accept, for the gateway's own calls without mutual TLS"
     )

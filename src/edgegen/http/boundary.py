@@ -10,7 +10,9 @@
   The limit is `max_body_bytes`, or an upload route's own (a pushed model package, a wheel), whose
   route streams the body to disk;
 - one access-log line and one observation (latency, status) per request, labelled by route template
-  and model.
+  and model;
+- its trace (observe/tracing.py): the trace id of a valid `traceparent` in its log lines, and with
+  tracing on a server span, the parent of the spans made while it is served.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edgegen.config import TracingSettings
 from edgegen.errors import PayloadTooLarge, is_openai
 from edgegen.http.errors import error_response
+from edgegen.observe import tracing
 from edgegen.observe.logs import AccessLog, request_id
+from edgegen.observe.tracing import Entered
 from edgegen.security.audit import AuditLog
 from edgegen.security.gate import build_gate
 from edgegen.security.settings import SecuritySettings, TlsSettings
@@ -55,15 +60,16 @@ class RequestIds:
 
 def read_head(
     headers: Iterable[tuple[bytes, bytes]], max_header_bytes: int, max_body_bytes: int
-) -> tuple[bytes | None, Refusal | None]:
-    """One pass over a request's headers: the `X-Request-ID` it gave, and why its head alone refuses it
-    — headers over the limit (431), a smuggling shape (two Content-Lengths, or one with
-    Transfer-Encoding: 400), a body announced over the limit (413) — or None.
+) -> tuple[bytes | None, bytes | None, Refusal | None]:
+    """One pass over a request's headers: the `X-Request-ID` it gave, its `traceparent` (two of them
+    are none: W3C's rule), and why its head alone refuses it — headers over the limit (431), a
+    smuggling shape (two Content-Lengths, or one with Transfer-Encoding: 400), a body announced over
+    the limit (413) — or None.
 
     >>> read_head([(b"content-length", b"2"), (b"content-length", b"2")], 1024, 1024)
-    (None, ('Content-Length is invalid', 400))
+    (None, None, ('Content-Length is invalid', 400))
     """
-    given = None
+    given = traceparent = None
     content_length: bytes | None = None
     chunked = False
     header_bytes = 0
@@ -76,16 +82,19 @@ def read_head(
             content_length = b"duplicate" if content_length is not None else value
         elif key == b"transfer-encoding":
             chunked = True
+        elif key == b"traceparent":
+            traceparent = b"duplicate" if traceparent is not None else value
     if header_bytes > max_header_bytes:
-        return given, (f"request headers exceed {max_header_bytes} bytes", 431)
+        return given, traceparent, (f"request headers exceed {max_header_bytes} bytes", 431)
     if content_length is not None:
         if chunked:
-            return given, ("a request may not carry both Content-Length and Transfer-Encoding", 400)
+            refusal = ("a request may not carry both Content-Length and Transfer-Encoding", 400)
+            return given, traceparent, refusal
         if not content_length.isdigit():
-            return given, ("Content-Length is invalid", 400)
+            return given, traceparent, ("Content-Length is invalid", 400)
         if int(content_length) > max_body_bytes:
-            return given, (f"request body exceeds {max_body_bytes} bytes", 413)
-    return given, None
+            return given, traceparent, (f"request body exceeds {max_body_bytes} bytes", 413)
+    return given, traceparent, None
 
 
 class RequestObserver(Protocol):
@@ -116,6 +125,9 @@ class EdgeSettings(Protocol):
 
     @property
     def max_header_bytes(self) -> int: ...
+
+    @property
+    def tracing(self) -> TracingSettings: ...
 
 
 Upload = tuple[str, re.Pattern[str], int]  # (method, path, the body limit of that route)
@@ -165,9 +177,13 @@ class RequestBoundary:
             return
         started = time.perf_counter()
         limit = self.body_limit(scope["method"], scope["path"])
-        given, refusal = read_head(scope["headers"], self.max_headers, limit)
+        given, traceparent, refusal = read_head(scope["headers"], self.max_headers, limit)
         rid = self.request_ids.take(given)
         token = request_id.set(rid)
+        traced = None
+        if traceparent is not None or tracing.tracer is not None:
+            attributes = {"url.path": scope["path"], "edgegen.request_id": rid}
+            traced = tracing.enter(traceparent, scope["method"], **attributes)
         status = 500
         rid_header = (b"x-request-id", rid.encode())
 
@@ -191,7 +207,7 @@ class RequestBoundary:
                 await self.app(scope, self._limited(receive, limit), send_with_id)
         finally:
             self.in_flight.count -= 1
-            self._record(scope, status, time.perf_counter() - started)
+            self._record(scope, status, time.perf_counter() - started, traced)
             request_id.reset(token)
 
     def _limited(self, receive: Receive, limit: int) -> Receive:
@@ -208,7 +224,7 @@ class RequestBoundary:
 
         return receive_limited
 
-    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+    def _record(self, scope: Scope, status: int, seconds: float, traced: Entered | None) -> None:
         try:
             # Pure-ASGI routes name their template themselves; FastAPI's routes leave theirs in scope.
             matched: str = getattr(scope.get("route"), "path", "unmatched")
@@ -226,6 +242,11 @@ class RequestBoundary:
             # A gRPC call (http/grpc.py): its method, beside its twin's path.
             if "edgegen.grpc" in scope:
                 line["rpc"] = template
+            if traced is not None:
+                line["trace_id"] = traced.trace_id
+                route = None if template == "unmatched" else template  # (a relayed request: its path)
+                name = f"{scope['method']} {route}" if route else None
+                traced.close(name, status, {"http.route": route, "edgegen.model": model or None})
             self.access_log.write(line)
         except Exception:
             access.exception("request accounting failed")
@@ -243,7 +264,9 @@ def edge_stack(
 ) -> RequestBoundary:
     """A node's or a gateway's routes wrapped, in the one order both apps share: the boundary, then the
     security gate (credentials, roles, rate limits, intrusion guard; admin changes to `audit`, its
-    metrics in `registry`)."""
+    metrics in `registry`). Tracing is set up here for the process, as its `[tracing]` says."""
+    t = settings.tracing
+    tracing.configure(t.endpoint, t.service_name, t.sample_ratio)
     gate = build_gate(
         routes,
         settings.security,

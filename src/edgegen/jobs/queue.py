@@ -16,7 +16,8 @@ holds the lease, so a job finishes once even when a slow worker and its successo
 Idempotency keys are per owner: the same key gives back the same job (409 if the request differs).
 A job keeps its submitter's principal (encrypted at rest like its bodies); the node decides again, from
 it, what the job may do when it runs (node/jobs_api.py). A job stored without one (queued by an older edgegen)
-reads None.
+reads None. A job keeps the `traceparent` of the request that queued it too (observe/tracing.py): its
+runs are spans of that request's trace, and their log lines carry its trace id.
 
 Each owner (a tenant, else a credential) may have at most `max_queued` unfinished jobs (queued or running)
 whose request bodies hold at most `max_queued_bytes` bytes as stored; `submit` beyond either bound raises
@@ -78,6 +79,7 @@ class Job:
     idempotency_key: str | None = None
     progress: float = 0.0
     principal: Principal | None = None  # who submitted it, as checked then
+    traceparent: str | None = None  # the W3C trace context of the request that queued it
 
 
 # A full allowance frees up as the tenant's jobs run: worth a look again after a few seconds.
@@ -129,6 +131,7 @@ class JobQueue(Protocol):
         principal: Principal | None = None,
         priority: int = 0,
         idempotency_key: str | None = None,
+        traceparent: str | None = None,
     ) -> tuple[Job, bool]: ...
 
     async def get(self, job_id: str) -> Job | None: ...

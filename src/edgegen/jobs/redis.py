@@ -54,7 +54,7 @@ end
 """
 
 # KEYS: prefix. ARGV: id, owner, method, url, body, priority, now, idem, max_queued, max_queued_bytes,
-# principal.
+# principal, traceparent.
 # Returns {1, id, the job's hash as HGETALL gives it} when created, {0, …} for a known idempotency key,
 # {-1, jobs, bytes} (the owner's unfinished jobs and their bytes) when the job is over its allowance.
 _SUBMIT = """
@@ -75,7 +75,8 @@ redis.call('HINCRBY', open, 'bytes', size)
 local entry = redis.call('XADD', p .. 'ready:' .. ARGV[6], '*', 'id', id)
 redis.call('HSET', p .. 'job:' .. id, 'owner', owner, 'method', ARGV[3], 'url', ARGV[4], 'body', ARGV[5],
   'priority', ARGV[6], 'status', 'queued', 'attempts', 0, 'created', ARGV[7], 'updated', ARGV[7],
-  'not_before', 0, 'progress', 0, 'idem', idem, 'entry', entry, 'size', size, 'principal', ARGV[11])
+  'not_before', 0, 'progress', 0, 'idem', idem, 'entry', entry, 'size', size, 'principal', ARGV[11],
+  'traceparent', ARGV[12])
 redis.call('SADD', p .. 'status:queued', id)
 return {1, id, redis.call('HGETALL', p .. 'job:' .. id)}
 """
@@ -308,6 +309,7 @@ class RedisJobQueue:
             idempotency_key=text("idem"),
             progress=number("progress") or 0.0,
             principal=Principal.from_record(principal) if principal else None,
+            traceparent=text("traceparent"),
         )
 
     async def submit(
@@ -318,6 +320,7 @@ class RedisJobQueue:
         principal: Principal | None = None,
         priority: int = 0,
         idempotency_key: str | None = None,
+        traceparent: str | None = None,
     ) -> tuple[Job, bool]:
         if priority not in PRIORITIES:
             raise ValueError("priority is 0 to 9")
@@ -327,6 +330,7 @@ class RedisJobQueue:
         created, found, flat = await self._run(
             "submit", job_id, owner, request.method, request.url, self._seal(job_id, "request", request.body),
             priority, self.clock(), idempotency_key or "", self.max_queued, self.max_queued_bytes, sealed,
+            traceparent or "",
         )  # fmt: skip
         if created == -1:
             refusal = over_allowance(owner, found, flat, self.max_queued, self.max_queued_bytes)

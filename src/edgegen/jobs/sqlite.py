@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     idem TEXT,
     progress REAL NOT NULL DEFAULT 0,
-    principal BLOB
+    principal BLOB,
+    traceparent TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs (owner, idem) WHERE idem IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (priority DESC, created) WHERE status = 'queued';
@@ -51,7 +52,7 @@ CREATE INDEX IF NOT EXISTS jobs_open ON jobs (owner) WHERE status IN ('queued', 
 """
 _SELECT_ONE = (
     "SELECT id, owner, method, url, body, priority, status, attempts, created, updated, not_before,"
-    " lease_until, worker, response_status, response_body, error, idem, progress, principal"
+    " lease_until, worker, response_status, response_body, error, idem, progress, principal, traceparent"
     " FROM jobs WHERE id = ?"
 )
 
@@ -70,12 +71,14 @@ class SqliteJobQueue:
     ) -> None:
         self._db = connect(path)
         self._db.executescript(_SCHEMA)
-        # A file from before principals were kept gains their column; in one transaction, as two processes
-        # (`--workers 2`) may open it at once.
+        # A file from before principals (or trace contexts) were kept gains their column; in one
+        # transaction, as two processes (`--workers 2`) may open it at once.
         with transaction(self._db):
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
             if "principal" not in columns:
                 self._db.execute("ALTER TABLE jobs ADD COLUMN principal BLOB")
+            if "traceparent" not in columns:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN traceparent TEXT")
         self.max_attempts, self.backoff_s, self.keyring, self.clock = max_attempts, backoff_s, keyring, clock
         self.max_queued, self.max_queued_bytes = max_queued, max_queued_bytes
 
@@ -91,13 +94,13 @@ class SqliteJobQueue:
     def _job(self, row: tuple[Any, ...]) -> Job:
         (job_id, owner, method, url, body, priority, status, attempts, created, updated, not_before,
          lease_until, worker, response_status, response_body, error, idem, progress,
-         principal) = row  # fmt: skip
+         principal, traceparent) = row  # fmt: skip
         request = JobRequest(method, url, self._open(job_id, "request", body) or b"")
         record = self._open(job_id, "principal", principal)
         return Job(
             job_id, owner, request, priority, Status(status), attempts, created, updated, not_before,
             lease_until, worker, response_status, self._open(job_id, "response", response_body), error, idem,
-            progress, Principal.from_record(record) if record is not None else None,
+            progress, Principal.from_record(record) if record is not None else None, traceparent,
         )  # fmt: skip
 
     def _row(self, job_id: str) -> tuple[Any, ...] | None:
@@ -113,6 +116,7 @@ class SqliteJobQueue:
         principal: Principal | None = None,
         priority: int = 0,
         idempotency_key: str | None = None,
+        traceparent: str | None = None,
     ) -> tuple[Job, bool]:
         now = self.clock()
         with transaction(self._db):
@@ -138,9 +142,9 @@ class SqliteJobQueue:
             sealed = self._seal(job_id, "principal", principal.to_record()) if principal is not None else None
             self._db.execute(
                 "INSERT INTO jobs (id, owner, method, url, body, priority, status, created, updated, idem,"
-                " principal) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                " principal, traceparent) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
                 (job_id, owner, request.method, request.url, body, priority, now, now, idempotency_key,
-                 sealed),
+                 sealed, traceparent),
             )  # fmt: skip
             return self._job(self._row(job_id)), True  # type: ignore[arg-type]
 

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from edgegen.config import JobsSettings
 from edgegen.jobs.queue import Job, JobQueue, Status
+from edgegen.observe import tracing
 
 log = logging.getLogger("edgegen.jobs")
 # A coroutine function, not any awaitable: each attempt runs as its own task (a lost lease cancels it).
@@ -115,7 +116,7 @@ class JobWorkers:
     async def _attempt(self, job: Job, worker: str) -> str:
         """Run one attempt of `job` and record its outcome in the queue; return the outcome's name."""
         self.running += 1
-        attempt = asyncio.create_task(self.run(job))
+        attempt = asyncio.create_task(self._run(job))
         keeper = asyncio.create_task(self._keep_lease(job.id, worker, attempt))
         try:
             status, body = await attempt
@@ -136,6 +137,19 @@ class JobWorkers:
             log.info("job result discarded", extra={"job": job.id, "reason": "cancelled or lease lost"})
             return "stopped"
         return "finished"
+
+    async def _run(self, job: Job) -> tuple[int, bytes]:
+        """`run(job)` as a span of the trace of the request that queued it (its trace id in the logs)."""
+        if job.traceparent is None and tracing.tracer is None:
+            return await self.run(job)
+        traced = tracing.enter(job.traceparent, "job.run", job=True, **{"edgegen.job": job.id})
+        status = 500
+        try:
+            status, body = await self.run(job)
+            return status, body
+        finally:
+            if traced is not None:
+                traced.close(None, status, {"edgegen.job_attempt": job.attempts})
 
     async def _retry(self, job: Job, worker: str, error: str) -> str:
         after = await self.queue.retry(job.id, worker, error)

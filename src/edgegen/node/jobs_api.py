@@ -51,6 +51,7 @@ from edgegen.jobs.queue import JOB_ID, Job, JobRequest
 from edgegen.node import openai, predict
 from edgegen.node.openai import GENERATION_URLS, validate_generation
 from edgegen.node.state import NodeState, node_of
+from edgegen.observe import tracing
 from edgegen.security.auth import Principal, current_principal, principal_of
 from edgegen.security.keys import KeyStore
 
@@ -155,8 +156,9 @@ async def create(request: Request) -> Response:
     _check_target(request, node, order)
     job_request = JobRequest(order.method, order.url, _canonical(order.body))
     job, created = await node.jobs.submit(
-        principal.owner, job_request, principal=principal, priority=order.priority, idempotency_key=key
-    )
+        principal.owner, job_request, principal=principal, priority=order.priority, idempotency_key=key,
+        traceparent=tracing.submitter(request.headers.get("traceparent")),
+    )  # fmt: skip
     if created and node.job_workers is not None:
         node.job_workers.notify()
     return json_response(view(job), 202 if created else 200)

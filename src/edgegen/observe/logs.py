@@ -1,7 +1,7 @@
-"""JSON-lines logs with the request id of the request being served.
+"""JSON-lines logs with the request id (and trace id, when it has one) of the request being served.
 
 {"ts": "2026-11-27T12:00:00.123Z", "level": "info", "logger": "edgegen.access",
- "msg": "request", "request_id": "3f2a…", "method": "POST", "path": "/predict", "status": 200, …}
+ "msg": "request", "request_id": "3f2a…", "trace_id": "4bf9…", "method": "POST", "path": "/predict", …}
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 import orjson
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# The W3C trace id of the request (or job) being served: set by observe/tracing.py.
+trace_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 
 # Attributes every LogRecord has; anything else passed through `extra=` is a field of the line.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -45,6 +47,9 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid is not None:
             line["request_id"] = rid
+        trace = trace_id.get()
+        if trace is not None:
+            line["trace_id"] = trace
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 line[key] = value

@@ -88,6 +88,16 @@ async def test_a_job_keeps_its_submitters_principal(queue: JobQueue) -> None:
     assert claimed.principal.key_id is None  # type: ignore[union-attr]
 
 
+async def test_a_job_keeps_the_traceparent_of_the_request_that_queued_it(queue: JobQueue) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    traced, _ = await queue.submit("acme", REQUEST, traceparent=traceparent, priority=9)
+    bare, _ = await queue.submit("acme", REQUEST)
+    assert (traced.traceparent, bare.traceparent) == (traceparent, None)
+    claimed = await queue.claim("w", 30)
+    assert claimed is not None
+    assert (claimed.id, claimed.traceparent) == (traced.id, traceparent)
+
+
 async def test_idempotency_keys_are_per_owner_and_per_request(queue: JobQueue) -> None:
     first, _ = await queue.submit("acme", REQUEST, idempotency_key="k1")
     again, created = await queue.submit("acme", REQUEST, idempotency_key="k1")
@@ -369,7 +379,7 @@ async def test_a_queue_file_from_before_principals_keeps_working(tmp_path: Path)
             old = await queue.get(old_id)
             assert old is not None
             assert (old.owner, old.request, old.status) == ("acme", REQUEST, Status.QUEUED)
-            assert old.principal is None
+            assert (old.principal, old.traceparent) == (None, None)
             new, _ = await queue.submit("acme", REQUEST, principal=KEYED)
             assert (await queue.get(new.id)).principal == KEYED  # type: ignore[union-attr]
         finally:

@@ -1,0 +1,364 @@
+"""Traces across the hops: W3C trace context in and out, OpenTelemetry spans over OTLP/HTTP — or nothing.
+
+    [tracing]                                      (a node's and a gateway's settings alike)
+    endpoint = "http://collector:4318/v1/traces"   empty, the default: off
+    sample_ratio = 1.0                             traces begun here that are kept; a caller's flag rules
+
+One chat through the gateway, as one trace:
+
+    gateway  POST /v1/chat/completions          server span; parent: the client's `traceparent`, if any
+               └ relay                          its id is the `traceparent` the node gets
+    node           └ POST /v1/chat/completions  server span
+                       ├ cache.lookup
+                       ├ llm.queue              waiting for a slot and room in the KV cache
+                       ├ llm.prefill            the prompt into the KV cache, up to the first token
+                       └ llm.decode             the first token to the last
+    a fixed-shape model: batch.queue, then batch.forward; a job: job.run, whose parent is the request
+    that queued it, with the same spans beneath
+
+Off, nothing of OpenTelemetry's SDK is imported and no span is made: each hook is one test of `tracer`.
+A request's valid `traceparent` is still read (the request boundary looks at every header anyway) and its
+trace id written in the request's log lines, and the gateway passes the header on as it came: a client's
+trace can be followed through every process's logs whether or not they record spans.
+
+On, the SDK batches the spans and sends them from its own thread (`Tracer`). The engine's spans are
+written after the fact, with the times noted as the work went (`GenerationTrace`, `BatchTrace`): a decode
+step or a batch serves several requests at once, and each request's trace gets its own span of it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from edgegen.errors import ConfigError
+from edgegen.observe.logs import trace_id
+
+log = logging.getLogger("edgegen.tracing")
+# version-trace_id-parent_id-flags, lowercase hex; a later version may add fields after a dash.
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[ -~]*)?")
+_MAX_TRACEPARENT = 512  # the longest value looked at; a longer one is refused unread
+
+
+@dataclass(frozen=True, slots=True)
+class TraceParent:
+    """A valid W3C `traceparent`: the trace, the caller's span in it, and the flags (bit 0: sampled)."""
+
+    trace_id: str  # 32 lowercase hex digits, not all zero
+    span_id: str  # 16
+    flags: int
+
+    def header(self) -> bytes:
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags:02x}".encode()
+
+
+def parse_traceparent(value: bytes | str | None) -> TraceParent | None:
+    """The `traceparent` header's value, or None when it is absent or not valid (W3C Trace Context:
+    version ff, all-zero ids, uppercase hex and a version-00 value with more fields are not valid).
+
+    >>> parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").span_id
+    '00f067aa0ba902b7'
+    >>> parse_traceparent(b"00-00000000000000000000000000000000-00f067aa0ba902b7-01") is None
+    True
+    """
+    if value is None or len(value) > _MAX_TRACEPARENT:
+        return None
+    raw = (value.encode("latin-1", "replace") if isinstance(value, str) else value).strip(b" \t")
+    match = _TRACEPARENT.fullmatch(raw)
+    if match is None:
+        return None
+    version, trace, span, flags, more = match.groups()
+    if version == b"ff" or (version == b"00" and more) or trace.count(b"0") == 32 or span.count(b"0") == 16:
+        return None
+    return TraceParent(trace.decode(), span.decode(), int(flags, 16))
+
+
+@dataclass(frozen=True, slots=True)
+class SpanRef:
+    """A span as its children see it: its ids, whether it is kept (sampled), whether another process
+    made it."""
+
+    trace_id: int
+    span_id: int
+    sampled: bool
+    remote: bool = False
+
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
+
+
+# The span being served in this task (tracing on): the parent of the spans made beneath it.
+current_span: contextvars.ContextVar[SpanRef | None] = contextvars.ContextVar("current_span", default=None)
+
+
+class LiveSpan:
+    """A span begun now: attributes may be added until its owner ends it, which sends it (when kept)."""
+
+    __slots__ = ("_tracer", "attributes", "kind", "name", "parent", "ref", "start")
+
+    def __init__(
+        self, tracer: Tracer, name: str, parent: SpanRef | None, kind: str, **attributes: Any
+    ) -> None:
+        self._tracer, self.name, self.parent, self.kind = tracer, name, parent, kind
+        self.ref = tracer.child_of(parent)
+        self.attributes = attributes
+        self.start = time.time_ns()
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+    def end(self, error: bool = False) -> None:
+        self._tracer.emit(
+            self.name, self.ref, self.parent, self.start, time.time_ns(), self.attributes, self.kind, error
+        )
+
+
+class Entered:
+    """A request (or a job's run) inside this process: its trace id, set for the log lines while it
+    runs, and with tracing on its span, current meanwhile (the spans made beneath it take it as parent)."""
+
+    __slots__ = ("_current", "_logged", "span", "trace_id")
+
+    def __init__(self, trace: str, span: LiveSpan | None = None) -> None:
+        self.trace_id = trace
+        self.span = span
+        self._current = current_span.set(span.ref) if span is not None else None
+        self._logged = trace_id.set(trace)
+
+    def close(
+        self, name: str | None = None, status: int | None = None, attributes: dict[str, Any] | None = None
+    ) -> None:
+        """End the span (renamed to `name` once the route is known; an error from `status` 500 on; the
+        `attributes` that are not None added) and restore what was current before."""
+        try:
+            if self.span is not None:
+                if name is not None:
+                    self.span.name = name
+                self.span.attributes.update((k, v) for k, v in (attributes or {}).items() if v is not None)
+                if status is not None:
+                    self.span.attributes["http.response.status_code"] = status
+                self.span.end(error=status is not None and status >= 500)
+        finally:
+            if self._current is not None:
+                current_span.reset(self._current)
+            trace_id.reset(self._logged)
+
+
+def enter(
+    traceparent: bytes | str | None, name: str, *, job: bool = False, **attributes: Any
+) -> Entered | None:
+    """Start serving a request (or running a `job`) under `traceparent`: None when there is nothing to
+    note (tracing off and no valid `traceparent`), else `Entered` — with a span named `name` when
+    tracing is on. A request calls it only when one of the two holds (both tests are free)."""
+    parent = parse_traceparent(traceparent)
+    if tracer is not None:
+        return tracer.enter(name, parent, attributes, job=job)
+    return Entered(parent.trace_id) if parent is not None else None
+
+
+class Tracer:
+    """Spans into OpenTelemetry's SDK: made here as the SDK's `ReadableSpan`s, handed to its batch
+    processor, sent by its OTLP/HTTP exporter from the processor's thread. Made by `configure` only when an
+    endpoint is set (the SDK and its exporter take ~65 ms to import, which a node without tracing never
+    pays).
+
+    The SDK's own `Tracer.start_span` and `end` cost 35-45 µs a span on the 2-core test machine (context
+    objects, locks, a sampler, span processors called twice); a `ReadableSpan` made whole when the span
+    ends, 4 µs. The exporter's encoding costs ~30 µs a span more, in its own thread. Sampling is the
+    SDK's `ParentBased(TraceIdRatioBased)` rule: a caller's sampled flag is followed, a trace begun here is
+    kept when the low 64 bits of its id fall below `sample_ratio` of their range.
+    """
+
+    def __init__(self, endpoint: str, service_name: str, sample_ratio: float) -> None:
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        self.key = (endpoint, service_name, sample_ratio)
+        self._bound = round(sample_ratio * (1 << 64))
+        self._api, self._readable = trace, ReadableSpan
+        self._kinds = {
+            k: getattr(trace.SpanKind, k.upper()) for k in ("internal", "server", "client", "consumer")
+        }
+        self._statuses = (trace.Status(trace.StatusCode.UNSET), trace.Status(trace.StatusCode.ERROR))
+        self._sampled = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+        self._resource = Resource.create({"service.name": service_name})
+        self._scope = InstrumentationScope("edgegen")
+        self._processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint))
+        atexit.register(self.close)  # what is still batched leaves before the process does
+
+    def close(self) -> None:
+        atexit.unregister(self.close)
+        self._processor.shutdown()  # type: ignore[no-untyped-call]
+
+    def child_of(self, parent: SpanRef | None) -> SpanRef:
+        """A new span's ids: in `parent`'s trace, or (None) in a new trace, kept as `sample_ratio` says."""
+        span_id = random.getrandbits(64) or 1
+        if parent is not None:
+            return SpanRef(parent.trace_id, span_id, parent.sampled)
+        trace = random.getrandbits(128) or 1
+        return SpanRef(trace, span_id, (trace & 0xFFFF_FFFF_FFFF_FFFF) < self._bound)
+
+    def emit(
+        self,
+        name: str,
+        ref: SpanRef,
+        parent: SpanRef | None,
+        start_ns: int,
+        end_ns: int,
+        attributes: dict[str, Any] | None = None,
+        kind: str = "internal",
+        error: bool = False,
+    ) -> None:
+        """Send a span that is over (times in ns since the epoch), when its trace is kept."""
+        if not ref.sampled:
+            return
+        try:
+            api = self._api
+            up = None if parent is None else api.SpanContext(parent.trace_id, parent.span_id, parent.remote)
+            span = self._readable(
+                name,
+                api.SpanContext(ref.trace_id, ref.span_id, False, self._sampled),
+                up,
+                self._resource,
+                attributes,
+                kind=self._kinds[kind],
+                status=self._statuses[error],
+                start_time=start_ns,
+                end_time=end_ns,
+                instrumentation_scope=self._scope,
+            )
+            self._processor.on_end(span)
+        except Exception:  # observability never breaks serving
+            log.exception("a span could not be recorded", extra={"span": name})
+
+    def enter(
+        self, name: str, parent: TraceParent | None, attributes: dict[str, Any], *, job: bool = False
+    ) -> Entered:
+        remote = None
+        if parent is not None:
+            sampled = bool(parent.flags & 1)
+            remote = SpanRef(int(parent.trace_id, 16), int(parent.span_id, 16), sampled, remote=True)
+        span = LiveSpan(self, name, remote, "consumer" if job else "server", **attributes)
+        return Entered(f"{span.ref.trace_id:032x}", span)
+
+    def span(self, name: str, **attributes: Any) -> LiveSpan:
+        """A span under the current one, begun now; the caller ends it."""
+        return LiveSpan(self, name, current_span.get(), "internal", **attributes)
+
+    def relay(self) -> tuple[LiveSpan, bytes]:
+        """The gateway's span around relaying the current request, and the `traceparent` that makes a
+        node's span its child."""
+        span = LiveSpan(self, "relay", current_span.get(), "client")
+        return span, span.ref.traceparent().encode()
+
+    def current(self) -> SpanRef | None:
+        """What a span made later, elsewhere (the scheduler's loop), takes as its parent: the current
+        span, or None when there is none or it is not kept (then neither is anything below it)."""
+        found = current_span.get()
+        return found if found is not None and found.sampled else None
+
+    def traceparent(self) -> str | None:
+        """The current span's `traceparent`, to be carried along (a queued job keeps it)."""
+        found = current_span.get()
+        return found.traceparent() if found is not None else None
+
+    def record(
+        self, name: str, parent: SpanRef, start_ns: int, end_ns: int, attributes: dict[str, Any] | None = None
+    ) -> None:
+        """A span that is over already, from `start_ns` to `end_ns` (ns since the epoch)."""
+        self.emit(name, self.child_of(parent), parent, start_ns, end_ns, attributes)
+
+    def generation(self) -> GenerationTrace | None:
+        parent = self.current()
+        return GenerationTrace(self, parent) if parent is not None else None
+
+    def batched(self) -> BatchTrace | None:
+        parent = self.current()
+        return BatchTrace(self, parent) if parent is not None else None
+
+
+class GenerationTrace:
+    """One generation's way through the scheduler, its times noted on the event loop as it goes: queued,
+    given a slot, first token; told as three spans when it ends."""
+
+    __slots__ = ("_parent", "_tracer", "admitted", "first", "submitted")
+
+    def __init__(self, tracer: Tracer, parent: SpanRef) -> None:
+        self._tracer, self._parent = tracer, parent
+        self.submitted = time.time_ns()
+        self.admitted = self.first = 0
+
+    def admit(self) -> None:
+        self.admitted = time.time_ns()
+
+    def first_token(self) -> None:
+        self.first = time.time_ns()
+
+    def end(self, outcome: str, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> None:
+        """`outcome`: the finish reason ("stop", "length"), or "error", "cancelled"."""
+        now, record = time.time_ns(), self._tracer.record
+        record("llm.queue", self._parent, self.submitted, self.admitted or now)
+        if self.admitted:
+            prompt = {"edgegen.prompt_tokens": prompt_tokens, "edgegen.cached_tokens": cached_tokens}
+            record("llm.prefill", self._parent, self.admitted, self.first or now, prompt)
+        if self.first:
+            decoded = {"edgegen.completion_tokens": completion_tokens, "edgegen.outcome": outcome}
+            record("llm.decode", self._parent, self.first, now, decoded)
+
+
+class BatchTrace:
+    """One request to a dynamic batcher: queued at `submitted`; told as a wait and a forward pass."""
+
+    __slots__ = ("_parent", "_tracer", "submitted")
+
+    def __init__(self, tracer: Tracer, parent: SpanRef) -> None:
+        self._tracer, self._parent = tracer, parent
+        self.submitted = time.time_ns()
+
+    def ran(self, started_ns: int, elapsed_ns: int, rows: int, requests: int) -> None:
+        """Its batch's forward pass began at `started_ns` (since the epoch) and took `elapsed_ns`."""
+        self._tracer.record("batch.queue", self._parent, self.submitted, started_ns)
+        batch = {"edgegen.batch_rows": rows, "edgegen.batch_requests": requests}
+        self._tracer.record("batch.forward", self._parent, started_ns, started_ns + elapsed_ns, batch)
+
+
+# The process's tracer; None (the default) is tracing off. Set once at start-up by `configure`.
+tracer: Tracer | None = None
+
+
+def configure(endpoint: str, service_name: str, sample_ratio: float) -> None:
+    """Tracing on (an endpoint) or off (""), for this process; the same settings again change nothing."""
+    global tracer
+    key = (endpoint, service_name, sample_ratio)
+    if tracer is not None and tracer.key == key:
+        return
+    if tracer is not None:
+        tracer.close()
+        tracer = None
+    if endpoint:
+        try:
+            tracer = Tracer(endpoint, service_name, sample_ratio)
+        except ImportError:
+            raise ConfigError(
+                "[tracing] endpoint needs OpenTelemetry's SDK: pip install 'edgegen[tracing]', "
+                "or leave the endpoint empty"
+            ) from None
+
+
+def submitter(traceparent: str | None) -> str | None:
+    """What a queued job keeps of the request that queued it: the current span's `traceparent` with
+    tracing on, else the request's own when it is valid (its trace id then goes in the job's log lines)."""
+    if tracer is not None:
+        return tracer.traceparent()
+    parent = parse_traceparent(traceparent)
+    return parent.header().decode() if parent is not None else None
