@@ -84,6 +84,7 @@ bench: setup
 	$(BIN)/python bench/speculative.py
 	$(BIN)/python bench/idle_cells.py
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/tracing.py
 	$(BIN)/python bench/security.py
 	$(BIN)/python bench/jobs.py
 	$(BIN)/python bench/cache.py
