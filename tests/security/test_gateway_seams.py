@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from edgegen.executors import describe_model
+from edgegen.security.keys import KeyStore
 from edgegen.store import ModelStore
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import GatewayProcess, NodeProcess, metric, running
@@ -122,6 +123,17 @@ class _StubHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/v2/health/ready":
             self._answer(200, b'{"ready": true}')
+        elif self.path.startswith("/v1/stray/"):
+            # Its answer, then, in the same write, an answer nobody asked for: a node (or whoever holds
+            # its port) trying to be the answer to the next request on this kept-alive connection.
+            n = self.path.rsplit("/", 1)[1]
+            own = json.dumps({"n": n}).encode()
+            stray = b'{"n": "stolen"}'
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(own), own, len(stray), stray)
+            )
         elif self.path == "/v1/moved":
             own = f"http://127.0.0.1:{self.server.server_address[1]}/v1/models"
             self._answer(307, b"{}", ("Location", own))
@@ -320,9 +332,59 @@ def test_a_nodes_redirect_is_relayed_without_its_address(tmp_path: Path) -> None
     assert answer.headers["location"] == "/v1/models"
 
 
+def test_an_answer_nobody_asked_for_is_never_the_next_clients(tmp_path: Path) -> None:
+    """The relay's client (gateway/upstream.py) keeps connections to a node alive: bytes a node sends
+    beyond its answer must not become part of that answer, nor the answer to the next request."""
+    with (
+        StubNode() as stub,
+        gateway_for(tmp_path, {"stub": stub.url}) as gateway,
+        httpx.Client(base_url=gateway.url, timeout=10) as client,
+    ):
+        answers = [client.get(f"/v1/stray/{i}") for i in range(8)]
+    assert [(a.status_code, a.json()) for a in answers] == [(200, {"n": str(i)}) for i in range(8)]
+    assert stub.connections >= 2  # a connection that carried a stray answer is never reused
+
+
 def test_a_relayed_answer_carries_one_date(front: GatewayProcess, fleet: Fleet) -> None:
     """The gateway's server writes its own Date: the node's is not relayed beside it."""
     answer = httpx.get(f"{front.url}/v1/models", headers=fleet.headers("user"))
     assert answer.status_code == 200
     assert len(answer.headers.get_list("date")) == 1
     assert answer.headers["x-edgegen-node"] == "open"
+
+
+# -- issue 19: a fleet shared by gateway workers ---------------------------------------------------------
+def test_with_workers_no_worker_takes_a_fleet_change_it_must_refuse(tmp_path: Path) -> None:
+    """Each worker has its own gate and writes what it accepts to the fleet they share: a change refused
+    (no key, a user's key, a hostile value) is refused by whichever worker takes it, and reaches none."""
+    with StubNode() as stub:
+        config = tmp_path / "gateway.toml"
+        config.write_text(f'[[nodes]]\nurl = "{stub.url}"\nname = "stub"\n[health]\ninterval_s = 0.2\n')
+        gateway = GatewayProcess(tmp_path, "--config", str(config), "--workers", "2", auth=True)
+        with running(gateway):
+            keys = KeyStore(tmp_path / "security" / "keys.sqlite")
+            try:
+                user = {"Authorization": f"Bearer {keys.create('user', label='tests')[0]}"}
+            finally:
+                keys.close()
+            admin = gateway.headers
+            attempts = [
+                ("PATCH", "/gateway/nodes/stub", {"draining": True}, {}),
+                ("PATCH", "/gateway/nodes/stub", {"draining": True}, user),
+                ("PATCH", "/gateway/nodes/stub", {"weight": "x"}, admin),
+                ("PATCH", "/gateway/nodes/stub", {"weight": 10**9}, admin),
+                ("POST", "/gateway/nodes", {"url": "file:///etc/passwd"}, admin),
+                ("POST", "/gateway/nodes", {"url": stub.url}, admin),
+            ]
+            refused = [
+                httpx.request(method, f"{gateway.url}{path}", json=body, headers=headers).status_code
+                for _ in range(12)  # fresh connections: both workers take some
+                for method, path, body, headers in attempts
+            ]
+            time.sleep(0.5)  # (more than a sync: anything written would have reached every worker)
+            views = [fleet_view(gateway, gateway.headers) for _ in range(12)]
+    assert set(refused[0::6]) == {401}
+    assert set(refused[1::6]) == {403}
+    assert set(refused[2::6]) | set(refused[3::6]) | set(refused[4::6]) <= {400, 422}
+    assert set(refused[5::6]) == {409}  # its URL is in the fleet already, whichever worker is asked
+    assert all(list(v) == ["stub"] and not v["stub"]["draining"] and v["stub"]["weight"] == 1 for v in views)

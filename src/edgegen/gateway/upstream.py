@@ -20,6 +20,7 @@ refused) never reached it and may go to another node; `NodeFailed` (dropped, not
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+log = logging.getLogger("edgegen.gateway")
 # uvicorn, which every node runs, closes a connection idle for 5 s: the gateway stops reusing one sooner,
 # so a request is never written to a socket the node is closing.
 IDLE_S = 4.0
@@ -57,6 +59,8 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_data = 0.0
+        self._asked = False  # a request was sent and its answer has not begun yet
+        self._stray = False  # the node sent an answer nobody asked for: this connection is done
         self._start_answer()
 
     def _start_answer(self) -> None:
@@ -98,7 +102,21 @@ class Connection(asyncio.Protocol):
         """See `pause_writing`."""
 
     # -- httptools callbacks ------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        """An answer begins: the one asked for, or one nobody asked for (sent beyond an answer, or to an
+        idle connection), which must never become part of an answer — this one's or the next request's.
+        The connection is closed; the answer already read whole stays the caller's."""
+        if self._asked:
+            self._asked = False
+            return
+        self._stray = True
+        log.warning("a node sent an answer nobody asked for", extra={"node_url": self.pool.url})
+        if self.transport is not None:
+            self.transport.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._stray:
+            return
         name = name.lower()
         if name == b"content-length":
             self.content_length = int(value)
@@ -107,6 +125,8 @@ class Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._stray:
+            return
         self.status = self.parser.get_status_code()
         self.head_done = True
         if self._head_only:  # an answer to HEAD has no body, whatever its Content-Length says
@@ -114,7 +134,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
-        if self._head_only:
+        if self._head_only or self._stray:
             return
         self._chunks.append(body)
         self._buffered += len(body)
@@ -124,6 +144,8 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._stray:
+            return
         self.keep_alive = self.parser.should_keep_alive()  # (llhttp forgets it once the next message starts)
         self.complete = True
         self._stop_timer()
@@ -133,6 +155,7 @@ class Connection(asyncio.Protocol):
     def send(self, method: bytes, target: bytes, fields: list[tuple[bytes, bytes]], body: bytes) -> None:
         assert self.transport is not None
         self._start_answer()
+        self._asked = True
         self._head_only = method == b"HEAD"
         parts = [method, b" ", target, b" HTTP/1.1\r\nhost: ", self.pool.authority, b"\r\n"]
         for name, value in fields:
@@ -184,6 +207,7 @@ class Connection(asyncio.Protocol):
             self.transport is not None
             and self.complete
             and self.keep_alive
+            and not self._stray
             and self.error is None
             and not self._chunks
         )
