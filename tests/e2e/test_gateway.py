@@ -45,9 +45,11 @@ def gateway_config(path: Path, nodes: list[NodeProcess], extra: str = "") -> Pat
 
 
 @contextlib.contextmanager
-def running_fleet(root: Path, model_files: dict[str, Path], n: int = 3) -> Iterator[list[NodeProcess]]:
+def running_fleet(
+    root: Path, model_files: dict[str, Path], n: int = 3, env: dict[str, str] = LLM_ENV
+) -> Iterator[list[NodeProcess]]:
     """`n` real nodes, each with its own home holding digits and a tiny LLM; always stopped."""
-    nodes = [NodeProcess(node_home(root / f"node{i}", model_files), env=LLM_ENV) for i in range(n)]
+    nodes = [NodeProcess(node_home(root / f"node{i}", model_files), env=env) for i in range(n)]
     try:
         for node in nodes:
             node.start()

@@ -24,7 +24,7 @@ import yaml
 
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import GatewayProcess, NodeProcess, free_port
-from tests.e2e.test_gateway import node_home, running_gateway, wait_job
+from tests.e2e.test_gateway import running_fleet, running_gateway, wait_job
 
 pytestmark = pytest.mark.e2e
 DEPLOY = Path(__file__).parents[2] / "deploy"
@@ -113,15 +113,8 @@ class Prometheus:
 def fleet(
     tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
 ) -> Iterator[list[NodeProcess]]:
-    root = tmp_path_factory.mktemp("prometheus-fleet")
-    nodes = [NodeProcess(node_home(root / f"node{i}", model_files), env=NODE_ENV) for i in range(3)]
-    try:
-        for node in nodes:
-            node.start()
+    with running_fleet(tmp_path_factory.mktemp("prometheus-fleet"), model_files, env=NODE_ENV) as nodes:
         yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
 
 
 @pytest.fixture(scope="module")

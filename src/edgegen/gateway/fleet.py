@@ -206,7 +206,8 @@ class Fleet:
         """Take the fleet as the workers left it (shared.py's rows, in the fleet's order): members, weights,
         verdicts, ejections, last statuses. Gives the members that left, for their pools to close. The
         listener hears nothing of it: this is where its changes come back from."""
-        gone = [state for name, state in self.nodes.items() if name not in {row["name"] for row in rows}]
+        wanted = {row["name"] for row in rows}
+        gone = [state for name, state in self.nodes.items() if name not in wanted]
         ordered: dict[str, FleetMember] = {}
         for row in rows:
             name = row["name"]
