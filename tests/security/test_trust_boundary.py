@@ -471,7 +471,12 @@ def test_an_auth_off_gate_narrows_to_a_forwarded_principal_and_never_widens() ->
     ],
 )
 def test_the_hosts_a_server_answers_to(host: bytes, ok: bool) -> None:
-    assert SameOrigin(["edge.example.com"]).host_ok(host) is ok
+    origin = SameOrigin(["edge.example.com"])
+    assert origin.host_ok(host) is ok
+    assert origin.host_ok(host) is ok  # the verdict remembered
+    for n in range(1100):  # more Hosts than are remembered: the verdicts start over, still right
+        assert origin.host_ok(b"evil%d.example" % n) is False
+    assert origin.host_ok(host) is ok
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,9 @@ _OU = re.compile(r"(?:^|,)OU=([^,+]+)")
 _CN = re.compile(r"(?:^|,)CN=([^,+]+)")
 SHIP_PATH = "/gateway/logs"  # where nodes ship their logs (gateway/routes/logs.py)
 METRICS_PATH = "/metrics"
+# What is remembered of the paths seen, per raw path: at most this many, each at most this long (a flood
+# of long paths, each new, would otherwise hold 10,000 heads' worth of memory).
+_REMEMBERED_PATHS, _REMEMBERED_PATH_BYTES = 10_000, 512
 # `/v2/models/stats` names no model: it answers the statistics of those the credential may use.
 _MODEL_IN_PATH = re.compile(r"^/(?:v2/models/(?!stats$)|models/)([^/]+)(?:/|$)")
 PUBLIC = Principal("anonymous", "user", models=())  # the caller of a public path, with no credential
@@ -207,6 +210,7 @@ class SecurityGate:
         self.same_origin = SameOrigin(s.allowed_hosts)
         self._networks: dict[str, bool] = {}  # address → allowed, decided once
         self._roles: dict[tuple[str, bytes], str | None] = {}
+        self._readings: dict[bytes, tuple[str | None, str, bool]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -274,14 +278,12 @@ class SecurityGate:
         if wait > 0:
             return self._refusal("rate_limited", 429, "too many requests from this address", wait)
         raw = raw_path_of(scope)
-        try:
-            # The one reading of the path the role, the scan check and (at a gateway) the node all use.
-            path = canonical_path(raw)
-        except InvalidInput as exc:
+        path, invalid, scanning = self._reading(raw)
+        if path is None:
             self._failed(client, now, "probe", raw)
-            return self._refusal("probe", 400, exc.message)
+            return self._refusal("probe", 400, invalid)
         query: bytes = scope.get("query_string", b"")
-        if looks_like_scanning(raw, path, query):
+        if scanning or (query and looks_like_scanning(raw, path, query)):
             self._failed(client, now, "probe", raw)
             return self._refusal("probe", 404, "not found")
         role = self._role(scope)
@@ -319,6 +321,24 @@ class SecurityGate:
             )
         return principal
 
+    def _reading(self, raw: bytes) -> tuple[str | None, str, bool]:
+        """The one reading of a raw path that the role, the scan check and (at a gateway) the node all
+        use: (its canonical path, or None and why it has none; whether the path looks like scanning).
+        Remembered per raw path (bounded; a long path is read each time): most requests repeat."""
+        known = self._readings.get(raw)
+        if known is None:
+            try:
+                path = canonical_path(raw)
+            except InvalidInput as exc:
+                known = (None, exc.message, False)
+            else:
+                known = (path, "", looks_like_scanning(raw, path, b""))
+            if len(raw) <= _REMEMBERED_PATH_BYTES:
+                if len(self._readings) >= _REMEMBERED_PATHS:
+                    self._readings.clear()
+                self._readings[raw] = known
+        return known
+
     def _node_shipping(self, scope: Scope, raw: bytes) -> Principal | None:
         """A node shipping its logs with its own certificate (role node, over mutual TLS): an operator
         for `POST /gateway/logs` alone, named `node:<its CN>` (the route keeps it to its own lines)."""
@@ -334,11 +354,14 @@ class SecurityGate:
         remembered per (method, raw path), most requests repeat."""
         method, raw = scope["method"], raw_path_of(scope)
         key = (method, raw)
-        if key not in self._roles:
-            if len(self._roles) > 10_000:
+        if key in self._roles:
+            return self._roles[key]
+        role = required_role(method, raw, canonical_path(raw))
+        if len(raw) <= _REMEMBERED_PATH_BYTES:
+            if len(self._roles) >= _REMEMBERED_PATHS:
                 self._roles.clear()
-            self._roles[key] = required_role(method, raw, canonical_path(raw))
-        return self._roles[key]
+            self._roles[key] = role
+        return role
 
     def _public(self, scope: Scope, client: Caller, now: float, path: str) -> Principal | Refusal:
         """The caller of a public path: nobody in particular, unless a scrape of /metrics shows a

@@ -71,8 +71,19 @@ class SameOrigin:
 
     def __init__(self, allowed_hosts: Iterable[str]) -> None:
         self.names = frozenset({*(h.lower() for h in allowed_hosts), socket.gethostname().lower()})
+        self._verdicts: dict[bytes, bool] = {}  # Host value → answered here; a client sends the same one
 
     def host_ok(self, host: bytes) -> bool:
+        known = self._verdicts.get(host)
+        if known is None:
+            known = self._host_ok(host)
+            if len(host) <= 255:  # (no longer name is a host's: not remembered)
+                if len(self._verdicts) >= 1024:
+                    self._verdicts.clear()
+                self._verdicts[host] = known
+        return known
+
+    def _host_ok(self, host: bytes) -> bool:
         parsed = parse_host(host.decode("latin-1"))
         if parsed is None:
             return False

@@ -1,10 +1,19 @@
-"""How a server writes to its connections (http/serving.py): an answer's head and body leave together."""
+"""How a server treats its connections (http/serving.py): an answer's head and body leave together, and a
+request's head and body arrive within their deadlines."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
-from edgegen.http.serving import CoalescedWrites
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from edgegen.http.serving import CoalescedWrites, GuardedHttpProtocol
 
 
 class Recorded:
@@ -54,3 +63,98 @@ async def test_a_large_body_goes_at_once_after_what_waits_and_close_sends_what_i
     assert raw.closed
     await asyncio.sleep(0)
     assert len(raw.writes) == 3  # nothing written twice, nothing after the close
+
+
+class Deadlines:
+    """What `GuardedHttpProtocol` reads of a server's settings: a head deadline and a body deadline."""
+
+    def __init__(self, head_s: float, body_s: float) -> None:
+        self.security = SimpleNamespace(header_timeout_s=head_s, body_timeout_s=body_s)
+        self.tls = None
+
+
+async def echo(scope: Scope, receive: Receive, send: Send) -> None:
+    """Reads the whole body and answers with its length."""
+    if scope["type"] != "http":
+        return
+    seen, more = 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        seen += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", b"%d" % len(str(seen)))],
+        }
+    )
+    await send({"type": "http.response.body", "body": str(seen).encode()})
+
+
+@contextlib.asynccontextmanager
+async def serving(head_s: float, body_s: float) -> AsyncIterator[int]:
+    """A real uvicorn server on loopback with our protocol and these deadlines; yields its port."""
+    settings = Deadlines(head_s, body_s)
+
+    class Protocol(GuardedHttpProtocol):
+        load = staticmethod(lambda: settings)
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(echo, http=Protocol, log_config=None, access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    for _ in range(500):  # uvicorn has no event for it
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def answer(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head + await reader.readexactly(length)
+
+
+async def test_a_kept_alive_connection_outlives_the_head_deadline_while_requests_keep_coming() -> None:
+    """The deadline moves with each request: a connection that sends one every 0.15 s for 1.2 s, past
+    its first request's 0.4 s head deadline several times over, is answered every time."""
+    async with serving(head_s=0.4, body_s=0.4) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(8):
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
+            assert (await answer(reader)).startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.15)
+        writer.close()
+
+
+async def test_a_head_that_stops_after_requests_were_served_is_cut_off_with_408() -> None:
+    async with serving(head_s=0.4, body_s=5) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
+        assert (await answer(reader)).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+        assert (await answer(reader)).startswith(b"HTTP/1.1 408")
+        assert 0.3 < time.monotonic() - started < 2
+        assert await reader.read() == b""  # closed
+        writer.close()
+
+
+async def test_a_body_deadline_shorter_than_the_head_deadline_is_kept() -> None:
+    """The timer set for the head's (longer) deadline is brought forward for the body's."""
+    async with serving(head_s=5, body_s=0.3) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        assert b"body did not arrive" in await answer(reader)
+        assert time.monotonic() - started < 2
+        writer.close()

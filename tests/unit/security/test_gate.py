@@ -155,3 +155,25 @@ def test_an_admin_change_is_in_the_audit_log_before_its_caller_hears_of_it(tmp_p
         assert [entry.action for entry in audit.tail(10)] == [f"POST {path}"]  # once, not again at the end
     finally:
         audit.close()
+
+
+def test_a_remembered_reading_of_a_path_still_counts_every_probe(tmp_path: Path) -> None:
+    """Each raw path is read once (canonical form, scan verdict); a probe repeated is refused and counted
+    each time, so it still bans."""
+    gate, token, _ = _gate(tmp_path, ban_after_failures=3)
+    assert _request(gate, "/a/../predict", token=token) == 400
+    assert _request(gate, "/a/../predict", token=token) == 400
+    assert _request(gate, "/.env", token=token) == 404
+    assert _request(gate, "/predict", token=token) == 403  # three probes: banned
+    assert _request(gate, "/.env?x=1", client="10.7.7.7", token=token) == 404
+    assert _request(gate, "/predict?q=/etc/passwd", client="10.8.8.8", token=token) == 404  # the query too
+
+
+def test_long_paths_are_not_remembered(tmp_path: Path) -> None:
+    """A flood of long, new paths holds no memory: only paths up to 512 bytes are remembered."""
+    gate, token, _ = _gate(tmp_path)
+    for n in range(50):
+        assert _request(gate, f"/models/m{n}/predict" + "x" * 600, token=token) in (403, 404)
+    assert _request(gate, "/predict", token=token) == 200
+    remembered = [*gate._readings, *(raw for _, raw in gate._roles)]
+    assert remembered == [b"/predict"] * 2
