@@ -8,8 +8,8 @@ A B C in rounds, for each of three fleets (a gateway and its node each):
               OTLP/HTTP to a sink in this process that reads and drops them
     base      (with `--baseline-src DIR`) both servers run from another tree's `src/`: the cost of "off"
 
-Reports p50 and p99 per fleet and the ratios on/off and off/base, per round and as medians. Targets (issue
-19): on ≤ 1.03× off at p50; off: no measurable cost.
+Reports p50, p99 and the CPU an answer costs node and gateway together per fleet, and the ratios on/off
+and off/base, per round and as medians. Targets (issue 19): on ≤ 1.03× off at p50; off: no measurable cost.
 
     python bench/tracing.py [--rounds 5] [--duration 5] [--baseline-src DIR]
 """
@@ -28,14 +28,16 @@ from rich.console import Console
 
 from gateway import gateway, node
 from predict import digits_workload, run_wrk
-from servers import Server, new_result, save_result, start, stop
+from servers import Server, cpu_seconds, new_result, save_result, start, stop
 
 console = Console()
 
 
 class Sink(http.server.BaseHTTPRequestHandler):
-    """An OTLP/HTTP endpoint that reads each export and answers 200 (what a collector does first)."""
+    """An OTLP/HTTP endpoint that reads each export and answers 200 (what a collector does first), on a
+    kept-alive connection as a collector does."""
 
+    protocol_version = "HTTP/1.1"
     exports = 0
 
     def do_POST(self) -> None:
@@ -84,12 +86,18 @@ def main() -> None:
                     start(server, root)
             for r in range(args.rounds):
                 order = list(fleets.items()) if r % 2 == 0 else list(reversed(fleets.items()))
-                for name, (_, front) in order:
+                for name, (target, front) in order:
                     run_wrk(wrk_bin, front, 1, 1, data)  # warm-up
+                    before = cpu_seconds(target) + cpu_seconds(front)
                     run = run_wrk(wrk_bin, front, 1, args.duration, data)
                     assert (run["wrong"], run["non_200"]) == (0, 0), run
+                    spent = cpu_seconds(target) + cpu_seconds(front) - before
+                    run["cpu_us_per_answer"] = spent / max(run["correct"], 1) * 1e6
                     rows.append({"round": r, "fleet": name, **run})
-                    console.print(f"round {r} {name}: p50 {run['p50_us']} µs, p99 {run['p99_us']} µs")
+                    console.print(
+                        f"round {r} {name}: p50 {run['p50_us']} µs, p99 {run['p99_us']} µs, "
+                        f"CPU {run['cpu_us_per_answer']:.0f} µs an answer (node and gateway)"
+                    )
         finally:
             for pair in fleets.values():
                 for server in reversed(pair):
@@ -99,13 +107,15 @@ def main() -> None:
     for a, b in (("on", "off"), ("off", "base")):
         if b not in fleets:
             continue
-        ratios = []
-        for r in range(args.rounds):
-            same = {row["fleet"]: row for row in rows if row["round"] == r}
-            ratios.append(same[a]["p50_us"] / same[b]["p50_us"])
-        med = statistics.median(ratios)
-        result[f"p50_{a}_over_{b}"] = [med, min(ratios), max(ratios)]
-        console.print(f"p50 {a}/{b}: {med:.3f} ({min(ratios):.3f}–{max(ratios):.3f}) by round {ratios}")
+        for figure in ("p50_us", "cpu_us_per_answer"):
+            ratios = []
+            for r in range(args.rounds):
+                same = {row["fleet"]: row for row in rows if row["round"] == r}
+                ratios.append(round(same[a][figure] / same[b][figure], 3))
+            med = statistics.median(ratios)
+            result[f"{figure}_{a}_over_{b}"] = [med, min(ratios), max(ratios)]
+            spread = f"{med:.3f} ({min(ratios):.3f}–{max(ratios):.3f})"
+            console.print(f"{figure} {a}/{b}: {spread} by round {ratios}")
     console.print(f"OTLP exports received: {Sink.exports}")
     console.print(f"results: {save_result('tracing', result)}")
 

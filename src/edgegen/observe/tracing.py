@@ -16,31 +16,32 @@ One chat through the gateway, as one trace:
     a fixed-shape model: batch.queue, then batch.forward; a job: job.run, whose parent is the request
     that queued it, with the same spans beneath
 
-Off, nothing of OpenTelemetry's SDK is imported and no span is made: each hook is one test of `tracer`.
-A request's valid `traceparent` is still read (the request boundary looks at every header anyway) and its
-trace id written in the request's log lines, and the gateway passes the header on as it came: a client's
-trace can be followed through every process's logs whether or not they record spans.
+Off, no span is made and no exporter thread runs: each hook is one test of `tracer`. A request's valid
+`traceparent` is still read (the request boundary looks at every header anyway) and its trace id written
+in the request's log lines, and the gateway passes the header on as it came: a client's trace can be
+followed through every process's logs whether or not they record spans.
 
-On, the SDK batches the spans and sends them from its own thread (`Tracer`). The engine's spans are
-written after the fact, with the times noted as the work went (`GenerationTrace`, `BatchTrace`): a decode
-step or a batch serves several requests at once, and each request's trace gets its own span of it.
+On, a span that ends becomes a plain tuple on the queue of our own OTLP/HTTP exporter (observe/otlp.py),
+which encodes and sends batches from its own thread. The engine's spans are written after the fact, with
+the times noted as the work went (`GenerationTrace`, `BatchTrace`): a decode step or a batch serves
+several requests at once, and each request's trace gets its own span of it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextvars
-import logging
+import os
 import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from edgegen.errors import ConfigError
 from edgegen.observe.logs import trace_id
+from edgegen.observe.otlp import SpanExporter
 
-log = logging.getLogger("edgegen.tracing")
 # version-trace_id-parent_id-flags, lowercase hex; a later version may add fields after a dash.
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[ -~]*)?")
 _MAX_TRACEPARENT = 512  # the longest value looked at; a longer one is refused unread
@@ -79,10 +80,9 @@ def parse_traceparent(value: bytes | str | None) -> TraceParent | None:
     return TraceParent(trace.decode(), span.decode(), int(flags, 16))
 
 
-@dataclass(frozen=True, slots=True)
-class SpanRef:
+class SpanRef(NamedTuple):
     """A span as its children see it: its ids, whether it is kept (sampled), whether another process
-    made it."""
+    made it. (A tuple: one is made for every span, and a frozen dataclass costs twice as much to make.)"""
 
     trace_id: int
     span_id: int
@@ -163,44 +163,32 @@ def enter(
 
 
 class Tracer:
-    """Spans into OpenTelemetry's SDK: made here as the SDK's `ReadableSpan`s, handed to its batch
-    processor, sent by its OTLP/HTTP exporter from the processor's thread. Made by `configure` only when an
-    endpoint is set (the SDK and its exporter take ~65 ms to import, which a node without tracing never
-    pays).
+    """Spans made here and handed to our OTLP/HTTP exporter (observe/otlp.py) as plain tuples. Made by
+    `configure` only when an endpoint is set.
 
-    The SDK's own `Tracer.start_span` and `end` cost 35-45 µs a span on the 2-core test machine (context
-    objects, locks, a sampler, span processors called twice); a `ReadableSpan` made whole when the span
-    ends, 4 µs. The exporter's encoding costs ~30 µs a span more, in its own thread. Sampling is the
-    SDK's `ParentBased(TraceIdRatioBased)` rule: a caller's sampled flag is followed, a trace begun here is
-    kept when the low 64 bits of its id fall below `sample_ratio` of their range.
+    Why not OpenTelemetry's SDK: on the 2-core test machine a span through it cost 6-12 µs on the
+    request's path (two `SpanContext`s, a `ReadableSpan`, the batch processor's lock) and ~30 µs more to
+    encode in its exporter's thread, holding the GIL against the serving loop; a prediction through
+    gateway and node makes 6 spans, and p50 at one client rose ×1.24. Here a span costs the request's
+    path 2-3 µs (its ids, a `SpanRef`, a tuple queued; a server span 5 µs with its `Entered`) and 3-4 µs
+    to encode in the exporter's thread (a prediction's six spans, protobuf written as bytes).
+
+    Sampling is OpenTelemetry's `ParentBased(TraceIdRatioBased)` rule: a caller's sampled flag is
+    followed, a trace begun here is kept when the low 64 bits of its id fall below `sample_ratio` of
+    their range. Spans leave every `OTEL_BSP_SCHEDULE_DELAY` ms (the SDK's variable; 1000 unless set),
+    or as soon as a batch of them waits.
     """
 
     def __init__(self, endpoint: str, service_name: str, sample_ratio: float) -> None:
-        from opentelemetry import trace
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import ReadableSpan
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-
         self.key = (endpoint, service_name, sample_ratio)
         self._bound = round(sample_ratio * (1 << 64))
-        self._api, self._readable = trace, ReadableSpan
-        self._kinds = {
-            k: getattr(trace.SpanKind, k.upper()) for k in ("internal", "server", "client", "consumer")
-        }
-        self._statuses = (trace.Status(trace.StatusCode.UNSET), trace.Status(trace.StatusCode.ERROR))
-        self._sampled = trace.TraceFlags(trace.TraceFlags.SAMPLED)
-        self._resource = Resource.create({"service.name": service_name})
-        self._scope = InstrumentationScope("edgegen")
-        # Encoding a batch holds the GIL (~30 µs a span, in the SDK's Python): 512 spans at once, its
-        # default, stalled the event loop ~15 ms (p99 ×6 in bench/tracing.py); 64 at a time, ~2 ms.
-        self._processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), max_export_batch_size=64)
-        atexit.register(self.close)  # what is still batched leaves before the process does
+        self._exporter = SpanExporter(endpoint, service_name, schedule_delay=_schedule_delay())
+        self._export = self._exporter.export
+        atexit.register(self.close)  # what is still queued leaves before the process does
 
     def close(self) -> None:
         atexit.unregister(self.close)
-        self._processor.shutdown()  # type: ignore[no-untyped-call]
+        self._exporter.close()
 
     def child_of(self, parent: SpanRef | None) -> SpanRef:
         """A new span's ids: in `parent`'s trace, or (None) in a new trace, kept as `sample_ratio` says."""
@@ -222,26 +210,11 @@ class Tracer:
         error: bool = False,
     ) -> None:
         """Send a span that is over (times in ns since the epoch), when its trace is kept."""
-        if not ref.sampled:
-            return
-        try:
-            api = self._api
-            up = None if parent is None else api.SpanContext(parent.trace_id, parent.span_id, parent.remote)
-            span = self._readable(
-                name,
-                api.SpanContext(ref.trace_id, ref.span_id, False, self._sampled),
-                up,
-                self._resource,
-                attributes,
-                kind=self._kinds[kind],
-                status=self._statuses[error],
-                start_time=start_ns,
-                end_time=end_ns,
-                instrumentation_scope=self._scope,
+        if ref.sampled:
+            up, remote = (None, False) if parent is None else (parent.span_id, parent.remote)
+            self._export(
+                (name, ref.trace_id, ref.span_id, up, start_ns, end_ns, attributes, kind, error, remote)
             )
-            self._processor.on_end(span)
-        except Exception:  # observability never breaks serving
-            log.exception("a span could not be recorded", extra={"span": name})
 
     def enter(
         self, name: str, parent: TraceParent | None, attributes: dict[str, Any], *, job: bool = False
@@ -348,13 +321,19 @@ def configure(endpoint: str, service_name: str, sample_ratio: float) -> None:
         tracer.close()
         tracer = None
     if endpoint:
-        try:
-            tracer = Tracer(endpoint, service_name, sample_ratio)
-        except ImportError:
-            raise ConfigError(
-                "[tracing] endpoint needs OpenTelemetry's SDK: pip install 'edgegen[tracing]', "
-                "or leave the endpoint empty"
-            ) from None
+        tracer = Tracer(endpoint, service_name, sample_ratio)
+
+
+def _schedule_delay() -> float:
+    """Seconds between two sends: `OTEL_BSP_SCHEDULE_DELAY` (ms), OpenTelemetry's variable for it."""
+    raw = os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "1000")
+    try:
+        delay = float(raw)
+    except ValueError:
+        delay = -1
+    if not 0 < delay <= 3_600_000:
+        raise ConfigError(f"OTEL_BSP_SCHEDULE_DELAY is milliseconds between span exports, got {raw!r}")
+    return delay / 1000
 
 
 def submitter(traceparent: str | None) -> str | None:
