@@ -38,8 +38,9 @@ class Target:
 
     @classmethod
     def of(cls, scope: Scope) -> Target:
-        """The target of a request; InvalidInput (400) for a path with more than one reading."""
-        path = canonical_path(raw_path_of(scope))
+        """The target of a request; InvalidInput (400) for a path with more than one reading. The path
+        is the security gate's reading of it, when the gate has read it (it always has, in the gateway)."""
+        path = scope.get("edgegen.path") or canonical_path(raw_path_of(scope))
         query: bytes = scope.get("query_string", b"")
         return cls(path, quote_from_bytes(query, safe=_QUERY_SAFE) if query else "")
 

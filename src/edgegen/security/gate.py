@@ -29,7 +29,8 @@ In order, for every HTTP request (cheap refusals first, so a flood costs little)
    off) — only under a `Host` that is this server's and, if it changes something, from no other
    `Origin` (security/origin.py: DNS rebinding, cross-site requests; 403);
 8. the credential's token bucket (429) and its concurrent generations (429).
-The principal lands in `scope["edgegen.principal"]` for the routes' model and tenant checks. Bans,
+The principal lands in `scope["edgegen.principal"]` for the routes' model and tenant checks, the path's
+one reading in `scope["edgegen.path"]` for a gateway's relay (gateway/target.py). Bans,
 failed credentials and every admin call that changes something (log batches are data, not changes) go
 to the audit log.
 """
@@ -282,6 +283,7 @@ class SecurityGate:
         if path is None:
             self._failed(client, now, "probe", raw)
             return self._refusal("probe", 400, invalid)
+        scope["edgegen.path"] = path  # the reading a gateway relays (gateway/target.py)
         query: bytes = scope.get("query_string", b"")
         if scanning or (query and looks_like_scanning(raw, path, query)):
             self._failed(client, now, "probe", raw)

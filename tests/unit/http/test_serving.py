@@ -95,7 +95,7 @@ async def echo(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(head_s: float, body_s: float) -> AsyncIterator[int]:
+async def serving(head_s: float, body_s: float, keep_alive_s: float = 5) -> AsyncIterator[int]:
     """A real uvicorn server on loopback with our protocol and these deadlines; yields its port."""
     settings = Deadlines(head_s, body_s)
 
@@ -104,7 +104,14 @@ async def serving(head_s: float, body_s: float) -> AsyncIterator[int]:
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(echo, http=Protocol, log_config=None, access_log=False, lifespan="off")
+    config = uvicorn.Config(
+        echo,
+        http=Protocol,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=keep_alive_s,
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     for _ in range(500):  # uvicorn has no event for it
@@ -157,4 +164,19 @@ async def test_a_body_deadline_shorter_than_the_head_deadline_is_kept() -> None:
         writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
         assert b"body did not arrive" in await answer(reader)
         assert time.monotonic() - started < 2
+        writer.close()
+
+
+async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout_and_a_busy_one_is_not() -> None:
+    """uvicorn's keep-alive timeout still holds beside our deadlines: requests 0.2 s apart
+    under a 0.5 s timeout keep it, 0.5 s of nothing closes it."""
+    async with serving(head_s=5, body_s=5, keep_alive_s=0.5) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(5):
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
+            assert (await answer(reader)).startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.2)
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        assert 0.2 < time.monotonic() - started < 2
         writer.close()
