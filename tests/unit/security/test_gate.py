@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from edgegen.gateway.target import Target
 from edgegen.security.audit import AuditLog
 from edgegen.security.auth import Authenticator, Principal, required_role
 from edgegen.security.gate import SecurityGate, SecurityMetrics, bearer, peer_role
@@ -78,6 +79,10 @@ class _Sink:
     @property
     def status(self) -> int:
         return int(self.messages[0]["status"])
+
+    @staticmethod
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
 
 
 def _gate(tmp_path: Path, **settings: Any) -> tuple[SecurityGate, str, list[Principal]]:
@@ -177,3 +182,25 @@ def test_long_paths_are_not_remembered(tmp_path: Path) -> None:
     assert _request(gate, "/predict", token=token) == 200
     remembered = [*gate._readings, *(raw for _, raw in gate._roles)]
     assert remembered == [b"/predict"] * 2
+
+
+def test_the_relay_takes_the_gates_one_reading_of_the_path(tmp_path: Path) -> None:
+    keys = KeyStore(tmp_path / "keys.sqlite")
+    token = keys.create("user", models=("digits",))[0]
+    targets: list[Target] = []
+
+    async def relay(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        targets.append(Target.of(scope))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    gate = SecurityGate(
+        relay, SecuritySettings(), Authenticator(keys, None), None, SecurityMetrics(CollectorRegistry())
+    )
+    scope = {"type": "http", "method": "POST", "path": "/models/digits/predict", "query_string": b"",
+             "raw_path": b"/models/dig%69ts/predict", "client": ("10.1.2.3", 5000),
+             "headers": [(b"authorization", f"Bearer {token}".encode())]}  # fmt: skip
+    sink = _Sink()
+    asyncio.run(gate(scope, _Sink.receive, sink))
+    assert sink.status == 200
+    assert scope["edgegen.path"] == targets[0].path == "/models/digits/predict"
