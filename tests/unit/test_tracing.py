@@ -155,6 +155,7 @@ def test_with_sample_ratio_0_only_the_traces_a_caller_sampled_are_sent() -> None
 class Posted:
     path: str
     content_type: str
+    api_key: str | None  # the header a collector would ask for
     client_port: int  # the same port twice: the same kept-alive connection
     request: ExportTraceServiceRequest
 
@@ -178,7 +179,9 @@ class Collector:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 request = ExportTraceServiceRequest.FromString(body)
                 content_type = self.headers["Content-Type"]
-                collector.posted.append(Posted(self.path, content_type, self.client_address[1], request))
+                api_key = self.headers["Api-Key"]
+                posted = Posted(self.path, content_type, api_key, self.client_address[1], request)
+                collector.posted.append(posted)
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -408,3 +411,42 @@ def test_the_tracers_spans_carry_their_kind_parent_flags_and_status() -> None:
     assert traceparent == f"00-{TRACE}-{relayed.span_id.hex()}-01".encode()
     assert (run.kind, run.parent_span_id, run.flags) == (PbSpan.SPAN_KIND_CONSUMER, b"", 0x101)
     assert run.trace_id != route.trace_id
+
+
+def test_the_collectors_headers_come_from_opentelemetrys_variables() -> None:
+    assert tracing.export_headers({}) == {}
+    both = {
+        "OTEL_EXPORTER_OTLP_HEADERS": "api-key=general",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "Api-Key=t%2Cr",
+    }
+    assert tracing.export_headers(both) == {"api-key": "t,r"}  # the traces' own wins; values percent-decoded
+    many = {"OTEL_EXPORTER_OTLP_HEADERS": " x-tenant = acme , authorization=Bearer%20s3cr3t"}
+    assert tracing.export_headers(many) == {"x-tenant": "acme", "authorization": "Bearer s3cr3t"}
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("api-key", "pair 1 is not name=value"),
+        ("ok=1,bad name=s3cr3t", "pair 2 is not name=value"),
+        ("api-key=", "empty"),
+        ("api-key=s3cr3t%0D%0AX-Injected: 1", "characters a header may not"),  # a second header smuggled in
+        ("api-key=s3cr3t%00", "characters a header may not"),
+        ("content-type=s3cr3t", "set by the exporter itself"),
+        ("host=s3cr3t", "set by the exporter itself"),
+    ],
+)
+def test_a_variable_that_is_not_headers_fails_the_start_without_showing_its_values(
+    value: str, why: str
+) -> None:
+    with pytest.raises(ConfigError, match=why) as refused:
+        tracing.export_headers({"OTEL_EXPORTER_OTLP_HEADERS": value})
+    assert "s3cr3t" not in str(refused.value)
+
+
+def test_the_exporter_sends_the_collectors_headers() -> None:
+    with collecting() as collector:
+        exporter = otlp.SpanExporter(collector.url, "edgegen-node", headers={"api-key": "s3cr3t"})
+        exporter.export(a_span())
+        exporter.close()
+    assert [(p.api_key, p.content_type) for p in collector.posted] == [("s3cr3t", "application/x-protobuf")]

@@ -201,6 +201,7 @@ class SpanExporter:
         schedule_delay: float = 1.0,
         max_queue: int = 8192,
         timeout: float = 10.0,
+        headers: dict[str, str] | None = None,
     ) -> None:
         url = urllib.parse.urlsplit(endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -210,7 +211,8 @@ class SpanExporter:
         # https: the system's trusted CAs and hostname checks, as the SDK's exporter had them
         self._tls = ssl.create_default_context() if url.scheme == "https" else None
         self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        self._headers = {"Content-Type": "application/x-protobuf"}
+        # `headers`: what the collector asks of a sender (an API key): sent, never logged
+        self._headers = {**(headers or {}), "Content-Type": "application/x-protobuf"}
         self._connection: http.client.HTTPConnection | None = None
         self._max_queue = max_queue
         self._queue: collections.deque[Span] = collections.deque(maxlen=max_queue)

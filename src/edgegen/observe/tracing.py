@@ -35,6 +35,8 @@ import os
 import random
 import re
 import time
+import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -182,7 +184,9 @@ class Tracer:
     def __init__(self, endpoint: str, service_name: str, sample_ratio: float) -> None:
         self.key = (endpoint, service_name, sample_ratio)
         self._bound = round(sample_ratio * (1 << 64))
-        self._exporter = SpanExporter(endpoint, service_name, schedule_delay=_schedule_delay())
+        self._exporter = SpanExporter(
+            endpoint, service_name, schedule_delay=_schedule_delay(), headers=export_headers(os.environ)
+        )
         self._export = self._exporter.export
         atexit.register(self.close)  # what is still queued leaves before the process does
 
@@ -334,6 +338,39 @@ def _schedule_delay() -> float:
     if not 0 < delay <= 3_600_000:
         raise ConfigError(f"OTEL_BSP_SCHEDULE_DELAY is milliseconds between span exports, got {raw!r}")
     return delay / 1000
+
+
+# A header name (RFC 9110 token); what the exporter sets itself may not be given.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_OWN_HEADERS = frozenset({"content-type", "content-length", "host", "connection", "transfer-encoding"})
+_HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")  # the first set wins
+
+
+def export_headers(environ: Mapping[str, str]) -> dict[str, str]:
+    """The headers the collector asks for (an API key, a tenant): `OTEL_EXPORTER_OTLP_TRACES_HEADERS`,
+    else `OTEL_EXPORTER_OTLP_HEADERS` — OpenTelemetry's variables, `name=value` pairs split by commas,
+    values percent-encoded. One that is not a header fails the start with a ConfigError that names the
+    header, never its value (a secret).
+
+    >>> export_headers({"OTEL_EXPORTER_OTLP_HEADERS": "api-key=a%3Db,x-tenant=t1"})
+    {'api-key': 'a=b', 'x-tenant': 't1'}
+    """
+    variable = next((v for v in _HEADER_VARIABLES if environ.get(v)), None)
+    if variable is None:
+        return {}
+    headers: dict[str, str] = {}
+    for number, pair in enumerate(environ[variable].split(","), 1):
+        name, equals, value = pair.partition("=")
+        name = urllib.parse.unquote(name).strip().lower()
+        value = urllib.parse.unquote(value).strip()
+        if not equals or not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(f"{variable}: pair {number} is not name=value with a header name")
+        if name in _OWN_HEADERS:
+            raise ConfigError(f"{variable}: {name} is set by the exporter itself")
+        if not value or not all(" " <= c <= "~" or c == "\t" for c in value):
+            raise ConfigError(f"{variable}: the value of {name} is empty or has characters a header may not")
+        headers[name] = value
+    return headers
 
 
 def submitter(traceparent: str | None) -> str | None:
