@@ -24,6 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import GatewayProcess, NodeProcess, assert_no_errors
 from tests.e2e.test_gateway import gateway_config, node_home
+from tests.threaded import serving
 
 pytestmark = pytest.mark.e2e
 SLACK_NS = 5_000_000  # clocks of two processes on one machine: a few ms apart at most
@@ -99,13 +100,8 @@ def decoded(request: ExportTraceServiceRequest) -> list[Span]:
 @contextlib.contextmanager
 def receiving() -> Iterator[Receiver]:
     receiver = Receiver()
-    thread = threading.Thread(target=receiver.server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(receiver.server):
         yield receiver
-    finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
 
 
 @pytest.fixture(scope="module")

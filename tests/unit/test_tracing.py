@@ -10,7 +10,6 @@ import logging
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from edgegen.observe import otlp, tracing
 from edgegen.observe.logs import JsonFormatter, trace_id
 from edgegen.observe.tracing import TraceParent, parse_traceparent
 from tests.e2e.test_tracing import receiving
+from tests.threaded import serving
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"
@@ -200,13 +200,8 @@ class Collector:
 @contextlib.contextmanager
 def collecting(status: int = 200, hang_up: bool = False) -> Iterator[Collector]:
     collector = Collector(status, hang_up)
-    thread = threading.Thread(target=collector.server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(collector.server):
         yield collector
-    finally:
-        collector.server.shutdown()
-        collector.server.server_close()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 5) -> None:
