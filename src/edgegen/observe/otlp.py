@@ -41,6 +41,8 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
+from edgegen.memo import Memo
+
 log = logging.getLogger("edgegen.tracing")
 
 # name, trace id, span id, parent span id (None: a root), start and end (ns since the epoch), attributes,
@@ -69,8 +71,7 @@ _INT64 = 1 << 63
 # (key, value) → its KeyValue field, for str and int values: most recur (routes, models, statuses), and a
 # cached attribute costs a fifth of one encoded. Cleared when full, so a unique value (a request id) costs
 # the cache nothing lasting.
-_encoded: dict[tuple[str, str | int], bytes] = {}
-_ENCODED_MAX = 4096
+_encoded: Memo[tuple[str, str | int], bytes] = Memo(4096)
 
 
 def _varint(n: int) -> bytes:
@@ -133,9 +134,7 @@ def _attribute(key: str, value: Any) -> bytes:
         return b"\x4a" + _key_value(key, value)
     found = _encoded.get((key, value))
     if found is None:
-        if len(_encoded) >= _ENCODED_MAX:
-            _encoded.clear()
-        found = _encoded[key, value] = b"\x4a" + _key_value(key, value)
+        found = _encoded.remember((key, value), b"\x4a" + _key_value(key, value))
     return found
 
 

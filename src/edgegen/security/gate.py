@@ -51,6 +51,7 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgegen.errors import InvalidInput, error_body, is_openai
+from edgegen.memo import Memo
 from edgegen.security.audit import AuditLog
 from edgegen.security.auth import (
     ANONYMOUS_ADMIN,
@@ -138,7 +139,7 @@ class Networks:
 
     def __init__(self, networks: Iterable[Network]) -> None:
         self.networks = tuple(networks)
-        self._seen: dict[str, bool] = {}
+        self._seen: Memo[str, bool] = Memo(100_000)
 
     def __contains__(self, address: str) -> bool:
         known = self._seen.get(address)
@@ -149,9 +150,7 @@ class Networks:
                 known = False
             else:
                 known = any(parsed in network for network in self.networks)
-            if len(self._seen) > 100_000:
-                self._seen.clear()
-            self._seen[address] = known
+            self._seen.remember(address, known)
         return known
 
 
@@ -210,8 +209,8 @@ class SecurityGate:
         self.trusted_proxies, self.never_ban = Networks(s.trusted_proxies), Networks(s.never_ban)
         self.same_origin = SameOrigin(s.allowed_hosts)
         self._networks: dict[str, bool] = {}  # address → allowed, decided once
-        self._roles: dict[tuple[str, bytes], str | None] = {}
-        self._readings: dict[bytes, tuple[str | None, str, bool]] = {}
+        self._roles: Memo[tuple[str, bytes], str | None] = Memo(_REMEMBERED_PATHS)
+        self._readings: Memo[bytes, tuple[str | None, str, bool]] = Memo(_REMEMBERED_PATHS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -336,9 +335,7 @@ class SecurityGate:
             else:
                 known = (path, "", looks_like_scanning(raw, path, b""))
             if len(raw) <= _REMEMBERED_PATH_BYTES:
-                if len(self._readings) >= _REMEMBERED_PATHS:
-                    self._readings.clear()
-                self._readings[raw] = known
+                self._readings.remember(raw, known)
         return known
 
     def _node_shipping(self, scope: Scope, raw: bytes) -> Principal | None:
@@ -360,9 +357,7 @@ class SecurityGate:
             return self._roles[key]
         role = required_role(method, raw, canonical_path(raw))
         if len(raw) <= _REMEMBERED_PATH_BYTES:
-            if len(self._roles) >= _REMEMBERED_PATHS:
-                self._roles.clear()
-            self._roles[key] = role
+            self._roles.remember(key, role)
         return role
 
     def _public(self, scope: Scope, client: Caller, now: float, path: str) -> Principal | Refusal:

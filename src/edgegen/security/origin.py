@@ -25,6 +25,8 @@ import re
 import socket
 from collections.abc import Iterable
 
+from edgegen.memo import Memo
+
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _HOST = re.compile(r"^(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9._-]+))(?::(?P<port>[0-9]{1,5}))?$")
 _ORIGIN = re.compile(r"^(?P<scheme>https?)://(?P<authority>[^/?#@]+)$")
@@ -71,16 +73,14 @@ class SameOrigin:
 
     def __init__(self, allowed_hosts: Iterable[str]) -> None:
         self.names = frozenset({*(h.lower() for h in allowed_hosts), socket.gethostname().lower()})
-        self._verdicts: dict[bytes, bool] = {}  # Host value → answered here; a client sends the same one
+        self._verdicts: Memo[bytes, bool] = Memo(1024)  # Host value → answered here; a client repeats it
 
     def host_ok(self, host: bytes) -> bool:
         known = self._verdicts.get(host)
         if known is None:
             known = self._host_ok(host)
             if len(host) <= 255:  # (no longer name is a host's: not remembered)
-                if len(self._verdicts) >= 1024:
-                    self._verdicts.clear()
-                self._verdicts[host] = known
+                self._verdicts.remember(host, known)
         return known
 
     def _host_ok(self, host: bytes) -> bool:

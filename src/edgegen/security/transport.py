@@ -16,6 +16,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from edgegen.memo import Memo
 from edgegen.security.settings import TlsSettings
 
 _SHORT = {"commonName": "CN", "organizationalUnitName": "OU", "organizationName": "O"}
@@ -75,7 +76,7 @@ class Revocations:
 
         crl = x509.load_pem_x509_crl(crl_file.read_bytes())
         self._serials = {entry.serial_number for entry in crl}
-        self._seen: dict[bytes, bool] = {}
+        self._seen: Memo[bytes, bool] = Memo(10_000)
 
     def revoked(self, pem: bytes) -> bool:
         known = self._seen.get(pem)
@@ -83,7 +84,5 @@ class Revocations:
             from cryptography import x509
 
             known = x509.load_pem_x509_certificate(pem).serial_number in self._serials
-            if len(self._seen) > 10_000:
-                self._seen.clear()
-            self._seen[pem] = known
+            self._seen.remember(pem, known)
         return known
