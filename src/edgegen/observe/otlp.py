@@ -240,23 +240,30 @@ class SpanExporter:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        timer = False  # what woke the thread: the timer (send all that waits) or a full batch (send those)
         while True:
             closing = self._closing  # read before the last drain: what was queued before close() leaves
             try:
-                self._send_waiting()
+                self._send_waiting(everything=timer or closing)
             except Exception:  # observability never breaks serving, nor stops sending
                 log.exception("spans could not be sent", extra={"endpoint": self.endpoint})
             if closing:
                 break
-            self._wake.wait(self._delay)
+            timer = not self._wake.wait(self._delay)
             self._wake.clear()
         if self._connection is not None:
             self._connection.close()
 
-    def _send_waiting(self) -> None:
+    def _send_waiting(self, everything: bool) -> None:
+        """Send the spans waiting now: all of them, or (not `everything`) the full batches among them.
+        Spans that come while these are sent wait for the next full batch or the timer: sending them at
+        once, a few at a time, cost a request (~300 µs of CPU) per few answers at a high rate, ten times
+        what encoding their spans costs."""
         queue = self._queue
-        while queue:
-            count, encoded = min(len(queue), BATCH), []
+        waiting = len(queue) if everything else len(queue) // BATCH * BATCH
+        while waiting > 0:
+            count, encoded = min(waiting, BATCH), []
+            waiting -= count
             for start in range(0, count, SLICE):
                 taken = [queue.popleft() for _ in range(min(SLICE, count - start))]  # (only this thread pops)
                 encoded.append(encode_spans(taken))
