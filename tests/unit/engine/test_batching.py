@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,14 +26,20 @@ class RecordingExecutor:
 
     def __init__(self) -> None:
         self.batches: list[int] = []
+        self.threads: list[int] = []  # the thread each batch ran in
         self.gate = threading.Event()
         self.gate.set()
+        self.stall_s = 0.0  # the next batch takes this long more (the GIL held by another thread)
         self.closed = False
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.gate.wait(5)
         x = feeds["x"]
         self.batches.append(len(x))
+        self.threads.append(threading.get_ident())
+        if self.stall_s:
+            time.sleep(self.stall_s)
+            self.stall_s = 0.0
         if not np.isfinite(x).all():
             raise RuntimeError("poisoned input")
         return {"y": 2 * x + x.sum(axis=1, keepdims=True)}
@@ -151,6 +158,24 @@ async def test_drain_answers_queued_requests_before_closing() -> None:
     await draining
     assert all(task.result()["y"].shape == (1, 3) for task in pending)
     assert executor.closed
+
+
+async def test_one_stalled_forward_pass_does_not_send_the_next_to_a_thread() -> None:
+    """A batch is timed as it runs, so a pass that waited for the GIL (the tracing exporter's thread
+    held it) reads as a slow model: it moved the estimate past `inline_max_us` and sent the next batches
+    through a worker thread, ~100 µs a hand-off, for a stall of a few hundred µs."""
+    executor = RecordingExecutor()
+    batcher = DynamicBatcher("m", [executor], BatchSettings(max_batch_size=1, inline_max_us=2_000))
+    batcher.start()
+    for i in range(5):  # the first runs in a thread (nothing known yet); the estimate is learnt
+        await batcher.submit({"x": rows(1, i)}, 5)
+    executor.stall_s = 0.05
+    await batcher.submit({"x": rows(1, 5)}, 5)
+    for i in range(3):
+        await batcher.submit({"x": rows(1, 6 + i)}, 5)
+    loop_thread = threading.get_ident()
+    assert executor.threads[-4:] == [loop_thread] * 4  # the stalled pass and the three after it: inline
+    await batcher.close()
 
 
 @settings(max_examples=40, deadline=None)
