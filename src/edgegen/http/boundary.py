@@ -10,13 +10,15 @@
   The limit is `max_body_bytes`, or an upload route's own (a pushed model package, a wheel), whose
   route streams the body to disk;
 - one access-log line and one observation (latency, status) per request, labelled by route template
-  and model;
+  and model; a request cancelled before its answer began (its caller left: a gRPC call past its
+  deadline) is a 499, as nginx logs it, not a server error;
 - its trace (observe/tracing.py): the trace id of a valid `traceparent` in its log lines, and with
   tracing on a server span, the parent of the spans made while it is served.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -184,7 +186,7 @@ class RequestBoundary:
         if traceparent is not None or tracing.tracer is not None:
             attributes = {"url.path": scope["path"], "edgegen.request_id": rid}
             traced = tracing.enter(traceparent, scope["method"], **attributes)
-        status = 500
+        status = 0  # (none yet)
         rid_header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message: Message) -> None:
@@ -205,9 +207,14 @@ class RequestBoundary:
                 await response(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive, limit), send_with_id)
+        except asyncio.CancelledError:
+            # Cancelled before any answer: its caller left (a gRPC call past its deadline, or cancelled),
+            # or the server stops. nginx's 499, never a server error that error-rate alerts would count.
+            status = status or 499
+            raise
         finally:
             self.in_flight.count -= 1
-            self._record(scope, status, time.perf_counter() - started, traced)
+            self._record(scope, status or 500, time.perf_counter() - started, traced)
             request_id.reset(token)
 
     def _limited(self, receive: Receive, limit: int) -> Receive:
