@@ -95,6 +95,46 @@ def test_a_request_is_found_by_its_id(setup: tuple[NodeProcess, GatewayProcess])
     assert lines(gateway, text="HTTP Request") == []  # not the shipper's own requests, line after line
 
 
+def test_a_trace_is_found_by_its_id(setup: tuple[NodeProcess, GatewayProcess]) -> None:
+    """A client's `traceparent` goes through the gateway (tracing off, unchanged) to the node, whose
+    access line carries its trace id; `edgegen logs query --trace-id` finds it among the fleet's lines."""
+    _, gateway = setup
+    trace = "0af7651916cd43dd8448eb211c80319c"
+    for n in range(2):
+        sent = httpx.post(
+            f"{gateway.url}/predict",
+            json={"input_data": [float(n)] * 64},
+            headers={"traceparent": f"00-{trace}-b7ad6b716920333{n}-01", "X-Request-Id": f"traced-{n}"},
+        )
+        assert sent.status_code == 200
+    found = until(lambda: len(got := lines(gateway, trace_id=trace)) == 2 and got)
+    assert [(x["request_id"], x["trace_id"], x["node"]) for x in found] == [
+        ("traced-0", trace, "n0"),
+        ("traced-1", trace, "n0"),
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "edgegen",
+        "logs",
+        "query",
+        "--gateway",
+        gateway.url,
+        "--trace-id",
+        trace,
+    ]
+    printed = subprocess.run(
+        [*command, "--json"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert [json.loads(x)["request_id"] for x in printed.splitlines()] == ["traced-0", "traced-1"]
+    for bad in ("0AF7651916CD43DD8448EB211C80319C", trace[:-1], trace + "0", "' OR 1=1 --", "x" * 5000):
+        answer = httpx.get(f"{gateway.url}/gateway/logs", params={"trace_id": bad})
+        assert answer.status_code == 400, answer.text
+        assert "trace_id" in answer.json()["error"]
+    answer = httpx.get(f"{gateway.url}/gateway/logs", params={"request_id": "a b"})
+    assert answer.status_code == 400, answer.text  # what the boundary would never have taken as an id
+
+
 def test_the_gateways_own_lines_are_kept_beside_the_nodes(setup: tuple[NodeProcess, GatewayProcess]) -> None:
     _, gateway = setup
     added = httpx.post(f"{gateway.url}/gateway/nodes", json={"name": "brief", "url": "http://127.0.0.1:9"})

@@ -27,6 +27,10 @@ def logs_query(
     since: Annotated[str | None, typer.Option(help="from: 30s, 10m, 2h, 1d ago, or epoch seconds")] = None,
     until: Annotated[str | None, typer.Option(help="until: as --since")] = None,
     request_id: Annotated[str | None, typer.Option("--request-id", help="one request's lines")] = None,
+    trace_id: Annotated[
+        str | None,
+        typer.Option("--trace-id", help="one trace's lines (32 hex digits)"),
+    ] = None,
     text: Annotated[str | None, typer.Option(help="lines holding this phrase (full-text search)")] = None,
     limit: Annotated[int, typer.Option(help="at most this many, the newest")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object a line")] = False,
@@ -34,7 +38,14 @@ def logs_query(
     """The fleet's logs, as the nodes shipped them to the gateway, oldest first."""
     window = {"since": _since(since), "until": _since(until)}
     answer = GatewayClient(gateway_url, key, ca).get(
-        "/gateway/logs", node=node, level=level, request_id=request_id, text=text, limit=limit, **window
+        "/gateway/logs",
+        node=node,
+        level=level,
+        request_id=request_id,
+        trace_id=trace_id,
+        text=text,
+        limit=limit,
+        **window,
     )
     for line in answer["lines"]:
         if as_json:

@@ -1,12 +1,15 @@
 """The fleet's logs at the gateway: every node's JSON lines, in one SQLite file with full-text search.
 
     POST /gateway/logs   {"node": "n1", "spool": "…", "entries": [[seq, {line}], …]} from a node's shipper
-    GET  /gateway/logs   ?node=&level=&since=&until=&request_id=&text=&limit=   (oldest first)
+    GET  /gateway/logs   ?node=&level=&since=&until=&request_id=&trace_id=&text=&limit=   (oldest first)
 
 (node, spool, seq) is unique — `spool` names the node's spool file, so a node whose spool was made
 anew starts its numbers again without colliding — and a node sends in order, so lines numbered beyond
 the last kept are the new ones: a batch sent twice is kept once. Lines sort by their time, then node and
-sequence. Text search is FTS5 over the whole line, phrase-matched. Lines older than
+sequence. A request's lines are found by its request id (the gateway forwards its own, so one id
+finds both hops), a trace's by its W3C trace id (observe/tracing.py: every request a client made in
+one trace, each with its own request id). Text search is FTS5
+over the whole line, phrase-matched. Lines older than
 `retention_s` are dropped every minute. The gateway's own records join them (`OwnLines`, node `gateway`).
 """
 
@@ -38,6 +41,7 @@ CREATE TABLE IF NOT EXISTS logs (
     level TEXT NOT NULL,
     logger TEXT NOT NULL,
     request_id TEXT,
+    trace_id TEXT,
     line TEXT NOT NULL,
     UNIQUE (node, spool, seq)
 );
@@ -51,6 +55,8 @@ CREATE TRIGGER IF NOT EXISTS logs_text_drop AFTER DELETE ON logs BEGIN
     INSERT INTO logs_text (logs_text, rowid, line) VALUES ('delete', old.id, old.line);
 END;
 """
+# After the columns a file made before them gains (`LogStore.__init__`).
+INDEXES = "CREATE INDEX IF NOT EXISTS logs_trace ON logs (trace_id) WHERE trace_id IS NOT NULL;"
 LEVELS = ("debug", "info", "warning", "error", "critical")
 MAX_LIMIT = 10_000
 
@@ -75,12 +81,16 @@ class Query:
     request_id: str | None = None
     text: str | None = None
     limit: int = 100
+    trace_id: str | None = None
 
 
 class LogStore:
     def __init__(self, path: Path) -> None:
         self._db = connect(path)
         self._db.executescript(SCHEMA)
+        if "trace_id" not in {row[1] for row in self._db.execute("PRAGMA table_info(logs)")}:
+            self._db.execute("ALTER TABLE logs ADD COLUMN trace_id TEXT")  # a file from before traces
+        self._db.executescript(INDEXES)
 
     def add(self, node: str, spool: str, entries: list[Any]) -> list[dict[str, Any]]:
         """Keep a node's batch; return the lines that were new (for the analysis), with node and time."""
@@ -98,14 +108,19 @@ class LogStore:
                 continue  # sent before; its acknowledgement was lost
             ts = parse_ts(line.get("ts")) or time.time()
             level = str(line.get("level", "info")).lower()
-            request_id = line.get("request_id") if isinstance(line.get("request_id"), str) else None
+            request_id, trace_id = (
+                value if isinstance(value := line.get(key), str) else None
+                for key in ("request_id", "trace_id")
+            )
             text = orjson.dumps(line).decode()
-            rows.append((node, spool, seq, ts, level, str(line.get("logger", "")), request_id, text))
+            rows.append(
+                (node, spool, seq, ts, level, str(line.get("logger", "")), request_id, trace_id, text)
+            )
             lines.append({**line, "node": node, "time": ts})
         with transaction(self._db) as db:
             db.executemany(
-                "INSERT OR IGNORE INTO logs (node, spool, seq, ts, level, logger, request_id, line)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO logs (node, spool, seq, ts, level, logger, request_id, trace_id, line)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
         return lines
@@ -131,6 +146,9 @@ class LogStore:
         if q.request_id is not None:
             where.append("logs.request_id = ?")
             args.append(q.request_id)
+        if q.trace_id is not None:
+            where.append("logs.trace_id = ?")
+            args.append(q.trace_id)
         source = "logs"
         if q.text and "\x00" in q.text:
             raise InvalidInput("text must not hold a NUL character")

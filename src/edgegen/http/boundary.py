@@ -42,7 +42,10 @@ from edgegen.security.gate import build_gate
 from edgegen.security.settings import SecuritySettings, TlsSettings
 
 access = logging.getLogger("edgegen.access")
-SANE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+REQUEST_ID = (
+    r"^[A-Za-z0-9._:-]{1,128}$"  # what a request id may be (a client's, or one asked for in the logs)
+)
+SANE_ID = re.compile(REQUEST_ID.encode())
 Refusal = tuple[str, int]  # (message, status)
 
 

@@ -46,6 +46,7 @@ from edgegen.observe.otlp import SpanExporter
 
 # version-trace_id-parent_id-flags, lowercase hex; a later version may add fields after a dash.
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[ -~]*)?")
+TRACE_ID = r"^[0-9a-f]{32}$"  # a trace id as log lines carry it (and as one is asked for in the logs)
 _MAX_TRACEPARENT = 512  # the longest value looked at; a longer one is refused unread
 
 

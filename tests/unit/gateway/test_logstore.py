@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,37 @@ def test_filters_and_text_search(store: LogStore) -> None:
         store.query(Query(level="loud"))
     with pytest.raises(InvalidInput):
         store.query(Query(limit=0))
+
+
+def test_a_trace_is_found_by_its_id_across_nodes(store: LogStore) -> None:
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    store.add("gateway", "a", [[1, line(1, request_id="r1", trace_id=trace)], [2, line(2, request_id="r2")]])
+    store.add("n1", "a", [[1, line(3, request_id="r1", trace_id=trace)], [2, line(4, trace_id=17)]])
+    store.add("n2", "a", [[1, line(5, request_id="job", trace_id=trace)]])  # a job it queued, run later
+    assert [(g["node"], g["request_id"]) for g in store.query(Query(trace_id=trace))] == [
+        ("gateway", "r1"),
+        ("n1", "r1"),
+        ("n2", "job"),
+    ]
+    assert store.query(Query(trace_id="0" * 32)) == []
+
+
+def test_a_file_from_before_trace_ids_is_opened_and_searched(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(
+            "CREATE TABLE logs (id INTEGER PRIMARY KEY, node TEXT NOT NULL, spool TEXT NOT NULL,"
+            " seq INTEGER NOT NULL, ts REAL NOT NULL, level TEXT NOT NULL, logger TEXT NOT NULL,"
+            " request_id TEXT, line TEXT NOT NULL, UNIQUE (node, spool, seq));"
+            "INSERT INTO logs (node, spool, seq, ts, level, logger, request_id, line)"
+            " VALUES ('n1', 'a', 1, 1.0, 'info', 'edgegen.access', 'old', '{\"msg\": \"before\"}');"
+        )
+    store = LogStore(path)
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    store.add("n1", "a", [[2, line(2, request_id="new", trace_id=trace)]])
+    assert [g["request_id"] for g in store.query(Query(trace_id=trace))] == ["new"]
+    assert [g["seq"] for g in store.query(Query(node="n1"))] == [1, 2]
+    store.close()
 
 
 @pytest.mark.parametrize(
