@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import jinja2
@@ -14,6 +16,7 @@ import pytest
 from edgegen.config import LlmSettings
 from edgegen.engine.prompt import chat_prompt, encode
 from edgegen.errors import ExecutorError, InvalidInput
+from edgegen.executors import chat_template
 from edgegen.executors.chat_template import ChatTemplate
 from edgegen.executors.llamacpp import LlamaExecutor
 from tests.gguf_edits import edited_gguf
@@ -140,6 +143,77 @@ def test_a_template_that_would_blow_memory_is_stopped_soon(source: str) -> None:
     with pytest.raises(ExecutorError, match=r"stopped by its sandbox|wrote more than"):
         ChatTemplate(source, bos_token="", eos_token="").render(CHATS["no system message"])
     assert time.monotonic() - start < 2
+
+
+def rendered_in_a_thread(work: Callable[[], object], timeout: float = 60) -> BaseException | None:
+    """What `work`, run in a thread of its own, raised (None: nothing); fails if it is still running
+    after `timeout` (a daemon thread, left spinning)."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # (what escapes, whatever it is)
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the rendering was not stopped"
+    return raised[0] if raised else None
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "{% set xs = range(100000) | list %}{% for a in xs %}{% for b in xs %}{% if a < b %}{% endif %}"
+        "{% endfor %}{% endfor %}",
+        "{% macro spin(n) %}{% for i in range(100000) %}{% endfor %}{% endmacro %}"
+        "{% for i in range(100000) %}{{ spin(i) }}{% endfor %}",
+    ],
+)
+def test_a_template_that_never_ends_is_stopped_in_time(source: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loops that write nothing and build nothing: bounded by no sandbox rule, they held a worker thread
+    and a core for hours (10^10 turns)."""
+    monkeypatch.setattr(chat_template, "RENDER_LIMIT_S", 0.3)
+    template = ChatTemplate(source, bos_token="", eos_token="")
+    raised = rendered_in_a_thread(lambda: template.render(CHATS["no system message"]))
+    assert isinstance(raised, ExecutorError)
+    assert "ran longer than 0.3 s" in str(raised)
+
+
+def test_renderings_that_end_as_their_time_is_up_leave_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watchdog raises in the rendering's thread: one that arrives as the rendering ends must be
+    taken back, never left to strike the code that runs next in that thread. Limits around one
+    rendering's time (~0.1-0.5 ms), the GIL handed over every 10 µs: some renderings end, some are
+    stopped, many near the line."""
+    template = ChatTemplate(CHATML_TEMPLATE, bos_token="", eos_token="")
+    chat = [{"role": "user", "content": "hi " * 200}] * 60
+    outcomes: list[str] = []
+
+    def many() -> None:
+        for limit in (0.00005, 0.0001, 0.0002, 0.0004, 0.0008, 0.0016):
+            monkeypatch.setattr(chat_template, "RENDER_LIMIT_S", limit)
+            for _ in range(60):
+                try:
+                    outcomes.append(template.render(chat)[:4])
+                except ExecutorError:
+                    outcomes.append("stopped")
+                sum(range(2000))  # the code after a rendering
+        time.sleep(0.3)  # long past any deadline
+        sum(range(100000))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        assert rendered_in_a_thread(many) is None
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(outcomes) == 360
+    assert set(outcomes) == {"<|im", "stopped"}
 
 
 # -- through the llama.cpp executor --------------------------------------------------------------------
