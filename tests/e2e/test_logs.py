@@ -60,6 +60,12 @@ def lines(gateway: GatewayProcess, **params: Any) -> list[dict[str, Any]]:
     return answer.json()["lines"]  # type: ignore[no-any-return]
 
 
+def logs_query(gateway: GatewayProcess, *args: str) -> str:
+    """What `edgegen logs query --gateway URL ARGS…` prints."""
+    command = [sys.executable, "-m", "edgegen", "logs", "query", "--gateway", gateway.url, *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
 def test_a_request_is_found_by_its_id(setup: tuple[NodeProcess, GatewayProcess]) -> None:
     _, gateway = setup
     sent = httpx.post(
@@ -73,22 +79,9 @@ def test_a_request_is_found_by_its_id(setup: tuple[NodeProcess, GatewayProcess])
         "digits",
         "edgegen.access",
     )
-    command = [
-        sys.executable,
-        "-m",
-        "edgegen",
-        "logs",
-        "query",
-        "--gateway",
-        gateway.url,
-        "--request-id",
-        "req-one",
-    ]
-    printed = subprocess.run(
-        [*command, "--json"], capture_output=True, text=True, check=True, timeout=60
-    ).stdout
+    printed = logs_query(gateway, "--request-id", "req-one", "--json")
     assert [json.loads(x)["request_id"] for x in printed.splitlines()] == ["req-one"]
-    text = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
+    text = logs_query(gateway, "--request-id", "req-one")
     assert "n0" in text
     assert "request_id=req-one" in text
     assert lines(gateway, node="n0", text="node ready")  # the node's own log lines came too
@@ -112,20 +105,7 @@ def test_a_trace_is_found_by_its_id(setup: tuple[NodeProcess, GatewayProcess]) -
         ("traced-0", trace, "n0"),
         ("traced-1", trace, "n0"),
     ]
-    command = [
-        sys.executable,
-        "-m",
-        "edgegen",
-        "logs",
-        "query",
-        "--gateway",
-        gateway.url,
-        "--trace-id",
-        trace,
-    ]
-    printed = subprocess.run(
-        [*command, "--json"], capture_output=True, text=True, check=True, timeout=60
-    ).stdout
+    printed = logs_query(gateway, "--trace-id", trace, "--json")
     assert [json.loads(x)["request_id"] for x in printed.splitlines()] == ["traced-0", "traced-1"]
     for bad in ("0AF7651916CD43DD8448EB211C80319C", trace[:-1], trace + "0", "' OR 1=1 --", "x" * 5000):
         answer = httpx.get(f"{gateway.url}/gateway/logs", params={"trace_id": bad})
