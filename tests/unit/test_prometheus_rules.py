@@ -81,14 +81,17 @@ CASES = [
     Case("EdgegenSlowFirstToken",
          histogram("edgegen_time_to_first_token_seconds", f'{NODE},model="tiny"', 5, 10),
          quiet="10m", fires="11m", labels=ON_NODE),
+    # Waiting for cells: what the running sequences reserve and the next one needs is past the cache,
+    # though the tokens held are not (max_tokens reserved, not yet written).
     Case("EdgegenKvCacheFull",
-         {f'edgegen_kv_cache_usage_ratio{{{NODE},model="tiny"}}': "0.99x60",
-          f'edgegen_sequences{{{NODE},model="tiny",state="waiting"}}': "3x60"},
+         {f'edgegen_kv_cache_wanted_ratio{{{NODE},model="tiny"}}': "1.3x60",
+          f'edgegen_kv_cache_usage_ratio{{{NODE},model="tiny"}}': "0.4x60"},
          quiet="4m", fires="6m", labels=ON_NODE),
-    # Cached prefixes fill the cache too, but give way: full with nothing waiting is fine.
+    # Cached prefixes fill the cache, and a generation waits for a slot, not for cells: not this alert.
     Case("EdgegenKvCacheFull",
-         {f'edgegen_kv_cache_usage_ratio{{{NODE},model="tiny"}}': "0.99x60",
-          f'edgegen_sequences{{{NODE},model="tiny",state="waiting"}}': "0x60"},
+         {f'edgegen_kv_cache_wanted_ratio{{{NODE},model="tiny"}}': "0.8x60",
+          f'edgegen_kv_cache_usage_ratio{{{NODE},model="tiny"}}': "0.99x60",
+          f'edgegen_sequences{{{NODE},model="tiny",state="waiting"}}': "3x60"},
          quiet="14m"),
     Case("EdgegenQueueFull",
          {f'edgegen_queue_depth{{{NODE},model="digits"}}': "900x20",

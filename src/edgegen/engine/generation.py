@@ -75,7 +75,13 @@ Result = TypeVar("Result")
 
 
 class GenerationObserver(Protocol):
-    def on_state(self, model: str, running: int, waiting: int, kv_used: int, kv_total: int) -> None: ...
+    def on_state(
+        self, model: str, running: int, waiting: int, kv_used: int, kv_total: int, kv_wanted: int
+    ) -> None:
+        """The scheduler now: sequences running and waiting; KV cells held (`kv_used`, idle caches
+        included) of `kv_total`; and `kv_wanted`, the cells the running sequences may come to hold
+        (prompt and `max_tokens`) plus those the first waiting one needs: past `kv_total`, it waits for
+        cells, not for a slot."""
 
     def on_step(self, model: str, tokens: int) -> None: ...
 
@@ -798,8 +804,16 @@ class Scheduler:
         if self._observer is not None:
             try:
                 kv_used = sum(len(s.tokens) for s in self._slots)
+                kv_wanted = sum(self._reserved(s) for s in self._slots if s.owner is not None)
+                if self._waiting:
+                    kv_wanted += len(self._waiting[0].prompt) + self._waiting[0].max_tokens
                 self._observer.on_state(
-                    self.model, len(self._running), len(self._waiting), kv_used, self.executor.n_cells
+                    self.model,
+                    len(self._running),
+                    len(self._waiting),
+                    kv_used,
+                    self.executor.n_cells,
+                    kv_wanted,
                 )
             except Exception:
                 log.exception("generation observer failed")

@@ -185,6 +185,14 @@ class NodeMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.kv_cache_wanted = Gauge(
+            "edgegen_kv_cache_wanted_ratio",
+            "KV positions the running generations may come to hold (prompt and max_tokens) and the first "
+            "waiting one needs, over all positions: above 1, it waits for the cache, not for a slot.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.decode_step_tokens = Histogram(
             "edgegen_decode_step_tokens",
             "Tokens in one decode step.",
@@ -291,10 +299,13 @@ class NodeMetrics:
         inference_seconds.observe(seconds)
 
     # GenerationObserver
-    def on_state(self, model: str, running: int, waiting: int, kv_used: int, kv_total: int) -> None:
+    def on_state(
+        self, model: str, running: int, waiting: int, kv_used: int, kv_total: int, kv_wanted: int
+    ) -> None:
         self.sequences.labels(model, "running").set(running)
         self.sequences.labels(model, "waiting").set(waiting)
         self.kv_cache_usage.labels(model).set(kv_used / kv_total if kv_total else 0.0)
+        self.kv_cache_wanted.labels(model).set(kv_wanted / kv_total if kv_total else 0.0)
 
     def on_step(self, model: str, tokens: int) -> None:
         self.decode_step_tokens.labels(model).observe(tokens)

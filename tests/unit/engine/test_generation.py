@@ -278,6 +278,7 @@ async def test_the_node_metrics_observe_a_generation(caplog: pytest.LogCaptureFi
     assert 'edgegen_sequences{model="toy",state="running"} 0.0' in text
     assert 'edgegen_decode_step_tokens_count{model="toy"}' in text
     assert "edgegen_kv_cache_usage_ratio" in text
+    assert 'edgegen_kv_cache_wanted_ratio{model="toy"} 0.0' in text  # (nothing runs or waits)
     assert not [r for r in caplog.records if r.levelno >= 40]  # no observer failed
 
 
@@ -307,6 +308,55 @@ async def test_sequences_share_a_pool_of_cells_and_a_long_one_waits_its_turn() -
         assert all(len(step) == 1 for step in lm.steps[long_steps[0] : long_steps[0] + 90])
     finally:
         await scheduler.close()
+
+
+class States:
+    """What a scheduler tells of its state (a GenerationObserver): (waiting, kv_wanted / kv_total) each
+    time."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float]] = []
+
+    def on_state(
+        self, model: str, running: int, waiting: int, kv_used: int, kv_total: int, kv_wanted: int
+    ) -> None:
+        self.seen.append((waiting, kv_wanted / kv_total))
+
+    def on_step(self, model: str, tokens: int) -> None:
+        pass
+
+    def on_first_token(self, model: str, seconds: float, prompt_tokens: int, cached_tokens: int) -> None:
+        pass
+
+    def on_token(self, model: str, seconds: float) -> None:
+        pass
+
+
+async def test_the_kv_cache_is_wanted_past_its_size_only_when_a_sequence_waits_for_cells() -> None:
+    """The fleet's KV alert (deploy/prometheus/rules.yml) reads this: it read the tokens held, which a
+    sequence waiting for cells reserved by others' max_tokens (not yet written) may never reach."""
+    cells = States()
+    lm = CountingLM(n_seq=4, n_ctx_seq=128, n_cells=128)
+    scheduler = Scheduler("toy", lm, max_num_seqs=4, n_batch=64, observer=cells)
+    scheduler.start()
+    try:
+        shorts = [asyncio.create_task(run(scheduler, [i + 1, i + 2, i + 3, i + 4], 36)) for i in range(3)]
+        await asyncio.sleep(0)
+        await asyncio.gather(*shorts, run(scheduler, list(range(100, 129)), 90))  # 119 cells: waits
+    finally:
+        await scheduler.close()
+    assert max(ratio for waiting, ratio in cells.seen if waiting) == (3 * 40 + 119) / 128
+    assert all(ratio <= 1 for waiting, ratio in cells.seen if not waiting)
+
+    slot = States()
+    scheduler = Scheduler("toy", CountingLM(n_seq=1, n_cells=128), max_num_seqs=1, observer=slot)
+    scheduler.start()
+    try:
+        await asyncio.gather(*(run(scheduler, [i + 1, i + 2], 30) for i in range(3)))  # wait for the slot
+    finally:
+        await scheduler.close()
+    assert any(waiting for waiting, _ in slot.seen)
+    assert max(ratio for _, ratio in slot.seen) <= 1
 
 
 async def test_idle_prefixes_are_given_up_for_a_sequence_that_needs_their_cells() -> None:
