@@ -3,6 +3,7 @@ to two real nodes that have no gRPC port of their own, with the gateway's balanc
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -36,6 +38,26 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess]) 
     config = gateway_config(root / "gateway.toml", fleet)
     port = free_port()
     process = GatewayProcess(root, "--config", str(config), "--grpc-port", str(port), auth=True)
+    process.grpc_url = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def two_workers(
+    tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess]
+) -> Iterator[GatewayProcess]:
+    """`--workers 2`: both processes serve gRPC on one port (grpcio's SO_REUSEPORT), the kernel spreading
+    connections over them as it does the HTTP port's."""
+    root = tmp_path_factory.mktemp("grpc-gateway-workers")
+    config = gateway_config(root / "gateway.toml", fleet)
+    port = free_port()
+    process = GatewayProcess(
+        root, "--config", str(config), "--grpc-port", str(port), "--workers", "2", auth=True
+    )
     process.grpc_url = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
     process.start()
     try:
@@ -100,6 +122,41 @@ def test_inferences_are_right_and_spread_over_the_nodes(
     added = [inferences(node) - b for node, b in zip(fleet, before, strict=True)]
     assert sum(added) == len(inputs)
     assert all(a > 0 for a in added), added
+
+
+def test_two_workers_both_serve_grpc_and_answer_right(
+    two_workers: GatewayProcess, fleet: list[NodeProcess], tiny_layers: list[DenseLayer]
+) -> None:
+    assert two_workers.process is not None
+    workers = [
+        p for p in psutil.Process(two_workers.process.pid).children() if "spawn_main" in " ".join(p.cmdline())
+    ]
+    port = int(url(two_workers).rsplit(":", 1)[1])
+
+    def listening() -> set[int]:
+        return {
+            w.pid
+            for w in workers
+            for c in w.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        }
+
+    deadline = time.monotonic() + 30  # (a worker may still be starting: the gateway answered from one)
+    while len(listening()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(workers) == len(listening()) == 2
+    inputs = np.random.default_rng(12).uniform(0, 16, (32, 1, 64)).astype(np.float32)
+
+    def ask(x: np.ndarray) -> np.ndarray:
+        with triton.InferenceServerClient(url(two_workers)) as client:  # a connection of its own
+            answer = client.infer("digits", [digits_input(x)], headers=auth(two_workers)).as_numpy("logits")
+            assert answer is not None
+            return answer
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, inputs))
+    for x, answer in zip(inputs, answers, strict=True):
+        np.testing.assert_allclose(answer, mlp_forward(tiny_layers, x), rtol=1e-4, atol=1e-4)
 
 
 def test_typed_contents_are_relayed(gateway: GatewayProcess, tiny_layers: list[DenseLayer]) -> None:
