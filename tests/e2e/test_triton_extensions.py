@@ -88,6 +88,33 @@ def test_statistics_count_exactly_what_was_sent(
     assert client.get_inference_statistics("digits", "1", headers=node.headers)["model_stats"] == [after]
 
 
+def test_answers_from_the_response_cache_are_counted_as_triton_counts_its_own(
+    client: triton.InferenceServerClient, node: NodeProcess
+) -> None:
+    """A hit is a success and a cache_hit, never an inference or an execution; the first asking is a
+    cache_miss. perf_analyzer reads them to split the server's time (they were always zero)."""
+    before = digits_stats(client, node)
+    tensor = triton.InferInput("input", [2, 64], "FP32")
+    tensor.set_data_from_numpy(np.random.default_rng(19).uniform(0, 16, (2, 64)).astype(np.float32))
+    first = client.infer("digits", [tensor], headers=node.headers).as_numpy("logits")
+    again = client.infer("digits", [tensor], headers=node.headers).as_numpy("logits")
+    np.testing.assert_array_equal(first, again)
+    after = digits_stats(client, node)
+
+    def added(name: str) -> tuple[int, int]:
+        now, then = after["inference_stats"][name], before["inference_stats"][name]
+        return now["count"] - then["count"], now["ns"] - then["ns"]
+
+    (misses, miss_ns), (hits, hit_ns) = added("cache_miss"), added("cache_hit")
+    assert (misses, hits) == (1, 1)
+    assert miss_ns > 0
+    assert hit_ns > 0
+    assert added("success")[0] == added("queue")[0] == 2  # the hit too, as Triton counts it
+    assert added("compute_infer")[0] == 1
+    assert after["inference_count"] - before["inference_count"] == 2  # the rows computed, once
+    assert after["execution_count"] - before["execution_count"] == 1
+
+
 def test_unknown_model_or_version_is_404(client: triton.InferenceServerClient, node: NodeProcess) -> None:
     for call in (
         lambda: client.get_model_config("nope", headers=node.headers),

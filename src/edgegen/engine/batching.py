@@ -17,8 +17,10 @@ Each batcher counts what it did, in the terms of Triton's statistics extension (
 node answers them at `/v2/models/{name}/stats`). The counts are plain integers updated on the event
 loop, from clock readings the batcher takes anyway: the time a request waited (its submission to the
 start of its batch) and the forward pass, timed in the thread that runs it. Collating and splitting are
-not timed apart (microseconds), and answers from the response cache never reach a batcher, so they are
-not counted.
+not timed apart (microseconds). An answer from the response cache never reaches the batcher, which the
+service tells (`cached`), as Triton counts it: a success and a wait of 0 ns, a `cache_hit` with its
+lookup's time, never an inference or an execution; a miss adds its lookup's and its keeping's time to
+`cache_miss`.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class BatchStatistics:
     queue: Duration
     compute: Duration
     batches: tuple[BatchSize, ...]
+    cache_hit: Duration = Duration()
+    cache_miss: Duration = Duration()
 
 
 @dataclass(slots=True)
@@ -100,6 +104,10 @@ class _Tally:
     compute_count: int = 0
     compute_ns: int = 0
     by_size: dict[int, list[int]] = field(default_factory=dict)  # rows -> [executions, ns]
+    cache_hit_count: int = 0
+    cache_hit_ns: int = 0
+    cache_miss_count: int = 0
+    cache_miss_ns: int = 0
 
 
 @dataclass(eq=False)
@@ -203,7 +211,24 @@ class DynamicBatcher:
             queue=Duration(t.queue_count, t.queue_ns),
             compute=Duration(t.compute_count, t.compute_ns),
             batches=tuple(BatchSize(rows, n, ns) for rows, (n, ns) in sorted(t.by_size.items())),
+            cache_hit=Duration(t.cache_hit_count, t.cache_hit_ns),
+            cache_miss=Duration(t.cache_miss_count, t.cache_miss_ns),
         )
+
+    def cached(self, hit: bool, ns: int) -> None:
+        """A request the response cache answered (`hit`: its lookup took `ns`), or did not (`ns`: its
+        lookup and keeping the answer the batcher gave)."""
+        t = self._tally
+        if not hit:
+            t.cache_miss_count += 1
+            t.cache_miss_ns += ns
+            return
+        t.cache_hit_count += 1
+        t.cache_hit_ns += ns
+        t.success_count += 1
+        t.success_ns += ns
+        t.queue_count += 1
+        t.last_inference = self._clock()
 
     def start(self) -> None:
         self._workers = [

@@ -17,6 +17,7 @@ prompt off the event loop.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -166,12 +167,22 @@ class InferenceService:
         ticket = self._ticket(
             caller, served, functools.partial(_tensors_key, feeds=feeds), deterministic=True
         )
-        if ticket is not None and (cached := self._lookup(ticket)) is not None:
-            return decode_tensors(cached), ticket.headers
-        outputs = await batcher.submit(feeds, self.request_timeout_s)
         if ticket is None:
-            return outputs, {}
+            return await batcher.submit(feeds, self.request_timeout_s), {}
+        started = time.perf_counter_ns()
+        if (cached := self._lookup(ticket)) is not None:
+            outputs = decode_tensors(cached)
+            batcher.cached(True, time.perf_counter_ns() - started)  # (Triton's statistics)
+            return outputs, ticket.headers
+        looked = time.perf_counter_ns() - started
+        try:
+            outputs = await batcher.submit(feeds, self.request_timeout_s)
+        except BaseException:
+            batcher.cached(False, looked)  # a miss all the same, with nothing to keep
+            raise
+        started = time.perf_counter_ns()
         self._store(ticket, encode_tensors(outputs))
+        batcher.cached(False, looked + time.perf_counter_ns() - started)
         return outputs, ticket.headers
 
     async def generate(

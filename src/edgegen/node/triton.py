@@ -15,7 +15,8 @@ counts (engine/batching.py).
              "compute_infer", "compute_output"}]}]}            (each duration: {"count", "ns"})
 
 Every statistics field is always present, zeros included: perf_analyzer reads `cache_hit` and
-`cache_miss` without checking that they exist.
+`cache_miss` without checking that they exist. They count the response cache's answers and misses as
+Triton counts its own (engine/batching.py `cached`).
 """
 
 from __future__ import annotations
@@ -93,8 +94,7 @@ def model_statistics(name: str, version: str, stats: BatchStatistics) -> dict[st
     """One `$model_stat` of Triton's statistics extension.
 
     Collating inputs and splitting outputs are not timed apart from the forward pass (microseconds): they
-    count with 0 ns, so perf_analyzer's averages stay defined. `cache_hit` and `cache_miss` stay zero:
-    the response cache answers before a request reaches the batcher.
+    count with 0 ns, so perf_analyzer's averages stay defined.
     """
     compute = stats.compute
     untimed = _duration(compute.count, 0)
@@ -112,8 +112,8 @@ def model_statistics(name: str, version: str, stats: BatchStatistics) -> dict[st
             "compute_input": untimed,
             "compute_infer": _duration(compute.count, compute.ns),
             "compute_output": untimed,
-            "cache_hit": _duration(0, 0),
-            "cache_miss": _duration(0, 0),
+            "cache_hit": _duration(stats.cache_hit.count, stats.cache_hit.ns),
+            "cache_miss": _duration(stats.cache_miss.count, stats.cache_miss.ns),
         },
         "batch_stats": [
             {
