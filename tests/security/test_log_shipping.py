@@ -107,3 +107,29 @@ def test_a_node_certificate_ships_its_own_lines_and_does_nothing_else(
     other.load_cert_chain(fleet.home / "other-ca" / "ops.crt", fleet.home / "other-ca" / "ops.key")
     with pytest.raises(httpx.TransportError), httpx.Client(verify=other) as client:
         client.post(f"{gateway.url}/gateway/logs", content=orjson.dumps(batch))
+
+
+def test_lines_are_searched_by_trace_id_and_only_a_trace_id_is_taken(
+    fleet: Fleet, shipping: tuple[SecureNode, SecureGateway]
+) -> None:
+    """What a node ships is data, whatever it holds where a trace id goes; the search takes 32 hex digits
+    and nothing else (400, and the store answers the same afterwards)."""
+    _, gateway = shipping
+    trace = "5a" * 16
+    lines = [
+        {"level": "info", "msg": "kept", "trace_id": trace},
+        {"level": "info", "msg": "hostile", "trace_id": "' OR '1'='1"},
+        {"level": "info", "msg": "not text", "trace_id": {"$ne": None}},
+    ]
+    batch = {"node": "node1", "spool": "traces", "entries": [[i + 1, line] for i, line in enumerate(lines)]}
+    with as_node(fleet) as client:
+        assert client.post(f"{gateway.url}/gateway/logs", content=orjson.dumps(batch)).status_code == 200
+    with fleet.admin_client() as admin:
+        found = admin.get(f"{gateway.url}/gateway/logs", params={"trace_id": trace}).json()["lines"]
+        assert [line["msg"] for line in found] == ["kept"]
+        for bad in ("' OR '1'='1", "%", "*", trace.upper(), trace + "\n", trace[:31] + "g"):
+            answer = admin.get(f"{gateway.url}/gateway/logs", params={"trace_id": bad})
+            assert answer.status_code == 400, bad
+            assert "trace_id" in answer.json()["error"]
+        again = admin.get(f"{gateway.url}/gateway/logs", params={"trace_id": trace}).json()["lines"]
+        assert again == found
