@@ -3,6 +3,7 @@ to two real nodes that have no gRPC port of their own, with the gateway's balanc
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,18 +33,24 @@ def fleet(
         yield nodes
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess]) -> Iterator[GatewayProcess]:
-    root = tmp_path_factory.mktemp("grpc-gateway")
+@contextlib.contextmanager
+def grpc_gateway(root: Path, fleet: list[NodeProcess], *flags: str) -> Iterator[GatewayProcess]:
+    """A gateway with a gRPC port (its `grpc_url`), authentication on; always stopped."""
     config = gateway_config(root / "gateway.toml", fleet)
     port = free_port()
-    process = GatewayProcess(root, "--config", str(config), "--grpc-port", str(port), auth=True)
+    process = GatewayProcess(root, "--config", str(config), "--grpc-port", str(port), *flags, auth=True)
     process.grpc_url = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
     process.start()
     try:
         yield process
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess]) -> Iterator[GatewayProcess]:
+    with grpc_gateway(tmp_path_factory.mktemp("grpc-gateway"), fleet) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +59,8 @@ def two_workers(
 ) -> Iterator[GatewayProcess]:
     """`--workers 2`: both processes serve gRPC on one port (grpcio's SO_REUSEPORT), the kernel spreading
     connections over them as it does the HTTP port's."""
-    root = tmp_path_factory.mktemp("grpc-gateway-workers")
-    config = gateway_config(root / "gateway.toml", fleet)
-    port = free_port()
-    process = GatewayProcess(
-        root, "--config", str(config), "--grpc-port", str(port), "--workers", "2", auth=True
-    )
-    process.grpc_url = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
-    process.start()
-    try:
+    with grpc_gateway(tmp_path_factory.mktemp("grpc-gateway-workers"), fleet, "--workers", "2") as process:
         yield process
-    finally:
-        process.stop()
 
 
 def url(gateway: GatewayProcess) -> str:
@@ -78,6 +75,30 @@ def digits_input(x: np.ndarray) -> triton.InferInput:
     tensor = triton.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     return tensor
+
+
+def assert_answers(
+    gateway: GatewayProcess,
+    inputs: np.ndarray,
+    tiny_layers: list[DenseLayer],
+    threads: int,
+    request_id: str = "",
+) -> None:
+    """Each input inferred over a connection of its own, `threads` at a time: every answer the model's own
+    for that input, under its request id."""
+
+    def ask(x: np.ndarray) -> np.ndarray:
+        with triton.InferenceServerClient(url(gateway)) as client:
+            result = client.infer("digits", [digits_input(x)], headers=auth(gateway), request_id=request_id)
+            assert result.get_response().id == request_id
+            answer = result.as_numpy("logits")
+            assert answer is not None
+            return answer
+
+    with ThreadPoolExecutor(threads) as pool:
+        answers = list(pool.map(ask, inputs))
+    for x, answer in zip(inputs, answers, strict=True):
+        np.testing.assert_allclose(answer, mlp_forward(tiny_layers, x), rtol=1e-4, atol=1e-4)
 
 
 def inferences(node: NodeProcess) -> int:
@@ -106,19 +127,7 @@ def test_inferences_are_right_and_spread_over_the_nodes(
 ) -> None:
     before = [inferences(node) for node in fleet]
     inputs = np.random.default_rng(11).uniform(0, 16, (48, 1, 64)).astype(np.float32)
-
-    def ask(x: np.ndarray) -> np.ndarray:
-        with triton.InferenceServerClient(url(gateway)) as client:
-            result = client.infer("digits", [digits_input(x)], headers=auth(gateway), request_id="g1")
-            assert result.get_response().id == "g1"
-            answer = result.as_numpy("logits")
-            assert answer is not None
-            return answer
-
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(ask, inputs))
-    for x, answer in zip(inputs, answers, strict=True):
-        np.testing.assert_allclose(answer, mlp_forward(tiny_layers, x), rtol=1e-4, atol=1e-4)
+    assert_answers(gateway, inputs, tiny_layers, threads=16, request_id="g1")
     added = [inferences(node) - b for node, b in zip(fleet, before, strict=True)]
     assert sum(added) == len(inputs)
     assert all(a > 0 for a in added), added
@@ -146,17 +155,7 @@ def test_two_workers_both_serve_grpc_and_answer_right(
         time.sleep(0.1)
     assert len(workers) == len(listening()) == 2
     inputs = np.random.default_rng(12).uniform(0, 16, (32, 1, 64)).astype(np.float32)
-
-    def ask(x: np.ndarray) -> np.ndarray:
-        with triton.InferenceServerClient(url(two_workers)) as client:  # a connection of its own
-            answer = client.infer("digits", [digits_input(x)], headers=auth(two_workers)).as_numpy("logits")
-            assert answer is not None
-            return answer
-
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(ask, inputs))
-    for x, answer in zip(inputs, answers, strict=True):
-        np.testing.assert_allclose(answer, mlp_forward(tiny_layers, x), rtol=1e-4, atol=1e-4)
+    assert_answers(two_workers, inputs, tiny_layers, threads=8)
 
 
 def test_typed_contents_are_relayed(gateway: GatewayProcess, tiny_layers: list[DenseLayer]) -> None:
