@@ -8,9 +8,9 @@ anew starts its numbers again without colliding — and a node sends in order, s
 the last kept are the new ones: a batch sent twice is kept once. Lines sort by their time, then node and
 sequence. A request's lines are found by its request id (the gateway forwards its own, so one id
 finds both hops), a trace's by its W3C trace id (observe/tracing.py: every request a client made in
-one trace, each with its own request id). Text search is FTS5
-over the whole line, phrase-matched. Lines older than
-`retention_s` are dropped every minute. The gateway's own records join them (`OwnLines`, node `gateway`).
+one trace, each with its own request id). Text search is FTS5 over the whole line, phrase-matched.
+Lines older than `retention_s` are dropped every minute. The gateway's own records join them
+(`OwnLines`, node `gateway`).
 """
 
 from __future__ import annotations
@@ -108,14 +108,10 @@ class LogStore:
                 continue  # sent before; its acknowledgement was lost
             ts = parse_ts(line.get("ts")) or time.time()
             level = str(line.get("level", "info")).lower()
-            request_id, trace_id = (
-                value if isinstance(value := line.get(key), str) else None
-                for key in ("request_id", "trace_id")
-            )
+            request_id, trace_id = line.get("request_id"), line.get("trace_id")
+            ids = [value if isinstance(value, str) else None for value in (request_id, trace_id)]
             text = orjson.dumps(line).decode()
-            rows.append(
-                (node, spool, seq, ts, level, str(line.get("logger", "")), request_id, trace_id, text)
-            )
+            rows.append((node, spool, seq, ts, level, str(line.get("logger", "")), *ids, text))
             lines.append({**line, "node": node, "time": ts})
         with transaction(self._db) as db:
             db.executemany(

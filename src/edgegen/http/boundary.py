@@ -42,9 +42,8 @@ from edgegen.security.gate import build_gate
 from edgegen.security.settings import SecuritySettings, TlsSettings
 
 access = logging.getLogger("edgegen.access")
-REQUEST_ID = (
-    r"^[A-Za-z0-9._:-]{1,128}$"  # what a request id may be (a client's, or one asked for in the logs)
-)
+# What a request id may be: a client's X-Request-ID kept as it came, or one asked for in the fleet's logs.
+REQUEST_ID = r"^[A-Za-z0-9._:-]{1,128}$"
 SANE_ID = re.compile(REQUEST_ID.encode())
 Refusal = tuple[str, int]  # (message, status)
 
