@@ -114,9 +114,24 @@ class JobWorkers:
             self.observer.on_job_run(outcome, time.perf_counter() - started)
 
     async def _attempt(self, job: Job, worker: str) -> str:
-        """Run one attempt of `job` and record its outcome in the queue; return the outcome's name."""
+        """Run one attempt of `job` and record its outcome in the queue; return the outcome's name. The
+        whole attempt is entered in the trace of the request that queued it: a `job.run` span (tracing
+        on), and its trace id in every line said meanwhile, the route's and the outcome's alike."""
+        if job.traceparent is None and tracing.tracer is None:
+            return (await self._settle(job, worker))[0]
+        traced = tracing.enter(job.traceparent, "job.run", job=True, **{"edgegen.job": job.id})
+        status = 500
+        try:
+            outcome, status = await self._settle(job, worker)
+            return outcome
+        finally:
+            if traced is not None:
+                traced.close(None, status, {"edgegen.job_attempt": job.attempts})
+
+    async def _settle(self, job: Job, worker: str) -> tuple[str, int]:
+        """The attempt's outcome and the route's status (500 for an exception)."""
         self.running += 1
-        attempt = asyncio.create_task(self._run(job))
+        attempt = asyncio.create_task(self.run(job))
         keeper = asyncio.create_task(self._keep_lease(job.id, worker, attempt))
         try:
             status, body = await attempt
@@ -124,38 +139,30 @@ class JobWorkers:
             if not keeper.done() or keeper.result() is not False:
                 raise  # the node is stopping: the lease runs out and another worker takes the job
             log.info("job stopped", extra={"job": job.id, "reason": "cancelled or its lease was lost"})
-            return "stopped"
+            return "stopped", 500
         except Exception as exc:
-            log.warning("job failed", extra={"job": job.id, "reason": f"{type(exc).__name__}: {exc}"})
-            return await self._retry(job, worker, f"{type(exc).__name__}: {exc}")
+            return await self._retry(job, worker, f"{type(exc).__name__}: {exc}"), 500
         finally:
             keeper.cancel()
             self.running -= 1
         if status >= 500 or status == 429:
-            return await self._retry(job, worker, f"the route answered {status}")
+            return await self._retry(job, worker, f"the route answered {status}"), status
         if not await self.queue.finish(job.id, worker, status, body):
             log.info("job result discarded", extra={"job": job.id, "reason": "cancelled or lease lost"})
-            return "stopped"
-        return "finished"
-
-    async def _run(self, job: Job) -> tuple[int, bytes]:
-        """`run(job)` as a span of the trace of the request that queued it (its trace id in the logs)."""
-        if job.traceparent is None and tracing.tracer is None:
-            return await self.run(job)
-        traced = tracing.enter(job.traceparent, "job.run", job=True, **{"edgegen.job": job.id})
-        status = 500
-        try:
-            status, body = await self.run(job)
-            return status, body
-        finally:
-            if traced is not None:
-                traced.close(None, status, {"edgegen.job_attempt": job.attempts})
+            return "stopped", status
+        return "finished", status
 
     async def _retry(self, job: Job, worker: str, error: str) -> str:
         after = await self.queue.retry(job.id, worker, error)
         if after is None:
+            reason = f"{error}; cancelled or its lease was lost"
+            log.info("job stopped", extra={"job": job.id, "reason": reason})
             return "stopped"
-        return "failed" if after.status == Status.FAILED else "retried"
+        if after.status == Status.FAILED:
+            log.warning("job failed", extra={"job": job.id, "reason": error, "attempts": after.attempts})
+            return "failed"
+        log.info("job retried", extra={"job": job.id, "reason": error, "attempts": after.attempts})
+        return "retried"
 
     async def _keep_lease(self, job_id: str, worker: str, attempt: asyncio.Task[tuple[int, bytes]]) -> bool:
         while True:

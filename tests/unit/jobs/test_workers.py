@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
+import orjson
 import pytest
 
 from edgegen.config import JobsSettings
 from edgegen.jobs.queue import Job, JobRequest, Status
 from edgegen.jobs.sqlite import SqliteJobQueue
 from edgegen.jobs.workers import JobWorkers
+from edgegen.observe.logs import JsonFormatter
 
 REQUEST = JobRequest("POST", "/predict", b'{"input_data": [1, 2, 3]}')
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
 class Outcomes:
@@ -109,3 +114,75 @@ def test_an_idle_worker_looks_less_and_less_often_yet_a_notice_wakes_it(tmp_path
     # 10, 20, 40 … ms, then once a second: 8 looks in 1.5 s (a little slack for a slow machine).
     assert 4 <= looks <= 12, looks
     assert waited < 0.5, waited
+
+
+class Lines(logging.Handler):
+    """Every record, as the node writes it (JSON with the request's and trace's ids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+        self.lines: list[dict[str, object]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(orjson.loads(self.format(record)))
+
+
+async def run_traced(answers: list[tuple[int, bytes] | Exception], tmp_path: Path) -> Status:
+    queue = SqliteJobQueue(tmp_path / "jobs.sqlite", max_attempts=3, backoff_s=0.01)
+    job, _ = await queue.submit("acme", REQUEST, traceparent=TRACEPARENT)
+    calls = 0
+
+    async def run(claimed: Job) -> tuple[int, bytes]:
+        nonlocal calls
+        calls += 1
+        logging.getLogger("edgegen.node").info("route ran")
+        answer = answers[calls - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    settings = JobsSettings(workers=1, reserved=1, poll_s=0.005, lease_s=5)
+    workers = JobWorkers(queue, run, settings, live=lambda: 0, name="test")
+    await workers.start()
+    try:
+        for _ in range(1000):
+            current = await queue.get(job.id)
+            assert current is not None
+            if current.status in (Status.SUCCEEDED, Status.FAILED):
+                return current.status
+            await asyncio.sleep(0.005)
+        raise AssertionError("the job never ended")
+    finally:
+        await workers.stop()
+        await queue.close()
+
+
+@pytest.mark.parametrize(
+    ("answers", "status", "said"),
+    [
+        ([RuntimeError("boom"), (503, b""), (200, b"{}")], Status.SUCCEEDED, ["job retried", "job retried"]),
+        ([(500, b""), (500, b""), KeyError("k")], Status.FAILED, [*["job retried"] * 2, "job failed"]),
+    ],
+)
+def test_every_line_of_a_jobs_attempts_carries_the_trace_of_the_request_that_queued_it(
+    tmp_path: Path, answers: list[tuple[int, bytes] | Exception], status: Status, said: list[str]
+) -> None:
+    """What the route says while it runs, and what the worker says of each attempt's outcome (why it is
+    retried, why it failed), are found by the trace id in the fleet's logs (tracing off: the trace id of
+    the `traceparent` the job kept)."""
+    lines = Lines()
+    logger = logging.getLogger("edgegen")
+    logger.addHandler(lines)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        assert asyncio.run(run_traced(answers, tmp_path)) == status
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+    ours = [line for line in lines.lines if line["logger"] in ("edgegen.jobs", "edgegen.node")]
+    assert [line["msg"] for line in ours if line["logger"] == "edgegen.jobs"] == said
+    assert len([line for line in ours if line["msg"] == "route ran"]) == len(answers)
+    assert {line.get("trace_id") for line in ours} == {TRACE_ID}
+    assert all("reason" in line for line in ours if line["logger"] == "edgegen.jobs")
