@@ -26,6 +26,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -257,6 +258,22 @@ class TracingSettings(BaseModel):
     sample_ratio: float = Field(
         1.0, ge=0, le=1, description="share of the traces begun here that are kept (a caller's flag rules)"
     )
+    ca_file: Path | None = Field(
+        None,
+        description="https endpoint: trust the collector's certificate from this CA (PEM), not the system's",
+    )
+    cert_file: Path | None = Field(
+        None, description="https endpoint: the certificate (PEM) shown to a collector that asks (mutual TLS)"
+    )
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls(self) -> TracingSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if (self.ca_file or self.cert_file) and urlsplit(self.endpoint).scheme != "https":
+            raise ValueError("ca_file, cert_file and key_file are for an https:// endpoint")
+        return self
 
 
 class GatewayTracingSettings(TracingSettings):

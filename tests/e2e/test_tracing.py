@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from edgegen.security.pki import Pki
+from edgegen.security.settings import TlsSettings
+from edgegen.security.transport import server_context
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import GatewayProcess, NodeProcess, assert_no_errors
 from tests.e2e.test_gateway import gateway_config, node_home
@@ -44,9 +48,9 @@ class Span:
 
 
 class Receiver:
-    """An OTLP/HTTP traces endpoint: every span it was sent, decoded."""
+    """An OTLP/HTTP traces endpoint: every span it was sent, decoded; with `tls`, an https one."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.spans: list[Span] = []
         self.lock = threading.Lock()
         receiver = self
@@ -68,7 +72,10 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/v1/traces"
 
     def trace(self, trace_id: str, until: set[str], timeout: float = 15) -> list[Span]:
         """The spans of `trace_id`, once every name in `until` is among them."""
@@ -98,8 +105,8 @@ def decoded(request: ExportTraceServiceRequest) -> list[Span]:
 
 
 @contextlib.contextmanager
-def receiving() -> Iterator[Receiver]:
-    receiver = Receiver()
+def receiving(tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
+    receiver = Receiver(tls)
     with serving(receiver.server):
         yield receiver
 
@@ -108,14 +115,29 @@ def receiving() -> Iterator[Receiver]:
 def traced(
     tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
 ) -> Iterator[tuple[Receiver, NodeProcess, GatewayProcess]]:
+    """A fleet whose collector is behind its own CA and wants a certificate of it (mutual TLS), as a
+    fleet's would be: node and gateway send their spans over https with their own certificates."""
     root = tmp_path_factory.mktemp("traced")
-    with receiving() as receiver:
-        env = {**LLM_ENV, **EXPORT, "EDGEGEN_TRACING__ENDPOINT": receiver.url}
+    pki = Pki(root / "pki")
+    pki.init()
+    for name, kind in (("collector", "node"), ("node1", "node"), ("gw", "gateway")):
+        pki.issue(name, kind)
+    tls = TlsSettings(
+        cert_file=pki.root / "collector.crt",
+        key_file=pki.root / "collector.key",
+        client_ca_file=pki.root / "ca.crt",
+    )
+    with receiving(server_context(tls)) as receiver:
+
+        def exporting(prefix: str, name: str) -> dict[str, str]:
+            files = {"CA_FILE": "ca.crt", "CERT_FILE": f"{name}.crt", "KEY_FILE": f"{name}.key"}
+            env = {f"{prefix}TRACING__{key}": str(pki.root / file) for key, file in files.items()}
+            return {**EXPORT, **env, f"{prefix}TRACING__ENDPOINT": receiver.url}
+
+        env = {**LLM_ENV, **exporting("EDGEGEN_", "node1")}
         node = NodeProcess(node_home(root / "node", model_files), env=env)
         config = gateway_config(root / "gateway.toml", [node])
-        gateway = GatewayProcess(
-            root, "--config", str(config), env={**EXPORT, "EDGEGEN_GATEWAY_TRACING__ENDPOINT": receiver.url}
-        )
+        gateway = GatewayProcess(root, "--config", str(config), env=exporting("EDGEGEN_GATEWAY_", "gw"))
         try:
             node.start()
             gateway.start()

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -15,18 +16,24 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
+from pydantic import ValidationError
 
+from edgegen.config import TracingSettings
 from edgegen.errors import ConfigError
 from edgegen.http.boundary import read_head
 from edgegen.observe import otlp, tracing
 from edgegen.observe.logs import JsonFormatter, trace_id
 from edgegen.observe.tracing import TraceParent, parse_traceparent
+from edgegen.security.pki import Pki
+from edgegen.security.settings import TlsSettings
+from edgegen.security.transport import server_context, subject_name
 from tests.e2e.test_tracing import receiving
 from tests.threaded import serving
 
@@ -159,6 +166,7 @@ class Posted:
     api_key: str | None  # the header a collector would ask for
     client_port: int  # the same port twice: the same kept-alive connection
     request: ExportTraceServiceRequest
+    client_cert: str | None = None  # the subject of the certificate the sender showed (https)
 
     @property
     def spans(self) -> list[PbSpan]:
@@ -167,9 +175,10 @@ class Posted:
 
 class Collector:
     """An OTLP/HTTP endpoint that keeps every request, answers `status` and, with `hang_up`, closes each
-    connection after its answer without saying so (what a kept-alive connection gone stale looks like)."""
+    connection after its answer without saying so (what a kept-alive connection gone stale looks like);
+    with `tls`, an https one."""
 
-    def __init__(self, status: int = 200, hang_up: bool = False) -> None:
+    def __init__(self, status: int = 200, hang_up: bool = False, tls: ssl.SSLContext | None = None) -> None:
         self.posted: list[Posted] = []
         self.arrived = threading.Event()  # a request came (set each time)
         self.answer = threading.Event()  # cleared: a request's answer waits until it is set
@@ -184,7 +193,11 @@ class Collector:
                 request = ExportTraceServiceRequest.FromString(body)
                 content_type = self.headers["Content-Type"]
                 api_key = self.headers["Api-Key"]
-                posted = Posted(self.path, content_type, api_key, self.client_address[1], request)
+                shown = self.connection.getpeercert() if isinstance(self.connection, ssl.SSLSocket) else None
+                client_cert = subject_name(shown) if shown else None
+                posted = Posted(
+                    self.path, content_type, api_key, self.client_address[1], request, client_cert
+                )
                 collector.posted.append(posted)
                 collector.arrived.set()
                 collector.answer.wait(5)
@@ -197,15 +210,20 @@ class Collector:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/v1/traces"
 
     def spans(self) -> list[PbSpan]:
         return [s for p in self.posted for s in p.spans]
 
 
 @contextlib.contextmanager
-def collecting(status: int = 200, hang_up: bool = False) -> Iterator[Collector]:
-    collector = Collector(status, hang_up)
+def collecting(
+    status: int = 200, hang_up: bool = False, tls: ssl.SSLContext | None = None
+) -> Iterator[Collector]:
+    collector = Collector(status, hang_up, tls)
     with serving(collector.server):
         yield collector
 
@@ -469,3 +487,90 @@ def test_the_exporter_sends_the_collectors_headers() -> None:
         exporter.export(a_span())
         exporter.close()
     assert [(p.api_key, p.content_type) for p in collector.posted] == [("s3cr3t", "application/x-protobuf")]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A collector's certificate and a node's, from the fleet's CA (the project's own tools)."""
+    made = Pki(tmp_path_factory.mktemp("pki"))
+    made.init()
+    made.issue("collector", "node")
+    made.issue("node1", "node")
+    return made.root
+
+
+def traced_over(collector: Collector, **files: Path) -> None:
+    """One span sent to `collector` by a tracer configured with `files` ([tracing]'s TLS files)."""
+    tracing.configure(collector.url, "edgegen-node", 1.0, **files)
+    try:
+        assert tracing.tracer is not None
+        tracing.tracer.span("cache.lookup").end()
+    finally:
+        tracing.configure("", "edgegen-node", 1.0)  # off: what was queued is sent (or counted lost) first
+
+
+def test_an_https_collector_of_the_fleets_ca_gets_the_spans_and_the_nodes_certificate(pki: Path) -> None:
+    """A collector behind the fleet's own CA that wants client certificates (mutual TLS): the exporter
+    checks it against `ca_file` and shows `cert_file`."""
+    tls = TlsSettings(
+        cert_file=pki / "collector.crt", key_file=pki / "collector.key", client_ca_file=pki / "ca.crt"
+    )
+    with collecting(tls=server_context(tls)) as collector:
+        files = {"ca_file": pki / "ca.crt", "cert_file": pki / "node1.crt", "key_file": pki / "node1.key"}
+        traced_over(collector, **files)
+    assert [(p.client_cert, [s.name for s in p.spans]) for p in collector.posted] == [
+        ("OU=node,CN=node1", ["cache.lookup"])
+    ]
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {},  # the system's CAs: the fleet's is not among them
+        {"ca_file": "ca.crt"},  # no certificate to show a collector that wants one
+    ],
+)
+def test_a_collector_the_exporter_cannot_trust_or_that_refuses_it_costs_the_spans(
+    pki: Path, files: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    tls = TlsSettings(
+        cert_file=pki / "collector.crt", key_file=pki / "collector.key", client_ca_file=pki / "ca.crt"
+    )
+    with (
+        caplog.at_level(logging.WARNING, "edgegen.tracing"),
+        collecting(tls=server_context(tls)) as collector,
+    ):
+        traced_over(collector, **{k: pki / v for k, v in files.items()})
+    assert collector.posted == []
+    [lost] = warnings_of(caplog, "spans could not be sent")
+    assert lost.__dict__["spans"] == 1
+
+
+def test_tls_files_that_do_not_load_fail_the_start(pki: Path, tmp_path: Path) -> None:
+    url = "https://127.0.0.1:9/v1/traces"
+    not_pem = tmp_path / "ca.crt"
+    not_pem.write_text("not a certificate")
+    for files in (
+        {"ca_file": tmp_path / "missing.crt"},
+        {"ca_file": not_pem},
+        {"cert_file": pki / "node1.crt", "key_file": pki / "collector.key"},  # a key of another certificate
+    ):
+        with pytest.raises(ConfigError, match=r"\[tracing\] ca_file, cert_file or key_file does not load"):
+            tracing.configure(url, "edgegen-node", 1.0, **files)
+        assert tracing.tracer is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        (
+            {"endpoint": "https://c:4318/v1/traces", "cert_file": "a.crt"},
+            "cert_file and key_file go together",
+        ),
+        ({"endpoint": "http://c:4318/v1/traces", "ca_file": "ca.crt"}, "for an https:// endpoint"),
+        ({"ca_file": "ca.crt"}, "for an https:// endpoint"),
+    ],
+)
+def test_tracing_tls_settings_are_checked_at_start(fields: dict[str, str], why: str) -> None:
+    with pytest.raises(ValidationError, match=why):
+        TracingSettings(**fields)

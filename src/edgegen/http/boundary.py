@@ -275,7 +275,14 @@ def edge_stack(
     security gate (credentials, roles, rate limits, intrusion guard; admin changes to `audit`, its
     metrics in `registry`). Tracing is set up here for the process, as its `[tracing]` says."""
     t = settings.tracing
-    tracing.configure(t.endpoint, t.service_name, t.sample_ratio)
+    tracing.configure(
+        t.endpoint,
+        t.service_name,
+        t.sample_ratio,
+        ca_file=t.ca_file,
+        cert_file=t.cert_file,
+        key_file=t.key_file,
+    )
     gate = build_gate(
         routes,
         settings.security,

@@ -201,14 +201,16 @@ class SpanExporter:
         max_queue: int = 8192,
         timeout: float = 10.0,
         headers: dict[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         url = urllib.parse.urlsplit(endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"an OTLP/HTTP endpoint is an http:// or https:// URL, got {endpoint!r}")
         self.endpoint, self.service_name = endpoint, service_name
         self._host, self._port, self._timeout, self._delay = url.hostname, url.port, timeout, schedule_delay
-        # https: the system's trusted CAs and hostname checks, as the SDK's exporter had them
-        self._tls = ssl.create_default_context() if url.scheme == "https" else None
+        # https: `tls` (observe/tracing.py: the CA and client certificate [tracing] names), else the
+        # system's trusted CAs; the collector's name is checked either way
+        self._tls = (tls or ssl.create_default_context()) if url.scheme == "https" else None
         self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         # `headers`: what the collector asks of a sender (an API key): sent, never logged
         self._headers = {**(headers or {}), "Content-Type": "application/x-protobuf"}

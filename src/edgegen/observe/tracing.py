@@ -3,6 +3,8 @@
     [tracing]                                      (a node's and a gateway's settings alike)
     endpoint = "http://collector:4318/v1/traces"   empty, the default: off
     sample_ratio = 1.0                             traces begun here that are kept; a caller's flag rules
+    ca_file, cert_file, key_file                   an https collector: the CA it is checked against (else
+                                                   the system's), the certificate shown to it (mutual TLS)
 
 One chat through the gateway, as one trace:
 
@@ -34,10 +36,12 @@ import contextvars
 import os
 import random
 import re
+import ssl
 import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from edgegen.errors import ConfigError
@@ -182,11 +186,16 @@ class Tracer:
     or as soon as a batch of them waits.
     """
 
-    def __init__(self, endpoint: str, service_name: str, sample_ratio: float) -> None:
-        self.key = (endpoint, service_name, sample_ratio)
+    def __init__(
+        self, endpoint: str, service_name: str, sample_ratio: float, tls: ssl.SSLContext | None = None
+    ) -> None:
         self._bound = round(sample_ratio * (1 << 64))
         self._exporter = SpanExporter(
-            endpoint, service_name, schedule_delay=_schedule_delay(), headers=export_headers(os.environ)
+            endpoint,
+            service_name,
+            schedule_delay=_schedule_delay(),
+            headers=export_headers(os.environ),
+            tls=tls,
         )
         self._export = self._exporter.export
         atexit.register(self.close)  # what is still queued leaves before the process does
@@ -312,21 +321,51 @@ class BatchTrace:
         self._tracer.record("batch.forward", self._parent, started_ns, started_ns + elapsed_ns, batch)
 
 
-# The process's tracer; None (the default) is tracing off. Set once at start-up by `configure`.
+# The process's tracer; None (the default) is tracing off. Set once at start-up by `configure`, with
+# the settings it was given (the same again change nothing).
 tracer: Tracer | None = None
+_configured: tuple[object, ...] | None = None
 
 
-def configure(endpoint: str, service_name: str, sample_ratio: float) -> None:
-    """Tracing on (an endpoint) or off (""), for this process; the same settings again change nothing."""
-    global tracer
-    key = (endpoint, service_name, sample_ratio)
-    if tracer is not None and tracer.key == key:
+def configure(
+    endpoint: str,
+    service_name: str,
+    sample_ratio: float,
+    *,
+    ca_file: Path | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+) -> None:
+    """Tracing on (an endpoint) or off (""), for this process; the same settings again change nothing.
+    An https endpoint is checked against `ca_file` (else the system's CAs) and shown `cert_file` with
+    `key_file` when given (a collector that asks for mutual TLS); a file that does not load fails the
+    start with a ConfigError."""
+    global tracer, _configured
+    key = (endpoint, service_name, sample_ratio, ca_file, cert_file, key_file)
+    if key == _configured:
         return
     if tracer is not None:
         tracer.close()
         tracer = None
+    _configured = None
     if endpoint:
-        tracer = Tracer(endpoint, service_name, sample_ratio)
+        https = urllib.parse.urlsplit(endpoint).scheme == "https"
+        tls = collector_context(ca_file, cert_file, key_file) if https else None
+        tracer = Tracer(endpoint, service_name, sample_ratio, tls)
+    _configured = key
+
+
+def collector_context(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
+    """How the exporter checks an https collector (TLS 1.2 or later, its name checked) and, for mutual
+    TLS, what it shows. The files are read now, so a missing or unreadable one stops the start."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert_file is not None:
+            context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"[tracing] ca_file, cert_file or key_file does not load: {exc}") from None
+    return context
 
 
 def _schedule_delay() -> float:
