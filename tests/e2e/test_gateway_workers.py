@@ -118,6 +118,36 @@ def test_admin_changes_on_one_worker_reach_every_worker(
     assert served == {"n0", "n1"}
 
 
+def relayed_per_s(client: httpx.Client) -> float:
+    return float(client.get("/gateway/fleet").json()["requests_per_s"])
+
+
+def test_every_worker_shows_the_traffic_of_all_and_the_same_history(clients: list[httpx.Client]) -> None:
+    """Each worker relays its clients' share; the fleet view and its history are the fleet's whichever
+    worker answers (shared.py)."""
+    since = time.time()
+    time.sleep(SETTLE_S)  # what came before is told by every worker
+    before = [relayed_per_s(client) for client in clients]
+    for client in clients:
+        for _ in range(4):
+            assert client.post("/predict", json={"input_data": PIXELS}).status_code == 200
+    time.sleep(SETTLE_S)
+    after = [relayed_per_s(client) for client in clients]  # from both workers
+    sent_per_s = 4 * len(clients) / 60  # (the view's rates are over its last minute)
+    assert all(b - a >= sent_per_s - 0.05 for a, b in zip(before, after, strict=True)), (before, after)
+
+    histories = [
+        client.get("/gateway/fleet/history", params={"since": since}).json()["nodes"] for client in clients
+    ]
+    longest = max(histories, key=lambda h: len(h["n0"]))
+    for (
+        history
+    ) in histories:  # the leader's points, a new one every 0.2 s: each answer a prefix of a later one
+        assert set(history) == {"n0", "n1"}
+        assert history["n0"], history
+        assert all(history[n] == longest[n][: len(history[n])] for n in history)
+
+
 def leaders(gateway: GatewayProcess) -> list[int]:
     lines = [json.loads(line) for line in gateway.log().splitlines() if "leads the fleet" in line]
     return [line["pid"] for line in lines]

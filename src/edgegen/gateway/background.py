@@ -10,8 +10,9 @@
 A round that fails is logged and the loop goes on: observability never breaks serving.
 
 With several workers (shared.py), health, status and purge run in one of them, the leader; every worker
-reads the shared fleet every `sync_s` (others' admin changes, the leader's verdicts) and takes the lead
-when the leader is gone. Analysis and own lines run in each: each has its own share of the lines.
+tells its share of the traffic and reads the shared fleet every `sync_s` (others' admin changes, the
+leader's verdicts) and takes the lead when the leader is gone. Analysis and own lines run in each: each
+has its own share of the lines.
 """
 
 from __future__ import annotations
@@ -83,11 +84,13 @@ async def running(state: GatewayState) -> AsyncIterator[None]:
 
 
 async def follow(state: GatewayState, shared: SharedFleet, leading: list[Round], sync_s: float) -> None:
-    """A worker of several: take the shared fleet every `sync_s`, and lead once nobody does."""
+    """A worker of several: tell its share of the traffic and take the shared fleet every `sync_s`, and
+    lead once nobody does."""
     led: list[asyncio.Task[None]] = []
     try:
         while True:
             try:
+                shared.publish()
                 for member in shared.sync():
                     await state.proxy.retire(member.backend)
                 if not led and shared.lead():
@@ -149,11 +152,9 @@ async def read_statuses(
 
     members = list(fleet.nodes.values())
     await asyncio.gather(*(one(member) for member in members))
-    wall, now = time.time(), fleet.clock()
-    for member in members:
-        member.sample(wall, now)
+    points = fleet.sample(time.time())  # (with several workers, of the traffic all of them relayed)
     if shared is not None:
-        shared.statuses(members)
+        shared.statuses(members, points)
 
 
 async def analyse(analyzer: Analyzer, metrics: GatewayMetrics) -> None:

@@ -26,7 +26,7 @@ import logging
 import math
 import statistics
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,6 +39,17 @@ log = logging.getLogger("edgegen.gateway")
 RECENT_TRIES = 2048  # per node, for the fleet view's latency quantiles and rates
 WINDOW_S = 60.0  # the fleet view's rates and quantiles cover this much of the recent past
 MAX_HISTORY_POINTS = 100_000  # per node, whatever history_s and status_interval_s ask
+# A latency's bucket in what a worker tells the others (`Share`): 16 to each doubling, so a quantile of
+# several workers' tries is given within 2.2 % (the bucket's geometric middle).
+STEPS_PER_DOUBLING = 16
+# What one worker of several tells the others of a node (shared.py): its tries within its own window —
+# `span_s`, `requests`, `errors`, the latencies counted by bucket (`buckets`) — and its `in_flight`.
+Share = dict[str, Any]
+Point = tuple[float, float, float | None, float | None, float]  # (wall time, requests/s, p50, p99, errors/s)
+
+
+def bucket(seconds: float) -> int:
+    return math.floor(math.log2(max(seconds, 1e-6)) * STEPS_PER_DOUBLING)
 
 
 @dataclass
@@ -50,12 +61,17 @@ class Traffic:
     def add(self, now: float, seconds: float, failed: bool) -> None:
         self.tries.append((now, seconds, failed))
 
-    def view(self, now: float) -> dict[str, Any]:
-        recent = sorted(s for t, s, _ in self.tries if now - t <= WINDOW_S)
+    def _window(self, now: float) -> tuple[list[float], int, float]:
+        """The latencies of the tries within the window, how many failed, and the span they cover."""
+        recent = [s for t, s, _ in self.tries if now - t <= WINDOW_S]
         failed = sum(f for t, _, f in self.tries if now - t <= WINDOW_S)
         # A busy node fills the deque in less than the window: its rates are over the span it covers.
         full = len(self.tries) == self.tries.maxlen
-        span = max(min(WINDOW_S, now - self.tries[0][0]) if full else WINDOW_S, 1e-3)
+        return recent, failed, max(min(WINDOW_S, now - self.tries[0][0]) if full else WINDOW_S, 1e-3)
+
+    def view(self, now: float) -> dict[str, Any]:
+        recent, failed, span = self._window(now)
+        recent.sort()
         return {
             "window_s": round(span, 3),
             "requests_per_s": round(len(recent) / span, 3),
@@ -63,6 +79,42 @@ class Traffic:
             "p50_ms": round(statistics.median(recent) * 1000, 3) if recent else None,
             "p99_ms": round(recent[math.ceil(0.99 * len(recent)) - 1] * 1000, 3) if recent else None,
         }
+
+    def share(self, now: float) -> Share:
+        recent, failed, span = self._window(now)
+        buckets = Counter(map(bucket, recent))
+        return {"span_s": span, "requests": len(recent), "errors": failed, "buckets": dict(buckets)}
+
+
+def merged_view(shares: list[Share]) -> dict[str, Any]:
+    """A node's traffic over the shares of several workers, in `Traffic.view`'s shape: their rates summed,
+    p50 and p99 over their latencies merged by bucket — each worker's counts weighed by its rate, since a
+    busier worker's tries cover a shorter span — and given as the bucket's middle (within 2.2 %)."""
+    rates: Counter[int] = Counter()
+    requests = errors = 0.0
+    for share in shares:
+        span = share["span_s"]
+        requests, errors = requests + share["requests"] / span, errors + share["errors"] / span
+        for key, count in share["buckets"].items():
+            rates[int(key)] += count / span  # (JSON keys are strings)
+    ordered = sorted(rates.items())
+    total = sum(rates.values())
+
+    def quantile(q: float) -> float | None:
+        wanted, seen = q * total * (1 - 1e-9), 0.0  # (the nearest rank, as `view`; sums of floats)
+        for key, rate in ordered:
+            seen += rate
+            if seen >= wanted:
+                return round(2 ** ((key + 0.5) / STEPS_PER_DOUBLING) * 1000, 3)
+        return None  # (no tries)
+
+    return {
+        "window_s": round(max((s["span_s"] for s in shares), default=WINDOW_S), 3),
+        "requests_per_s": round(requests, 3),
+        "errors_per_s": round(errors, 3),
+        "p50_ms": quantile(0.5),
+        "p99_ms": quantile(0.99),
+    }
 
 
 class FleetListener(Protocol):
@@ -92,13 +144,22 @@ class FleetMember:
     status_error: str | None = None
     cpu_cores: float | None = None  # CPU time per second between its last two statuses
     traffic: Traffic = field(default_factory=Traffic)
-    # (wall-clock time, requests/s, p50 ms, p99 ms, errors/s) of `traffic`, sampled by the status loop
-    history: deque[tuple[float, float, float | None, float | None, float]] = field(default_factory=deque)
+    # (wall-clock time, requests/s, p50 ms, p99 ms, errors/s) of its traffic, sampled by the status loop
+    history: deque[Point] = field(default_factory=deque)
 
-    def sample(self, wall: float, now: float) -> None:
-        view = self.traffic.view(now)
+    def share(self, now: float) -> Share:
+        return {**self.traffic.share(now), "in_flight": self.backend.in_flight}
+
+    def traffic_view(self, now: float, others: list[Share] | None = None) -> dict[str, Any]:
+        """Its traffic as this worker relayed it, or (`others`: what the other workers of several told of
+        it) as all of them did."""
+        return self.traffic.view(now) if others is None else merged_view([self.share(now), *others])
+
+    def sample(self, wall: float, now: float, others: list[Share] | None = None) -> Point:
+        view = self.traffic_view(now, others)
         point = (round(wall, 3), view["requests_per_s"], view["p50_ms"], view["p99_ms"], view["errors_per_s"])
         self.history.append(point)
+        return point
 
     def record_status(self, status: dict[str, Any]) -> None:
         previous = self.status
@@ -110,11 +171,15 @@ class FleetMember:
                 )
         self.status, self.status_error = status, None
 
-    def view(self, now: float, wall: float) -> dict[str, Any]:
-        """The fleet view of this node: routing state, load, version, recent traffic as the gateway saw it."""
+    def view(self, now: float, wall: float, others: list[Share] | None = None) -> dict[str, Any]:
+        """The fleet view of this node: routing state, load, version, recent traffic as the gateway saw it
+        (with `others`, every worker's: its traffic and requests in flight)."""
         status = self.status or {}
+        described = self.describe(now)
+        if others is not None:
+            described["in_flight"] = self.backend.in_flight + sum(int(s["in_flight"]) for s in others)
         return {
-            **self.describe(now),
+            **described,
             "last_seen_s": round(wall - self.last_seen, 3) if self.last_seen is not None else None,
             "version": status.get("version"),
             "models": status.get("models"),
@@ -130,7 +195,7 @@ class FleetMember:
             "jobs": status.get("jobs"),
             "cache": status.get("cache"),
             "status_error": self.status_error,
-            "traffic": self.traffic.view(now),
+            "traffic": self.traffic_view(now, others),
         }
 
     def describe(self, now: float) -> dict[str, object]:
@@ -163,6 +228,8 @@ class Fleet:
         self._available: list[Backend] | None = None
         self._next_expiry = math.inf
         self.listener: FleetListener | None = None
+        # With several workers (shared.py): what the others told of each node's traffic, by name.
+        self.others: Callable[[], dict[str, list[Share]]] | None = None
 
     # -- membership ------------------------------------------------------------------------------------
     def add(self, entry: NodeEntry) -> FleetMember:
@@ -306,5 +373,18 @@ class Fleet:
             state.traffic.add(self.clock(), seconds, failed)
 
     def view(self) -> list[dict[str, Any]]:
-        now, wall = self.clock(), time.time()
-        return [state.view(now, wall) for state in self.nodes.values()]
+        now, wall, others = self.clock(), time.time(), self._others()
+        return [state.view(now, wall, _of(others, name)) for name, state in self.nodes.items()]
+
+    def sample(self, wall: float) -> dict[str, Point]:
+        """A point of each node's traffic history, as the fleet view shows it now."""
+        now, others = self.clock(), self._others()
+        return {name: state.sample(wall, now, _of(others, name)) for name, state in self.nodes.items()}
+
+    def _others(self) -> dict[str, list[Share]] | None:
+        return self.others() if self.others is not None else None
+
+
+def _of(others: dict[str, list[Share]] | None, name: str) -> list[Share] | None:
+    """What the other workers told of node `name`: None with one worker (the view is this one's alone)."""
+    return None if others is None else others.get(name, [])

@@ -7,6 +7,8 @@ relays with its own connection pools and balancers. What must be one across them
     nodes       the fleet in its order: URL, weight, draining, health verdict, ejection, last status
     rollbacks   the versions each model's last rollout replaced (POST /gateway/rollback without one)
     generation  moved by every change; each worker reads it every `sync_s` and reloads when it moved
+    traffic     each worker's share of each node's recent traffic, written every `sync_s`
+    history     the fleet view's traffic history, a point per node every `status_interval_s`
 
 Decided once. One worker at a time holds `leader.lock` (flock: the kernel frees it when that worker
 dies, and another takes it within `sync_s`) and runs the active health checks and the status reads; the
@@ -22,8 +24,16 @@ workers a node's total stays within about W of any other's (docs/benchmarks.md m
 affinity's ring is a function of the node names alone, the same in every worker, so a chat goes to the
 same home whichever worker relays it; only the bounded-load spill-over reads the worker's own counts.
 
-What stays per worker: the fleet view's traffic figures and history (each worker's share; Prometheus,
-in multiprocess mode, sums the counters of all), and the log analysis of the lines each worker receives.
+One fleet view. Each worker relays its own share of the traffic, so each tells the others, every
+`sync_s`, what it saw of each node within the view's window: its rates, its requests in flight and its
+latencies counted by bucket (fleet.py: `Share`). A worker's fleet view sums the rates and requests in
+flight of all and takes p50 and p99 over their latencies merged, to within 2.2 %; what another worker
+told is at most `sync_s` old, and a worker that has said nothing for `SHARE_STALE_S` (it died) is left
+out. The leader samples that view into the history here, so `GET /gateway/fleet/history` gives the same
+points whichever worker answers, and a new leader goes on with the same history.
+
+What stays per worker: the log analysis of the lines each worker receives (Prometheus, in multiprocess
+mode, sums the counters of all).
 """
 
 from __future__ import annotations
@@ -33,13 +43,14 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 from edgegen.db import connect, transaction
 from edgegen.errors import ConfigError
-from edgegen.gateway.fleet import Fleet, FleetMember
+from edgegen.gateway.fleet import MAX_HISTORY_POINTS, Fleet, FleetMember, Point, Share
 
 SHARED_DIR = "EDGEGEN_GATEWAY_SHARED_DIR"  # set by `edgegen gateway --workers N` for its workers
 LOCK_POLL_S = 0.05
@@ -52,7 +63,14 @@ CREATE TABLE IF NOT EXISTS nodes (
 );
 CREATE TABLE IF NOT EXISTS rollbacks (model TEXT PRIMARY KEY, versions TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS traffic (
+    worker TEXT NOT NULL, node TEXT NOT NULL, at REAL NOT NULL, share TEXT NOT NULL,
+    PRIMARY KEY (worker, node)
+);
+CREATE TABLE IF NOT EXISTS history (node TEXT NOT NULL, at REAL NOT NULL, point TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS history_at ON history (at);
 """
+SHARE_STALE_S = 5.0  # a worker's share of the traffic this much older than the last it told is left out
 _COLUMNS = ("name", "url", "weight", "draining", "healthy", "ejections", "ejected_until", "last_seen",
             "status", "status_error")  # fmt: skip
 _SELECT = (
@@ -78,6 +96,7 @@ class SharedFleet:
         self._db.executescript(_SCHEMA)
         self._seen = -1
         self._leader: int | None = None
+        self.worker = secrets.token_hex(6)  # (unique across the run's workers, restarted ones included)
         self.rollbacks = Rollbacks(self)
         with self._write():
             if self._db.execute("SELECT value FROM meta WHERE key = 'seeded'").fetchone() is None:
@@ -87,6 +106,7 @@ class SharedFleet:
                     self._upsert(member, position)
                 self._db.execute("INSERT INTO meta VALUES ('seeded', 1)")
         fleet.listener = self
+        fleet.others = self.others
         self.sync()
 
     # -- what this worker changed ------------------------------------------------------------------------
@@ -113,14 +133,51 @@ class SharedFleet:
         with self._write():
             self._db.execute("DELETE FROM nodes WHERE name = ?", (name,))
 
-    def statuses(self, members: list[FleetMember]) -> None:
-        """The leader's last status reads and checks, for every worker's fleet view."""
+    def statuses(self, members: list[FleetMember], points: dict[str, Point]) -> None:
+        """The leader's last status reads and checks, and the traffic history's new `points`, for every
+        worker's fleet view; the history older than `history_s` goes (or beyond `MAX_HISTORY_POINTS`
+        points a node, as a worker's own history holds)."""
+        health = self.fleet.health
+        kept_s = min(health.history_s, MAX_HISTORY_POINTS * health.status_interval_s)
         with self._write():
             for member in members:
                 self._db.execute(
                     "UPDATE nodes SET last_seen = ?, status = ?, status_error = ? WHERE name = ?",
                     (member.last_seen, _json(member.status), member.status_error, member.backend.name),
                 )
+            rows = [(name, point[0], json.dumps(point)) for name, point in points.items()]
+            self._db.executemany("INSERT INTO history VALUES (?, ?, ?)", rows)
+            newest = max((point[0] for point in points.values()), default=0.0)
+            self._db.execute("DELETE FROM history WHERE at <= ?", (newest - kept_s,))
+
+    def history(self, since: float) -> dict[str, list[list[float | None]]]:
+        """Each node's traffic history after `since` (wall time), oldest first, in the fleet's order."""
+        found: dict[str, list[list[float | None]]] = {name: [] for name in self.fleet.nodes}
+        query = "SELECT node, point FROM history WHERE at > ? ORDER BY at, rowid"
+        for node, point in self._db.execute(query, (since,)):
+            if node in found:
+                found[node].append(json.loads(point))
+        return found
+
+    # -- one fleet view -----------------------------------------------------------------------------------
+    def publish(self) -> None:
+        """This worker's share of each node's traffic, for the others' views (the generation stays: it
+        is no change of the fleet). Shares of workers silent for `SHARE_STALE_S` go."""
+        now = self.fleet.clock()
+        rows = [(self.worker, name, now, json.dumps(m.share(now))) for name, m in self.fleet.nodes.items()]
+        with transaction(self._db):
+            self._db.execute(
+                "DELETE FROM traffic WHERE worker = ? OR at < ?", (self.worker, now - SHARE_STALE_S)
+            )
+            self._db.executemany("INSERT INTO traffic VALUES (?, ?, ?, ?)", rows)
+
+    def others(self) -> dict[str, list[Share]]:
+        """What the other workers last told of each node's traffic (`Fleet.others`)."""
+        found: dict[str, list[Share]] = {}
+        query = "SELECT node, share FROM traffic WHERE worker != ? AND at >= ?"
+        for node, share in self._db.execute(query, (self.worker, self.fleet.clock() - SHARE_STALE_S)):
+            found.setdefault(node, []).append(json.loads(share))
+        return found
 
     def _upsert(self, member: FleetMember, position: int) -> None:
         b = member.backend

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 
 from edgegen.errors import ConfigError
-from edgegen.gateway.fleet import Fleet
+from edgegen.gateway.fleet import Fleet, Traffic, merged_view
 from edgegen.gateway.settings import GatewaySettings, HealthSettings, NodeEntry, OutlierSettings
 
 
@@ -123,3 +126,37 @@ def test_the_traffic_history_keeps_history_s_of_samples() -> None:
     assert p50 is not None
     assert p99 == 30.0
     assert errors > 0
+
+
+def weighed_quantile(samples: list[tuple[float, float]], q: float) -> float:
+    """The nearest-rank quantile of (value, weight) pairs."""
+    ordered = sorted(samples)
+    total, seen = sum(w for _, w in ordered), 0.0
+    for value, weight in ordered:
+        seen += weight
+        if seen >= q * total * (1 - 1e-9):
+            return value
+    raise AssertionError("no samples")
+
+
+def test_a_view_merged_from_workers_shares_sums_their_rates_and_finds_quantiles_within_a_bucket() -> None:
+    """A busy worker's tries fill its deque within 10 s; a quiet one's span the whole window. Merged, each
+    worker's latencies count by its rate, as they would in one worker that relayed both streams."""
+    rng, now = random.Random(7), 1_000.0
+    busy, quiet = Traffic(), Traffic()
+    for n in range(3000):
+        busy.add(now - 10 + n / 300, rng.lognormvariate(math.log(0.02), 0.5), failed=n % 100 == 0)
+    for n in range(300):
+        quiet.add(now - 59 + n * 59 / 300, rng.lognormvariate(math.log(0.05), 0.3), failed=n % 50 == 0)
+    views = busy.view(now), quiet.view(now)
+    merged = merged_view([busy.share(now), quiet.share(now)])
+    assert merged["requests_per_s"] == pytest.approx(sum(v["requests_per_s"] for v in views), abs=0.002)
+    assert merged["errors_per_s"] == pytest.approx(sum(v["errors_per_s"] for v in views), abs=0.002)
+    spans = busy.share(now)["span_s"], quiet.share(now)["span_s"]
+    samples = [(s, 1 / spans[0]) for t, s, _ in busy.tries if now - t <= 60]
+    samples += [(s, 1 / spans[1]) for t, s, _ in quiet.tries if now - t <= 60]
+    for q, key in ((0.5, "p50_ms"), (0.99, "p99_ms")):
+        assert merged[key] == pytest.approx(weighed_quantile(samples, q) * 1000, rel=0.022), key
+    alone = merged_view([quiet.share(now)])
+    assert alone["p99_ms"] == pytest.approx(views[1]["p99_ms"], rel=0.022)
+    assert merged_view([Traffic().share(now)])["p50_ms"] is None

@@ -4,6 +4,7 @@ as two processes would hold them."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from edgegen.errors import ConfigError
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.settings import HealthSettings, NodeEntry, OutlierSettings
-from edgegen.gateway.shared import SharedFleet
+from edgegen.gateway.shared import SHARE_STALE_S, SharedFleet
 
 
 def worker(directory: Path, nodes: int = 3) -> SharedFleet:
@@ -95,7 +96,7 @@ def test_statuses_and_rollbacks_are_shared(pair: tuple[SharedFleet, SharedFleet]
     member = a.fleet.nodes["n0"]
     member.record_status({"version": "1.2", "time": 1.0, "cpu_seconds": 0.5})
     member.last_seen = 123.0
-    a.statuses(list(a.fleet.nodes.values()))
+    a.statuses(list(a.fleet.nodes.values()), {})
     a.rollbacks["digits"] = {"n0": "2", "n1": None}
     b.sync()
     assert b.fleet.nodes["n0"].status == {"version": "1.2", "time": 1.0, "cpu_seconds": 0.5}
@@ -127,3 +128,71 @@ async def test_fleet_changes_run_one_at_a_time_across_workers(pair: tuple[Shared
 
     await asyncio.gather(change(a.changes_lock(), "a"), change(b.changes_lock(), "b"))
     assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+
+
+def relayed(shared: SharedFleet, node: str, tries: int, seconds: float, in_flight: int = 0) -> None:
+    """What one worker relayed to `node`: `tries` answers of `seconds` each, in the last minute, and
+    `in_flight` requests there now."""
+    member = shared.fleet.nodes[node]
+    now = shared.fleet.clock()
+    for n in range(tries):
+        member.traffic.add(now - 50 + n * 50 / tries, seconds, failed=n == 0)
+    for _ in range(in_flight):
+        member.backend.acquire()
+
+
+def test_every_worker_shows_the_traffic_all_workers_relayed(pair: tuple[SharedFleet, SharedFleet]) -> None:
+    a, b = pair
+    relayed(a, "n0", 100, 0.010, in_flight=1)
+    relayed(b, "n0", 300, 0.030, in_flight=2)
+    relayed(b, "n1", 60, 0.005)
+    alone = a.fleet.view()[0]["traffic"]
+    assert alone["requests_per_s"] == round(100 / 60, 3)  # not told yet: its own share only
+    a.publish()
+    b.publish()
+    for shared in pair:
+        n0, n1, n2 = shared.fleet.view()
+        assert n0["traffic"]["requests_per_s"] == round(400 / 60, 3)
+        assert n0["traffic"]["errors_per_s"] == round(2 / 60, 3)
+        assert n0["traffic"]["p50_ms"] == pytest.approx(30.0, rel=0.022)  # 300 of the 400 took 30 ms
+        assert n0["traffic"]["p99_ms"] == pytest.approx(30.0, rel=0.022)
+        assert n0["in_flight"] == 3
+        assert n1["traffic"]["requests_per_s"] == 1.0
+        assert n1["traffic"]["p50_ms"] == pytest.approx(5.0, rel=0.022)
+        assert (n2["traffic"]["requests_per_s"], n2["traffic"]["p50_ms"], n2["in_flight"]) == (0, None, 0)
+
+
+def test_a_worker_that_stopped_telling_is_left_out(pair: tuple[SharedFleet, SharedFleet]) -> None:
+    a, b = pair
+    relayed(a, "n0", 120, 0.010)
+    a.publish()
+    assert b.fleet.view()[0]["traffic"]["requests_per_s"] == 2.0
+    b.fleet.clock = lambda: time.monotonic() + SHARE_STALE_S + 1  # a said nothing since
+    assert b.fleet.view()[0]["traffic"]["requests_per_s"] == 0
+    b.publish()  # and its share goes
+    assert b._db.execute("SELECT count(*) FROM traffic WHERE worker = ?", (a.worker,)).fetchone() == (0,)
+
+
+def test_the_leaders_history_is_every_workers_and_outlives_its_lead(
+    pair: tuple[SharedFleet, SharedFleet],
+) -> None:
+    a, b = pair
+    history_s = a.fleet.health.history_s
+    relayed(a, "n0", 60, 0.010)
+    relayed(b, "n0", 60, 0.020)
+    a.publish()
+    b.publish()
+    members = list(a.fleet.nodes.values())
+    a.statuses(members, a.fleet.sample(1_000.0))  # a leads
+    b.statuses(members, b.fleet.sample(1_005.0))  # a died; b leads on
+    for shared in pair:
+        history = shared.history(0.0)
+        assert list(history) == ["n0", "n1", "n2"]
+        assert [(p[0], p[1]) for p in history["n0"]] == [(1_000.0, 2.0), (1_005.0, 2.0)]
+        assert history["n1"] == [[1_000.0, 0.0, None, None, 0.0], [1_005.0, 0.0, None, None, 0.0]]
+        assert [p[0] for p in shared.history(1_000.0)["n0"]] == [1_005.0]  # after `since`
+    b.statuses(members, b.fleet.sample(1_000.0 + history_s + 1))
+    assert [p[0] for p in a.history(0.0)["n0"]] == [
+        1_005.0,
+        1_000.0 + history_s + 1,
+    ]  # older than history_s: gone

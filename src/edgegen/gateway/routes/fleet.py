@@ -25,14 +25,17 @@ def fleet_history(request: Request, since: float = 0.0) -> dict[str, Any]:
     """Each node's traffic as the fleet view showed it, every `status_interval_s`, since `since`
     (seconds since the epoch): [[time, requests/s, p50 ms, p99 ms, errors/s], …], oldest first."""
     gateway = gateway_of(request)
+    if gateway.shared is not None:  # several workers: the leader's points, whichever worker answers
+        nodes: dict[str, list[Any]] = gateway.shared.history(since)
+    else:
+        nodes = {
+            name: [p for p in m.history if p[0] > since] for name, m in list(gateway.fleet.nodes.items())
+        }
     return {
         "time": time.time(),
         "interval_s": gateway.settings.health.status_interval_s,
         "fields": ["time", "requests_per_s", "p50_ms", "p99_ms", "errors_per_s"],
-        "nodes": {
-            name: [p for p in member.history if p[0] > since]
-            for name, member in list(gateway.fleet.nodes.items())
-        },
+        "nodes": nodes,
     }
 
 
