@@ -3,6 +3,7 @@ kept-alive connections spread over both workers, so what every client sees, both
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import httpx
 import psutil
 import pytest
 
+from edgegen.observe.logs import timestamp
 from tests.e2e.conftest import LLM_ENV
 from tests.e2e.node_process import GatewayProcess, NodeProcess, assert_no_errors
 from tests.e2e.test_gateway import PIXELS, running_fleet, running_gateway
@@ -35,7 +37,8 @@ def fleet(
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess]) -> Iterator[GatewayProcess]:
     root = tmp_path_factory.mktemp("workers-gateway")
-    with running_gateway(root, fleet, "", "--workers", "2") as process:
+    alerts = "[alerts]\nwindow_s = 3\nbaseline_s = 30\nevaluate_s = 0.2\nmin_requests = 10\n"
+    with running_gateway(root, fleet, alerts, "--workers", "2") as process:
         yield process
     # A worker killed on purpose below leaves no error line; nodes killed on purpose only warnings.
     assert_no_errors(process)
@@ -69,13 +72,15 @@ def clients(gateway: GatewayProcess) -> Iterator[list[httpx.Client]]:
 
 
 def holding(gateway: GatewayProcess) -> set[int]:
-    """The workers that hold a client's connection now."""
-    return {
-        worker.pid
-        for worker in workers_of(gateway)
-        for c in worker.net_connections(kind="tcp")
-        if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == gateway.port
-    }
+    """The workers that hold a client's connection now (not one killed that its supervisor has yet to
+    reap: a zombie has no connections to list)."""
+    held = set()
+    for worker in workers_of(gateway):
+        with contextlib.suppress(psutil.ZombieProcess, psutil.NoSuchProcess):
+            connections = worker.net_connections(kind="tcp")
+            if any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == gateway.port for c in connections):
+                held.add(worker.pid)
+    return held
 
 
 def every_client_sees(
@@ -146,6 +151,41 @@ def test_every_worker_shows_the_traffic_of_all_and_the_same_history(clients: lis
         assert set(history) == {"n0", "n1"}
         assert history["n0"], history
         assert all(history[n] == longest[n][: len(history[n])] for n in history)
+
+
+def test_a_spike_shipped_to_both_workers_is_one_alert_every_worker_shows(
+    gateway: GatewayProcess, clients: list[httpx.Client]
+) -> None:
+    """Nodes ship their lines to whichever worker their connection reached; the leader analyses all of
+    them (shared.py): one alert, raised once, the same from every worker."""
+    line = {"ts": timestamp(time.time()), "level": "info", "logger": "edgegen.access", "msg": "request"}
+    for n, client in enumerate(clients):
+        entries = [[seq, {**line, "status": 503, "ms": 3.0, "model": "digits"}] for seq in (1, 2)]
+        answer = client.post("/gateway/logs", json={"node": "spiky", "spool": f"c{n}", "entries": entries})
+        assert answer.status_code == 200, answer.text
+
+    def shown(client: httpx.Client) -> list[tuple[str, str, float]]:
+        active = client.get("/gateway/alerts").json()["active"]
+        return [(a["kind"], a["node"], a["since"]) for a in active if a["node"] == "spiky"]
+
+    deadline = time.monotonic() + 10
+    while not shown(clients[0]):
+        assert time.monotonic() < deadline, gateway.log()[-2000:]
+        time.sleep(0.1)
+    [alert] = shown(clients[0])
+    for client in clients:  # on both workers
+        assert shown(client) == [alert]
+        assert sample(client, 'edgegen_gateway_alerts_total{kind="error_spike"}') == 1  # raised once
+        assert (
+            sample(client, 'edgegen_gateway_alert_active{kind="error_spike",model="digits",node="spiky"}')
+            == 1
+        )
+
+
+def sample(client: httpx.Client, prefix: str) -> float:
+    """The first sample on the worker's /metrics whose line starts with `prefix` (0 if none)."""
+    lines = client.get("/metrics").text.splitlines()
+    return next((float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith(prefix)), 0.0)
 
 
 def leaders(gateway: GatewayProcess) -> list[int]:

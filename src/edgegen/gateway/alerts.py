@@ -62,6 +62,17 @@ class Alert:
         return {"kind": self.kind, "node": self.node, "model": self.model, "since": self.since,
                 "resolved": self.resolved, **self.detail}  # fmt: skip
 
+    @classmethod
+    def of(cls, view: dict[str, Any]) -> Alert:
+        """The alert a `view` shows (as another worker kept it)."""
+        kind, node, model, since, resolved = (view[k] for k in ("kind", "node", "model", "since", "resolved"))
+        detail = {k: v for k, v in view.items() if k not in ("kind", "node", "model", "since", "resolved")}
+        return cls(kind, node, model, since, detail, resolved)
+
+
+# The alerts as GET /gateway/alerts shows them: those active now, and the recent ones, newest first.
+Board = tuple[list[dict[str, Any]], list[dict[str, Any]]]
+
 
 class Analyzer:
     def __init__(
@@ -72,13 +83,28 @@ class Analyzer:
         self.settings = settings
         self.clock = clock
         self.bucket_s = settings.window_s / 6
+        self.span_s = settings.window_s + settings.baseline_s  # what is compared: older lines count nowhere
         self._series: dict[tuple[str, str], dict[int, Bucket]] = {}
         self.active: dict[tuple[str, str, str], Alert] = {}
         self.recent: deque[Alert] = deque(maxlen=RECENT_ALERTS)
+        self.changes = 0  # alerts raised and resolved so far
+
+    def board(self) -> Board:
+        return [a.view() for a in self.active.values()], [a.view() for a in reversed(self.recent)]
+
+    def resume(self, board: Board) -> None:
+        """Go on from the alerts another worker left (it led the analysis until it died): those active
+        stay active, not raised again, until the comparison no longer holds."""
+        active, recent = board
+        self.recent.extend(Alert.of(view) for view in reversed(recent))
+        by_key = {(a.kind, a.node, a.model, a.since): a for a in self.recent}
+        for view in active:
+            alert = by_key.get((view["kind"], view["node"], view["model"], view["since"])) or Alert.of(view)
+            self.active[(alert.kind, alert.node, alert.model)] = alert
 
     def observe(self, lines: Iterable[dict[str, Any]]) -> None:
         """Shipped lines (with `node` and `time`); access lines are counted, others ignored."""
-        oldest = self.clock() - self.settings.window_s - self.settings.baseline_s
+        oldest = self.clock() - self.span_s
         for line in lines:
             status = line.get("status")
             if line.get("logger") != "edgegen.access" or type(status) is not int or line["time"] < oldest:
@@ -115,16 +141,19 @@ class Analyzer:
                     alert = self.active[key] = Alert(kind, node, model, now, detail)
                     self.recent.append(alert)
                     raised.append(alert)
+                    self.changes += 1
                     log.warning("alert raised", extra=alert.view())
                 elif detail is None and key in self.active:
-                    alert = self.active.pop(key)
-                    alert.resolved = now
-                    log.info("alert resolved", extra=alert.view())
+                    self._resolve(key, now)
         for key in [k for k in self.active if (k[1], k[2]) not in self._series]:
-            alert = self.active.pop(key)
-            alert.resolved = now
-            log.info("alert resolved", extra=alert.view())
+            self._resolve(key, now)
         return raised
+
+    def _resolve(self, key: tuple[str, str, str], now: float) -> None:
+        alert = self.active.pop(key)
+        alert.resolved = now
+        self.changes += 1
+        log.info("alert resolved", extra=alert.view())
 
     def _spike(self, window: list[Bucket], baseline: list[Bucket]) -> dict[str, float] | None:
         s = self.settings

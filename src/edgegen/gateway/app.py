@@ -68,7 +68,8 @@ class Gateway:
         directory = shared_directory()  # one of `--workers N`: one fleet for all (shared.py)
         self.shared = shared = SharedFleet(directory, fleet) if directory is not None else None
         analyzer = Analyzer(settings.alerts)
-        metrics = GatewayMetrics(fleet, analyzer)
+        alerts = shared.alerts if shared is not None else analyzer.board  # (the leader's, with workers)
+        metrics = GatewayMetrics(fleet, alerts)
         self.proxy = proxy = Proxy(settings, fleet, metrics)
         nodes = NodeClient(proxy.client, vouch=proxy.node_ssl is not None, key=settings.nodes_key)
         restarts = Restarts(fleet, nodes, settings.operations)
@@ -85,6 +86,7 @@ class Gateway:
             nodes=nodes,
             metrics=metrics,
             analyzer=analyzer,
+            alerts=alerts,
             logs=FleetLogs(store, analyzer, settings.logs),
             restarts=restarts,
             rollouts=rollouts,

@@ -3,16 +3,16 @@
     health      every node's GET /v2/health/ready, all at once, every `health.interval_s` (fleet.py judges)
     status      every node's GET /admin/status, every `health.status_interval_s`: the fleet view's version,
                 models and load; then a point of each node's traffic history
-    analysis    the alert analysis of the shipped access lines, every `alerts.evaluate_s`
+    analysis    the access lines kept since its last round into the alert analysis, every
+                `alerts.evaluate_s`
     purge       the fleet's log lines older than `logs.retention_s`, every minute
     own lines   the gateway's own log records into the fleet's logs, every second (when `logs.own` names it)
 
 A round that fails is logged and the loop goes on: observability never breaks serving.
 
-With several workers (shared.py), health, status and purge run in one of them, the leader; every worker
-tells its share of the traffic and reads the shared fleet every `sync_s` (others' admin changes, the
-leader's verdicts) and takes the lead when the leader is gone. Analysis and own lines run in each: each
-has its own share of the lines.
+With several workers (shared.py), health, status, analysis and purge run in one of them, the leader;
+every worker tells its share of the traffic and reads the shared fleet every `sync_s` (others' admin
+changes, the leader's verdicts) and takes the lead when the leader is gone. Own lines run in each.
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ from functools import partial
 
 import aiohttp
 
-from edgegen.gateway.alerts import Analyzer
 from edgegen.gateway.fleet import Fleet, FleetMember
 from edgegen.gateway.fleetlogs import FleetLogs
 from edgegen.gateway.logstore import OwnLines
-from edgegen.gateway.metrics import GatewayMetrics
 from edgegen.gateway.nodes import NodeClient
 from edgegen.gateway.settings import HealthSettings
 from edgegen.gateway.shared import SharedFleet
@@ -56,10 +54,9 @@ async def running(state: GatewayState) -> AsyncIterator[None]:
             (s.health.interval_s, partial(check_health, state.fleet, client), "health check round failed"),
             (s.health.status_interval_s, statuses, "reading the nodes' status failed"),
             (PURGE_EVERY_S, partial(purge, state.logs), "fleet log purge failed"),
+            (s.alerts.evaluate_s, partial(analyse, state), "log analysis failed"),
         ]
-        rounds: list[Round] = [
-            (s.alerts.evaluate_s, partial(analyse, state.analyzer, state.metrics), "log analysis failed")
-        ]
+        rounds: list[Round] = []
         handler = OwnLines(s.logs.own, logging.getLevelName(s.logs.own_level.upper())) if s.logs.own else None
         if handler is not None:
             logging.getLogger().addHandler(handler)
@@ -95,6 +92,7 @@ async def follow(state: GatewayState, shared: SharedFleet, leading: list[Round],
                     await state.proxy.retire(member.backend)
                 if not led and shared.lead():
                     log.info("this worker leads the fleet's checks", extra={"pid": os.getpid()})
+                    state.analyzer.resume(shared.alerts())  # as the last leader left them, if one did
                     led = [asyncio.create_task(every(*r)) for r in leading]
             except Exception:
                 log.exception("reading the shared fleet failed")
@@ -157,9 +155,16 @@ async def read_statuses(
         shared.statuses(members, points)
 
 
-async def analyse(analyzer: Analyzer, metrics: GatewayMetrics) -> None:
+async def analyse(state: GatewayState) -> None:
+    """The access lines kept since the last round into the analysis, then its comparison; with several
+    workers the leader runs it, on every worker's lines, and keeps the alerts for all."""
+    analyzer = state.analyzer
+    await state.logs.analyse()
+    changes = analyzer.changes
     for alert in analyzer.evaluate():
-        metrics.alert_raised(alert)
+        state.metrics.alert_raised(alert)
+    if state.shared is not None and analyzer.changes != changes:
+        state.shared.keep_alerts(analyzer.board())
 
 
 async def purge(logs: FleetLogs) -> None:

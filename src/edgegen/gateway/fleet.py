@@ -150,6 +150,10 @@ class FleetMember:
     def share(self, now: float) -> Share:
         return {**self.traffic.share(now), "in_flight": self.backend.in_flight}
 
+    def in_flight(self, others: list[Share] | None = None) -> int:
+        """Requests at the node from this worker now, and from the `others` as they last told."""
+        return self.backend.in_flight + sum(int(share["in_flight"]) for share in others or ())
+
     def traffic_view(self, now: float, others: list[Share] | None = None) -> dict[str, Any]:
         """Its traffic as this worker relayed it, or (`others`: what the other workers of several told of
         it) as all of them did."""
@@ -176,8 +180,7 @@ class FleetMember:
         (with `others`, every worker's: its traffic and requests in flight)."""
         status = self.status or {}
         described = self.describe(now)
-        if others is not None:
-            described["in_flight"] = self.backend.in_flight + sum(int(s["in_flight"]) for s in others)
+        described["in_flight"] = self.in_flight(others)
         return {
             **described,
             "last_seen_s": round(wall - self.last_seen, 3) if self.last_seen is not None else None,
@@ -380,6 +383,11 @@ class Fleet:
         """A point of each node's traffic history, as the fleet view shows it now."""
         now, others = self.clock(), self._others()
         return {name: state.sample(wall, now, _of(others, name)) for name, state in self.nodes.items()}
+
+    def in_flight(self) -> dict[str, int]:
+        """Each node's requests in flight from this gateway (with several workers, from all of them)."""
+        others = self._others()
+        return {name: state.in_flight(_of(others, name)) for name, state in self.nodes.items()}
 
     def _others(self) -> dict[str, list[Share]] | None:
         return self.others() if self.others is not None else None

@@ -1,5 +1,6 @@
-"""The fleet's logs as the gateway serves them: the batches nodes ship, checked and kept, then read by the
-alert analysis; the searches; the gateway's own lines; the purge of old ones (the store: logstore.py).
+"""The fleet's logs as the gateway serves them: the batches nodes ship, checked and kept; the access lines
+read back by the alert analysis (of every worker's batches, with several); the searches; the gateway's
+own lines; the purge of old ones (the store: logstore.py).
 
 The store is one SQLite connection, used from worker threads so that the event loop never waits on the
 disk, and from one of them at a time (the lock here).
@@ -15,7 +16,7 @@ import orjson
 
 from edgegen.errors import Forbidden, InvalidInput
 from edgegen.gateway.alerts import Analyzer
-from edgegen.gateway.logstore import LogStore, OwnLines, Query
+from edgegen.gateway.logstore import MAX_LIMIT, LogStore, OwnLines, Query
 from edgegen.gateway.settings import LogStoreSettings
 from edgegen.security.auth import Principal
 
@@ -26,10 +27,11 @@ class FleetLogs:
         self.analyzer = analyzer
         self.settings = settings
         self._lock = asyncio.Lock()
+        self._read: int | None = None  # the last line the analysis read (None: none yet)
 
     async def receive(self, body: bytes, sender: Principal) -> dict[str, int]:
-        """A node's batch of log lines: kept, then read by the analysis. A node that ships with its
-        certificate (`node:<CN>`) ships its own lines only."""
+        """A node's batch of log lines, kept. A node that ships with its certificate (`node:<CN>`) ships
+        its own lines only."""
         try:
             batch = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -47,8 +49,24 @@ class FleetLogs:
             raise Forbidden(f"the certificate of {sender.subject[5:]} ships that node's logs, not {node}'s")
         async with self._lock:
             lines = await asyncio.to_thread(self.store.add, node, spool, entries)
-        self.analyzer.observe(lines)
         return {"stored": len(lines)}
+
+    async def analyse(self) -> None:
+        """The access lines kept since the last round (at the first, those of the analysis' whole span:
+        a worker that takes the lead takes up the analysis where the last one was) into the analysis."""
+        async with self._lock:
+            lines = await asyncio.to_thread(self._unread)
+        self.analyzer.observe(lines)
+
+    def _unread(self) -> list[dict[str, Any]]:
+        if self._read is None:
+            self._read = self.store.last_before(self.analyzer.clock() - self.analyzer.span_s)
+        lines: list[dict[str, Any]] = []
+        while True:
+            read, self._read = self.store.access_since(self._read)
+            lines += read
+            if len(read) < MAX_LIMIT:
+                return lines
 
     async def search(self, query: Query) -> list[dict[str, Any]]:
         async with self._lock:

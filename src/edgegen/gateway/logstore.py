@@ -162,6 +162,29 @@ class LogStore:
         rows = self._db.execute(sql, [*args, q.limit]).fetchall()
         return [{**orjson.loads(line), "node": n, "seq": s, "time": ts} for n, s, ts, line in reversed(rows)]
 
+    def access_since(self, after: int, limit: int = MAX_LIMIT) -> tuple[list[dict[str, Any]], int]:
+        """The access lines kept after line `after` (an id; oldest first, at most `limit`) as the alert
+        analysis reads them — node, time, logger, status, ms, model —, and the id to read on from.
+        `after` -1: from the first line kept, however old."""
+        rows = self._db.execute(
+            "SELECT id, node, ts, json_extract(line, '$.status'), json_extract(line, '$.ms'),"
+            " json_extract(line, '$.model') FROM logs WHERE id > ? AND logger = 'edgegen.access'"
+            " ORDER BY id LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        lines = [
+            {"node": node, "time": ts, "logger": "edgegen.access", "status": status, "ms": ms, "model": model}
+            for _, node, ts, status, ms, model in rows
+        ]
+        return lines, rows[-1][0] if rows else after
+
+    def last_before(self, ts: float) -> int:
+        """The id of the last line kept before the first of time `ts` or later (-1: none)."""
+        found = self._db.execute("SELECT min(id) FROM logs WHERE ts >= ?", (ts,)).fetchone()[0]
+        if found is None:
+            return int(self._db.execute("SELECT coalesce(max(id), -1) FROM logs").fetchone()[0])
+        return int(found) - 1
+
     def purge(self, before: float) -> int:
         return self._db.execute("DELETE FROM logs WHERE ts < ?", (before,)).rowcount
 

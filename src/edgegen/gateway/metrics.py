@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edgegen.gateway.alerts import Alert, Analyzer
+from edgegen.gateway.alerts import Alert, Board
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.proxy import Attempt
 from edgegen.observe.metrics import LATENCY_BUCKETS
@@ -39,7 +39,7 @@ class GatewayMetrics:
     """The proxy's observer (each try, each retry), the request boundary's (each answer), and the gauges
     of the fleet and its alerts."""
 
-    def __init__(self, fleet: Fleet, analyzer: Analyzer) -> None:
+    def __init__(self, fleet: Fleet, alerts: Callable[[], Board]) -> None:
         self.fleet = fleet
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -70,7 +70,7 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="mostrecent",  # whichever worker ran the audit
         )
-        self.collectors = (FleetCollector(fleet), AlertCollector(analyzer))
+        self.collectors = (FleetCollector(fleet), AlertCollector(alerts))
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         for collector in self.collectors:
             r.register(collector)
@@ -147,24 +147,25 @@ class FleetCollector(Collector):
         )
         taking = {b.name for b in self.fleet.available()}
         now = time.time()
+        counts = self.fleet.in_flight()
         for name, member in self.fleet.nodes.items():
             available.add_metric([name], float(name in taking))
-            in_flight.add_metric([name], member.backend.in_flight)
+            in_flight.add_metric([name], counts[name])
             if member.last_seen is not None:
                 seen.add_metric([name], now - member.last_seen)
         yield from (available, in_flight, seen)
 
 
 class AlertCollector(Collector):
-    """1 for every alert active now (gateway/alerts.py)."""
+    """1 for every alert active now (gateway/alerts.py; with several workers, the leader's)."""
 
-    def __init__(self, analyzer: Analyzer) -> None:
-        self.analyzer = analyzer
+    def __init__(self, alerts: Callable[[], Board]) -> None:
+        self.alerts = alerts
 
     def collect(self) -> Iterator[Metric]:
         active = GaugeMetricFamily(
             "edgegen_gateway_alert_active", "Alerts active now.", labels=["kind", "node", "model"]
         )
-        for kind, node, model in list(self.analyzer.active):
-            active.add_metric([kind, node, model], 1.0)
+        for alert in self.alerts()[0]:
+            active.add_metric([alert["kind"], alert["node"], alert["model"]], 1.0)
         yield active

@@ -9,6 +9,7 @@ relays with its own connection pools and balancers. What must be one across them
     generation  moved by every change; each worker reads it every `sync_s` and reloads when it moved
     traffic     each worker's share of each node's recent traffic, written every `sync_s`
     history     the fleet view's traffic history, a point per node every `status_interval_s`
+    alerts      the alerts the leader's analysis of the fleet's logs raised, active and recent
 
 Decided once. One worker at a time holds `leader.lock` (flock: the kernel frees it when that worker
 dies, and another takes it within `sync_s`) and runs the active health checks and the status reads; the
@@ -32,8 +33,11 @@ told is at most `sync_s` old, and a worker that has said nothing for `SHARE_STAL
 out. The leader samples that view into the history here, so `GET /gateway/fleet/history` gives the same
 points whichever worker answers, and a new leader goes on with the same history.
 
-What stays per worker: the log analysis of the lines each worker receives (Prometheus, in multiprocess
-mode, sums the counters of all).
+One analysis. Nodes ship their lines to whichever worker their connection reached, into the one log
+store; the leader reads every worker's access lines back from it and alone raises and resolves alerts,
+which it keeps here for every worker's `GET /gateway/alerts` and `/metrics`. A worker that takes the lead
+reads the store from the analysis' whole span back and takes the alerts as the last leader left them:
+those active stay active, not raised a second time.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from typing import Any
 
 from edgegen.db import connect, transaction
 from edgegen.errors import ConfigError
+from edgegen.gateway.alerts import Board
 from edgegen.gateway.fleet import MAX_HISTORY_POINTS, Fleet, FleetMember, Point, Share
 
 SHARED_DIR = "EDGEGEN_GATEWAY_SHARED_DIR"  # set by `edgegen gateway --workers N` for its workers
@@ -69,6 +74,7 @@ CREATE TABLE IF NOT EXISTS traffic (
 );
 CREATE TABLE IF NOT EXISTS history (node TEXT NOT NULL, at REAL NOT NULL, point TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS history_at ON history (at);
+CREATE TABLE IF NOT EXISTS alerts (position INTEGER PRIMARY KEY, active INTEGER NOT NULL, view TEXT NOT NULL);
 """
 SHARE_STALE_S = 5.0  # a worker's share of the traffic this much older than the last it told is left out
 _COLUMNS = ("name", "url", "weight", "draining", "healthy", "ejections", "ejected_until", "last_seen",
@@ -158,6 +164,22 @@ class SharedFleet:
             if node in found:
                 found[node].append(json.loads(point))
         return found
+
+    # -- one analysis ---------------------------------------------------------------------------------------
+    def keep_alerts(self, board: Board) -> None:
+        """The leader's alerts, for every worker (the generation stays: it is no change of the fleet)."""
+        active, recent = board
+        rows = [(1, json.dumps(view)) for view in active] + [(0, json.dumps(view)) for view in recent]
+        with transaction(self._db):
+            self._db.execute("DELETE FROM alerts")
+            self._db.executemany("INSERT INTO alerts (active, view) VALUES (?, ?)", rows)
+
+    def alerts(self) -> Board:
+        """The alerts as the leader kept them: active, and recent (newest first)."""
+        board: Board = ([], [])
+        for active, view in self._db.execute("SELECT active, view FROM alerts ORDER BY position"):
+            board[0 if active else 1].append(json.loads(view))
+        return board
 
     # -- one fleet view -----------------------------------------------------------------------------------
     def publish(self) -> None:

@@ -3,11 +3,12 @@ the admin app's `app.state.gateway`; each route takes what it needs with `gatewa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from edgegen.gateway.alerts import Analyzer
+from edgegen.gateway.alerts import Analyzer, Board
 from edgegen.gateway.audit import FleetAudit
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.fleetlogs import FleetLogs
@@ -30,6 +31,7 @@ class GatewayState:
     nodes: NodeClient  # the gateway's own calls to a node
     metrics: GatewayMetrics
     analyzer: Analyzer  # alerts from the shipped access lines
+    alerts: Callable[[], Board]  # the alerts, active and recent: the analyzer's, or the leader's (shared)
     logs: FleetLogs
     restarts: Restarts
     rollouts: Rollouts

@@ -7,12 +7,24 @@ import asyncio
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from edgegen.errors import ConfigError
+from edgegen.gateway.alerts import Analyzer
 from edgegen.gateway.fleet import Fleet
-from edgegen.gateway.settings import HealthSettings, NodeEntry, OutlierSettings
+from edgegen.gateway.fleetlogs import FleetLogs
+from edgegen.gateway.logstore import LogStore
+from edgegen.gateway.settings import (
+    AlertSettings,
+    HealthSettings,
+    LogStoreSettings,
+    NodeEntry,
+    OutlierSettings,
+)
 from edgegen.gateway.shared import SHARE_STALE_S, SharedFleet
+from edgegen.observe.logs import timestamp
+from edgegen.security.auth import Principal
 
 
 def worker(directory: Path, nodes: int = 3) -> SharedFleet:
@@ -196,3 +208,56 @@ def test_the_leaders_history_is_every_workers_and_outlives_its_lead(
         1_005.0,
         1_000.0 + history_s + 1,
     ]  # older than history_s: gone
+
+
+ALERTS = AlertSettings(window_s=3, baseline_s=30, evaluate_s=0.2, min_requests=10)
+OPERATOR = Principal("ops", "operator")
+
+
+def analysis(directory: Path, clock: list[float]) -> FleetLogs:
+    """A worker's side of the fleet's logs: the one store, and its own analysis."""
+    return FleetLogs(
+        LogStore(directory / "fleet.sqlite"), Analyzer(ALERTS, lambda: clock[0]), LogStoreSettings()
+    )
+
+
+def shipped(status: int, at: float, count: int, first: int = 1) -> bytes:
+    line = {"ts": timestamp(at), "level": "info", "logger": "edgegen.access", "msg": "request", "ms": 4.0}
+    entries = [[first + n, {**line, "status": status, "model": "digits"}] for n in range(count)]
+    return orjson.dumps({"node": "n0", "spool": "s1", "entries": entries})
+
+
+async def test_the_leader_analyses_every_workers_lines_and_its_alerts_outlive_its_lead(
+    tmp_path: Path, pair: tuple[SharedFleet, SharedFleet]
+) -> None:
+    """Nodes ship to whichever worker their connection reached: a spike split over two workers, each
+    with fewer lines than an alert needs, is one alert, raised once; a new leader keeps it active without
+    raising it again, and resolves it when it is over."""
+    a, b = pair
+    clock = [time.time()]
+    logs_a, logs_b = analysis(tmp_path, clock), analysis(tmp_path, clock)
+    assert await logs_a.receive(shipped(503, clock[0] - 1, 6), OPERATOR) == {"stored": 6}
+    assert await logs_b.receive(shipped(503, clock[0] - 1, 6, first=7), OPERATOR) == {"stored": 6}
+    await logs_a.analyse()  # a leads: the lines b kept are read too
+    [raised] = logs_a.analyzer.evaluate()
+    assert (raised.kind, raised.node, raised.detail["requests"]) == ("error_spike", "n0", 12)
+    a.keep_alerts(logs_a.analyzer.board())
+    for shared in pair:  # every worker shows the leader's alerts
+        active, recent = shared.alerts()
+        assert [(x["kind"], x["since"]) for x in active] == [("error_spike", raised.since)]
+        assert recent == active
+
+    logs_b.analyzer.resume(b.alerts())  # a died; b leads from here, from what a left
+    await logs_b.analyse()  # the analysis' whole span read back from the store
+    assert logs_b.analyzer.evaluate() == []  # active already: not raised a second time
+    assert list(logs_b.analyzer.active) == [("error_spike", "n0", "digits")]
+    clock[0] += 4  # the spike is out of the window
+    await logs_b.receive(shipped(200, clock[0] - 1, 12, first=13), OPERATOR)
+    await logs_b.analyse()
+    assert logs_b.analyzer.evaluate() == []
+    b.keep_alerts(logs_b.analyzer.board())
+    active, [resolved] = a.alerts()
+    assert active == []
+    assert (resolved["since"], resolved["resolved"]) == (raised.since, clock[0])
+    for logs in (logs_a, logs_b):
+        logs.close()

@@ -14,8 +14,5 @@ router = APIRouter(prefix="/gateway")
 
 @router.get("/alerts")
 def alerts(request: Request) -> dict[str, Any]:
-    analyzer = gateway_of(request).analyzer
-    return {
-        "active": [a.view() for a in analyzer.active.values()],
-        "recent": [a.view() for a in reversed(analyzer.recent)],
-    }
+    active, recent = gateway_of(request).alerts()
+    return {"active": active, "recent": recent}
