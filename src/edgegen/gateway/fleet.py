@@ -179,10 +179,8 @@ class FleetMember:
         """The fleet view of this node: routing state, load, version, recent traffic as the gateway saw it
         (with `others`, every worker's: its traffic and requests in flight)."""
         status = self.status or {}
-        described = self.describe(now)
-        described["in_flight"] = self.in_flight(others)
         return {
-            **described,
+            **self.describe(now, others),
             "last_seen_s": round(wall - self.last_seen, 3) if self.last_seen is not None else None,
             "version": status.get("version"),
             "models": status.get("models"),
@@ -201,7 +199,8 @@ class FleetMember:
             "traffic": self.traffic_view(now, others),
         }
 
-    def describe(self, now: float) -> dict[str, object]:
+    def describe(self, now: float, others: list[Share] | None = None) -> dict[str, object]:
+        """Its routing state and requests in flight (with `others`, every worker's)."""
         b = self.backend
         return {
             "name": b.name,
@@ -211,7 +210,7 @@ class FleetMember:
             "draining": self.draining,
             "ejected_for_s": round(max(0.0, self.ejected_until - now), 3),
             "ejections": self.ejections,
-            "in_flight": b.in_flight,
+            "in_flight": self.in_flight(others),
             "latency_ewma_ms": round(b.ewma_s * 1000, 3),
         }
 
@@ -367,8 +366,8 @@ class Fleet:
         self._changed(state)
 
     def snapshot(self) -> list[dict[str, object]]:
-        now = self.clock()
-        return [state.describe(now) for state in self.nodes.values()]
+        now, others = self.clock(), self._others()
+        return [state.describe(now, _of(others, name)) for name, state in self.nodes.items()]
 
     def record_try(self, backend: Backend, seconds: float, failed: bool) -> None:
         state = self.nodes.get(backend.name)

@@ -172,6 +172,7 @@ def test_every_worker_shows_the_traffic_all_workers_relayed(pair: tuple[SharedFl
         assert n1["traffic"]["requests_per_s"] == 1.0
         assert n1["traffic"]["p50_ms"] == pytest.approx(5.0, rel=0.022)
         assert (n2["traffic"]["requests_per_s"], n2["traffic"]["p50_ms"], n2["in_flight"]) == (0, None, 0)
+        assert [node["in_flight"] for node in shared.fleet.snapshot()] == [3, 0, 0]  # GET /gateway/nodes
 
 
 def test_a_worker_that_stopped_telling_is_left_out(pair: tuple[SharedFleet, SharedFleet]) -> None:
