@@ -12,7 +12,7 @@ import pytest
 from edgegen.config import JobsSettings
 from edgegen.jobs.queue import Job, JobRequest, Status
 from edgegen.jobs.sqlite import SqliteJobQueue
-from edgegen.jobs.workers import JobWorkers
+from edgegen.jobs.workers import JobWorkers, Runner
 from edgegen.observe.logs import JsonFormatter
 
 REQUEST = JobRequest("POST", "/predict", b'{"input_data": [1, 2, 3]}')
@@ -40,20 +40,27 @@ async def run_until_final(answers: list[tuple[int, bytes]], tmp_path: Path) -> t
         return answers[min(len(calls), len(answers)) - 1]
 
     outcomes = Outcomes()
+    return await until_final(queue, job, run, outcomes), outcomes.seen, len(calls)
+
+
+async def until_final(
+    queue: SqliteJobQueue, job: Job, run: Runner, observer: Outcomes | None = None
+) -> Status:
+    """One worker runs `job` with `run` until it succeeds or fails for good; the queue is closed then."""
     settings = JobsSettings(workers=1, reserved=1, poll_s=0.005, lease_s=5)
-    workers = JobWorkers(queue, run, settings, live=lambda: 0, name="test", observer=outcomes)
+    workers = JobWorkers(queue, run, settings, live=lambda: 0, name="test", observer=observer)
     await workers.start()
     try:
         for _ in range(1000):
             current = await queue.get(job.id)
             assert current is not None
             if current.status in (Status.SUCCEEDED, Status.FAILED):
-                break
+                return current.status
             await asyncio.sleep(0.005)
+        raise AssertionError("the job never ended")
     finally:
         await workers.stop()
         await queue.close()
-    return current.status, outcomes.seen, len(calls)
 
 
 @pytest.mark.parametrize(
@@ -142,20 +149,7 @@ async def run_traced(answers: list[tuple[int, bytes] | Exception], tmp_path: Pat
             raise answer
         return answer
 
-    settings = JobsSettings(workers=1, reserved=1, poll_s=0.005, lease_s=5)
-    workers = JobWorkers(queue, run, settings, live=lambda: 0, name="test")
-    await workers.start()
-    try:
-        for _ in range(1000):
-            current = await queue.get(job.id)
-            assert current is not None
-            if current.status in (Status.SUCCEEDED, Status.FAILED):
-                return current.status
-            await asyncio.sleep(0.005)
-        raise AssertionError("the job never ended")
-    finally:
-        await workers.stop()
-        await queue.close()
+    return await until_final(queue, job, run)
 
 
 @pytest.mark.parametrize(
