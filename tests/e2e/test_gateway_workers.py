@@ -198,6 +198,11 @@ def test_one_worker_checks_health_and_another_takes_over_when_it_dies(
 ) -> None:
     first = leaders(gateway)
     assert len(first) == 1  # one worker checks the nodes; the other takes its verdicts
+    history = clients[0].get("/gateway/fleet/history").json()["nodes"]["n0"]
+    alerts = clients[0].get("/gateway/alerts").json()["recent"]
+    raised = sample(clients[0], 'edgegen_gateway_alerts_total{kind="error_spike"}')
+    assert history  # (the tests before made traffic and raised an alert)
+    assert alerts
     os.kill(first[0], signal.SIGKILL)
     deadline = time.monotonic() + 10
     while len(leaders(gateway)) < 2:
@@ -205,10 +210,20 @@ def test_one_worker_checks_health_and_another_takes_over_when_it_dies(
         time.sleep(0.05)
     assert leaders(gateway)[1] != first[0]
 
+    # The new leader goes on with the last one's history and alerts: nothing lost, nothing raised again.
+    alive = [c for c in clients if _answers(c)]  # the clients whose worker was not killed
+    time.sleep(SETTLE_S)  # a round of status reads and of analysis by the new leader
+    for client in alive:
+        after = client.get("/gateway/fleet/history").json()["nodes"]["n0"]
+        assert after[: len(history)] == history
+        assert len(after) > len(history)
+        recent = client.get("/gateway/alerts").json()["recent"]
+        assert {(a["kind"], a["since"]) for a in alerts} <= {(a["kind"], a["since"]) for a in recent}
+        assert sample(client, 'edgegen_gateway_alerts_total{kind="error_spike"}') == raised
+
     # The new leader's verdicts reach every worker: a dead node is out, and back once it is up.
     victim, port = fleet[1], fleet[1].port
     victim.kill()
-    alive = [c for c in clients if _answers(c)]  # the clients whose worker was not killed
     every_client_sees(alive, lambda nodes: not nodes["n1"]["healthy"], within_s=5.0)
     fleet[1] = NodeProcess(victim.home, env=LLM_ENV, port=port).start()
     deadline = time.monotonic() + 10
