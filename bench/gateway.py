@@ -5,7 +5,9 @@ overhead  One node (`edgegen serve`, digits). wrk + bench/predict.lua (every ans
           process, and `--workers 2`), and through nginx (Debian's, started here with an equivalent
           `least_conn` upstream and keepalive), at concurrency 1 and 64, in rounds (A B C A B C …). Added
           p50 / p99 = via − direct, same round. Each gateway's CPU (all its processes) per answer, too.
-          `--baseline-src DIR` adds a gateway run from another tree's `src` (A B against a commit).
+          `--baseline-src DIR` adds a gateway run from another tree's `src` (A B against a commit);
+          `--floors` adds the two relays of bench/baselines/relay_floor.py, the gateway's upstream pool
+          and nothing else of it, on a server loop of their own and under uvicorn (where its CPU goes).
           Targets: our added p50 ≤ 2× nginx's and ≤ 1 ms; CPU per relayed answer ≤ 80 µs; with
           `--workers 2`, added p50 at 64 clients ≤ 25 % of the direct p50.
 uneven    Three nodes serving `digits`; one is reached through bench/baselines/delay_relay.py, which
@@ -24,7 +26,7 @@ spread    Two equal nodes behind `--workers 2` with least_connections, 64 client
 pick      In process: µs per `pick` of each balancer over 1,000 registered nodes (median of 5 × 20,000).
 
     python bench/gateway.py [--rounds 3] [--duration 5] [--affinity-rounds 1] [--skip uneven,affinity]
-                            [--baseline-src DIR]
+                            [--baseline-src DIR] [--floors]
 
 Results go to bench/results/gateway-<timestamp>.json, with a Markdown table printed at the end.
 """
@@ -79,6 +81,13 @@ def gateway(
     command += ["--workers", str(workers)] if workers > 1 else []
     env = clean_env(EDGEGEN_GATEWAY_HOME=str(root), **LIKE_BASELINES, **({"PYTHONPATH": src} if src else {}))
     return Server(name, command, env, "/v2/health/ready", port)
+
+
+def relay_floor(kind: str, target: Server) -> Server:
+    """bench/baselines/relay_floor.py's `kind` relay (protocol, uvicorn) to `target`."""
+    port = free_port()
+    command = [str(BIN / "python"), str(BASELINES / "relay_floor.py"), kind, str(port), target.base_url]
+    return Server(f"relay-floor-{kind}", command, clean_env(), "/v2/health/ready", port)
 
 
 def cpu_seconds(server: Server) -> float:
@@ -148,7 +157,14 @@ def describe(result: dict[str, Any]) -> str:
 
 
 def overhead(
-    home: Path, root: Path, rounds: int, seconds: int, data: Path, wrk_bin: str, baseline: str | None
+    home: Path,
+    root: Path,
+    rounds: int,
+    seconds: int,
+    data: Path,
+    wrk_bin: str,
+    baseline: str | None,
+    floors: bool = False,
 ) -> list[dict[str, Any]]:
     target = node(home, "node")
     start(target, root)
@@ -157,6 +173,8 @@ def overhead(
                nginx(root, "nginx", [target], "least_conn;")]  # fmt: skip
     if baseline is not None:
         servers.insert(2, gateway(root, "edgegen-gateway-base", [target], "least_connections", src=baseline))
+    if floors:
+        servers[-1:-1] = [relay_floor("protocol", target), relay_floor("uvicorn", target)]
     rows = []
     try:
         for server in servers[1:]:
@@ -384,6 +402,9 @@ def main() -> None:
     parser.add_argument(
         "--baseline-src", default=None, help="another tree's src/: its gateway runs as a baseline"
     )
+    parser.add_argument(
+        "--floors", action="store_true", help="add bench/baselines/relay_floor.py's two bare relays"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     result = new_result()
@@ -394,9 +415,13 @@ def main() -> None:
             result["pick_us"] = pick_cost()
             console.print(f"pick cost over 1,000 nodes (µs): {result['pick_us']}")
         if "overhead" not in skip:
-            rows = overhead(home, root, args.rounds, args.duration, data, wrk_bin, args.baseline_src)
+            rows = overhead(
+                home, root, args.rounds, args.duration, data, wrk_bin, args.baseline_src, args.floors
+            )
             result["overhead"] = rows
-            gateways = sorted({row["server"] for row in rows if row["server"].startswith("edgegen")})
+            gateways = sorted(
+                {row["server"] for row in rows if row["server"].startswith(("edgegen", "relay"))}
+            )
             for c in (1, 64):
                 for name in gateways:
                     cpus = [
