@@ -41,6 +41,7 @@ def shipping(fleet: Fleet) -> Iterator[tuple[SecureNode, SecureGateway]]:
         f'cert_file = "{pki / "gw.crt"}"\nkey_file = "{pki / "gw.key"}"\n'
         f'[tls]\ncert_file = "{pki / "gw.crt"}"\nkey_file = "{pki / "gw.key"}"\n'
         f'client_ca_file = "{pki / "ca.crt"}"\nclient_certs = "optional"\n'
+        "[alerts]\nevaluate_s = 0.2\n"
     )
     env = {
         **security_env(fleet, "EDGEGEN_GATEWAY_"),
@@ -133,3 +134,36 @@ def test_lines_are_searched_by_trace_id_and_only_a_trace_id_is_taken(
             assert "trace_id" in answer.json()["error"]
         again = admin.get(f"{gateway.url}/gateway/logs", params={"trace_id": trace}).json()["lines"]
         assert again == found
+
+
+def test_hostile_access_lines_are_data_to_the_analysis(
+    fleet: Fleet, shipping: tuple[SecureNode, SecureGateway]
+) -> None:
+    """The analysis reads a node's access lines back from the store: a status, duration or model of any
+    shape is counted when it is one and passed over when it is not, never fails a round, and a real spike
+    beside them is still found."""
+    _, gateway = shipping
+    access = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()), "level": "info",
+              "logger": "edgegen.access", "msg": "request"}  # fmt: skip
+    hostile = [
+        {"status": "503", "ms": 1.0, "model": "digits"},
+        {"status": {"$gt": 0}, "ms": "fast", "model": ["digits"]},
+        {"status": 503.5, "ms": {"x": 1}, "model": {"$ne": None}},
+        {"status": 9_223_372_036_854_775_807, "ms": -1e308, "model": "<script>alert(1)</script>"},
+        {"status": None, "ms": None, "model": "x" * 4096},
+    ]
+    spike = [{"status": 503, "ms": 2.0, "model": "spiked"}] * 30
+    lines = [{**access, **line} for line in hostile + spike]
+    batch = {"node": "node1", "spool": "hostile", "entries": [[i + 1, line] for i, line in enumerate(lines)]}
+    with as_node(fleet) as client:
+        assert client.post(f"{gateway.url}/gateway/logs", content=orjson.dumps(batch)).status_code == 200
+    with fleet.admin_client() as admin:
+        until, found = time.monotonic() + 15, []
+        while not found and time.monotonic() < until:
+            alerts = admin.get(f"{gateway.url}/gateway/alerts")
+            assert alerts.status_code == 200
+            found = [a for a in alerts.json()["active"] if a["model"] == "spiked"]
+            time.sleep(0.2)
+        assert [(a["kind"], a["node"], a["requests"]) for a in found] == [("error_spike", "node1", 30)]
+        assert admin.get(f"{gateway.url}/metrics").status_code == 200
+    assert "log analysis failed" not in gateway.log()
