@@ -48,6 +48,7 @@ import fcntl
 import json
 import os
 import secrets
+import threading
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,10 @@ class SharedFleet:
         self.fleet = fleet
         self._db = connect(directory / "fleet.sqlite")
         self._db.executescript(_SCHEMA)
+        # The views' reads (others' traffic, the history, the alerts) come from routes and scrapes that
+        # run in a thread pool too: a connection of their own, one thread at a time.
+        self._views = connect(directory / "fleet.sqlite")
+        self._views_lock = threading.Lock()
         self._seen = -1
         self._leader: int | None = None
         self.worker = secrets.token_hex(6)  # (unique across the run's workers, restarted ones included)
@@ -160,7 +165,7 @@ class SharedFleet:
         """Each node's traffic history after `since` (wall time), oldest first, in the fleet's order."""
         found: dict[str, list[list[float | None]]] = {name: [] for name in self.fleet.nodes}
         query = "SELECT node, point FROM history WHERE at > ? ORDER BY at, rowid"
-        for node, point in self._db.execute(query, (since,)):
+        for node, point in self._read(query, since):
             if node in found:
                 found[node].append(json.loads(point))
         return found
@@ -177,7 +182,7 @@ class SharedFleet:
     def alerts(self) -> Board:
         """The alerts as the leader kept them: active, and recent (newest first)."""
         board: Board = ([], [])
-        for active, view in self._db.execute("SELECT active, view FROM alerts ORDER BY position"):
+        for active, view in self._read("SELECT active, view FROM alerts ORDER BY position"):
             board[0 if active else 1].append(json.loads(view))
         return board
 
@@ -197,9 +202,13 @@ class SharedFleet:
         """What the other workers last told of each node's traffic (`Fleet.others`)."""
         found: dict[str, list[Share]] = {}
         query = "SELECT node, share FROM traffic WHERE worker != ? AND at >= ?"
-        for node, share in self._db.execute(query, (self.worker, self.fleet.clock() - SHARE_STALE_S)):
+        for node, share in self._read(query, self.worker, self.fleet.clock() - SHARE_STALE_S):
             found.setdefault(node, []).append(json.loads(share))
         return found
+
+    def _read(self, query: str, *args: object) -> list[Any]:
+        with self._views_lock:
+            return self._views.execute(query, args).fetchall()
 
     def _upsert(self, member: FleetMember, position: int) -> None:
         b = member.backend
@@ -261,6 +270,7 @@ class SharedFleet:
             os.close(self._leader)
             self._leader = None
         self._db.close()
+        self._views.close()
 
     # -- rollbacks -------------------------------------------------------------------------------------------
     def _rollback_get(self, model: str) -> dict[str, str | None] | None:
