@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -33,6 +34,25 @@ def metric(node: NodeProcess, prefix: str) -> float:
         if line.startswith(prefix):
             return float(line.split()[-1])
     return 0.0
+
+
+YOUNG_COLLECTIONS = 'python_gc_collections_total{generation="0"}'  # (observe/heap.py)
+
+
+def predict_together(process: NodeProcess, pixels: list[float], clients: int, rounds: int) -> None:
+    """`rounds` times, `clients` seed predictions sent at once, each on its own connection; all answered."""
+
+    async def send() -> None:
+        limits = httpx.Limits(max_connections=clients)
+        async with httpx.AsyncClient(
+            base_url=process.url, headers=process.headers, verify=process.verify, limits=limits
+        ) as client:
+            for _ in range(rounds):
+                body = {"input_data": pixels}
+                answers = await asyncio.gather(*(client.post("/predict", json=body) for _ in range(clients)))
+                assert all(a.status_code == 200 for a in answers)
+
+    asyncio.run(send())
 
 
 def tenant_headers(home: Path, tenant: str) -> dict[str, str]:

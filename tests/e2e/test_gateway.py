@@ -18,7 +18,14 @@ import pytest
 from edgegen import __version__
 from tests.conftest import fill_store
 from tests.e2e.conftest import LLM_ENV
-from tests.e2e.node_process import GatewayProcess, NodeProcess, assert_no_errors
+from tests.e2e.node_process import (
+    YOUNG_COLLECTIONS,
+    GatewayProcess,
+    NodeProcess,
+    assert_no_errors,
+    metric,
+    predict_together,
+)
 from tests.llm_models import write_tiny_llama
 
 pytestmark = pytest.mark.e2e
@@ -297,3 +304,12 @@ def test_the_fleet_changes_at_run_time(gateway: GatewayProcess, fleet: list[Node
     assert 'edgegen_gateway_nodes{state="available"} 3.0' in metrics
     assert "edgegen_gateway_attempts_total" in metrics
     assert json.loads(httpx.get(f"{gateway.url}/v2/health/ready").text)["nodes_available"] == 3
+
+
+def test_the_gateway_keeps_its_collector_off_its_start_up_heap(gateway: GatewayProcess) -> None:
+    young = metric(gateway, YOUNG_COLLECTIONS)
+    predict_together(gateway, PIXELS, clients=64, rounds=16)
+    # 64 requests in flight hold thousands of containers at once: at CPython's default threshold (700)
+    # the youngest generation is collected ~15 times over these 1,024, settled (observe/heap.py) once.
+    assert metric(gateway, YOUNG_COLLECTIONS) - young <= 5
+    assert metric(gateway, 'edgegen_gc_seconds_total{generation="2"}') > 0  # (settling, timed)

@@ -14,7 +14,15 @@ import pytest
 
 from edgegen import __version__
 from tests.e2e.conftest import LLM_ENV
-from tests.e2e.node_process import GatewayProcess, NodeProcess, metric, running, tenant_headers
+from tests.e2e.node_process import (
+    YOUNG_COLLECTIONS,
+    GatewayProcess,
+    NodeProcess,
+    metric,
+    predict_together,
+    running,
+    tenant_headers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +46,15 @@ def test_system_and_process_figures_are_in_the_metrics(node: NodeProcess) -> Non
     for family in ("edgegen_system_network_bytes_total", "edgegen_system_disk_io_bytes_total",
                    "edgegen_system_load_average", "edgegen_system_cpu_usage_ratio"):  # fmt: skip
         assert f"\n{family}" in text, family
+
+
+def test_the_node_keeps_its_collector_off_its_start_up_heap(node: NodeProcess) -> None:
+    young = metric(node, YOUNG_COLLECTIONS)
+    predict_together(node, [1.0] * 64, clients=64, rounds=16)
+    # With models loaded the heap is settled (observe/heap.py): many requests in flight at once no longer
+    # set off a collection of the youngest generation every few requests (~15 over these at the default).
+    assert metric(node, YOUNG_COLLECTIONS) - young <= 5
+    assert metric(node, 'edgegen_gc_seconds_total{generation="2"}') > 0  # (settling, timed)
 
 
 def test_status_tells_the_version_models_and_load(node: NodeProcess, node_home: Path) -> None:

@@ -47,6 +47,7 @@ from edgegen.gateway.upgrade import Upgrades
 from edgegen.http.boundary import edge_stack
 from edgegen.http.errors import error_response, render
 from edgegen.http.serving import UPLOADS, GuardedHttpProtocol, tls_context
+from edgegen.observe import heap
 from edgegen.observe.logs import AccessLog, configure_logging, request_id
 from edgegen.security.gate import open_audit
 
@@ -115,6 +116,7 @@ class Gateway:
             if self.state.settings.grpc_port:
                 grpc_server = await start_grpc(self.state.settings, self.entry)
             async with background.running(self.state):
+                heap.settle()  # what start-up built lives as long as the process (observe/heap.py)
                 yield
         finally:
             if grpc_server is not None:

@@ -9,6 +9,7 @@
     edgegen_gateway_alerts_total{kind}                  alerts raised (gateway/alerts.py)
     edgegen_gateway_alert_active{kind,node,model}       1 for every alert active now
     edgegen_gateway_vulnerable_packages{node}           at the last GET /gateway/audit
+    python_gc_collections_total, edgegen_gc_seconds_total{generation}   the cycle collector (observe/heap.py)
 
 Per-node gauges are collectors rather than labelled children: nodes come and go at run time, and a node
 removed must leave the scrape with it. With several workers (`--workers N`, shared.py) the counters and
@@ -30,6 +31,7 @@ from prometheus_client.registry import Collector
 from edgegen.gateway.alerts import Alert, Board
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.proxy import Attempt
+from edgegen.observe.heap import GcCollector
 from edgegen.observe.metrics import LATENCY_BUCKETS
 
 _OUTCOMES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -74,6 +76,8 @@ class GatewayMetrics:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         for collector in self.collectors:
             r.register(collector)
+        if not self.multiprocess:  # (one worker's collector would pass for the gateway's)
+            r.register(GcCollector())
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._statuses: dict[int, Any] = {}
 

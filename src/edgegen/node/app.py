@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import os
 import socket
@@ -36,6 +35,7 @@ from edgegen.jobs.workers import JobWorkers
 from edgegen.node import admin, jobs_api, openai, predict, remote_config, software, v2
 from edgegen.node.jobs_api import run_job
 from edgegen.node.state import NodeState, node_of
+from edgegen.observe import heap
 from edgegen.observe.logs import AccessLog, configure_logging
 from edgegen.observe.metrics import CONTENT_TYPE, NodeMetrics
 from edgegen.security.atrest import Keyring
@@ -113,8 +113,7 @@ def create_app(settings: Settings) -> NodeApp:
         # Models load in the background: /v2/health/live answers at once, /ready once they are in.
         async def load() -> None:
             await registry.refresh()
-            # What start-up allocated lives as long as the process: keep the collector off it.
-            gc.freeze()
+            heap.settle()  # what start-up allocated lives as long as the process (observe/heap.py)
             metrics.models_loaded.set(len(registry.names()))
             log.info("node ready", extra={"models": registry.names(), "ready": registry.ready})
             if workers is not None:  # once the models are in, not before

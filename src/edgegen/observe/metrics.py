@@ -30,6 +30,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from edgegen.observe.heap import GcCollector
 from edgegen.observe.system import SystemCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -270,6 +271,7 @@ class NodeMetrics:
         if not self.multiprocess:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
+            r.register(GcCollector())
             if self.system is not None:
                 r.register(self.system)
 
