@@ -14,6 +14,8 @@ run on 127.0.0.1:
                     orjson and answers a constant; no model. 1 worker. Its answers count when well formed
                     (10 numbers), since they cannot carry the right logits
     floor-w2        the same with 2 workers: the floor of edgegen-w2
+    edgegen-base    with `--baseline-src DIR`: `edgegen serve` from another tree's `src/`, 1 worker (A B
+                    against a commit, in the same rounds)
 
 How. The load generator is wrk (Debian's; installed with apt-get when missing) driven by
 bench/predict.lua: each wrk thread holds one connection (`-t C -c C`) and cycles through K distinct bodies
@@ -27,7 +29,7 @@ issue are met; the resident memory of our node after the load and its time from 
 in-process floor (`InferenceSession.run`, batch 1 and 32, one intra-op thread).
 
     python bench/predict.py [--model digits|teacher] [--rounds 3] [--duration 5] [--warmup 1]
-                            [--concurrency 1,8,64] [--home DIR]
+                            [--concurrency 1,8,64] [--home DIR] [--servers a,b] [--baseline-src DIR]
 
 Results go to bench/results/<timestamp>.json; a Markdown table ready to paste is printed at the end.
 """
@@ -79,13 +81,20 @@ Summary = dict[tuple[str, int], dict[str, Any]]  # (server, concurrency) -> figu
 # --- servers -------------------------------------------------------------------------------------
 
 
-def define_servers(home: Path, first_body: bytes, model: str = "digits") -> list[Server]:
+def define_servers(
+    home: Path, first_body: bytes, model: str = "digits", baseline_src: str | None = None
+) -> list[Server]:
+    """The seed's app (alone and under gunicorn), our node (one process and two), the uvicorn floor (one
+    and two), and with `baseline_src` our node run from another tree's `src/` (A B against a commit)."""
     tflite = model_file(home, f"{model}-tflite", "model.tflite")
     uvicorn_floor = [str(BIN / "uvicorn"), "floor_app:app", "--app-dir", str(BASELINES)]
     uvicorn_floor += ["--host", "127.0.0.1", "--loop", "uvloop", "--http", "httptools"]
     uvicorn_floor += ["--no-access-log", "--log-level", "warning"]
     servers: list[Server] = []
-    for name in ("seed-flask", "seed-gunicorn", "edgegen", "edgegen-w2", "floor", "floor-w2"):
+    names = ["seed-flask", "seed-gunicorn", "edgegen", "edgegen-w2", "floor", "floor-w2"]
+    if baseline_src is not None:
+        names.insert(3, "edgegen-base")
+    for name in names:
         port = free_port()
         workers = "2" if name.endswith("w2") else "1"
         if name == "seed-flask":
@@ -103,6 +112,8 @@ def define_servers(home: Path, first_body: bytes, model: str = "digits") -> list
             with contextlib.suppress(FileExistsError):
                 (node_home / "models").symlink_to(home / "models")
             env = clean_env(EDGEGEN_HOME=str(node_home), EDGEGEN_DEFAULT_MODEL=model, **LIKE_BASELINES)
+            if name == "edgegen-base":
+                env["PYTHONPATH"] = str(baseline_src)
             ready_path, ready_post = "/v2/health/ready", None
         else:
             env = clean_env(SEED_MODEL_PATH=str(tflite), SEED_PORT=str(port))
@@ -437,6 +448,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=256, help="distinct request bodies per wrk thread")
     parser.add_argument("--servers", default="", help="comma-separated subset of the servers (default all)")
     parser.add_argument("--home", type=Path, help="EDGEGEN_HOME to use (default: a fresh temp dir)")
+    parser.add_argument("--baseline-src", help="another tree's src/: its node runs too, as `edgegen-base`")
     return parser.parse_args()
 
 
@@ -457,7 +469,7 @@ def main() -> None:
         first_body = write_data(onnx_model, args.samples, data, teacher)
         floor_in_process = in_process_floor(onnx_model, 300 if teacher else 3000, teacher)
         console.print("[bold]in-process floor[/] (onnxruntime, 1 intra-op thread):", floor_in_process)
-        servers = define_servers(home, first_body, args.model)
+        servers = define_servers(home, first_body, args.model, args.baseline_src)
         if args.servers:
             wanted = set(args.servers.split(","))
             servers = [s for s in servers if s.name in wanted]

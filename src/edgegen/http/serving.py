@@ -15,7 +15,8 @@
   head and body (a slowloris that trickles bytes is cut off with 408, where uvicorn's keep-alive timer
   restarts on every byte; a pushed package's body, per read), and the ASGI TLS extension
   (`scope["extensions"]["tls"]`) carrying the verified client certificate's subject, from which the
-  security gate reads the caller's role.
+  security gate reads the caller's role. Each request runs in a cycle of our own (cycle.py), leaner than
+  uvicorn's; the keep-alive timeout is one more deadline on the connection's one timer.
 - `tls_context`: the TLS factory, from each server's own settings.
 
 uvicorn takes a server's HTTP protocol class and TLS factory by reference and, with several workers,
@@ -37,14 +38,17 @@ import signal
 import ssl
 import sys
 import threading
+import urllib.parse
 from collections.abc import Callable
 from typing import ClassVar, Protocol
 
+import httptools
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
+from edgegen.http.cycle import RequestCycle
 from edgegen.security.settings import SecuritySettings, TlsSettings
 from edgegen.security.transport import server_context, subject_name
 
@@ -84,47 +88,6 @@ def tls_context(load: Callable[[], ServerSettings], config: object, default: obj
     return server_context(load().tls)
 
 
-class CoalescedWrites:
-    """A connection's transport whose small writes within one turn of the event loop leave as one.
-
-    uvicorn writes an answer's head when the app starts it and its body apart: two send(2)s and two
-    segments for the client to read, where one will do — a syscall and a wake-up a request, on a node and
-    twice on a gateway (its client and, for the node's answer, the node's server). Writes wait for the end
-    of the turn they were made in (`call_soon`), so a stream's events leave as soon as before; a large body
-    is written at once, after what waits. Everything but `write` and `close` is the transport's own.
-    """
-
-    __slots__ = ("_loop", "_pending", "_transport")
-    LARGE = 64 * 1024
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._pending: list[bytes] | None = None
-
-    def write(self, data: bytes) -> None:
-        if len(data) >= self.LARGE:
-            self.flush()
-            self._transport.write(data)
-        elif self._pending is None:
-            self._pending = [data]
-            self._loop.call_soon(self.flush)
-        else:
-            self._pending.append(data)
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._transport, name)
-
-
 class GuardedHttpProtocol(HttpToolsProtocol):
     """A server's subclass sets `load` to how it reads its settings (cached per process, in every worker);
     the deadlines come from their `[security]`.
@@ -142,8 +105,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _upload = False  # this request's body is a pushed package: its deadline is per read (`UPLOADS`)
     _tls: dict[object, object] | None = None
 
+    cycle: RequestCycle | None  # type: ignore[assignment]  # (ours, not uvicorn's: cycle.py)
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(CoalescedWrites(transport, self.loop))  # type: ignore[arg-type]
+        super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             cert = ssl_object.getpeercert()
@@ -174,6 +139,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         if self.loop.time() < self._deadline:  # the deadline moved on since the timer was set
             self._timer = self.loop.call_at(self._deadline, self._due)
+        elif self._awaiting == b"idle":  # a kept-alive connection past uvicorn's `timeout_keep_alive`
+            self.transport.close()
         elif self._awaiting == b"head":
             log.info("request refused", extra={"status": 408, "reason": "request head too slow"})
             self.transport.write(_HEAD_TIMEOUT)
@@ -194,23 +161,70 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         if self._tls is not None:
             self.scope["extensions"] = {"tls": self._tls}
-        if self._awaiting is None:  # (a connection's first request: awaited since it was made)
+        if self._awaiting != b"head":  # (a connection's first request was awaited since it was made)
             self._expect(b"head", self._head_s)
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        path = self.scope.get("path", "")
-        self._upload = self.scope["method"] in ("PUT", "POST") and UPLOADS.fullmatch(path) is not None
+        """The request's scope completed from its head, and its cycle (cycle.py) started, or queued behind
+        the one before it (a pipelined request)."""
+        parser, scope = self.parser, self.scope
+        http_version = parser.get_http_version()
+        method = scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        url = httptools.parse_url(self.url)
+        raw_path: bytes = url.path
+        path = raw_path.decode("ascii")
+        scope["path"] = urllib.parse.unquote(path) if "%" in path else path
+        scope["raw_path"] = raw_path
+        scope["query_string"] = url.query or b""
+        previous = self.cycle
+        self.cycle = RequestCycle(
+            scope,  # type: ignore[arg-type]
+            self.transport,
+            self.flow,
+            self.server_state.default_headers,
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        if previous is None or previous.response_complete:
+            self._start_asgi_task(self.cycle, self.app)  # type: ignore[arg-type]
+        else:
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, self.app))  # type: ignore[arg-type]
+        self._upload = method in ("PUT", "POST") and UPLOADS.fullmatch(scope["path"]) is not None
         self._expect(b"body", self._body_s)
 
     def on_body(self, body: bytes) -> None:
-        super().on_body(body)
+        if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:  # type: ignore[union-attr]
+            return
+        self.cycle.add_body(body)  # type: ignore[union-attr]
         if self._upload:  # an upload: no byte for the deadline, not all of it
             self._deadline = self.loop.time() + self._body_s
 
     def on_message_complete(self) -> None:
+        if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:  # type: ignore[union-attr]
+            # Answered before its body was whole (a refusal): idle from now, unless a request waits.
+            self._expect(None if self.pipeline else b"idle", self.timeout_keep_alive)
+            return
         self._expect(None)
-        super().on_message_complete()
+        self.cycle.body_complete()  # type: ignore[union-attr]
+
+    def on_response_complete(self) -> None:
+        """An answer went whole: the next pipelined request starts, or the connection waits, idle, at most
+        uvicorn's `timeout_keep_alive` for one (on the connection's one timer, not a new one per answer)."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self._awaiting is None:
+            self._expect(b"idle", self.timeout_keep_alive)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:

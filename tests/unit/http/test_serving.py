@@ -1,5 +1,6 @@
-"""How a server treats its connections (http/serving.py): an answer's head and body leave together, and a
-request's head and body arrive within their deadlines."""
+"""How a server treats its connections (http/serving.py) and each request on them (http/cycle.py): an
+answer's head and body leave together, headers that would split an answer are refused, pipelined requests
+are answered in order, and a request's head and body arrive within their deadlines."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
+import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.flow_control import FlowControl
 
-from edgegen.http.serving import CoalescedWrites, GuardedHttpProtocol
+from edgegen.http.cycle import RequestCycle
+from edgegen.http.serving import GuardedHttpProtocol
 
 
 class Recorded:
@@ -36,33 +40,101 @@ class Recorded:
         return f"info:{name}"
 
 
-async def test_writes_in_one_turn_of_the_loop_leave_as_one() -> None:
-    raw = Recorded()
-    transport = CoalescedWrites(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
-    transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
-    transport.write(b"{}")
-    assert raw.writes == []
-    await asyncio.sleep(0)
-    assert raw.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
-    transport.write(b"data: 1\n\n")  # a stream's next event: its own turn, its own write
-    await asyncio.sleep(0)
-    assert raw.writes[1:] == [b"data: 1\n\n"]
-    assert transport.get_extra_info("peername") == "info:peername"
+def cycle(
+    transport: Recorded, method: str = "POST", keep_alive: bool = True, done: list[str] | None = None
+) -> RequestCycle:
+    return RequestCycle(
+        {"type": "http", "method": method},
+        transport,  # type: ignore[arg-type]
+        FlowControl(transport),  # type: ignore[arg-type]
+        [(b"date", b"today")],
+        expect_100_continue=False,
+        keep_alive=keep_alive,
+        on_response=lambda: (done if done is not None else []).append("done"),
+    )
 
 
-async def test_a_large_body_goes_at_once_after_what_waits_and_close_sends_what_is_left() -> None:
+async def test_a_whole_answer_leaves_in_one_write_with_the_servers_headers() -> None:
+    raw, done = Recorded(), []
+    c = cycle(raw, done=done)
+    await c.send({"type": "http.response.start", "status": 200, "headers": [(b"Content-Length", b"2")]})
+    assert raw.writes == []  # the head waits for the body
+    await c.send({"type": "http.response.body", "body": b"{}"})
+    assert raw.writes == [b"HTTP/1.1 200 OK\r\ndate: today\r\ncontent-length: 2\r\n\r\n{}"]
+    assert c.response_complete
+    assert done == ["done"]
+    assert not raw.closed
+    await asyncio.sleep(0)
+    assert len(raw.writes) == 1  # the turn's end finds nothing left to write
+
+
+async def test_a_streams_head_leaves_at_the_end_of_the_turn_and_its_events_in_chunks() -> None:
     raw = Recorded()
-    transport = CoalescedWrites(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
-    large = b"x" * CoalescedWrites.LARGE
-    transport.write(b"head")
-    transport.write(large)
-    assert raw.writes == [b"head", large]
-    transport.write(b"last")
-    transport.close()
-    assert raw.writes[2:] == [b"last"]
+    c = cycle(raw)
+    await c.send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+    )
+    await asyncio.sleep(0)
+    assert raw.writes == [
+        b"HTTP/1.1 200 OK\r\ndate: today\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\n\r\n"
+    ]
+    await c.send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+    await c.send({"type": "http.response.body", "body": b"", "more_body": False})
+    assert raw.writes[1:] == [b"9\r\ndata: 1\n\n\r\n", b"0\r\n\r\n"]
+
+
+async def test_an_answer_to_head_has_no_body_and_a_closing_one_closes() -> None:
+    raw = Recorded()
+    c = cycle(raw, method="HEAD", keep_alive=False)
+    await c.send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+    await c.send({"type": "http.response.body", "body": b"hello"})
+    assert raw.writes == [b"HTTP/1.1 200 OK\r\ndate: today\r\ncontent-length: 5\r\nconnection: close\r\n\r\n"]
     assert raw.closed
+
+
+@pytest.mark.parametrize(
+    "header", [(b"x-id", b"1\r\nset-cookie: a=b"), (b"x-id\r\nset-cookie", b"1"), (b"x id", b"1")]
+)
+async def test_a_header_that_would_split_the_answer_is_a_500_not_written(header: tuple[bytes, bytes]) -> None:
+    raw = Recorded()
+    c = cycle(raw)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [header]})
+
+    await c.run_asgi(app)
+    assert raw.writes[0].startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert b"set-cookie" not in b"".join(raw.writes)
+    assert raw.closed
+
+
+async def test_a_body_longer_or_shorter_than_its_content_length_is_the_apps_error() -> None:
+    for body in (b"abc", b"a"):
+        c = cycle(Recorded())
+        await c.send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        with pytest.raises(RuntimeError, match="Content-Length"):
+            await c.send({"type": "http.response.body", "body": body})
+
+
+async def test_receive_gives_the_body_as_it_came_then_waits_for_the_answer_or_the_client() -> None:
+    raw = Recorded()
+    c = cycle(raw)
+    c.add_body(b"ab")
+    c.add_body(b"cd")
+    assert await c.receive() == {"type": "http.request", "body": b"abcd", "more_body": True}
+    later = asyncio.ensure_future(c.receive())
     await asyncio.sleep(0)
-    assert len(raw.writes) == 3  # nothing written twice, nothing after the close
+    assert not later.done()
+    c.add_body(b"e")
+    c.body_complete()
+    assert await later == {"type": "http.request", "body": b"e", "more_body": False}
+    gone = asyncio.ensure_future(c.receive())  # what an app that watches for its client does
+    await asyncio.sleep(0)
+    assert not gone.done()
+    await c.send({"type": "http.response.start", "status": 204, "headers": []})
+    await c.send({"type": "http.response.body", "body": b""})
+    assert await gone == {"type": "http.disconnect"}
 
 
 class Deadlines:
@@ -179,4 +251,28 @@ async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout_and_a_b
         started = time.monotonic()
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
         assert 0.2 < time.monotonic() - started < 2
+        writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order_on_the_servers_loop() -> None:
+    async with serving(head_s=5, body_s=5) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok"
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\nhello, world"
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        answers = [await answer(reader) for _ in range(3)]
+        assert [a.rsplit(b"\r\n\r\n", 1)[1] for a in answers] == [b"2", b"12", b"3"]
+        assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\ndate: " in a for a in answers)
+        writer.close()
+
+
+async def test_a_client_that_expects_100_continue_gets_it_when_the_app_reads_the_body() -> None:
+    async with serving(head_s=5, body_s=5) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"ok")
+        assert (await answer(reader)).endswith(b"\r\n\r\n2")
         writer.close()
