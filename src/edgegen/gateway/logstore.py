@@ -186,7 +186,12 @@ class LogStore:
         return int(found) - 1
 
     def purge(self, before: float) -> int:
-        return self._db.execute("DELETE FROM logs WHERE ts < ?", (before,)).rowcount
+        """Drop the lines of before `before`, but for the newest line, whatever its time: ids are rowids,
+        which SQLite hands out again once the highest is gone — below where the analysis read to
+        (`access_since`), whose next lines it would then never see."""
+        return self._db.execute(
+            "DELETE FROM logs WHERE ts < ? AND id < (SELECT max(id) FROM logs)", (before,)
+        ).rowcount
 
     def close(self) -> None:
         self._db.close()

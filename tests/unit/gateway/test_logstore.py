@@ -109,3 +109,18 @@ def test_purge_drops_old_lines_and_their_text(store: LogStore) -> None:
     assert store.purge(parse_ts(line(5)["ts"]) or 0) == 5
     assert [g["seq"] for g in store.query(Query())] == [5, 6, 7, 8, 9]
     assert store.query(Query(text="word1")) == []
+
+
+def test_the_analysis_reads_every_line_stored_after_a_purge_emptied_the_store(store: LogStore) -> None:
+    """Line ids only grow: a store purged empty (a fleet quiet for longer than the retention) or of its
+    newest line (one spooled late, with an old time) never hands out an id the analysis read past."""
+    store.add("n1", "a", [[i, line(i)] for i in range(3)])
+    _, cursor = store.access_since(-1)
+    store.purge(parse_ts(line(59)["ts"]) or 0)  # everything is older
+    store.add("n1", "a", [[3, line(3)], [4, line(4)]])
+    assert [g["time"] for g in store.access_since(cursor)[0]] == [parse_ts(line(i)["ts"]) for i in (3, 4)]
+    store.add("n2", "b", [[0, line(50)], [1, line(1)]])  # the newest id carries the oldest time
+    _, cursor = store.access_since(-1)
+    store.purge(parse_ts(line(2)["ts"]) or 0)
+    store.add("n2", "b", [[2, line(51)]])
+    assert [g["node"] for g in store.access_since(cursor)[0]] == ["n2"]
