@@ -206,12 +206,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._deadline = self.loop.time() + self._body_s
 
     def on_message_complete(self) -> None:
-        if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:  # type: ignore[union-attr]
+        if self.parser.should_upgrade() and self._should_upgrade():
+            self._expect(None)  # (the connection is uvicorn's WebSocket protocol's from here)
+        elif self.cycle.response_complete:  # type: ignore[union-attr]
             # Answered before its body was whole (a refusal): idle from now, unless a request waits.
             self._expect(None if self.pipeline else b"idle", self.timeout_keep_alive)
-            return
-        self._expect(None)
-        self.cycle.body_complete()  # type: ignore[union-attr]
+        else:
+            self._expect(None)
+            self.cycle.body_complete()  # type: ignore[union-attr]
 
     def on_response_complete(self) -> None:
         """An answer went whole: the next pipelined request starts, or the connection waits, idle, at most

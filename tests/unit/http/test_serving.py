@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import uvicorn
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.flow_control import FlowControl
 
 from edgegen.http.cycle import RequestCycle
@@ -167,8 +167,10 @@ async def echo(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(head_s: float, body_s: float, keep_alive_s: float = 5) -> AsyncIterator[int]:
-    """A real uvicorn server on loopback with our protocol and these deadlines; yields its port."""
+async def serving(
+    head_s: float, body_s: float, keep_alive_s: float = 5, app: ASGIApp = echo
+) -> AsyncIterator[int]:
+    """A real uvicorn server on loopback with our protocol, these deadlines and `app`; yields its port."""
     settings = Deadlines(head_s, body_s)
 
     class Protocol(GuardedHttpProtocol):
@@ -177,7 +179,7 @@ async def serving(head_s: float, body_s: float, keep_alive_s: float = 5) -> Asyn
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
-        echo,
+        app,
         http=Protocol,
         log_config=None,
         access_log=False,
@@ -275,4 +277,23 @@ async def test_a_client_that_expects_100_continue_gets_it_when_the_app_reads_the
         assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
         writer.write(b"ok")
         assert (await answer(reader)).endswith(b"\r\n\r\n2")
+        writer.close()
+
+
+async def refuse_unread(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers at once, its body unread (as a refusal does)."""
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 403, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def test_a_connection_answered_before_its_body_came_whole_is_closed_when_idle() -> None:
+    async with serving(head_s=5, body_s=5, keep_alive_s=0.3, app=refuse_unread) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+        assert (await answer(reader)).startswith(b"HTTP/1.1 403")
+        writer.write(b"cd")  # the rest of the body, then nothing
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after the keep-alive timeout
+        assert 0.2 < time.monotonic() - started < 2
         writer.close()
