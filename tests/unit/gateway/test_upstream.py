@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -223,3 +224,40 @@ async def test_a_caller_cancelled_while_waiting_for_a_connection_takes_none() ->
         assert await answer.read() == b'{"echo":"3"}'
         answer.release()
         assert server.connections == 1
+
+
+async def test_a_kept_alive_connection_keeps_one_read_timer_and_it_still_fires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read timeout is a deadline on the connection's one timer, not a timer made per request: many
+    requests make one; a node gone silent on a later request still times out."""
+    answered = 0
+
+    async def then_silent(head: bytes, body: bytes, out: asyncio.StreamWriter) -> bool:
+        nonlocal answered
+        if answered == 3:
+            await asyncio.sleep(5)
+            return False
+        answered += 1
+        return await echo(head, body, out)
+
+    loop = asyncio.get_running_loop()
+    timers = 0
+    call_later = loop.call_later
+
+    def counted(*args: Any) -> asyncio.TimerHandle:
+        nonlocal timers
+        timers += 1
+        return call_later(*args)
+
+    async with serving(then_silent) as server:
+        pool = pool_for(server, read_timeout_s=0.3)
+        monkeypatch.setattr(loop, "call_later", counted)
+        for _ in range(3):
+            response = await pool.request(b"POST", b"/p", [], b"x")
+            assert await response.read() == b'{"echo":"x"}'
+            response.release()
+        assert timers == 1
+        assert server.connections == 1
+        with pytest.raises(NodeFailed, match="TimeoutError"):
+            await pool.request(b"POST", b"/p", [], b"x")
