@@ -24,25 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any
 
 from starlette.types import ASGIApp, Message
-from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE
 
 log = logging.getLogger("edgegen.http")
-_PHRASES = {status.value: status.phrase for status in HTTPStatus}
-_STATUS = {code: b"HTTP/1.1 %d %s\r\n" % (code, _PHRASES.get(code, "").encode()) for code in range(100, 600)}
-# What a header name may not contain (RFC 9110 token), and a value (controls but tab): an app's header that
-# would split the answer or smuggle another is refused as an error of the app.
-_BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
-_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SERVER_ERROR = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"),
                  (b"connection", b"close")]  # fmt: skip
-HIGH_WATER = 64 * 1024  # body bytes held unread before the connection stops reading
 
 
 class Arrival:
@@ -104,7 +96,7 @@ class RequestCycle:
     def add_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.size += len(body)
-        if self.size > HIGH_WATER:
+        if self.size > HIGH_WATER_LIMIT:
             self.flow.pause_reading()
         self.message_event.set()
 
@@ -191,12 +183,14 @@ class RequestCycle:
 
     def _start(self, status: int, headers: Any) -> None:
         fields = [*self.default_headers, *headers]
+        # uvicorn's checks: what a header name (an RFC 9110 token) and a value (controls but tab) may not
+        # hold. An app's header that would split the answer or smuggle another is the app's error.
         names = b"".join(name for name, _ in fields)
-        if _BAD_NAME.search(names) or _BAD_VALUE.search(b"".join(value for _, value in fields)):
+        if HEADER_RE.search(names) or HEADER_VALUE_RE.search(b"".join(value for _, value in fields)):
             raise RuntimeError("an answer's header has a byte no header may have")  # (a 500 still goes)
         self.response_started = True
         self.waiting_for_100_continue = False
-        head = [_STATUS[status]]
+        head = [STATUS_LINE[status]]
         close = False
         for name, value in fields:
             lowered = name.lower()
