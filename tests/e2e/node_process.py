@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import psutil
 
 from edgegen.security.keys import KeyStore
 
@@ -53,6 +54,18 @@ def predict_together(process: NodeProcess, pixels: list[float], clients: int, ro
                 assert all(a.status_code == 200 for a in answers)
 
     asyncio.run(send())
+
+
+def worker_processes(process: NodeProcess) -> list[psutil.Process]:
+    """The live worker processes under a `--workers N` server's supervisor: not a worker killed that the
+    supervisor has yet to reap (a zombie, whose command line cannot be read), nor one gone meanwhile."""
+    assert process.process is not None
+    workers = []
+    for child in psutil.Process(process.process.pid).children():
+        with contextlib.suppress(psutil.ZombieProcess, psutil.NoSuchProcess):
+            if "spawn_main" in " ".join(child.cmdline()):
+                workers.append(child)
+    return workers
 
 
 def tenant_headers(home: Path, tenant: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from edgegen.modelkit.layers import DenseLayer, mlp_forward
-from tests.e2e.node_process import GatewayProcess, NodeProcess, free_port
+from tests.e2e.node_process import GatewayProcess, NodeProcess, free_port, worker_processes
 from tests.e2e.test_gateway import gateway_config, running_fleet
 
 pytestmark = pytest.mark.e2e
@@ -136,10 +136,7 @@ def test_inferences_are_right_and_spread_over_the_nodes(
 def test_two_workers_both_serve_grpc_and_answer_right(
     two_workers: GatewayProcess, fleet: list[NodeProcess], tiny_layers: list[DenseLayer]
 ) -> None:
-    assert two_workers.process is not None
-    workers = [
-        p for p in psutil.Process(two_workers.process.pid).children() if "spawn_main" in " ".join(p.cmdline())
-    ]
+    workers = worker_processes(two_workers)
     port = int(url(two_workers).rsplit(":", 1)[1])
 
     def listening() -> set[int]:

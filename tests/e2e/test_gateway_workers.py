@@ -17,7 +17,7 @@ import pytest
 
 from edgegen.observe.logs import timestamp
 from tests.e2e.conftest import LLM_ENV
-from tests.e2e.node_process import GatewayProcess, NodeProcess, assert_no_errors
+from tests.e2e.node_process import GatewayProcess, NodeProcess, assert_no_errors, worker_processes
 from tests.e2e.test_gateway import PIXELS, running_fleet, running_gateway
 
 pytestmark = pytest.mark.e2e
@@ -42,12 +42,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, fleet: list[NodeProcess]) 
         yield process
     # A worker killed on purpose below leaves no error line; nodes killed on purpose only warnings.
     assert_no_errors(process)
-
-
-def workers_of(gateway: GatewayProcess) -> list[psutil.Process]:
-    assert gateway.process is not None
-    children = psutil.Process(gateway.process.pid).children()
-    return [p for p in children if "spawn_main" in " ".join(p.cmdline())]
 
 
 @pytest.fixture
@@ -75,7 +69,7 @@ def holding(gateway: GatewayProcess) -> set[int]:
     """The workers that hold a client's connection now (not one killed that its supervisor has yet to
     reap: a zombie has no connections to list)."""
     held = set()
-    for worker in workers_of(gateway):
+    for worker in worker_processes(gateway):
         with contextlib.suppress(psutil.ZombieProcess, psutil.NoSuchProcess):
             connections = worker.net_connections(kind="tcp")
             if any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == gateway.port for c in connections):
