@@ -50,8 +50,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]
 
 
 def stream(gateway: GatewayProcess, out: list[tuple[str, list[str]]], started: threading.Barrier) -> None:
-    # Greedy: the tiny model never ends early, so the stream is still running when its node is drained.
-    body = {"model": "tiny-llm", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 300,
+    # Greedy: the tiny model never ends early, so the stream is still running when its node is drained; long
+    # enough (1,500 tokens of a 2,048 context) that a loaded machine's slow restart call still finds it there.
+    body = {"model": "tiny-llm", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 1500,
             "temperature": 0, "stream": True}  # fmt: skip
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120) as response:
         started.wait(timeout=60)  # its node is chosen: the restart may begin
