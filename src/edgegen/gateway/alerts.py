@@ -70,6 +70,8 @@ class Alert:
         return cls(kind, node, model, since, detail, resolved)
 
 
+# What a comparison finds: (kind, node, model) → the alert's detail, or None where it does not hold.
+Findings = dict[tuple[str, str, str], dict[str, float] | None]
 # The alerts as GET /gateway/alerts shows them: those active now, and the recent ones, newest first.
 Board = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
@@ -119,11 +121,17 @@ class Analyzer:
 
     def evaluate(self) -> list[Alert]:
         """Compare every node and model's window with its baseline; return the alerts raised now."""
-        s = self.settings
         now = self.clock()
+        return self.settle(self.compare(now), now)
+
+    def compare(self, now: float) -> Findings:
+        """What each kind of alert finds for every node and model at `now` (a detail, or None), buckets
+        older than the span dropped. It reads and prunes the counts alone, never the alerts: the gateway
+        runs it in a worker thread (background.py), for the medians of a busy fleet's span take a while."""
+        s = self.settings
         start = math.floor((now - s.window_s) / self.bucket_s)
         first = math.floor((now - s.window_s - s.baseline_s) / self.bucket_s)
-        raised = []
+        findings: Findings = {}
         for (node, model), buckets in list(self._series.items()):
             for index in [i for i in buckets if i < first]:
                 del buckets[index]
@@ -131,21 +139,24 @@ class Analyzer:
                 del self._series[(node, model)]
             window = [b for i, b in buckets.items() if i >= start]
             baseline = [b for i, b in buckets.items() if i < start]
-            findings = {
-                "error_spike": self._spike(window, baseline),
-                "latency_regression": self._regression(window, baseline),
-            }
-            for kind, detail in findings.items():
-                key = (kind, node, model)
-                if detail is not None and key not in self.active:
-                    alert = self.active[key] = Alert(kind, node, model, now, detail)
-                    self.recent.append(alert)
-                    raised.append(alert)
-                    self.changes += 1
-                    log.warning("alert raised", extra=alert.view())
-                elif detail is None and key in self.active:
-                    self._resolve(key, now)
-        for key in [k for k in self.active if (k[1], k[2]) not in self._series]:
+            findings["error_spike", node, model] = self._spike(window, baseline)
+            findings["latency_regression", node, model] = self._regression(window, baseline)
+        return findings
+
+    def settle(self, findings: Findings, now: float) -> list[Alert]:
+        """Raise what `findings` finds and is not active yet, resolve what is active and found no more (or
+        whose node and model sent nothing in the span); return the alerts raised."""
+        raised = []
+        for key, detail in findings.items():
+            if detail is not None and key not in self.active:
+                alert = self.active[key] = Alert(*key, now, detail)
+                self.recent.append(alert)
+                raised.append(alert)
+                self.changes += 1
+                log.warning("alert raised", extra=alert.view())
+            elif detail is None and key in self.active:
+                self._resolve(key, now)
+        for key in [k for k in self.active if k not in findings]:
             self._resolve(key, now)
         return raised
 

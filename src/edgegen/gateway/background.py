@@ -161,7 +161,9 @@ async def analyse(state: GatewayState) -> None:
     analyzer = state.analyzer
     await state.logs.analyse()
     changes = analyzer.changes
-    for alert in analyzer.evaluate():
+    now = analyzer.clock()
+    findings = await asyncio.to_thread(analyzer.compare, now)  # (the medians: off the event loop)
+    for alert in analyzer.settle(findings, now):
         state.metrics.alert_raised(alert)
     if state.shared is not None and analyzer.changes != changes:
         state.shared.keep_alerts(analyzer.board())

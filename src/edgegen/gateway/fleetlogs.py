@@ -52,21 +52,26 @@ class FleetLogs:
         return {"stored": len(lines)}
 
     async def analyse(self) -> None:
-        """The access lines kept since the last round (at the first, those of the analysis' whole span:
-        a worker that takes the lead takes up the analysis where the last one was) into the analysis."""
-        async with self._lock:
-            lines = await asyncio.to_thread(self._unread)
-        self.analyzer.observe(lines)
+        """The access lines kept since the last round into the analysis (at the first, those of the
+        analysis' whole span: a worker that takes the lead takes up the analysis where the last one was).
 
-    def _unread(self) -> list[dict[str, Any]]:
+        Page by page, each read and counted in a worker thread: between pages the store is free for the
+        batches nodes ship and for searches, and the event loop never runs the count itself. A leader that
+        takes up a span of millions of lines (660 s of a busy fleet) would otherwise hold the store, then
+        stop relaying, for seconds (docs/benchmarks.md "2026-12-05")."""
+        while True:
+            async with self._lock:
+                more = await asyncio.to_thread(self._analyse_page)
+            if not more:
+                return
+
+    def _analyse_page(self) -> bool:
+        """One page of unread access lines into the analysis; whether more may wait."""
         if self._read is None:
             self._read = self.store.last_before(self.analyzer.clock() - self.analyzer.span_s)
-        lines: list[dict[str, Any]] = []
-        while True:
-            read, self._read = self.store.access_since(self._read)
-            lines += read
-            if len(read) < MAX_LIMIT:
-                return lines
+        lines, self._read = self.store.access_since(self._read)
+        self.analyzer.observe(lines)
+        return len(lines) >= MAX_LIMIT
 
     async def search(self, query: Query) -> list[dict[str, Any]]:
         async with self._lock:

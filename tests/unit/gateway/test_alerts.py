@@ -76,3 +76,39 @@ def test_late_and_foreign_lines() -> None:
     analyzer.observe([{"logger": "edgegen.node", "msg": "x", "node": "n1", "time": clock.now}] * 50)
     analyzer.observe([{**access(clock.now), "status": "500"}] * 50)
     assert analyzer.evaluate() == []
+
+
+def test_the_comparison_only_finds_and_the_alerts_change_when_settled() -> None:
+    """`compare` (run in a worker thread) reads the counts and leaves the alerts alone; `settle` (on the
+    event loop) raises what it found, and resolves an alert whose node and model went quiet for the span."""
+    clock = Clock()
+    analyzer = Analyzer(SETTINGS, clock=clock)
+    analyzer.observe(traffic(clock, 300, 2))
+    analyzer.observe(traffic(clock, 30, 2, status=503))
+    findings = analyzer.compare(clock.now)
+    assert findings["error_spike", "n1", "m"] is not None
+    assert findings["latency_regression", "n1", "m"] is None
+    assert analyzer.active == {}
+    assert analyzer.changes == 0
+    raised = analyzer.settle(findings, clock.now)
+    assert [(a.kind, a.node, a.model, a.since) for a in raised] == [("error_spike", "n1", "m", clock.now)]
+    clock.now += SETTINGS.window_s + SETTINGS.baseline_s + 60  # nothing since: its buckets age out
+    later = analyzer.compare(clock.now)
+    assert later == {("error_spike", "n1", "m"): None, ("latency_regression", "n1", "m"): None}
+    assert analyzer.settle(later, clock.now) == []
+    assert analyzer.active == {}
+    assert analyzer.recent[-1].resolved == clock.now
+    assert analyzer.compare(clock.now) == {}  # its series is gone
+
+
+def test_an_alert_taken_over_from_a_leader_is_resolved_when_its_node_sent_nothing_here() -> None:
+    clock = Clock()
+    left = Analyzer(SETTINGS, clock=clock)
+    left.observe(traffic(clock, 300, 2, node="n9"))
+    left.observe(traffic(clock, 30, 2, status=503, node="n9"))
+    assert [a.node for a in left.evaluate()] == ["n9"]
+    analyzer = Analyzer(SETTINGS, clock=clock)
+    analyzer.resume(left.board())
+    assert analyzer.settle(analyzer.compare(clock.now), clock.now) == []
+    assert analyzer.active == {}
+    assert analyzer.recent[-1].resolved == clock.now
