@@ -54,20 +54,54 @@ def bucket(seconds: float) -> int:
 
 @dataclass
 class Traffic:
-    """A node's recent tries at the gateway: (monotonic time, seconds, failed), newest last."""
+    """A node's recent tries at the gateway: (monotonic time, seconds, failed), newest last.
+
+    What a worker of several tells the others of them (`share`, every `sync_s`) is kept counted as they
+    come: each share counts the tries added since the last and lets go of those past the window, so its
+    cost follows the traffic, not the nodes times RECENT_TRIES (100 busy nodes: 66 ms of the event loop
+    every half second when each share counted all its tries again)."""
 
     tries: deque[tuple[float, float, bool]] = field(default_factory=lambda: deque(maxlen=RECENT_TRIES))
+    added: int = 0  # tries ever added
+    _shared: int = 0  # `added` when `share` last counted
+    _counted: deque[tuple[float, int, bool]] = field(default_factory=deque)  # (time, bucket, failed)
+    _buckets: Counter[int] = field(default_factory=Counter)  # of the tries in `_counted`
+    _failed: int = 0  # of the tries in `_counted`
 
     def add(self, now: float, seconds: float, failed: bool) -> None:
         self.tries.append((now, seconds, failed))
+        self.added += 1
 
     def _window(self, now: float) -> tuple[list[float], int, float]:
         """The latencies of the tries within the window, how many failed, and the span they cover."""
         recent = [s for t, s, _ in self.tries if now - t <= WINDOW_S]
         failed = sum(f for t, _, f in self.tries if now - t <= WINDOW_S)
+        return recent, failed, self._span(now)
+
+    def _span(self, now: float) -> float:
         # A busy node fills the deque in less than the window: its rates are over the span it covers.
         full = len(self.tries) == self.tries.maxlen
-        return recent, failed, max(min(WINDOW_S, now - self.tries[0][0]) if full else WINDOW_S, 1e-3)
+        return max(min(WINDOW_S, now - self.tries[0][0]) if full else WINDOW_S, 1e-3)
+
+    def share(self, now: float) -> Share:
+        """The tries within the window, as a worker tells the others (`Share`, less `in_flight`): `now`
+        never goes back between calls (the monotonic clock)."""
+        new = min(self.added - self._shared, len(self.tries))
+        self._shared = self.added
+        counted, buckets = self._counted, self._buckets
+        for t, seconds, failed in itertools.islice(self.tries, len(self.tries) - new, None):
+            key = bucket(seconds)
+            counted.append((t, key, failed))
+            buckets[key] += 1
+            self._failed += failed
+        while counted and (len(counted) > RECENT_TRIES or now - counted[0][0] > WINDOW_S):
+            _, key, failed = counted.popleft()
+            self._failed -= failed
+            buckets[key] -= 1
+            if not buckets[key]:
+                del buckets[key]
+        return {"span_s": self._span(now), "requests": len(counted), "errors": self._failed,
+                "buckets": dict(buckets)}  # fmt: skip
 
     def view(self, now: float) -> dict[str, Any]:
         recent, failed, span = self._window(now)
@@ -79,11 +113,6 @@ class Traffic:
             "p50_ms": round(statistics.median(recent) * 1000, 3) if recent else None,
             "p99_ms": round(recent[math.ceil(0.99 * len(recent)) - 1] * 1000, 3) if recent else None,
         }
-
-    def share(self, now: float) -> Share:
-        recent, failed, span = self._window(now)
-        buckets = Counter(map(bucket, recent))
-        return {"span_s": span, "requests": len(recent), "errors": failed, "buckets": dict(buckets)}
 
 
 def merged_view(shares: list[Share]) -> dict[str, Any]:

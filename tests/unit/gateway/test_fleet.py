@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 import pytest
 
 from edgegen.errors import ConfigError
-from edgegen.gateway.fleet import Fleet, Traffic, merged_view
+from edgegen.gateway.fleet import WINDOW_S, Fleet, Traffic, bucket, merged_view
 from edgegen.gateway.settings import GatewaySettings, HealthSettings, NodeEntry, OutlierSettings
 
 
@@ -160,3 +161,21 @@ def test_a_view_merged_from_workers_shares_sums_their_rates_and_finds_quantiles_
     alone = merged_view([quiet.share(now)])
     assert alone["p99_ms"] == pytest.approx(views[1]["p99_ms"], rel=0.022)
     assert merged_view([Traffic().share(now)])["p50_ms"] is None
+
+
+def test_a_share_counted_as_tries_come_is_the_one_counted_from_all_of_them() -> None:
+    """`share` counts only the tries added since the last (a worker shares every half second, and a busy
+    node's 2,048 tries were all counted again each time); what it tells stays what the window holds: the
+    deque's last RECENT_TRIES tries, those older than WINDOW_S let go, failures among them."""
+    rng, traffic, now = random.Random(11), Traffic(), 1_000.0
+    for step in range(400):
+        for _ in range(rng.choice((0, 1, 5, 40, 900, 2_500))):  # quiet spells, bursts past the deque's length
+            now += rng.uniform(0.0, 0.02)
+            traffic.add(now, rng.lognormvariate(math.log(0.02), 0.6), failed=rng.random() < 0.05)
+        now += rng.choice((0.1, 0.5, 7.0, 61.0))
+        recent = [(s, f) for t, s, f in traffic.tries if now - t <= WINDOW_S]
+        expected = Counter(bucket(s) for s, _ in recent)
+        shared = traffic.share(now)
+        assert shared["buckets"] == dict(expected), step
+        assert (shared["requests"], shared["errors"]) == (len(recent), sum(f for _, f in recent)), step
+        assert round(shared["span_s"], 3) == traffic.view(now)["window_s"], step
