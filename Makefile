@@ -84,6 +84,8 @@ bench: setup
 	$(BIN)/python bench/speculative.py
 	$(BIN)/python bench/idle_cells.py
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/relay_parts.py
+	$(BIN)/python bench/fleet_loops.py
 	$(BIN)/python bench/tracing.py
 	$(BIN)/python bench/security.py
 	$(BIN)/python bench/jobs.py

@@ -6,8 +6,9 @@ overhead  One node (`edgegen serve`, digits). wrk + bench/predict.lua (every ans
           `least_conn` upstream and keepalive), at concurrency 1 and 64, in rounds (A B C A B C …). Added
           p50 / p99 = via − direct, same round. Each gateway's CPU (all its processes) per answer, too.
           `--baseline-src DIR` adds a gateway run from another tree's `src` (A B against a commit);
-          `--floors` adds the two relays of bench/baselines/relay_floor.py, the gateway's upstream pool
-          and nothing else of it, on a server loop of their own and under uvicorn (where its CPU goes).
+          `--floors` adds the three relays of bench/baselines/relay_floor.py, the gateway's upstream pool
+          and nothing else of it, on a server loop of their own, under uvicorn's protocol and under the
+          gateway's (where its CPU goes).
           Targets: our added p50 ≤ 2× nginx's and ≤ 1 ms; CPU per relayed answer ≤ 80 µs; with
           `--workers 2`, added p50 at 64 clients ≤ 25 % of the direct p50.
 uneven    Three nodes serving `digits`; one is reached through bench/baselines/delay_relay.py, which
@@ -84,7 +85,7 @@ def gateway(
 
 
 def relay_floor(kind: str, target: Server) -> Server:
-    """bench/baselines/relay_floor.py's `kind` relay (protocol, uvicorn) to `target`."""
+    """bench/baselines/relay_floor.py's `kind` relay (protocol, uvicorn, guarded) to `target`."""
     port = free_port()
     command = [str(BIN / "python"), str(BASELINES / "relay_floor.py"), kind, str(port), target.base_url]
     return Server(f"relay-floor-{kind}", command, clean_env(), "/v2/health/ready", port)
@@ -174,7 +175,7 @@ def overhead(
     if baseline is not None:
         servers.insert(2, gateway(root, "edgegen-gateway-base", [target], "least_connections", src=baseline))
     if floors:
-        servers[-1:-1] = [relay_floor("protocol", target), relay_floor("uvicorn", target)]
+        servers[-1:-1] = [relay_floor(kind, target) for kind in ("protocol", "uvicorn", "guarded")]
     rows = []
     try:
         for server in servers[1:]:
@@ -403,7 +404,7 @@ def main() -> None:
         "--baseline-src", default=None, help="another tree's src/: its gateway runs as a baseline"
     )
     parser.add_argument(
-        "--floors", action="store_true", help="add bench/baselines/relay_floor.py's two bare relays"
+        "--floors", action="store_true", help="add bench/baselines/relay_floor.py's three bare relays"
     )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))

@@ -4,14 +4,17 @@ it — no request boundary, no security gate, no balancer, retries, metrics or a
 
     protocol  its own server loop: an asyncio.Protocol on httptools, no ASGI (what a relay loop of the
               gateway's own would start from)
-    uvicorn   the same relay as a raw ASGI app under uvicorn, as the gateway runs (uvloop, httptools)
+    uvicorn   the same relay as a raw ASGI app under uvicorn's own protocol (uvloop, httptools)
+    guarded   the same ASGI app under the gateway's protocol (http/serving.py: uvicorn's, with deadlines
+              and the request cycle of http/cycle.py), as the gateway runs
 
-The difference between the two is what uvicorn's request cycle and ASGI cost; the gateway's own CPU above
-`uvicorn` is what its layers cost. Both relay every request to one node and its answer back whole (a
-small body of known length, as every prediction is); neither streams, and a request arriving while the
-last answer is on its way is not supported (wrk does not pipeline). Not a product: a measurement.
+The difference between the first two is what uvicorn's request cycle and ASGI cost; `guarded` against
+`uvicorn`, what ours changes of it; the gateway's own CPU above `guarded` is what its layers cost. Each
+relays every request to one node and its answer back whole (a small body of known length, as every
+prediction is); none streams, and a request arriving while the last answer is on its way is not supported
+by `protocol` (wrk does not pipeline). Not a product: a measurement.
 
-    python bench/baselines/relay_floor.py {protocol|uvicorn} PORT NODE_URL
+    python bench/baselines/relay_floor.py {protocol|uvicorn|guarded} PORT NODE_URL
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import httptools
 import uvicorn
 import uvloop
 
+from edgegen.gateway.app import HttpProtocol
 from edgegen.gateway.upstream import NodePool
 
 HOP = frozenset({b"connection", b"keep-alive", b"host", b"content-length", b"transfer-encoding", b"date"})
@@ -140,9 +144,11 @@ def main() -> None:
     kind, port, node = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     if kind == "protocol":
         uvloop.run(serve_protocol(port, node))
-    else:
-        uvicorn.run(asgi_relay(node), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                    access_log=False, log_config=None, server_header=False)  # fmt: skip
+        return
+    # The gateway's protocol reads its deadlines from the gateway's settings: the defaults, here.
+    http = "httptools" if kind == "uvicorn" else HttpProtocol
+    uvicorn.run(asgi_relay(node), host="127.0.0.1", port=port, loop="uvloop", http=http,
+                access_log=False, log_config=None, server_header=False)  # fmt: skip
 
 
 if __name__ == "__main__":
