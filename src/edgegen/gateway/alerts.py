@@ -92,7 +92,10 @@ class Analyzer:
         self.changes = 0  # alerts raised and resolved so far
 
     def board(self) -> Board:
-        return [a.view() for a in self.active.values()], [a.view() for a in reversed(self.recent)]
+        """The alerts active and recent (newest first). Read by sync routes in their threads too, while the
+        loop raises and resolves: from copies taken in one step each (`list()` runs in C)."""
+        active, recent = list(self.active.values()), list(self.recent)
+        return [a.view() for a in active], [a.view() for a in reversed(recent)]
 
     def resume(self, board: Board) -> None:
         """Go on from the alerts another worker left (it led the analysis until it died): those active

@@ -25,6 +25,7 @@ import itertools
 import logging
 import math
 import statistics
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -56,52 +57,64 @@ def bucket(seconds: float) -> int:
 class Traffic:
     """A node's recent tries at the gateway: (monotonic time, seconds, failed), newest last.
 
+    The event loop adds them; the fleet view reads them from a route's thread too (`GET /gateway/fleet`),
+    so every reader works on a copy taken in one step (`list()` of a deque runs in C, never interleaved
+    with the loop's appends), never on the deque as it changes.
+
     What a worker of several tells the others of them (`share`, every `sync_s`) is kept counted as they
-    come: each share counts the tries added since the last and lets go of those past the window, so its
-    cost follows the traffic, not the nodes times RECENT_TRIES (100 busy nodes: 66 ms of the event loop
-    every half second when each share counted all its tries again)."""
+    come: each share counts the tries after the last one it counted and lets go of those past the window,
+    so its cost follows the traffic, not the nodes times RECENT_TRIES (100 busy nodes: 66 ms of the event
+    loop every half second when each share counted all its tries again)."""
 
     tries: deque[tuple[float, float, bool]] = field(default_factory=lambda: deque(maxlen=RECENT_TRIES))
-    added: int = 0  # tries ever added
-    _shared: int = 0  # `added` when `share` last counted
+    _last: tuple[float, float, bool] | None = None  # the newest try `share` counted (by identity)
     _counted: deque[tuple[float, int, bool]] = field(default_factory=deque)  # (time, bucket, failed)
     _buckets: Counter[int] = field(default_factory=Counter)  # of the tries in `_counted`
     _failed: int = 0  # of the tries in `_counted`
+    _sharing: threading.Lock = field(default_factory=threading.Lock)  # (the loop's and a route's shares)
 
     def add(self, now: float, seconds: float, failed: bool) -> None:
         self.tries.append((now, seconds, failed))
-        self.added += 1
 
     def _window(self, now: float) -> tuple[list[float], int, float]:
         """The latencies of the tries within the window, how many failed, and the span they cover."""
-        recent = [s for t, s, _ in self.tries if now - t <= WINDOW_S]
-        failed = sum(f for t, _, f in self.tries if now - t <= WINDOW_S)
-        return recent, failed, self._span(now)
+        tries = list(self.tries)
+        recent = [s for t, s, _ in tries if now - t <= WINDOW_S]
+        failed = sum(f for t, _, f in tries if now - t <= WINDOW_S)
+        return recent, failed, self._span(tries, now)
 
-    def _span(self, now: float) -> float:
+    @staticmethod
+    def _span(tries: list[tuple[float, float, bool]], now: float) -> float:
         # A busy node fills the deque in less than the window: its rates are over the span it covers.
-        full = len(self.tries) == self.tries.maxlen
-        return max(min(WINDOW_S, now - self.tries[0][0]) if full else WINDOW_S, 1e-3)
+        full = len(tries) == RECENT_TRIES
+        return max(min(WINDOW_S, now - tries[0][0]) if full else WINDOW_S, 1e-3)
 
     def share(self, now: float) -> Share:
         """The tries within the window, as a worker tells the others (`Share`, less `in_flight`): `now`
         never goes back between calls (the monotonic clock)."""
-        new = min(self.added - self._shared, len(self.tries))
-        self._shared = self.added
-        counted, buckets = self._counted, self._buckets
-        for t, seconds, failed in itertools.islice(self.tries, len(self.tries) - new, None):
-            key = bucket(seconds)
-            counted.append((t, key, failed))
-            buckets[key] += 1
-            self._failed += failed
-        while counted and (len(counted) > RECENT_TRIES or now - counted[0][0] > WINDOW_S):
-            _, key, failed = counted.popleft()
-            self._failed -= failed
-            buckets[key] -= 1
-            if not buckets[key]:
-                del buckets[key]
-        return {"span_s": self._span(now), "requests": len(counted), "errors": self._failed,
-                "buckets": dict(buckets)}  # fmt: skip
+        with self._sharing:
+            tries = list(self.tries)
+            start = 0  # where the tries not counted yet begin: after the last counted, if still there
+            for index in range(len(tries) - 1, -1, -1):
+                if tries[index] is self._last:
+                    start = index + 1
+                    break
+            counted, buckets = self._counted, self._buckets
+            for t, seconds, failed in itertools.islice(tries, start, None):
+                key = bucket(seconds)
+                counted.append((t, key, failed))
+                buckets[key] += 1
+                self._failed += failed
+            if tries:
+                self._last = tries[-1]
+            while counted and (len(counted) > RECENT_TRIES or now - counted[0][0] > WINDOW_S):
+                _, key, failed = counted.popleft()
+                self._failed -= failed
+                buckets[key] -= 1
+                if not buckets[key]:
+                    del buckets[key]
+            return {"span_s": self._span(tries, now), "requests": len(counted), "errors": self._failed,
+                    "buckets": dict(buckets)}  # fmt: skip
 
     def view(self, now: float) -> dict[str, Any]:
         recent, failed, span = self._window(now)
@@ -330,13 +343,11 @@ class Fleet:
     # -- who may take traffic ------------------------------------------------------------------------------
     def available(self) -> list[Backend]:
         if self._available is None or self.clock() >= self._next_expiry:
-            now = self.clock()
+            now, members = self.clock(), list(self.nodes.values())
             self._available = [
-                s.backend
-                for s in self.nodes.values()
-                if s.healthy and not s.draining and s.ejected_until <= now
+                s.backend for s in members if s.healthy and not s.draining and s.ejected_until <= now
             ]
-            pending = [s.ejected_until for s in self.nodes.values() if s.ejected_until > now]
+            pending = [s.ejected_until for s in members if s.ejected_until > now]
             self._next_expiry = min(pending, default=math.inf)
         return self._available
 
@@ -403,9 +414,16 @@ class Fleet:
         if state is not None:
             state.traffic.add(self.clock(), seconds, failed)
 
+    # The readers below run on the event loop and in the threads of sync routes (`GET /gateway/fleet`, its
+    # history, `/metrics`): each takes its copy of the nodes in one step (`list()` of a dict or a deque
+    # runs in C), never iterating what the loop may change meanwhile (a node added, a point sampled).
     def view(self) -> list[dict[str, Any]]:
         now, wall, others = self.clock(), time.time(), self._others()
-        return [state.view(now, wall, _of(others, name)) for name, state in self.nodes.items()]
+        return [state.view(now, wall, _of(others, name)) for name, state in list(self.nodes.items())]
+
+    def history(self, since: float) -> dict[str, list[Point]]:
+        """Each node's traffic history (this worker's points) after `since`, oldest first."""
+        return {name: [p for p in list(m.history) if p[0] > since] for name, m in list(self.nodes.items())}
 
     def sample(self, wall: float) -> dict[str, Point]:
         """A point of each node's traffic history, as the fleet view shows it now."""
@@ -415,7 +433,7 @@ class Fleet:
     def in_flight(self) -> dict[str, int]:
         """Each node's requests in flight from this gateway (with several workers, from all of them)."""
         others = self._others()
-        return {name: state.in_flight(_of(others, name)) for name, state in self.nodes.items()}
+        return {name: state.in_flight(_of(others, name)) for name, state in list(self.nodes.items())}
 
     def _others(self) -> dict[str, list[Share]] | None:
         return self.others() if self.others is not None else None

@@ -152,7 +152,7 @@ class FleetCollector(Collector):
         taking = {b.name for b in self.fleet.available()}
         now = time.time()
         counts = self.fleet.in_flight()
-        for name, member in self.fleet.nodes.items():
+        for name, member in list(self.fleet.nodes.items()):  # (a scrape's thread: a copy, fleet.py)
             available.add_metric([name], float(name in taking))
             in_flight.add_metric([name], counts[name])
             if member.last_seen is not None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgegen.gateway.alerts import Analyzer
+from edgegen.gateway.alerts import RECENT_ALERTS, Analyzer
 from edgegen.gateway.settings import AlertSettings
+from tests.threaded import read_while_written
 from tests.unit.cache.test_tiers import Clock
 
 SETTINGS = AlertSettings(window_s=60, baseline_s=600, min_requests=20)
@@ -112,3 +113,21 @@ def test_an_alert_taken_over_from_a_leader_is_resolved_when_its_node_sent_nothin
     assert analyzer.settle(analyzer.compare(clock.now), clock.now) == []
     assert analyzer.active == {}
     assert analyzer.recent[-1].resolved == clock.now
+
+
+def test_the_board_is_read_whole_from_a_route_thread_while_alerts_are_raised_and_resolved() -> None:
+    """`GET /gateway/alerts` and `/metrics` read the board from a thread while the loop settles the
+    analysis' findings: iterating the alerts as they changed raised RuntimeError there."""
+    clock = Clock()
+    analyzer = Analyzer(SETTINGS, clock=clock)
+    spike = {"error_rate": 0.5, "baseline_error_rate": 0.0, "requests": 40.0}
+
+    def write() -> None:
+        for i in range(20_000):
+            clock.now += 1
+            node = f"n{i % 7}"
+            found = {("error_spike", node, "m"): spike if i % 2 else None}
+            analyzer.settle(found, clock.now)
+
+    assert read_while_written(analyzer.board, write) == []
+    assert len(analyzer.board()[1]) == RECENT_ALERTS

@@ -11,6 +11,7 @@ import pytest
 from edgegen.errors import ConfigError
 from edgegen.gateway.fleet import WINDOW_S, Fleet, Traffic, bucket, merged_view
 from edgegen.gateway.settings import GatewaySettings, HealthSettings, NodeEntry, OutlierSettings
+from tests.threaded import read_while_written
 
 
 class Clock:
@@ -179,3 +180,26 @@ def test_a_share_counted_as_tries_come_is_the_one_counted_from_all_of_them() -> 
         assert shared["buckets"] == dict(expected), step
         assert (shared["requests"], shared["errors"]) == (len(recent), sum(f for _, f in recent)), step
         assert round(shared["span_s"], 3) == traffic.view(now)["window_s"], step
+
+
+def test_the_fleet_is_read_whole_from_a_route_thread_while_the_loop_records_its_traffic() -> None:
+    """`GET /gateway/fleet`, its history and `/metrics` are sync routes: they read the fleet from a thread
+    while the event loop records tries and samples points. Iterating a deque or a dict the loop changes
+    meanwhile raised RuntimeError there (a 500 under traffic)."""
+    fleet, clock = make(3)
+    backends = [m.backend for m in fleet.nodes.values()]
+
+    def read() -> None:
+        fleet.view()
+        fleet.history(0.0)
+        fleet.in_flight()
+
+    def write() -> None:
+        for i in range(60_000):
+            clock.now += 0.001
+            fleet.record_try(backends[i % 3], 0.01, failed=False)
+            if i % 500 == 0:
+                fleet.sample(clock.now)
+
+    assert read_while_written(read, write) == []
+    assert [len(points) for points in fleet.history(0.0).values()] == [120] * 3

@@ -28,9 +28,7 @@ def fleet_history(request: Request, since: float = 0.0) -> dict[str, Any]:
     if gateway.shared is not None:  # several workers: the leader's points, whichever worker answers
         nodes: dict[str, list[Any]] = gateway.shared.history(since)
     else:
-        nodes = {
-            name: [p for p in m.history if p[0] > since] for name, m in list(gateway.fleet.nodes.items())
-        }
+        nodes = gateway.fleet.history(since)
     return {
         "time": time.time(),
         "interval_s": gateway.settings.health.status_interval_s,
