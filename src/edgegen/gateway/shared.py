@@ -163,7 +163,8 @@ class SharedFleet:
 
     def history(self, since: float) -> dict[str, list[list[float | None]]]:
         """Each node's traffic history after `since` (wall time), oldest first, in the fleet's order."""
-        found: dict[str, list[list[float | None]]] = {name: [] for name in self.fleet.nodes}
+        # (a route's thread: the nodes copied in one step, as fleet.py's readers do)
+        found: dict[str, list[list[float | None]]] = {name: [] for name in list(self.fleet.nodes)}
         query = "SELECT node, point FROM history WHERE at > ? ORDER BY at, rowid"
         for node, point in self._read(query, since):
             if node in found:

@@ -25,6 +25,7 @@ from edgegen.gateway.settings import (
 from edgegen.gateway.shared import SHARE_STALE_S, SharedFleet
 from edgegen.observe.logs import timestamp
 from edgegen.security.auth import Principal
+from tests.threaded import read_while_written
 
 
 def worker(directory: Path, nodes: int = 3) -> SharedFleet:
@@ -262,3 +263,23 @@ async def test_the_leader_analyses_every_workers_lines_and_its_alerts_outlive_it
     assert (resolved["since"], resolved["resolved"]) == (raised.since, clock[0])
     for logs in (logs_a, logs_b):
         logs.close()
+
+
+def test_a_routes_thread_reads_the_shared_history_and_view_while_nodes_come_and_go(tmp_path: Path) -> None:
+    """`GET /gateway/fleet/history` and `/gateway/fleet` run in a thread; the loop adds and removes nodes
+    (an admin call, another worker's change taken). Iterating the nodes as they changed raised there."""
+    shared = worker(tmp_path, nodes=20)
+
+    def write() -> None:
+        for i in range(400):
+            shared.fleet.add(NodeEntry(url=f"http://127.0.0.2:{9000 + i}", name=f"extra{i}"))
+            shared.fleet.remove(f"extra{i}")
+
+    def read() -> None:
+        shared.history(0.0)
+        shared.fleet.view()
+
+    try:
+        assert read_while_written(read, write) == []
+    finally:
+        shared.close()
