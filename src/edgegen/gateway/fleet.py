@@ -269,8 +269,9 @@ class Fleet:
         self.clock = clock
         self.nodes: dict[str, FleetMember] = {}
         self._numbers = itertools.count(1)
-        self._available: list[Backend] | None = None
-        self._next_expiry = math.inf
+        self._changes = 0  # moved by every change of who may take traffic
+        # Who takes traffic, as last decided: (`_changes` when it was decided, until when it holds, who).
+        self._decided: tuple[int, float, list[Backend]] = (-1, math.inf, [])
         self.listener: FleetListener | None = None
         # With several workers (shared.py): what the others told of each node's traffic, by name.
         self.others: Callable[[], dict[str, list[Share]]] | None = None
@@ -342,18 +343,22 @@ class Fleet:
 
     # -- who may take traffic ------------------------------------------------------------------------------
     def available(self) -> list[Backend]:
-        if self._available is None or self.clock() >= self._next_expiry:
-            now, members = self.clock(), list(self.nodes.values())
-            self._available = [
-                s.backend for s in members if s.healthy and not s.draining and s.ejected_until <= now
-            ]
-            pending = [s.ejected_until for s in members if s.ejected_until > now]
-            self._next_expiry = min(pending, default=math.inf)
-        return self._available
+        """The nodes that take traffic now: the same list until that changes (balancers rebuild on a new
+        one). Asked on the loop and from sync routes' threads: a decision is kept with the count of changes
+        it was made after, in one assignment, so one that a change on the loop overtook (made in a thread
+        before it, kept after it) is decided again, never served."""
+        changes, until, nodes = self._decided
+        if changes == self._changes and self.clock() < until:
+            return nodes
+        changes, now, members = self._changes, self.clock(), list(self.nodes.values())
+        nodes = [s.backend for s in members if s.healthy and not s.draining and s.ejected_until <= now]
+        pending = [s.ejected_until for s in members if s.ejected_until > now]
+        self._decided = (changes, min(pending, default=math.inf), nodes)
+        return nodes
 
     def _changed(self, member: FleetMember | None = None) -> None:
         """Who takes traffic is to be decided again; `member`'s change is told to the listener."""
-        self._available = None
+        self._changes += 1
         if member is not None and self.listener is not None:
             self.listener.changed(member)
 

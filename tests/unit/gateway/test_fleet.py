@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from edgegen.errors import ConfigError
-from edgegen.gateway.fleet import WINDOW_S, Fleet, Traffic, bucket, merged_view
+from edgegen.gateway.fleet import WINDOW_S, Fleet, FleetMember, Traffic, bucket, merged_view
 from edgegen.gateway.settings import GatewaySettings, HealthSettings, NodeEntry, OutlierSettings
 from tests.threaded import read_while_written
 
@@ -203,3 +203,34 @@ def test_the_fleet_is_read_whole_from_a_route_thread_while_the_loop_records_its_
 
     assert read_while_written(read, write) == []
     assert [len(points) for points in fleet.history(0.0).values()] == [120] * 3
+
+
+def test_who_takes_traffic_decided_in_a_routes_thread_never_outlives_a_change_on_the_loop() -> None:
+    """`/v2/health/ready` and `/metrics` ask the fleet who takes traffic from a thread. Here the loop drains
+    node-1 while such a decision is being made, after it read node-1 and before it was kept (the thread
+    switch, made to happen there): kept, it would send requests to the drained node until the next
+    change. It is made again instead."""
+    fleet, _ = make(3)
+    fleet.available()
+
+    class Interrupted(FleetMember):
+        """node-3, whose reading is where the loop's change lands."""
+
+        armed = False
+
+        @property  # type: ignore[override]
+        def ejected_until(self) -> float:
+            if Interrupted.armed:
+                Interrupted.armed = False
+                fleet.set_draining("node-1", True)  # the loop, between two steps of the thread
+            return float(self.__dict__["ejected_until"])
+
+        @ejected_until.setter
+        def ejected_until(self, value: float) -> None:
+            self.__dict__["ejected_until"] = value
+
+    fleet.nodes["node-3"].__class__ = Interrupted
+    fleet.set_weight("node-3", 1)  # a change: the next question decides again
+    Interrupted.armed = True
+    fleet.available()  # the decision the drain overtakes
+    assert names(fleet) == ["node-2", "node-3"]
