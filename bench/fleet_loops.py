@@ -10,6 +10,8 @@ analysis  a worker that takes the lead reads the alert analysis' whole span back
 shares    a worker of `--workers N` publishes its share of each node's traffic every half second
           (`SharedFleet.publish`, all on the loop): `--nodes` nodes with full deques of recent tries, and
           4,000 new tries between publishes (half a second at 8,000 answers/s). Measured: a publish's time.
+view      a one-process gateway's fleet view (`GET /gateway/fleet`, in a route's thread, which holds the
+          interpreter as long), the same nodes and tries, between two views. Measured: a view's time.
 
 With `--baseline-src DIR` the same runs on another tree's `src/` too (A B in rounds, one process each), on
 the same log store, built once.
@@ -99,8 +101,8 @@ async def analysis(path: Path, now: float) -> dict[str, float]:
     return {"analysis_s": took, "longest_stall_ms": longest * 1000}
 
 
-def shares(nodes: int) -> float:
-    """The median time of a publish, in ms."""
+def shares(nodes: int) -> tuple[float, float]:
+    """The median time of a publish (of a worker of several), and of a fleet view (one process), in ms."""
     from edgegen.gateway.fleet import RECENT_TRIES, Fleet
     from edgegen.gateway.settings import HealthSettings, NodeEntry, OutlierSettings
     from edgegen.gateway.shared import SharedFleet
@@ -113,10 +115,19 @@ def shares(nodes: int) -> float:
     for member in members:
         for k in range(RECENT_TRIES):
             member.traffic.add(now - 30 + k * 0.01, rng.uniform(0.001, 0.02), False)
+    views = []
+    fleet.view()  # the first counts every try there is
+    for _ in range(9):
+        for k in range(NEW_TRIES):
+            members[k % nodes].traffic.add(now + k / 8_000, rng.uniform(0.001, 0.02), k % 50 == 0)
+        now += 0.5
+        started = time.perf_counter()
+        fleet.view()
+        views.append(time.perf_counter() - started)
     times = []
     with tempfile.TemporaryDirectory(prefix="edgegen-fleet-loops-") as tmp:
         shared = SharedFleet(Path(tmp), fleet)
-        shared.publish()  # the first counts every try there is
+        shared.publish()
         for _ in range(9):
             for k in range(NEW_TRIES):
                 members[k % nodes].traffic.add(now + k / 8_000, rng.uniform(0.001, 0.02), k % 50 == 0)
@@ -125,13 +136,13 @@ def shares(nodes: int) -> float:
             shared.publish()
             times.append(time.perf_counter() - started)
         shared.close()
-    return statistics.median(times) * 1000
+    return statistics.median(times) * 1000, statistics.median(views) * 1000
 
 
 def child(store: Path, now: float, nodes: list[int]) -> dict[str, float]:
     result = asyncio.run(analysis(store, now))
     for n in nodes:
-        result[f"publish_ms_{n}_nodes"] = shares(n)
+        result[f"publish_ms_{n}_nodes"], result[f"view_ms_{n}_nodes"] = shares(n)
     return result
 
 

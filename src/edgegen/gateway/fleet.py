@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import statistics
 import threading
 import time
 from collections import Counter, deque
@@ -57,14 +56,13 @@ def bucket(seconds: float) -> int:
 class Traffic:
     """A node's recent tries at the gateway: (monotonic time, seconds, failed), newest last.
 
-    The event loop adds them; the fleet view reads them from a route's thread too (`GET /gateway/fleet`),
-    so every reader works on a copy taken in one step (`list()` of a deque runs in C, never interleaved
-    with the loop's appends), never on the deque as it changes.
-
-    What a worker of several tells the others of them (`share`, every `sync_s`) is kept counted as they
-    come: each share counts the tries after the last one it counted and lets go of those past the window,
-    so its cost follows the traffic, not the nodes times RECENT_TRIES (100 busy nodes: 66 ms of the event
-    loop every half second when each share counted all its tries again)."""
+    What the fleet view shows of them, and what a worker of several tells the others (`share`, every
+    `sync_s`), is kept counted as they come: each share counts the tries after the last one it counted and
+    lets go of those past the window, so its cost follows the traffic, not the nodes times RECENT_TRIES
+    (100 busy nodes: 66 ms of the event loop every half second, and as much a fleet view, when each
+    counted all its tries again). The event loop adds tries; the fleet view asks for a share from a route's
+    thread too (`GET /gateway/fleet`): the share works on a copy of the tries taken in one step (`list()`
+    of a deque runs in C, never interleaved with the loop's appends), under a lock of its own."""
 
     tries: deque[tuple[float, float, bool]] = field(default_factory=lambda: deque(maxlen=RECENT_TRIES))
     _last: tuple[float, float, bool] | None = None  # the newest try `share` counted (by identity)
@@ -76,13 +74,6 @@ class Traffic:
     def add(self, now: float, seconds: float, failed: bool) -> None:
         self.tries.append((now, seconds, failed))
 
-    def _window(self, now: float) -> tuple[list[float], int, float]:
-        """The latencies of the tries within the window, how many failed, and the span they cover."""
-        tries = list(self.tries)
-        recent = [s for t, s, _ in tries if now - t <= WINDOW_S]
-        failed = sum(f for t, _, f in tries if now - t <= WINDOW_S)
-        return recent, failed, self._span(tries, now)
-
     @staticmethod
     def _span(tries: list[tuple[float, float, bool]], now: float) -> float:
         # A busy node fills the deque in less than the window: its rates are over the span it covers.
@@ -90,8 +81,8 @@ class Traffic:
         return max(min(WINDOW_S, now - tries[0][0]) if full else WINDOW_S, 1e-3)
 
     def share(self, now: float) -> Share:
-        """The tries within the window, as a worker tells the others (`Share`, less `in_flight`): `now`
-        never goes back between calls (the monotonic clock)."""
+        """The tries within the window, as a worker tells the others (`Share`, less `in_flight`), at `now`
+        (the monotonic clock; a try that a later `now` let go of stays gone)."""
         with self._sharing:
             tries = list(self.tries)
             start = 0  # where the tries not counted yet begin: after the last counted, if still there
@@ -116,22 +107,12 @@ class Traffic:
             return {"span_s": self._span(tries, now), "requests": len(counted), "errors": self._failed,
                     "buckets": dict(buckets)}  # fmt: skip
 
-    def view(self, now: float) -> dict[str, Any]:
-        recent, failed, span = self._window(now)
-        recent.sort()
-        return {
-            "window_s": round(span, 3),
-            "requests_per_s": round(len(recent) / span, 3),
-            "errors_per_s": round(failed / span, 3),
-            "p50_ms": round(statistics.median(recent) * 1000, 3) if recent else None,
-            "p99_ms": round(recent[math.ceil(0.99 * len(recent)) - 1] * 1000, 3) if recent else None,
-        }
-
 
 def merged_view(shares: list[Share]) -> dict[str, Any]:
-    """A node's traffic over the shares of several workers, in `Traffic.view`'s shape: their rates summed,
-    p50 and p99 over their latencies merged by bucket — each worker's counts weighed by its rate, since a
-    busier worker's tries cover a shorter span — and given as the bucket's middle (within 2.2 %)."""
+    """A node's traffic over the shares of one worker or several (window_s, requests_per_s, errors_per_s,
+    p50_ms, p99_ms): their rates summed, p50 and p99 over their latencies merged by bucket — each worker's
+    counts weighed by its rate, since a busier worker's tries cover a shorter span — and given as the
+    bucket's middle (within 2.2 %)."""
     rates: Counter[int] = Counter()
     requests = errors = 0.0
     for share in shares:
@@ -143,7 +124,7 @@ def merged_view(shares: list[Share]) -> dict[str, Any]:
     total = sum(rates.values())
 
     def quantile(q: float) -> float | None:
-        wanted, seen = q * total * (1 - 1e-9), 0.0  # (the nearest rank, as `view`; sums of floats)
+        wanted, seen = q * total * (1 - 1e-9), 0.0  # (the nearest rank; sums of floats)
         for key, rate in ordered:
             seen += rate
             if seen >= wanted:
@@ -198,8 +179,8 @@ class FleetMember:
 
     def traffic_view(self, now: float, others: list[Share] | None = None) -> dict[str, Any]:
         """Its traffic as this worker relayed it, or (`others`: what the other workers of several told of
-        it) as all of them did."""
-        return self.traffic.view(now) if others is None else merged_view([self.share(now), *others])
+        it) as all of them did: the same view either way (`merged_view`)."""
+        return merged_view([self.share(now), *(others or ())])
 
     def sample(self, wall: float, now: float, others: list[Share] | None = None) -> Point:
         view = self.traffic_view(now, others)
