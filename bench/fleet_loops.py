@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -107,36 +108,34 @@ def shares(nodes: int) -> tuple[float, float]:
     from edgegen.gateway.settings import HealthSettings, NodeEntry, OutlierSettings
     from edgegen.gateway.shared import SharedFleet
 
-    rng, now = random.Random(5), 1_000.0
-    fleet = Fleet(HealthSettings(), OutlierSettings(), clock=lambda: now)
+    rng, clock = random.Random(5), [1_000.0]
+    fleet = Fleet(HealthSettings(), OutlierSettings(), clock=lambda: clock[0])
     for i in range(nodes):
         fleet.add(NodeEntry(url=f"http://10.0.{i // 250}.{i % 250 + 1}:8000"))
     members = list(fleet.nodes.values())
     for member in members:
         for k in range(RECENT_TRIES):
-            member.traffic.add(now - 30 + k * 0.01, rng.uniform(0.001, 0.02), False)
-    views = []
-    fleet.view()  # the first counts every try there is
-    for _ in range(9):
-        for k in range(NEW_TRIES):
-            members[k % nodes].traffic.add(now + k / 8_000, rng.uniform(0.001, 0.02), k % 50 == 0)
-        now += 0.5
-        started = time.perf_counter()
-        fleet.view()
-        views.append(time.perf_counter() - started)
-    times = []
-    with tempfile.TemporaryDirectory(prefix="edgegen-fleet-loops-") as tmp:
-        shared = SharedFleet(Path(tmp), fleet)
-        shared.publish()
+            member.traffic.add(clock[0] - 30 + k * 0.01, rng.uniform(0.001, 0.02), False)
+
+    def timed(action: Callable[[], object]) -> float:
+        """`action` once (the first counts every try there is), then 9 times, NEW_TRIES after each."""
+        action()
+        times = []
         for _ in range(9):
             for k in range(NEW_TRIES):
-                members[k % nodes].traffic.add(now + k / 8_000, rng.uniform(0.001, 0.02), k % 50 == 0)
-            now += 0.5
+                members[k % nodes].traffic.add(clock[0] + k / 8_000, rng.uniform(0.001, 0.02), k % 50 == 0)
+            clock[0] += 0.5
             started = time.perf_counter()
-            shared.publish()
+            action()
             times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1000
+
+    view = timed(fleet.view)
+    with tempfile.TemporaryDirectory(prefix="edgegen-fleet-loops-") as tmp:
+        shared = SharedFleet(Path(tmp), fleet)
+        publish = timed(shared.publish)
         shared.close()
-    return statistics.median(times) * 1000, statistics.median(views) * 1000
+    return publish, view
 
 
 def child(store: Path, now: float, nodes: list[int]) -> dict[str, float]:
