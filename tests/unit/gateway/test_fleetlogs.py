@@ -9,8 +9,8 @@ from pathlib import Path
 import orjson
 
 from edgegen.gateway.alerts import Analyzer
-from edgegen.gateway.fleetlogs import FleetLogs
-from edgegen.gateway.logstore import MAX_LIMIT, LogStore
+from edgegen.gateway.fleetlogs import ANALYSIS_PAGE, FleetLogs
+from edgegen.gateway.logstore import LogStore
 from edgegen.gateway.settings import AlertSettings, LogStoreSettings
 from edgegen.observe.logs import timestamp
 from edgegen.security.auth import ANONYMOUS_ADMIN
@@ -34,11 +34,10 @@ async def test_a_new_leader_takes_up_a_long_span_page_by_page_while_nodes_ship(t
     batch a node ships meanwhile is kept before the analysis is done, and the analysis counts it too."""
     clock = Clock()
     per_s = 50
-    total = MAX_LIMIT * 5 // 2
+    total = ANALYSIS_PAGE * 5 // 2
     start = clock.now - total / per_s - 1
     store = LogStore(tmp_path / "fleet.sqlite")
-    for first in range(0, total, 5_000):
-        store.add("n1", "a", access_lines(first, 5_000, start, per_s))
+    store.add("n1", "a", access_lines(0, total, start, per_s))
     analyzer = Analyzer(AlertSettings(window_s=60, baseline_s=3_600), clock=clock)
     logs = FleetLogs(store, analyzer, LogStoreSettings())
     analysis = asyncio.create_task(logs.analyse())
