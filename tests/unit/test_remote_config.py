@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 
 from edgegen.config import LOCAL_ONLY, ModelOverrides, Settings, load_settings, remote_path
 from edgegen.errors import Forbidden, InvalidInput, Unprocessable
+from edgegen.node import remote_config
 from edgegen.node.remote_config import apply_live, change, effective, watch
 
 
@@ -220,3 +222,54 @@ def test_the_watch_applies_what_another_worker_wrote(home: Path) -> None:
         return settings.llm.timeout_s
 
     assert asyncio.run(run()) == 12.0
+
+
+def test_of_two_changes_at_once_the_one_written_last_is_the_one_in_force(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two PATCHes at once, each in a thread of its own (node/admin.py): the first, between writing the file
+    and applying its value, gives the second every chance to run to its end. The second's value, which
+    the file keeps, is the one in force after both; before, the first applied its older value last."""
+    settings = load_settings()
+    applying, second_done = threading.Event(), threading.Event()
+    real_set = remote_config._set
+
+    def set_slowly(key: str, holder: BaseModel, name: str, value: Any) -> None:
+        if value == 20.0:  # the first change: the second may finish first (it cannot if it must wait)
+            applying.set()
+            second_done.wait(0.5)
+        real_set(key, holder, name, value)
+
+    monkeypatch.setattr(remote_config, "_set", set_slowly)
+    first = threading.Thread(target=change, args=(settings, {"request_timeout_s": 20}))
+    first.start()
+    assert applying.wait(10)
+    second = threading.Thread(target=lambda: (change(settings, {"request_timeout_s": 30}), second_done.set()))
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert stored(home)["request_timeout_s"] == 30.0
+    assert settings.request_timeout_s == 30.0
+
+
+def test_the_watch_never_applies_a_file_older_than_a_change_made_meanwhile(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker wrote 20; this worker's watch reads it, and this worker's own change to 30 lands
+    before the watch applies what it read. The watch must not put 20 back: the file says 30."""
+    settings, other = load_settings(), load_settings()
+    change(other, {"request_timeout_s": 20})
+    changed = threading.Event()
+    real_in_force = remote_config.in_force
+
+    def read_then_wait(read: Settings) -> Any:
+        found = real_in_force(read)
+        threading.Thread(target=lambda: (change(settings, {"request_timeout_s": 30}), changed.set())).start()
+        changed.wait(0.5)  # (with the file read under the changes' lock, the change waits for the watch)
+        return found
+
+    monkeypatch.setattr(remote_config, "in_force", read_then_wait)
+    apply_live(settings)
+    assert changed.wait(10)
+    assert stored(home)["request_timeout_s"] == 30.0
+    assert settings.request_timeout_s == 30.0

@@ -87,11 +87,13 @@ def change(settings: Settings, changes: dict[str, Any]) -> dict[str, Any]:
             write_remote(settings.home, stored, keep_current=current.source == REMOTE_FILE)
         except ValueError as exc:
             raise InvalidInput(f"{', '.join(changes)}: {exc}") from None
-    applied = []
-    for key, holder, name, value in checked:
-        if key in LIVE:
-            _set(key, holder, name, value)
-            applied.append(key)
+        # Still under the lock: a change that wrote after this one must also apply after it, or this
+        # process would run an older value than its file holds (two PATCHes, each in a thread).
+        applied = []
+        for key, holder, name, value in checked:
+            if key in LIVE:
+                _set(key, holder, name, value)
+                applied.append(key)
     later = [key for key, *_ in checked if key not in LIVE]
     log.info("configuration changed", extra={"applied": applied, "on_restart": later})
     return {"applied": applied, "on_restart": later, "remote": stored}
@@ -137,19 +139,22 @@ def _set(key: str, holder: BaseModel, name: str, value: Any) -> None:
 
 def apply_live(settings: Settings) -> list[str]:
     """Take the live settings of the remote changes in force that differ from those in this process
-    (another worker process of this node wrote them); return their names."""
-    remote = in_force(settings)
+    (another worker process of this node wrote them); return their names. Read and applied under the
+    changes' lock (it blocks: call it in a thread), so a change made meanwhile is never undone by the
+    older file read before it."""
+    with _locked(settings):
+        remote = in_force(settings)
+        applied = []
+        for key, value in flat(remote.values).items():
+            if key not in LIVE:
+                continue
+            holder, name, adapter = remote_field(settings, key)
+            valid = adapter.validate_python(value)  # (in_force validated the whole)
+            if getattr(holder, name) != valid:
+                _set(key, holder, name, valid)
+                applied.append(key)
     if remote.problems:
         log.warning("remote settings passed over", extra={"problems": list(remote.problems)})
-    applied = []
-    for key, value in flat(remote.values).items():
-        if key not in LIVE:
-            continue
-        holder, name, adapter = remote_field(settings, key)
-        valid = adapter.validate_python(value)  # (in_force validated the whole)
-        if getattr(holder, name) != valid:
-            _set(key, holder, name, valid)
-            applied.append(key)
     if applied:
         log.info("remote settings applied", extra={"applied": applied})
     return applied
@@ -165,7 +170,7 @@ async def watch(settings: Settings, interval: float) -> None:
             now = path.stat().st_mtime_ns if path.exists() else None
             if now != seen:
                 seen = now
-                apply_live(settings)
+                await asyncio.to_thread(apply_live, settings)
         except Exception:  # observability of a bad file must not end the watch
             log.exception("remote settings not read")
 
