@@ -231,4 +231,4 @@ class ResponseCache:
         if tier == "memory" and self.memory is not None:
             self._observer.on_size("memory", self.memory.bytes, len(self.memory))
         elif tier == "disk" and self.disk is not None:
-            self._observer.on_size("disk", self.disk.bytes, self.disk.entries)
+            self._observer.on_size("disk", *self.disk.usage)

@@ -62,13 +62,15 @@ class DiskTier:
         self._writer.executescript(SCHEMA)
         self._drop_unreadable()
         self._reader = connect(path, 200)
-        self.bytes = self.entries = 0
-        self._measure()
+        # (bytes, entries) as of the last write committed, set in one assignment once it is: the writer
+        # thread counts as it writes, and another thread (the node's status route) reads both at once.
+        self.usage = self._measure(self._writer)
 
-    def _measure(self) -> None:
-        """Count bytes and entries afresh: other processes write to the same file."""
-        count, total = self._writer.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
-        self.entries, self.bytes = int(count), int(total)
+    @staticmethod
+    def _measure(db: sqlite3.Connection) -> tuple[int, int]:
+        """Bytes and entries counted afresh: other processes write to the same file."""
+        count, total = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
+        return int(total), int(count)
 
     def _drop_unreadable(self) -> None:
         if self._keyring is None:
@@ -130,29 +132,33 @@ class DiskTier:
                     value,
                 ),
             )
-            self.bytes += size - (old[0] if old else 0)
-            self.entries += 0 if old else 1
-            if self.bytes > self.max_bytes:
-                self._evict(db, removed)
+            total, count = self.usage
+            total += size - (old[0] if old else 0)
+            count += 0 if old else 1
+            if total > self.max_bytes:
+                total, count = self._evict(db, removed)
+        self.usage = (total, count)
 
-    def _evict(self, db: sqlite3.Connection, removed: Removed) -> None:
-        """Expired entries first; if not enough, the least recently used down to the low-water mark."""
+    def _evict(self, db: sqlite3.Connection, removed: Removed) -> tuple[int, int]:
+        """Expired entries first; if not enough, the least recently used down to the low-water mark.
+        Returns the bytes and entries left."""
         removed.expired += db.execute("DELETE FROM entries WHERE expires <= ?", (self._clock(),)).rowcount
-        self._measure()
-        if self.bytes <= self.max_bytes:
-            return
+        total, count = self._measure(db)
+        if total <= self.max_bytes:
+            return total, count
         goal = int(self.max_bytes * LOW_WATER)
-        while self.bytes > goal:
+        while total > goal:
             victims = db.execute("SELECT key, size FROM entries ORDER BY used LIMIT 64").fetchall()
             if not victims:
                 break
             for key, size in victims:
                 db.execute("DELETE FROM entries WHERE key = ?", (key,))
-                self.bytes -= size
-                self.entries -= 1
+                total -= size
+                count -= 1
                 removed.size += 1
-                if self.bytes <= goal:
+                if total <= goal:
                     break
+        return total, count
 
     def invalidate(self, model: str, keep_tag: str | None, removed: Removed) -> None:
         with transaction(self._writer) as db:
@@ -160,7 +166,8 @@ class DiskTier:
                 "DELETE FROM entries WHERE model = ? AND tag IS NOT ?", (model, keep_tag)
             ).rowcount
             removed.invalidated += gone
-            self._measure()
+            usage = self._measure(db)
+        self.usage = usage
 
     def close(self) -> None:
         self._reader.close()

@@ -91,11 +91,12 @@ async def status(request: Request) -> Response:
         out["jobs"] = await node.jobs.counts()
     if node.cache is not None:
         memory, disk = node.cache.memory, node.cache.disk
+        disk_bytes, disk_entries = disk.usage if disk else (0, 0)  # (one read: its writer thread counts)
         out["cache"] = {
             "memory_bytes": memory.bytes if memory else 0,
             "memory_entries": len(memory) if memory else 0,
-            "disk_bytes": disk.bytes if disk else 0,
-            "disk_entries": disk.entries if disk else 0,
+            "disk_bytes": disk_bytes,
+            "disk_entries": disk_entries,
         }
     return json_response(out)
 
