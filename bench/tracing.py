@@ -1,15 +1,17 @@
 """Benchmark what tracing costs a prediction (observe/tracing.py): off, on, and the tree before it.
 
 One client (wrk + bench/predict.lua, every answer checked) sends `POST /predict` through a gateway to a node,
-A B C in rounds, for each of three fleets (a gateway and its node each):
+A B C D in rounds, for each of its fleets (a gateway and its node each):
 
     off       tracing off (the default)
     on        `[tracing] endpoint` set on gateway and node, every request sampled: spans exported over
               OTLP/HTTP to a sink in this process that reads and drops them
     base      (with `--baseline-src DIR`) both servers run from another tree's `src/`: the cost of "off"
+    base-on   (with `--baseline-src DIR`) that tree with tracing on, as `on`: what a change to tracing gained
 
-Reports p50, p99 and the CPU an answer costs node and gateway together per fleet, and the ratios on/off
-and off/base, per round and as medians. Targets (issue 19): on ≤ 1.03× off at p50; off: no measurable cost.
+Reports p50, p99 and the CPU an answer costs node and gateway together per fleet, and the ratios on/off,
+off/base and on/base-on, per round and as medians. Targets (issue 19): on ≤ 1.03× off at p50; off: no
+measurable cost.
 
     python bench/tracing.py [--rounds 5] [--duration 5] [--baseline-src DIR]
 """
@@ -63,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=int, default=5)
-    parser.add_argument("--baseline-src", default=None, help="another tree's src/: the fleet before tracing")
+    parser.add_argument("--baseline-src", default=None, help="another tree's src/, off and on")
     args = parser.parse_args()
     sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
@@ -72,13 +74,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgegen-tracing-bench-") as tmp:
         root = Path(tmp)
         home, data, wrk_bin = digits_workload(root)
-        fleets = {
-            "off": fleet(home, root, "off", {}),
-            "on": fleet(home, root, "on", {"EDGEGEN_TRACING__ENDPOINT": endpoint,
-                                           "EDGEGEN_GATEWAY_TRACING__ENDPOINT": endpoint}),
-        }  # fmt: skip
+        on = {"EDGEGEN_TRACING__ENDPOINT": endpoint, "EDGEGEN_GATEWAY_TRACING__ENDPOINT": endpoint}
+        fleets = {"off": fleet(home, root, "off", {}), "on": fleet(home, root, "on", on)}
         if args.baseline_src:
             fleets["base"] = fleet(home, root, "base", {"PYTHONPATH": args.baseline_src})
+            fleets["base-on"] = fleet(home, root, "base-on", {"PYTHONPATH": args.baseline_src, **on})
         rows: list[dict[str, Any]] = []
         try:
             for pair in fleets.values():
@@ -104,7 +104,7 @@ def main() -> None:
                     stop(server)
     sink.shutdown()
     result["rows"], result["exports"] = rows, Sink.exports
-    for a, b in (("on", "off"), ("off", "base")):
+    for a, b in (("on", "off"), ("off", "base"), ("on", "base-on")):
         if b not in fleets:
             continue
         for figure in ("p50_us", "cpu_us_per_answer"):

@@ -421,7 +421,7 @@ def test_the_tracers_spans_carry_their_kind_parent_flags_and_status() -> None:
         tracing.configure(collector.url, "edgegen-gateway", 1.0)
         try:
             assert tracing.tracer is not None
-            entered = tracing.enter(VALID.encode(), "POST", **{"url.path": "/predict"})
+            entered = tracing.enter(VALID.encode(), "POST", {"url.path": "/predict"})
             assert entered is not None
             child = tracing.tracer.span("cache.lookup")
             child.set_attribute("edgegen.cache_hit", True)

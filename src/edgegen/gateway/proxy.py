@@ -68,6 +68,13 @@ _HOP = frozenset(
 # A client must not choose what the gateway tells a node about the client (or, later, who it is).
 _CLIENT_FORBIDDEN = (b"x-forwarded-", b"forwarded", b"x-real-ip", b"x-edgegen-")
 _HOP_ID = _HOP | {b"x-request-id"}
+# What of the client's headers a node never gets, by (the gateway vouches for the caller: its credential
+# stays here; the gateway sends a `traceparent` of its own): made once, not per request.
+_SKIP = {
+    (vouched, traced): _HOP_ID.union([b"authorization"] * vouched, [b"traceparent"] * traced)
+    for vouched in (False, True)
+    for traced in (False, True)
+}
 # The body is relayed as it came, so its length holds; the gateway's server writes its own Date, and
 # its request boundary the request id (the one it forwarded, which the node echoes).
 _HOP_RESPONSE = (_HOP - {b"content-length"}) | {b"date", b"x-request-id"}
@@ -382,9 +389,7 @@ class Proxy:
         fields: list[tuple[bytes, bytes]] = []
         host = session = None
         principal: Principal | None = scope.get("edgegen.principal")
-        skip = _HOP | {b"x-request-id", b"authorization"} if vouch and principal is not None else _HOP_ID
-        if traceparent is not None:
-            skip = skip | {b"traceparent"}
+        skip = _SKIP[vouch and principal is not None, traceparent is not None]
         for key, value in scope["headers"]:
             if key == b"host":
                 host = value

@@ -187,7 +187,7 @@ class RequestBoundary:
         traced = None
         if traceparent is not None or tracing.tracer is not None:
             attributes = {"url.path": scope["path"], "edgegen.request_id": rid}
-            traced = tracing.enter(traceparent, scope["method"], **attributes)
+            traced = tracing.enter(traceparent, scope["method"], attributes)
         status = 0  # (none yet)
         rid_header = (b"x-request-id", rid.encode())
 

@@ -119,7 +119,7 @@ class JobWorkers:
         on), and its trace id in every line said meanwhile, the route's and the outcome's alike."""
         if job.traceparent is None and tracing.tracer is None:
             return (await self._settle(job, worker))[0]
-        traced = tracing.enter(job.traceparent, "job.run", job=True, **{"edgegen.job": job.id})
+        traced = tracing.enter(job.traceparent, "job.run", {"edgegen.job": job.id}, job=True)
         status = 500
         try:
             outcome, status = await self._settle(job, worker)

@@ -40,7 +40,6 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,11 +51,13 @@ from edgegen.observe.otlp import SpanExporter
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[ -~]*)?")
 TRACE_ID = r"^[0-9a-f]{32}$"  # a trace id as log lines carry it (and as one is asked for in the logs)
 _MAX_TRACEPARENT = 512  # the longest value looked at; a longer one is refused unread
+_NO_TRACE, _NO_SPAN = b"0" * 32, b"0" * 16  # all-zero ids: not valid
 
 
-@dataclass(frozen=True, slots=True)
-class TraceParent:
-    """A valid W3C `traceparent`: the trace, the caller's span in it, and the flags (bit 0: sampled)."""
+class TraceParent(NamedTuple):
+    """A valid W3C `traceparent`: the trace, the caller's span in it, and the flags (bit 0: sampled). (A
+    tuple: one is made for every request that carries the header, and a frozen dataclass costs twice as
+    much to make.)"""
 
     trace_id: str  # 32 lowercase hex digits, not all zero
     span_id: str  # 16
@@ -82,7 +83,7 @@ def parse_traceparent(value: bytes | str | None) -> TraceParent | None:
     if match is None:
         return None
     version, trace, span, flags, more = match.groups()
-    if version == b"ff" or (version == b"00" and more) or trace.count(b"0") == 32 or span.count(b"0") == 16:
+    if version == b"ff" or (version == b"00" and more) or trace == _NO_TRACE or span == _NO_SPAN:
         return None
     return TraceParent(trace.decode(), span.decode(), int(flags, 16))
 
@@ -110,11 +111,16 @@ class LiveSpan:
     __slots__ = ("_tracer", "attributes", "kind", "name", "parent", "ref", "start")
 
     def __init__(
-        self, tracer: Tracer, name: str, parent: SpanRef | None, kind: str, **attributes: Any
+        self,
+        tracer: Tracer,
+        name: str,
+        parent: SpanRef | None,
+        kind: str,
+        attributes: dict[str, Any] | None = None,
     ) -> None:
         self._tracer, self.name, self.parent, self.kind = tracer, name, parent, kind
         self.ref = tracer.child_of(parent)
-        self.attributes = attributes
+        self.attributes = {} if attributes is None else attributes
         self.start = time.time_ns()
 
     def set_attribute(self, key: str, value: Any) -> None:
@@ -144,13 +150,18 @@ class Entered:
         """End the span (renamed to `name` once the route is known; an error from `status` 500 on; the
         `attributes` that are not None added) and restore what was current before."""
         try:
-            if self.span is not None:
+            span = self.span
+            if span is not None:
                 if name is not None:
-                    self.span.name = name
-                self.span.attributes.update((k, v) for k, v in (attributes or {}).items() if v is not None)
+                    span.name = name
+                kept = span.attributes
+                if attributes:
+                    for key, value in attributes.items():
+                        if value is not None:
+                            kept[key] = value
                 if status is not None:
-                    self.span.attributes["http.response.status_code"] = status
-                self.span.end(error=status is not None and status >= 500)
+                    kept["http.response.status_code"] = status
+                span.end(error=status is not None and status >= 500)
         finally:
             if self._current is not None:
                 current_span.reset(self._current)
@@ -158,11 +169,16 @@ class Entered:
 
 
 def enter(
-    traceparent: bytes | str | None, name: str, *, job: bool = False, **attributes: Any
+    traceparent: bytes | str | None,
+    name: str,
+    attributes: dict[str, Any] | None = None,
+    *,
+    job: bool = False,
 ) -> Entered | None:
     """Start serving a request (or running a `job`) under `traceparent`: None when there is nothing to
     note (tracing off and no valid `traceparent`), else `Entered` — with a span named `name` when
-    tracing is on. A request calls it only when one of the two holds (both tests are free)."""
+    tracing is on, which takes `attributes` (the dict itself, not a copy). A request calls it only when
+    one of the two holds (both tests are free)."""
     parent = parse_traceparent(traceparent)
     if tracer is not None:
         return tracer.enter(name, parent, attributes, job=job)
@@ -231,18 +247,18 @@ class Tracer:
             )
 
     def enter(
-        self, name: str, parent: TraceParent | None, attributes: dict[str, Any], *, job: bool = False
+        self, name: str, parent: TraceParent | None, attributes: dict[str, Any] | None, *, job: bool = False
     ) -> Entered:
-        remote = None
-        if parent is not None:
-            sampled = bool(parent.flags & 1)
-            remote = SpanRef(int(parent.trace_id, 16), int(parent.span_id, 16), sampled, remote=True)
-        span = LiveSpan(self, name, remote, "consumer" if job else "server", **attributes)
-        return Entered(f"{span.ref.trace_id:032x}", span)
+        kind = "consumer" if job else "server"
+        if parent is None:
+            span = LiveSpan(self, name, None, kind, attributes)
+            return Entered(f"{span.ref.trace_id:032x}", span)
+        remote = SpanRef(int(parent.trace_id, 16), int(parent.span_id, 16), bool(parent.flags & 1), True)
+        return Entered(parent.trace_id, LiveSpan(self, name, remote, kind, attributes))
 
-    def span(self, name: str, **attributes: Any) -> LiveSpan:
+    def span(self, name: str, attributes: dict[str, Any] | None = None) -> LiveSpan:
         """A span under the current one, begun now; the caller ends it."""
-        return LiveSpan(self, name, current_span.get(), "internal", **attributes)
+        return LiveSpan(self, name, current_span.get(), "internal", attributes)
 
     def relay(self) -> tuple[LiveSpan, bytes]:
         """The gateway's span around relaying the current request, and the `traceparent` that makes a
@@ -264,8 +280,14 @@ class Tracer:
     def record(
         self, name: str, parent: SpanRef, start_ns: int, end_ns: int, attributes: dict[str, Any] | None = None
     ) -> None:
-        """A span that is over already, from `start_ns` to `end_ns` (ns since the epoch)."""
-        self.emit(name, self.child_of(parent), parent, start_ns, end_ns, attributes)
+        """A span that is over already, from `start_ns` to `end_ns` (ns since the epoch), under `parent`.
+        Nothing is ever made beneath it, so it needs an id but no `SpanRef` of its own."""
+        if parent.sampled:
+            span_id = random.getrandbits(64) or 1
+            self._export(
+                (name, parent.trace_id, span_id, parent.span_id, start_ns, end_ns, attributes, "internal",
+                 False, parent.remote)
+            )  # fmt: skip
 
     def generation(self) -> GenerationTrace | None:
         parent = self.current()
