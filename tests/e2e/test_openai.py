@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.e2e.node_process import NodeProcess, metric
+from edgegen.executors import describe_model
+from edgegen.store import ModelStore
+from tests.e2e.conftest import LLM_ENV
+from tests.e2e.node_process import NodeProcess, metric, running
+from tests.llm_models import write_tiny_llama
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-llm"
@@ -239,3 +245,39 @@ def test_a_full_waiting_queue_answers_429_with_retry_after(node: NodeProcess) ->
     assert all(r.status_code in (200, 429) for r in responses)
     assert sum(r.status_code == 200 for r in responses) >= 16  # every request that got a place was served
     wait_idle(node)
+
+
+def test_a_version_activated_mid_stream_lets_the_stream_end_whole(tmp_path: Path) -> None:
+    """Another version of the language model activated while a chat streams (what a rollout does on each
+    node): the old version finishes the chat, every token of it and `[DONE]`, and only then is freed; the
+    new version serves from the swap on. Before, the swap ended the stream with an error event, "was
+    unloaded", the old version's model freed under it."""
+    store = ModelStore(tmp_path / "models", describe=describe_model)
+    store.add(write_tiny_llama(tmp_path / "tiny.gguf"), MODEL, "1", task="text-generation")
+    node = NodeProcess(tmp_path, env={"EDGEGEN_STORE_POLL_S": "0.2", **LLM_ENV})
+    # Greedy: the tiny model never ends early. 1,500 tokens outlast the swap on a loaded machine.
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 1500,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with (
+        running(node),
+        httpx.stream("POST", f"{node.url}/v1/chat/completions", json=body, timeout=120) as answer,
+    ):
+        lines = answer.iter_lines()
+        events = [next(line for line in lines if line.startswith("data: "))]  # it streams
+        cli = [sys.executable, "-m", "edgegen", "models"]
+        second = [str(write_tiny_llama(tmp_path / "tiny-2.gguf")), "--name", MODEL, "--version", "2"]
+        subprocess.run([*cli, "add", *second, "--task", "text-generation"], env=node.env, check=True)
+        subprocess.run([*cli, "activate", MODEL, "2"], env=node.env, check=True)
+        until = time.monotonic() + 30
+        while httpx.get(f"{node.url}/v2/models/{MODEL}/versions/2/ready").status_code != 200:
+            assert time.monotonic() < until, "the node did not take version 2"
+            time.sleep(0.05)
+        swapped = len(events)
+        events += [line for line in lines if line.startswith("data: ")]
+        assert httpx.get(f"{node.url}/v2/models/{MODEL}/versions/1/ready").status_code == 404
+    chunks = [json.loads(line[6:]) for line in events[:-1]]
+    assert events[-1] == "data: [DONE]"
+    assert not any("error" in chunk for chunk in chunks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 1500
+    assert swapped < len(events) - 2  # the swap came while it streamed, not after its end

@@ -277,7 +277,8 @@ class DynamicBatcher:
             pending = self._queue.get_nowait()
             if not pending.future.done():
                 pending.future.set_exception(Overloaded(f"model {self.model!r} was unloaded"))
-        self._pool.shutdown(wait=True)
+        # A pass in flight reads the model: it ends before the model is freed, waited for off the loop.
+        await asyncio.to_thread(self._pool.shutdown, wait=True)
         for executor in self._executors:
             executor.close()
 

@@ -239,6 +239,8 @@ class Scheduler:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()  # set by the loop when nothing runs or waits (`drain` waits for it)
+        self._idle.set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llm-{model}")
         self._text_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"llm-text-{model}")
         self._task: asyncio.Task[None] | None = None
@@ -265,6 +267,7 @@ class Scheduler:
         for sequence in [*self._running, *self._waiting]:
             self._finish(sequence, error=ExecutorError("the generation engine failed"))
         self._waiting.clear()
+        self._idle.set()
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -345,8 +348,16 @@ class Scheduler:
         if (tracer := tracing.tracer) is not None:
             sequence.trace = tracer.generation()
         self._waiting.append(sequence)
+        self._idle.clear()
         self.wake()
         return Generation(sequence, self)
+
+    async def drain(self) -> None:
+        """Let what runs and waits finish, each generation within its own deadline, then close: the model
+        was replaced by another version (the registry sends new requests there already)."""
+        while (self._running or self._waiting) and self._task is not None and not self._task.done():
+            await self._idle.wait()
+        await self.close()
 
     async def close(self) -> None:
         self._closed = True
@@ -356,8 +367,9 @@ class Scheduler:
             await asyncio.gather(self._task, return_exceptions=True)
         for sequence in [*self._running, *self._waiting]:
             self._finish(sequence, error=Overloaded(f"model {self.model!r} was unloaded"))
-        self._pool.shutdown(wait=True)
-        # A tokenization in flight reads the model: it finishes before the model is freed.
+        # A step or a tokenization in flight reads the model: it finishes before the model is freed,
+        # waited for off the loop (a long prompt's step takes seconds, and the node serves on meanwhile).
+        await asyncio.to_thread(self._pool.shutdown, wait=True)
         await asyncio.to_thread(self._text_pool.shutdown, wait=True)
         self.executor.close()
 
@@ -369,6 +381,8 @@ class Scheduler:
             self._admit()
             self._observe_state()
             if not self._running:
+                if not self._waiting:
+                    self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue

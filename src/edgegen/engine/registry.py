@@ -58,7 +58,7 @@ class ServedModel:
         if self.batcher is not None:
             await self.batcher.drain()
         if self.scheduler is not None:
-            await self.scheduler.close()
+            await self.scheduler.drain()
         if self.package is not None:
             self.package.close()
 

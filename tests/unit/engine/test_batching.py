@@ -160,6 +160,27 @@ async def test_drain_answers_queued_requests_before_closing() -> None:
     assert executor.closed
 
 
+async def test_closing_while_a_pass_runs_waits_for_it_off_the_event_loop() -> None:
+    """The node stopping while a forward pass runs in its thread: the executors are freed only after the
+    pass ends, and the event loop serves on meanwhile. Before, the pass was waited for on the loop."""
+    executor = RecordingExecutor()
+    batcher = DynamicBatcher("m", [executor], BatchSettings(max_batch_size=1, inline_max_us=0))
+    batcher.start()
+    executor.gate.clear()
+    pending = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 5))
+    await asyncio.sleep(0.05)  # the pass waits at the gate, in the thread
+    closing = asyncio.create_task(batcher.close())
+    threading.Timer(0.3, executor.gate.set).start()
+    ticks = 0
+    while not closing.done():
+        ticks += 1
+        await asyncio.sleep(0.01)
+    assert ticks >= 10  # ~30 in the 0.3 s the pass took; 1 or 2 when the loop waited with it
+    assert executor.closed
+    assert executor.batches == [1]
+    pending.cancel()
+
+
 async def test_one_stalled_forward_pass_does_not_send_the_next_to_a_thread() -> None:
     """A batch is timed as it runs, so a pass that waited for the GIL (the tracing exporter's thread
     held it) reads as a slow model: it moved the estimate past `inline_max_us` and sent the next batches

@@ -9,6 +9,7 @@ assertion, here. The llama.cpp executor runs under the same scheduler in the end
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -17,9 +18,11 @@ import pytest
 
 from edgegen.engine.generation import ECHO_CHUNK, Generation, Scheduler
 from edgegen.engine.logprobs import score
+from edgegen.engine.registry import ServedModel
 from edgegen.engine.sampling import SamplingParams
 from edgegen.errors import DeadlineExceeded, InvalidInput, Overloaded
 from edgegen.executors.base import DecodeItem
+from edgegen.store import Manifest
 
 VOCAB = 40
 END = 0  # token 0 ends a generation
@@ -590,3 +593,66 @@ async def test_the_choices_of_one_request_compute_its_prompt_once(lm_scheduler) 
     finally:
         await fresh.close()
     assert len(set(texts)) == 3
+
+
+class GatedLM(CountingLM):
+    """Each step waits at `gate` (a long prompt's step on a real model takes seconds); the step count when
+    the model was freed is noted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.freed_after: int | None = None
+
+    def decode(self, items: Sequence[DecodeItem]) -> list[np.ndarray]:
+        self.gate.wait(10)
+        return super().decode(items)
+
+    def close(self) -> None:
+        self.freed_after = len(self.steps)
+
+
+async def test_a_model_replaced_mid_generation_finishes_what_runs_and_waits_then_is_freed() -> None:
+    """A version swap drains the old version (registry `_drain`, `ServedModel.drain`): its generations end
+    as they would have, the one running and one waiting for its only slot, each with its own tokens, and
+    only then is the model freed. Before, the swap ended both at once with 503 "was unloaded"."""
+    lm = SlowLM()
+    scheduler = Scheduler("toy", lm, max_num_seqs=1, n_batch=64)
+    scheduler.start()
+    manifest = Manifest(
+        name="toy", version="1", format="gguf", task="generation", inputs=[], outputs=[], files={}
+    )
+    served = ServedModel(manifest, scheduler=scheduler)
+    running = asyncio.create_task(run(scheduler, [1, 2, 3], 12))
+    await asyncio.sleep(0.02)
+    waiting = asyncio.create_task(run(scheduler, [4, 5, 6], 12))
+    await asyncio.sleep(0)
+    assert (scheduler.running, scheduler.waiting) == (1, 1)
+    await served.drain()
+    for task, prompt in ((running, [1, 2, 3]), (waiting, [4, 5, 6])):
+        text, reason, _ = task.result()
+        assert (text, reason) == (as_text(lm, reference(prompt, 12)), "length")
+    with pytest.raises(Overloaded, match="unloaded"):
+        scheduler.submit([7], GREEDY, max_tokens=1, stop=[], timeout_s=5)
+
+
+async def test_closing_while_a_step_runs_waits_for_it_off_the_event_loop() -> None:
+    """The node stopping while a step runs: the model is freed only after the step ends, and the event
+    loop serves on meanwhile. Before, the step was waited for on the loop, which stopped the node."""
+    lm = GatedLM()
+    scheduler = Scheduler("toy", lm, max_num_seqs=4, n_batch=64)
+    scheduler.start()
+    lm.gate.clear()
+    generation = asyncio.create_task(run(scheduler, [1, 2, 3], 4))
+    await asyncio.sleep(0.05)  # its first step waits at the gate
+    closing = asyncio.create_task(scheduler.close())
+    threading.Timer(0.3, lm.gate.set).start()
+    ticks = 0
+    while not closing.done():
+        ticks += 1
+        await asyncio.sleep(0.01)
+    assert ticks >= 10  # ~30 in the 0.3 s the step took; 1 or 2 when the loop waited with it
+    assert lm.freed_after == len(lm.steps) == 1
+    with pytest.raises(Overloaded, match="unloaded"):
+        await generation
