@@ -27,6 +27,7 @@ internal name.
     │   ├── Unauthorized        no credential, or one that authenticates nobody (401)
     │   └── Forbidden           a credential that may not do this (403)
     ├── Overloaded              the model's queue is full; retry after `retry_after` seconds
+    │   └── Unloaded            the model version asked was closed (a newer one serves, or none)
     ├── DeadlineExceeded        the request waited longer than its deadline
     └── UpstreamError           a server we called (a node, for the gateway) did not answer, or answered
                                 what we cannot use (502)
@@ -124,6 +125,11 @@ class Overloaded(EdgegenError):
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Unloaded(Overloaded):
+    """The version a request was given to was closed before it took the request: replaced by another
+    version (which the service then asks instead), removed, or the node stops."""
 
 
 class DeadlineExceeded(EdgegenError):

@@ -36,7 +36,7 @@ from typing import Protocol
 import numpy as np
 
 from edgegen.config import BatchSettings
-from edgegen.errors import DeadlineExceeded, ExecutorError, InvalidInput, Overloaded
+from edgegen.errors import DeadlineExceeded, ExecutorError, InvalidInput, Overloaded, Unloaded
 from edgegen.executors.base import Executor
 from edgegen.observe import tracing
 from edgegen.observe.tracing import BatchTrace
@@ -181,6 +181,7 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=settings.max_queue_size)
         self._pool = ThreadPoolExecutor(max_workers=len(self._executors), thread_name_prefix=f"exec-{model}")
         self._workers: list[asyncio.Task[None]] = []
+        self._closed = False
         self._row_seconds = 0.0  # running average of forward-pass time per row; 0 until measured
         self._tally = _Tally()
 
@@ -240,6 +241,8 @@ class DynamicBatcher:
 
         Raises Overloaded when the queue is full, DeadlineExceeded after `timeout_s` seconds.
         """
+        if self._closed:
+            raise Unloaded(f"model {self.model!r} was unloaded; retry shortly")
         rows = len(next(iter(feeds.values())))
         if rows > self.max_rows:
             raise InvalidInput(
@@ -270,13 +273,14 @@ class DynamicBatcher:
         await self.close()
 
     async def close(self) -> None:
+        self._closed = True
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             if not pending.future.done():
-                pending.future.set_exception(Overloaded(f"model {self.model!r} was unloaded"))
+                pending.future.set_exception(Unloaded(f"model {self.model!r} was unloaded"))
         # A pass in flight reads the model: it ends before the model is freed, waited for off the loop.
         await asyncio.to_thread(self._pool.shutdown, wait=True)
         for executor in self._executors:

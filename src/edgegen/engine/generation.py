@@ -54,7 +54,7 @@ from edgegen.engine.lookup import PromptLookup
 from edgegen.engine.prompt import Prompt, chat_prompt, encode
 from edgegen.engine.sampling import SamplingParams, sample
 from edgegen.engine.text import TextStream
-from edgegen.errors import DeadlineExceeded, EdgegenError, ExecutorError, InvalidInput, Overloaded
+from edgegen.errors import DeadlineExceeded, EdgegenError, ExecutorError, InvalidInput, Overloaded, Unloaded
 from edgegen.executors.base import DecodeItem, Grammar, LlmExecutor
 from edgegen.observe import tracing
 from edgegen.observe.tracing import GenerationTrace
@@ -289,7 +289,7 @@ class Scheduler:
 
     async def _off_loop(self, work: Callable[[LlmExecutor, Arg], Result], arg: Arg) -> Result:
         if self._closed:
-            raise Overloaded(f"model {self.model!r} was unloaded; retry shortly")
+            raise Unloaded(f"model {self.model!r} was unloaded; retry shortly")
         future = self._text_pool.submit(work, self.executor, arg)
         return await asyncio.wrap_future(future)
 
@@ -318,7 +318,7 @@ class Scheduler:
         so the prompt is computed once for all the choices.
         """
         if self._closed:
-            raise Overloaded(f"model {self.model!r} was unloaded; retry shortly")
+            raise Unloaded(f"model {self.model!r} was unloaded; retry shortly")
         if not prompt:
             raise InvalidInput("the prompt is empty")
         room = self.executor.n_ctx_seq - len(prompt)  # n_ctx_seq <= n_cells: what fits a slot fits the pool

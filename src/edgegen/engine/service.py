@@ -31,7 +31,7 @@ from edgegen.engine.generation import Event, Generation, Scheduler, Usage
 from edgegen.engine.prompt import Prompt, text_prompt
 from edgegen.engine.registry import ModelRegistry, ServedModel
 from edgegen.engine.sampling import SamplingParams
-from edgegen.errors import Forbidden, InvalidInput
+from edgegen.errors import Forbidden, InvalidInput, Unloaded
 from edgegen.observe import tracing
 from edgegen.security.auth import Principal, principal_of
 
@@ -157,12 +157,30 @@ class InferenceService:
             )
         return served
 
+    def _successor(self, caller: Caller, served: ServedModel, unloaded: Unloaded) -> ServedModel:
+        """The version that serves `served`'s model now that `served` was closed before it took a
+        request (a swap while the request's body arrived or its prompt was tokenized); `unloaded` again
+        when none does but it (the node stops)."""
+        current = self.model(caller, served.manifest.name)  # ModelNotFound: removed meanwhile
+        if current is served:
+            raise unloaded
+        return current
+
     # -- the work ---------------------------------------------------------------------------------
     async def predict(
         self, caller: Caller, served: ServedModel, feeds: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """A fixed-shape model's outputs for `feeds` — from the response cache when it has them — and
-        the headers that say where they came from."""
+        the headers that say where they came from. A version closed before it took them (replaced
+        meanwhile) hands them to the version that replaced it."""
+        try:
+            return await self._predict(caller, served, feeds)
+        except Unloaded as exc:
+            return await self._predict(caller, self._successor(caller, served, exc), feeds)
+
+    async def _predict(
+        self, caller: Caller, served: ServedModel, feeds: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         batcher = served.fixed_shape()
         ticket = self._ticket(
             caller, served, functools.partial(_tensors_key, feeds=feeds), deterministic=True
@@ -191,7 +209,17 @@ class InferenceService:
         """The answer's sources, one per choice — the response cache, or new generations (recorded when
         the answer may be cached) — and the headers that say which. The cache key holds the prompt's
         text, not its tokens: a hit skips tokenizing (llama.cpp's tokenizer is the dearest part of a
-        hit). Several choices are never cached: each is a draw of its own."""
+        hit). Several choices are never cached: each is a draw of its own. A version closed before its
+        generations were queued (replaced while the prompt was rendered or tokenized) hands the request
+        to the version that replaced it, which renders and tokenizes it anew (its tokenizer may differ)."""
+        try:
+            return await self._generate(caller, served, request)
+        except Unloaded as exc:
+            return await self._generate(caller, self._successor(caller, served, exc), request)
+
+    async def _generate(
+        self, caller: Caller, served: ServedModel, request: TextRequest
+    ) -> tuple[list[Source], dict[str, str]]:
         scheduler = served.scheduler
         if scheduler is None:
             raise InvalidInput(f"model {served.manifest.name!r} does not generate text")

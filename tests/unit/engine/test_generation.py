@@ -12,17 +12,21 @@ import asyncio
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edgegen.config import Settings
 from edgegen.engine.generation import ECHO_CHUNK, Generation, Scheduler
 from edgegen.engine.logprobs import score
-from edgegen.engine.registry import ServedModel
+from edgegen.engine.registry import ModelRegistry, ServedModel
 from edgegen.engine.sampling import SamplingParams
+from edgegen.engine.service import Caller, InferenceService, TextRequest
 from edgegen.errors import DeadlineExceeded, InvalidInput, Overloaded
 from edgegen.executors.base import DecodeItem
-from edgegen.store import Manifest
+from edgegen.security.auth import Principal
+from edgegen.store import Manifest, ModelStore
 
 VOCAB = 40
 END = 0  # token 0 ends a generation
@@ -595,6 +599,12 @@ async def test_the_choices_of_one_request_compute_its_prompt_once(lm_scheduler) 
     assert len(set(texts)) == 3
 
 
+def toy_manifest(version: str) -> Manifest:
+    return Manifest(
+        name="toy", version=version, format="gguf", task="generation", inputs=[], outputs=[], files={}
+    )
+
+
 class GatedLM(CountingLM):
     """Each step waits at `gate` (a long prompt's step on a real model takes seconds); the step count when
     the model was freed is noted."""
@@ -620,10 +630,7 @@ async def test_a_model_replaced_mid_generation_finishes_what_runs_and_waits_then
     lm = SlowLM()
     scheduler = Scheduler("toy", lm, max_num_seqs=1, n_batch=64)
     scheduler.start()
-    manifest = Manifest(
-        name="toy", version="1", format="gguf", task="generation", inputs=[], outputs=[], files={}
-    )
-    served = ServedModel(manifest, scheduler=scheduler)
+    served = ServedModel(toy_manifest("1"), scheduler=scheduler)
     running = asyncio.create_task(run(scheduler, [1, 2, 3], 12))
     await asyncio.sleep(0.02)
     waiting = asyncio.create_task(run(scheduler, [4, 5, 6], 12))
@@ -656,3 +663,45 @@ async def test_closing_while_a_step_runs_waits_for_it_off_the_event_loop() -> No
     assert lm.freed_after == len(lm.steps) == 1
     with pytest.raises(Overloaded, match="unloaded"):
         await generation
+
+
+class HeldTokenizer(CountingLM):
+    """Its tokenizer waits at `gate` (a long prompt being tokenized)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        self.gate.wait(10)
+        return super().tokenize(text, special=special)
+
+
+async def test_a_prompt_tokenized_while_its_version_is_replaced_is_generated_by_the_new_one(
+    tmp_path: Path,
+) -> None:
+    """A chat's prompt is being tokenized by the old version when the new one is installed: nothing of it
+    is queued yet, so the old version closes once the tokenizer is done, and the request goes to the new
+    version, which tokenizes it anew. Before, it ended in 503 "was unloaded"."""
+    registry = ModelRegistry(ModelStore(tmp_path / "models"), Settings(home=tmp_path))
+    registry.loaded = True
+    old_lm, new_lm = HeldTokenizer(), HeldTokenizer()
+    old = ServedModel(toy_manifest("1"), scheduler=Scheduler("toy", old_lm, max_num_seqs=2, n_batch=64))
+    new = ServedModel(toy_manifest("2"), scheduler=Scheduler("toy", new_lm, max_num_seqs=2, n_batch=64))
+    registry._install("toy", old, None)
+    service = InferenceService(registry, None, request_timeout_s=5, generation_timeout_s=5)
+    caller = Caller(Principal("key:t", "user"))
+    old_lm.gate.clear()
+    request = TextRequest(GREEDY, max_tokens=4, text="hello")
+    asking = asyncio.create_task(service.generate(caller, service.generator(caller, "toy"), request))
+    await asyncio.sleep(0.05)  # in the old version's tokenizer
+    registry._install("toy", new, old)
+    await asyncio.sleep(0.05)
+    old_lm.gate.set()
+    sources, _ = await asyncio.wait_for(asking, 5)
+    text = "".join([event.text async for event in sources[0].events()])
+    assert text == as_text(new_lm, reference(new_lm.tokenize("hello", special=False), 4))
+    assert new_lm.steps
+    assert not old_lm.steps
+    await registry.close()

@@ -3,6 +3,9 @@ the cache answers, and what is refused before any work — the one door every ro
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
@@ -12,6 +15,7 @@ from edgegen.engine.sampling import SamplingParams
 from edgegen.engine.service import ANY_USE, Caller, InferenceService, TextRequest
 from edgegen.errors import Forbidden, InvalidInput, ModelNotFound
 from edgegen.security.auth import Principal
+from edgegen.store import ModelStore
 
 
 def caller(
@@ -66,3 +70,25 @@ def test_a_generation_is_refused_on_a_model_that_does_not_generate(client: TestC
     request = TextRequest(SamplingParams(temperature=0), max_tokens=4, text="hi")
     with pytest.raises(InvalidInput, match="does not generate text"):
         client.portal.call(service.generate, caller(), served, request)
+
+
+def test_a_prediction_given_a_version_replaced_before_it_was_queued_is_answered_by_the_new_one(
+    client: TestClient, store: ModelStore, model_files: dict[str, Path]
+) -> None:
+    """A route takes the model, then reads the body; a version swap lands meanwhile (a slow client, a
+    rollout): the old version is closed, and the prediction goes to the one that replaced it. Before,
+    it waited in the closed version's queue for its whole deadline and got a 504 (the gateway counts
+    those against the node)."""
+    service = service_of(client)
+    old = service.fixed_shape(caller(), "digits")
+    store.add(model_files["onnx"], "digits", "2", activate=False)
+    client.portal.call(client.app.state.node.registry.activate, "digits", "2")
+    client.portal.call(asyncio.sleep, 0.1)  # the old version's drain ran: it is closed
+    name = old.manifest.inputs[0].name
+
+    async def predict() -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        return await asyncio.wait_for(service.predict(caller(), old, {name: pixels()}), 5)
+
+    outputs, _ = client.portal.call(predict)
+    assert outputs[old.manifest.outputs[0].name].shape == (1, 10)
+    assert service.model(caller(), "digits").manifest.version == "2"
