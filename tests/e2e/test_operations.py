@@ -259,3 +259,36 @@ def test_a_config_change_reaches_every_node(fleet: GatewayProcess) -> None:
     restarted = httpx.get(f"{fleet.url}/gateway/config/n0").json()["settings"]
     assert restarted["batching"]["max_batch_size"] == 8  # read from the remote settings at start
     assert restarted["cache"]["ttl_s"] == 42.5
+
+
+def test_a_rollout_that_cannot_reach_a_node_stops_and_puts_back_what_it_changed(
+    tmp_path: Path, model_files: dict[str, Path]
+) -> None:
+    """n1 is down when a rollout reaches it (connection refused; a node restarting or gone): the rollout
+    stops there like at a failed gate, and n0, already on the new version, goes back. Before, the HTTP
+    client's exception came out of the rollout as a 500: n0 stayed on the new version and nothing was
+    kept to roll back."""
+    good = tmp_path / "good.onnx"
+    good.write_bytes(mlp_to_onnx(make_layers(seed=5)))
+    nodes = []
+    for i in range(2):
+        store = fill_store(tmp_path / f"node{i}" / "models", model_files)
+        assert store.add(good, "digits", activate=False).version == "2"
+        nodes.append(NodeProcess(tmp_path / f"node{i}"))
+    config = gateway_config(tmp_path / "gateway.toml", nodes, "[operations]\nobserve_s = 0.2\n")
+    with running(nodes[0]), running(GatewayProcess(tmp_path, "--config", str(config))) as gateway:
+        nodes[1].start()
+        nodes[1].stop()  # down now, still in the fleet
+        answer = httpx.post(
+            f"{gateway.url}/gateway/rollout", json={"model": "digits", "version": "2"}, timeout=120
+        )
+        assert answer.status_code == 200, answer.text
+        done = answer.json()
+        assert (done["ok"], done["failed"]) == (False, "n1")
+        assert "got no answer" in done["reason"]
+        assert {(r["node"], r["version"], r["restored"]) for r in done["rolled_back"]} == {
+            ("n1", None, True),  # nothing of it changed
+            ("n0", "1", True),
+        }
+        models = httpx.get(f"{nodes[0].url}/admin/models").json()["models"]
+        assert next(m["served"] for m in models if m["name"] == "digits") == "1"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgegen.errors import Conflict
@@ -68,6 +69,21 @@ class GateFailed(Conflict):
     client: the fleet is not in a state that allows it)."""
 
 
+def gated(call: NodeCall) -> NodeCall:
+    """`call`, a node that gives no answer (refused, reset, timed out: restarting, gone, too slow) raising
+    GateFailed. To a rollout or an upgrade that is a node failing its gate: it stops, and what it changed
+    goes back, where an exception of the HTTP client would have left the fleet half changed."""
+
+    async def ask(state: FleetMember, method: str, path: str, *args: Any, **kwargs: Any) -> tuple[int, Any]:
+        try:
+            return await call(state, method, path, *args, **kwargs)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            problem = str(exc) or type(exc).__name__
+            raise GateFailed(f"{state.backend.name}: {method} {path} got no answer: {problem}") from None
+
+    return ask
+
+
 @dataclass
 class Step:
     node: str
@@ -93,15 +109,19 @@ class Rollouts:
     before: MutableMapping[str, dict[str, str | None]] = field(default_factory=dict)
     lock: AbstractAsyncContextManager[Any] = field(default_factory=asyncio.Lock)  # or shared.FleetLock
 
+    def __post_init__(self) -> None:
+        self.call = gated(self.call)
+
     async def rollout(self, order: RolloutOrder, package: Path | None = None) -> dict[str, Any]:
         """`package`: a signed package archive pushed to each node (filed as `order.version`, when given)."""
         async with self.lock:  # one change of the fleet at a time
             states = self.targets(order.nodes)
             done: list[Step] = []
             for state in states:
-                step = Step(state.backend.name, await self._served(state, order.model))
+                step = Step(state.backend.name, None)  # (what it serves: not known yet, nothing changed)
                 began = time.monotonic()
                 try:
+                    step.previous = await self._served(state, order.model)
                     step.version = await self._change(state, order, package)
                     await self._gate(state, order.model, step.version)
                 except GateFailed as exc:
@@ -245,9 +265,12 @@ class Rollouts:
             if state is None or step.previous is None:
                 restored.append({"node": step.node, "version": step.previous, "restored": state is not None})
                 continue
-            status, answer = await self.call(
-                state, "POST", f"/admin/models/{model}/activate", {"version": step.previous}, limit_s=300
-            )
+            try:
+                status, answer = await self.call(
+                    state, "POST", f"/admin/models/{model}/activate", {"version": step.previous}, limit_s=300
+                )
+            except GateFailed as exc:
+                status, answer = 0, {"error": str(exc)}
             ok = status == 200
             if not ok:
                 log.error(

@@ -27,7 +27,7 @@ from typing import Any
 
 from edgegen.errors import DeadlineExceeded
 from edgegen.gateway.fleet import FleetMember
-from edgegen.gateway.rollout import GateFailed, NodeCall, Rollouts, reason
+from edgegen.gateway.rollout import GateFailed, NodeCall, Rollouts, gated, reason
 
 log = logging.getLogger("edgegen.gateway")
 Drain = Callable[[FleetMember], AbstractAsyncContextManager[float]]
@@ -48,6 +48,9 @@ class Upgrades:
     call: NodeCall
     drained: Drain
     ready_again: ReadyAgain
+
+    def __post_init__(self) -> None:
+        self.call = gated(self.call)
 
     async def upgrade(self, wheel: Wheel, nodes: list[str] | None) -> dict[str, Any]:
         async with self.rollouts.lock:  # one change of the fleet at a time
