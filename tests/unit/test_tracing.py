@@ -125,6 +125,22 @@ def test_no_opentelemetry_package_is_imported_tracing_on_or_off() -> None:
     assert result.stdout.split() == ["[]", "True", "[]", "None"]
 
 
+def test_spans_still_queued_when_the_process_is_replaced_are_sent_first() -> None:
+    """A restart or a software switch replaces the node's process (`exec`), which runs no `atexit`
+    handler: the spans queued then (those of the requests the drain let finish) were lost. They leave
+    before the exec now."""
+    code = (
+        "import sys, time; from edgegen.observe import tracing; from edgegen.http import serving;"
+        "tracing.configure(sys.argv[1], 'edgegen-node', 1.0); t = tracing.tracer; ref = t.child_of(None);"
+        "now = time.time_ns(); t.emit('POST /predict', ref, None, now, now + 1000, None, 'server');"
+        "serving.replace_process(sys.executable, ['-c', 'pass'])"
+    )
+    with receiving() as receiver:
+        subprocess.run([sys.executable, "-c", code, receiver.url], check=True, timeout=60)
+        with receiver.lock:
+            assert [span.name for span in receiver.spans] == ["POST /predict"]
+
+
 def test_a_schedule_delay_that_is_not_milliseconds_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "soon")
     with pytest.raises(ConfigError, match="OTEL_BSP_SCHEDULE_DELAY"):

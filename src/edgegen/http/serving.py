@@ -40,7 +40,7 @@ import sys
 import threading
 import urllib.parse
 from collections.abc import Callable
-from typing import ClassVar, Protocol
+from typing import ClassVar, NoReturn, Protocol
 
 import httptools
 import uvicorn
@@ -49,6 +49,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
 from edgegen.http.cycle import RequestCycle
+from edgegen.observe import tracing
 from edgegen.security.settings import SecuritySettings, TlsSettings
 from edgegen.security.transport import server_context, subject_name
 
@@ -283,10 +284,17 @@ def run(
     if after_exit is not None:
         after_exit(not SERVER.started)
     if RESTART.is_set():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606 (our own command line)  # nosec B606
+        replace_process(sys.executable, sys.orig_argv[1:])
     return bool(SERVER.started)
+
+
+def replace_process(python: str, args: list[str]) -> NoReturn:
+    """Become `python args` (a restart; a software switch, node/lifecycle.py). What this process still
+    has to say leaves first: its output, and its queued spans (`exec` runs no `atexit` handler)."""
+    tracing.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(python, [python, *args])  # noqa: S606 (our own command line, our environments)  # nosec B606
 
 
 def can_restart(multiprocess: bool) -> bool:

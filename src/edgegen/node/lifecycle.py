@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from edgegen.http.serving import replace_process
 from edgegen.node import software
 
 log = logging.getLogger("edgegen.node")
@@ -29,12 +30,10 @@ def after_exit(home: Path, failed_start: bool) -> None:
     ):
         python = software.exec_target(home)
     if python is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
         become(python)
 
 
 def become(python: Path) -> None:
     """Replace this process with `python` running the same edgegen command."""
     log.info("software switch: starting the other environment", extra={"python": str(python)})
-    os.execv(python, [str(python), "-m", "edgegen", *sys.argv[1:]])  # noqa: S606 (our environments)  # nosec B606
+    replace_process(str(python), ["-m", "edgegen", *sys.argv[1:]])

@@ -366,15 +366,21 @@ def configure(
     key = (endpoint, service_name, sample_ratio, ca_file, cert_file, key_file)
     if key == _configured:
         return
-    if tracer is not None:
-        tracer.close()
-        tracer = None
-    _configured = None
+    shutdown()
     if endpoint:
         https = urllib.parse.urlsplit(endpoint).scheme == "https"
         tls = collector_context(ca_file, cert_file, key_file) if https else None
         tracer = Tracer(endpoint, service_name, sample_ratio, tls)
     _configured = key
+
+
+def shutdown() -> None:
+    """Tracing off, what is queued sent first: at a change of settings, and before the process is replaced
+    by another (a restart, a software switch: `exec` runs no `atexit` handler)."""
+    global tracer, _configured
+    if tracer is not None:
+        tracer.close()
+    tracer, _configured = None, None
 
 
 def collector_context(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
