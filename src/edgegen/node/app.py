@@ -43,7 +43,7 @@ from edgegen.security.auth import principal_of
 from edgegen.security.gate import open_audit
 from edgegen.security.keys import KeyStore
 from edgegen.security.signing import store_trust
-from edgegen.store import ModelStore
+from edgegen.store import Manifest, ModelStore
 
 if TYPE_CHECKING:
     from edgegen.http.grpc import GrpcServer
@@ -88,10 +88,13 @@ def create_app(settings: Settings) -> NodeApp:
     keyring = Keyring.load(settings.security.encryption_key_file)
     store = ModelStore(settings.store_dir, trust=store_trust(settings), keyring=keyring)
     cache = ResponseCache(settings, keyring, metrics) if settings.cache.enabled else None
-    registry = ModelRegistry(
-        store, settings, observer=metrics, generation_observer=metrics,
-        on_swap=cache.invalidate if cache is not None else None,
-    )  # fmt: skip
+
+    def swapped(name: str, manifest: Manifest | None) -> None:
+        if cache is not None:
+            cache.invalidate(name, manifest)  # its other versions' answers go
+        metrics.on_served(name, manifest is not None, len(registry.names()))
+
+    registry = ModelRegistry(store, settings, observer=metrics, generation_observer=metrics, on_swap=swapped)
     access_log = AccessLog(settings.access_log and settings.log_level in ("debug", "info"))
     service = InferenceService(
         registry,
@@ -114,7 +117,6 @@ def create_app(settings: Settings) -> NodeApp:
         async def load() -> None:
             await registry.refresh()
             heap.settle()  # what start-up allocated lives as long as the process (observe/heap.py)
-            metrics.models_loaded.set(len(registry.names()))
             log.info("node ready", extra={"models": registry.names(), "ready": registry.ready})
             if workers is not None:  # once the models are in, not before
                 await workers.start()

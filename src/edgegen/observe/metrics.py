@@ -35,6 +35,7 @@ from edgegen.observe.system import SystemCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+STATES = ("running", "waiting")  # edgegen_sequences{state}
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PRIVATE_FAMILIES = frozenset({"python_info"})  # the interpreter's version: an operator's business
 MODEL_LABEL = "model"
@@ -275,6 +276,23 @@ class NodeMetrics:
             if self.system is not None:
                 r.register(self.system)
 
+    def on_served(self, model: str, serving: bool, loaded: int) -> None:
+        """`model` starts serving a version, or (not `serving`) is served no more: its gauges go (with
+        worker processes they stay, at 0: prometheus_client cannot remove a series from their files),
+        so no alert reads its last queue or KV cache as if it were still there. `loaded`: the models
+        now served."""
+        self.models_loaded.set(loaded)
+        if serving:
+            return
+        alone = (self.queue_depth, self.queue_capacity, self.kv_cache_usage, self.kv_cache_wanted)
+        gauges = [*((gauge, (model,)) for gauge in alone), *((self.sequences, (model, s)) for s in STATES)]
+        for gauge, labels in gauges:
+            gauge.labels(*labels).set(0)
+            if not self.multiprocess:
+                gauge.remove(*labels)
+        self._per_model.pop(model, None)
+        self._capacities.pop(model, None)
+
     # BatchObserver
     def _model_children(self, model: str) -> tuple[Any, Any, Any, Any]:
         children = self._per_model.get(model)
@@ -304,8 +322,8 @@ class NodeMetrics:
     def on_state(
         self, model: str, running: int, waiting: int, kv_used: int, kv_total: int, kv_wanted: int
     ) -> None:
-        self.sequences.labels(model, "running").set(running)
-        self.sequences.labels(model, "waiting").set(waiting)
+        self.sequences.labels(model, STATES[0]).set(running)
+        self.sequences.labels(model, STATES[1]).set(waiting)
         self.kv_cache_usage.labels(model).set(kv_used / kv_total if kv_total else 0.0)
         self.kv_cache_wanted.labels(model).set(kv_wanted / kv_total if kv_total else 0.0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +110,21 @@ def test_a_pushed_package_may_exceed_the_body_limit_other_requests_may_not(
         assert c.post("/admin/models/digits/pull", content=large).status_code == 413
         assert c.post("/predict", content=large).status_code == 413
     assert not list(tmp_path.glob("edgegen-push-*"))  # nothing received is left behind
+
+
+def test_a_model_taken_out_of_the_store_leaves_the_metrics_with_it(
+    client: TestClient, settings: Settings
+) -> None:
+    """A model no longer served (its folder taken out of the store) takes its queue gauges along and is
+    no longer counted as loaded: its last queue depth must not look like a live one to an alert.
+    Before, `edgegen_models_loaded` said 2 and its gauges stayed as they were, for good."""
+    assert client.post("/models/digits-tflite/predict", json=SAMPLE).status_code == 200
+    assert client.post("/predict", json=SAMPLE).status_code == 200  # (digits)
+    assert 'edgegen_queue_depth{model="digits-tflite"}' in client.get("/metrics").text
+    shutil.rmtree(Path(settings.store_dir) / "digits-tflite")
+    client.portal.call(client.app.state.node.registry.refresh)  # what the store poller does
+    text = client.get("/metrics").text
+    assert "edgegen_models_loaded 1.0" in text
+    assert 'edgegen_queue_depth{model="digits-tflite"}' not in text
+    assert 'edgegen_queue_capacity{model="digits-tflite"}' not in text
+    assert 'edgegen_queue_depth{model="digits"}' in text
