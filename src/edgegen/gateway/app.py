@@ -41,7 +41,7 @@ from edgegen.gateway.rollout import Rollouts
 from edgegen.gateway.routes import admin_app
 from edgegen.gateway.routes.software import MAX_WHEEL_BYTES, UPGRADE
 from edgegen.gateway.settings import GatewaySettings, load_gateway_settings
-from edgegen.gateway.shared import SharedFleet, shared_directory
+from edgegen.gateway.shared import SharedFleet, shared_directory, sync_interval
 from edgegen.gateway.state import GatewayState
 from edgegen.gateway.upgrade import Upgrades
 from edgegen.http.boundary import edge_stack
@@ -73,7 +73,8 @@ class Gateway:
         metrics = GatewayMetrics(fleet, alerts)
         self.proxy = proxy = Proxy(settings, fleet, metrics)
         nodes = NodeClient(proxy.client, vouch=proxy.node_ssl is not None, key=settings.nodes_key)
-        restarts = Restarts(fleet, nodes, settings.operations)
+        told_within_s = 2 * sync_interval(settings.health) if shared is not None else 0.0
+        restarts = Restarts(fleet, nodes, settings.operations, told_within_s)
         rollouts = Rollouts(fleet, nodes.call, settings.operations)
         if shared is not None:
             rollouts.before, rollouts.lock = shared.rollbacks, shared.changes_lock()

@@ -32,13 +32,12 @@ from edgegen.gateway.fleetlogs import FleetLogs
 from edgegen.gateway.logstore import OwnLines
 from edgegen.gateway.nodes import NodeClient
 from edgegen.gateway.settings import HealthSettings
-from edgegen.gateway.shared import SharedFleet
+from edgegen.gateway.shared import SharedFleet, sync_interval
 from edgegen.gateway.state import GatewayState
 
 log = logging.getLogger("edgegen.gateway")
 PURGE_EVERY_S = 60.0
 OWN_LINES_EVERY_S = 1.0
-SYNC_S = 0.5  # at most; half the health interval when that is shorter
 Round = tuple[float, Callable[[], Awaitable[None]], str]  # (every so many seconds, work, what a failure says)
 
 
@@ -66,7 +65,7 @@ async def running(state: GatewayState) -> AsyncIterator[None]:
         if state.shared is None:
             tasks += [asyncio.create_task(every(*r)) for r in leading]
         else:
-            sync_s = min(SYNC_S, s.health.interval_s / 2)
+            sync_s = sync_interval(s.health)
             tasks.append(asyncio.create_task(follow(state, state.shared, leading, sync_s)))
         try:
             yield

@@ -29,10 +29,15 @@ log = logging.getLogger("edgegen.gateway")
 
 
 class Restarts:
-    def __init__(self, fleet: Fleet, nodes: NodeClient, settings: OperationsSettings) -> None:
+    def __init__(
+        self, fleet: Fleet, nodes: NodeClient, settings: OperationsSettings, told_within_s: float = 0.0
+    ) -> None:
+        """`told_within_s`: with several workers, how long until every other worker has seen a drain and
+        told its requests in flight since (two of their syncs); 0 with one process."""
         self.fleet = fleet
         self.nodes = nodes
         self.settings = settings
+        self.told_within_s = told_within_s
 
     async def restart(self, name: str) -> dict[str, Any]:
         """Drain `name`, restart it in place, wait until a new process of it is ready, put it back."""
@@ -72,15 +77,16 @@ class Restarts:
     @contextlib.asynccontextmanager
     async def drained(self, member: FleetMember) -> AsyncIterator[float]:
         """While inside: the node gets no new requests, and those it had are answered (or the drain
-        timed out); gives the seconds that took."""
+        timed out); gives the seconds that took. With several workers, those the others relay count
+        too: once each has seen the drain (it sends the node nothing new) and told its count since."""
         name = member.backend.name
         began = time.monotonic()
         self.fleet.set_draining(name, True)
         log.info("draining node", extra={"node": name})
         try:
-            while time.monotonic() - began < self.settings.drain_timeout_s:
-                if not member.backend.in_flight:  # every request it had is answered
-                    break
+            while (waited := time.monotonic() - began) < self.settings.drain_timeout_s:
+                if waited >= self.told_within_s and not self.fleet.in_flight().get(name):
+                    break  # every request it had, from every worker, is answered
                 await asyncio.sleep(0.02)
             yield time.monotonic() - began
         finally:

@@ -57,6 +57,7 @@ from edgegen.db import connect, transaction
 from edgegen.errors import ConfigError
 from edgegen.gateway.alerts import Board
 from edgegen.gateway.fleet import MAX_HISTORY_POINTS, Fleet, FleetMember, Point, Share
+from edgegen.gateway.settings import HealthSettings
 
 SHARED_DIR = "EDGEGEN_GATEWAY_SHARED_DIR"  # set by `edgegen gateway --workers N` for its workers
 LOCK_POLL_S = 0.05
@@ -77,6 +78,7 @@ CREATE TABLE IF NOT EXISTS history (node TEXT NOT NULL, at REAL NOT NULL, point 
 CREATE INDEX IF NOT EXISTS history_at ON history (at);
 CREATE TABLE IF NOT EXISTS alerts (position INTEGER PRIMARY KEY, active INTEGER NOT NULL, view TEXT NOT NULL);
 """
+SYNC_S = 0.5  # at most; half the health interval when that is shorter
 SHARE_STALE_S = 5.0  # a worker's share of the traffic this much older than the last it told is left out
 _COLUMNS = ("name", "url", "weight", "draining", "healthy", "ejections", "ejected_until", "last_seen",
             "status", "status_error")  # fmt: skip
@@ -90,6 +92,11 @@ def shared_directory() -> Path | None:
     """The run's shared directory, in a worker of `--workers N`; None in a one-process gateway."""
     value = os.environ.get(SHARED_DIR)
     return Path(value) if value else None
+
+
+def sync_interval(health: HealthSettings) -> float:
+    """How often each worker tells its share of the traffic and takes the others' changes."""
+    return min(SYNC_S, health.interval_s / 2)
 
 
 class SharedFleet:
