@@ -174,6 +174,10 @@ if status ~= 'queued' then release(p, key) end
 if action == 'finish' then
   redis.call('HSET', key, 'response_status', ARGV[6], 'response_body', ARGV[7], 'progress', 1)
   redis.call('ZADD', p .. 'final', now, id)
+elseif action == 'release' then
+  redis.call('HSET', key, 'worker', '', 'not_before', now)
+  redis.call('HINCRBY', key, 'attempts', -1)
+  redis.call('ZADD', p .. 'delayed', now, id)
 elseif status == 'queued' then
   redis.call('HSET', key, 'worker', '', 'not_before', ARGV[7], 'error', ARGV[6])
   redis.call('ZADD', p .. 'delayed', ARGV[7], id)
@@ -372,6 +376,9 @@ class RedisJobQueue:
                 "holder", job_id, worker, self.clock(), "finish", status.value, status_code, sealed
             )
         )
+
+    async def release(self, job_id: str, worker: str) -> bool:
+        return bool(await self._run("holder", job_id, worker, self.clock(), "release", "queued"))
 
     async def retry(self, job_id: str, worker: str, error: str) -> Job | None:
         job = await self.get(job_id)

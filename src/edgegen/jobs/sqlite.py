@@ -210,6 +210,18 @@ class SqliteJobQueue:
                 ).rowcount
             )
 
+    async def release(self, job_id: str, worker: str) -> bool:
+        now = self.clock()
+        with transaction(self._db):
+            return bool(
+                self._db.execute(
+                    "UPDATE jobs SET status = 'queued', worker = NULL, lease_until = NULL, not_before = ?,"
+                    " attempts = attempts - 1, updated = ?"
+                    " WHERE id = ? AND worker = ? AND status = 'running'",
+                    (now, now, job_id, worker),
+                ).rowcount
+            )
+
     async def retry(self, job_id: str, worker: str, error: str) -> Job | None:
         now = self.clock()
         with transaction(self._db):

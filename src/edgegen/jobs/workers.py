@@ -137,7 +137,8 @@ class JobWorkers:
             status, body = await attempt
         except asyncio.CancelledError:
             if not keeper.done() or keeper.result() is not False:
-                raise  # the node is stopping: the lease runs out and another worker takes the job
+                await self._give_back(job, worker)  # the node is stopping
+                raise
             log.info("job stopped", extra={"job": job.id, "reason": "cancelled or its lease was lost"})
             return "stopped", 500
         except Exception as exc:
@@ -151,6 +152,18 @@ class JobWorkers:
             log.info("job result discarded", extra={"job": job.id, "reason": "cancelled or lease lost"})
             return "stopped", status
         return "finished", status
+
+    async def _give_back(self, job: Job, worker: str) -> None:
+        """The node stops before `job` ended: it goes back to the queue at once, this attempt not counted,
+        for the next process or another node. Should that fail, its lease runs out and it is taken again
+        then (an attempt spent, as after a crash)."""
+        try:
+            released = await self.queue.release(job.id, worker)
+        except Exception:
+            log.exception("job not given back; its lease will run out", extra={"job": job.id})
+            return
+        if released:
+            log.info("job given back: the node stops", extra={"job": job.id})
 
     async def _retry(self, job: Job, worker: str, error: str) -> str:
         after = await self.queue.retry(job.id, worker, error)

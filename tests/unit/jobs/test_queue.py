@@ -155,6 +155,29 @@ async def test_heartbeats_keep_the_lease(queue: JobQueue, clock: Clock) -> None:
     assert current.progress == 0.5
 
 
+async def test_a_job_given_back_is_taken_again_at_once_its_attempt_not_counted(
+    queue: JobQueue, clock: Clock
+) -> None:
+    """A node stopping gracefully gives its running job back: the next worker takes it at once (not when
+    the lease runs out), and no attempt was spent on it, so stops alone never fail a job. Only the lease
+    holder may give it back."""
+    job, _ = await queue.submit("acme", REQUEST)
+    for stop in range(5):  # more stops than attempts
+        claimed = await queue.claim(f"w{stop}", 30)
+        assert claimed is not None
+        assert claimed.attempts == 1
+        assert not await queue.release(job.id, "someone-else")
+        assert await queue.release(job.id, f"w{stop}")
+        assert not await queue.release(job.id, f"w{stop}")  # not running any more
+        current = await queue.get(job.id)
+        assert current is not None
+        assert (current.status, current.attempts, current.worker) == (Status.QUEUED, 0, None)
+    assert (await queue.counts())["queued"] == 1
+    claimed = await queue.claim("last", 30)
+    assert claimed is not None
+    assert await queue.finish(job.id, "last", 200, b"{}")
+
+
 async def test_retries_back_off_then_fail(queue: JobQueue, clock: Clock) -> None:
     job, _ = await queue.submit("acme", REQUEST)
     for attempt in (1, 2):

@@ -180,3 +180,40 @@ def test_every_line_of_a_jobs_attempts_carries_the_trace_of_the_request_that_que
     assert len([line for line in ours if line["msg"] == "route ran"]) == len(answers)
     assert {line.get("trace_id") for line in ours} == {TRACE_ID}
     assert all("reason" in line for line in ours if line["logger"] == "edgegen.jobs")
+
+
+def test_a_stop_gives_the_running_job_back_for_the_next_process(tmp_path: Path) -> None:
+    """A graceful stop (SIGTERM, a restart, a software switch) while a job runs: the job goes back to the
+    queue at once, its attempt not counted, and the next process finishes it. Before, it stayed `running`
+    until its lease ran out (30 s by default), and each stop spent an attempt: a job on its last one
+    failed with "its worker stopped answering" though nothing failed."""
+
+    async def scenario() -> tuple[Status, int, float]:
+        queue = SqliteJobQueue(tmp_path / "jobs.sqlite", max_attempts=2)
+        job, _ = await queue.submit("acme", REQUEST)
+        settings = JobsSettings(workers=1, reserved=1, poll_s=0.005, lease_s=30)
+        running = asyncio.Event()
+
+        async def slow(claimed: Job) -> tuple[int, bytes]:
+            running.set()
+            await asyncio.sleep(60)
+            return 200, b"{}"
+
+        for stop in range(3):  # more stops than attempts
+            workers = JobWorkers(queue, slow, settings, live=lambda: 0, name=f"process-{stop}")
+            await workers.start()
+            await asyncio.wait_for(running.wait(), 10)
+            running.clear()
+            await workers.stop()
+        began = asyncio.get_running_loop().time()
+        status = await until_final(queue, job, lambda claimed: asyncio.sleep(0, (200, b"{}")))
+        took = asyncio.get_running_loop().time() - began
+        reopened = SqliteJobQueue(tmp_path / "jobs.sqlite", max_attempts=2)
+        final = await reopened.get(job.id)
+        await reopened.close()
+        assert final is not None
+        return status, final.attempts, took
+
+    status, attempts, took = asyncio.run(scenario())
+    assert (status, attempts) == (Status.SUCCEEDED, 1)
+    assert took < 10  # at once, not after a lease of 30 s
