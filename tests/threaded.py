@@ -1,12 +1,13 @@
 """Threads in tests: a stdlib HTTP server run on one for as long as a `with` block lasts; a reader that
-races a writer."""
+races a writer; the event loop's turns while work waits for a thread."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from socketserver import BaseServer
 
 
@@ -48,3 +49,19 @@ def read_while_written(read: Callable[[], object], write: Callable[[], None]) ->
         thread.join()
         sys.setswitchinterval(switch)
     return raised
+
+
+async def turns_while_held(
+    work: Coroutine[object, object, None], gate: threading.Event, held_s: float = 0.3
+) -> int:
+    """Run `work` while `gate`, which a thread of the work waits at, stays shut `held_s` more: the event
+    loop's turns meanwhile, one each 10 ms (~30 when `work` waits for that thread off the loop; 1 or 2
+    when it blocks the loop until the gate opens)."""
+    task = asyncio.create_task(work)
+    threading.Timer(held_s, gate.set).start()
+    turns = 0
+    while not task.done():
+        turns += 1
+        await asyncio.sleep(0.01)
+    await task
+    return turns

@@ -16,6 +16,7 @@ from edgegen.engine.batching import DynamicBatcher, collate, split
 from edgegen.errors import DeadlineExceeded, ExecutorError, InvalidInput, Overloaded
 from edgegen.executors import load_executor
 from edgegen.store import TensorSpec
+from tests.threaded import turns_while_held
 
 
 class RecordingExecutor:
@@ -169,13 +170,7 @@ async def test_closing_while_a_pass_runs_waits_for_it_off_the_event_loop() -> No
     executor.gate.clear()
     pending = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 5))
     await asyncio.sleep(0.05)  # the pass waits at the gate, in the thread
-    closing = asyncio.create_task(batcher.close())
-    threading.Timer(0.3, executor.gate.set).start()
-    ticks = 0
-    while not closing.done():
-        ticks += 1
-        await asyncio.sleep(0.01)
-    assert ticks >= 10  # ~30 in the 0.3 s the pass took; 1 or 2 when the loop waited with it
+    assert await turns_while_held(batcher.close(), executor.gate) >= 10
     assert executor.closed
     assert executor.batches == [1]
     pending.cancel()

@@ -27,6 +27,7 @@ from edgegen.errors import DeadlineExceeded, InvalidInput, Overloaded
 from edgegen.executors.base import DecodeItem
 from edgegen.security.auth import Principal
 from edgegen.store import Manifest, ModelStore
+from tests.threaded import turns_while_held
 
 VOCAB = 40
 END = 0  # token 0 ends a generation
@@ -653,13 +654,7 @@ async def test_closing_while_a_step_runs_waits_for_it_off_the_event_loop() -> No
     lm.gate.clear()
     generation = asyncio.create_task(run(scheduler, [1, 2, 3], 4))
     await asyncio.sleep(0.05)  # its first step waits at the gate
-    closing = asyncio.create_task(scheduler.close())
-    threading.Timer(0.3, lm.gate.set).start()
-    ticks = 0
-    while not closing.done():
-        ticks += 1
-        await asyncio.sleep(0.01)
-    assert ticks >= 10  # ~30 in the 0.3 s the step took; 1 or 2 when the loop waited with it
+    assert await turns_while_held(scheduler.close(), lm.gate) >= 10
     assert lm.freed_after == len(lm.steps) == 1
     with pytest.raises(Overloaded, match="unloaded"):
         await generation
