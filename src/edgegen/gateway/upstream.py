@@ -76,6 +76,7 @@ class Connection(asyncio.Protocol):
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
+        self._whole = False  # the caller takes the body whole (`read`): no pause, whatever is held
         self._head_only = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
@@ -139,7 +140,12 @@ class Connection(asyncio.Protocol):
             return
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+        if (
+            self._buffered > HIGH_WATER
+            and not self._paused
+            and not self._whole
+            and self.transport is not None
+        ):
             self._paused = True
             self.transport.pause_reading()
         self._wake()
@@ -175,7 +181,12 @@ class Connection(asyncio.Protocol):
             await self._wait()
 
     async def read(self) -> bytes:
-        """The whole body."""
+        """The whole body (of a bounded length: the caller knows it). Reading from the node goes on past
+        the high-water mark that pauses a stream (`chunks`), which nothing here would resume."""
+        self._whole = True
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
         while not self.complete:
             await self._wait()
         body = b"".join(self._chunks)

@@ -108,6 +108,27 @@ async def test_a_connection_read_whole_is_reused_and_many_callers_share_the_pool
         assert pool.open <= 3
 
 
+@pytest.mark.parametrize("size", [upstream.HIGH_WATER - 1, upstream.HIGH_WATER * 2, upstream.HIGH_WATER * 4])
+async def test_an_answer_read_whole_comes_whole_past_the_mark_that_pauses_a_stream(size: int) -> None:
+    """An answer of known length that the proxy reads whole (up to 1 MiB: a batch prediction, a job with
+    its answer) in one write of the node's: past the 256 KiB at which reading pauses for a stream, it
+    comes whole at once. Before, reading paused there and nothing resumed it: the try timed out (after
+    5 minutes by default) as a node failure, and the node was ejected."""
+    answer_body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+    async def big(head: bytes, body: bytes, out: asyncio.StreamWriter) -> bool:
+        out.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + answer_body)
+        return True
+
+    async with serving(big) as server:
+        pool = pool_for(server, read_timeout_s=5.0)
+        for _ in range(2):  # and the connection, read to its end, serves the next request
+            answer = await pool.request(b"POST", b"/predict", [], b"{}")
+            assert await asyncio.wait_for(answer.read(), 4) == answer_body
+            answer.release()
+        assert server.connections == 1
+
+
 async def test_a_get_carries_no_content_length_and_a_head_answer_has_no_body() -> None:
     async with serving(echo) as server:
         pool = pool_for(server)
