@@ -143,6 +143,51 @@ def test_jobs_are_found_on_the_node_that_holds_them(
             assert (found.status_code, found.headers["x-edgegen-node"]) == (200, home)
 
 
+def test_a_job_on_a_node_out_of_rotation_is_a_503_to_retry_not_a_job_lost(
+    gateway: GatewayProcess, fleet: list[NodeProcess]
+) -> None:
+    """n1 holds a job (its own SQLite queue) and is drained. A gateway that never saw the job submitted (a
+    restarted one, or another worker of `--workers N`: each knows the submissions it relayed) asks the
+    nodes in rotation, which have no such job: it answers 503, to retry, since n1 was not asked. Before,
+    it relayed their 404, and a client would take its job for lost and submit it again."""
+    order = {"method": "POST", "url": "/predict", "body": {"input_data": PIXELS}}
+    job_id = httpx.post(f"{fleet[1].url}/v1/jobs", json=order).json()["id"]
+    admin = f"{gateway.url}/gateway/nodes"
+    assert httpx.patch(f"{admin}/n1", json={"draining": True}).json()["draining"] is True
+    try:
+        away = httpx.get(f"{gateway.url}/v1/jobs/{job_id}")
+        assert away.status_code == 503
+        assert "1 could not be asked" in away.json()["error"]["message"]
+    finally:
+        httpx.patch(f"{admin}/n1", json={"draining": False})
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        found = wait_job(client, job_id)
+    assert (found.status_code, found.headers["x-edgegen-node"]) == (200, "n1")
+
+
+def test_a_job_in_a_shared_redis_queue_is_read_from_another_node_while_its_own_is_away(
+    tmp_path: Path, model_files: dict[str, Path], redis_url: str
+) -> None:
+    """Two nodes share one Redis queue: a job outlives the node that accepted it. That node drained, the
+    gateway that relayed the submission asks the other, which has the job too. Before, it answered 503
+    at once, its home being away, asking nobody."""
+    env = {**LLM_ENV, "EDGEGEN_JOBS__BACKEND": "redis", "EDGEGEN_JOBS__REDIS_URL": redis_url}
+    order = {"method": "POST", "url": "/predict", "body": {"input_data": PIXELS}}
+    with (
+        running_fleet(tmp_path, model_files, n=2, env=env) as nodes,
+        running_gateway(tmp_path, nodes) as gateway,
+        httpx.Client(base_url=gateway.url, timeout=30) as client,
+    ):
+        submitted = client.post("/v1/jobs", json=order)
+        job_id, home = submitted.json()["id"], submitted.headers["x-edgegen-node"]
+        assert wait_job(client, job_id).json()["status"] == "succeeded"
+        assert client.patch(f"/gateway/nodes/{home}", json={"draining": True}).status_code == 200
+        found = client.get(f"/v1/jobs/{job_id}")
+        assert found.status_code == 200, found.text
+        assert found.headers["x-edgegen-node"] != home
+        assert found.json()["status"] == "succeeded"
+
+
 def test_the_fleet_view_shows_each_node(gateway: GatewayProcess, fleet: list[NodeProcess]) -> None:
     for _ in range(30):
         assert httpx.post(f"{gateway.url}/predict", json={"input_data": PIXELS}).status_code == 200

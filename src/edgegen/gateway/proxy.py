@@ -352,11 +352,15 @@ class Proxy:
     async def _job(
         self, job_id: str, method: str, target: Target, forward: list[tuple[bytes, bytes]], send: Send
     ) -> int:
-        """A job's state or cancellation, from the node that holds it (looked for when not known)."""
+        """A job's state or cancellation, from the node that holds it: the one known to (first), else any
+        that has it — nodes sharing a Redis queue all do. Their 404 is the answer only when every node of
+        the fleet was asked: one out of rotation (down, draining, ejected) may hold the job, which is then
+        a 503 to retry, not a job lost (this worker may not know where it went: each of `--workers N`
+        knows the submissions it relayed)."""
         available = self.fleet.available()
         home = self.job_homes.get(job_id)
-        if home is not None and all(b.name != home for b in available):
-            raise Refused(503, f"node {home!r}, which holds job {job_id}, is unavailable; retry later")
+        names = {b.name for b in available}
+        away = [name for name in list(self.fleet.nodes) if name not in names]
         candidates = sorted(available, key=lambda b: b.name != home)  # the known node first
         silent: list[str] = []
         for backend in candidates:
@@ -365,14 +369,19 @@ class Proxy:
             if response is None:
                 silent.append(backend.name)
                 continue
-            if response.status == 404 and (backend is not candidates[-1] or silent):
+            if response.status == 404 and (backend is not candidates[-1] or silent or away):
                 await self._finish(attempt)
                 continue
             if response.status != 404:
                 self.job_homes.remember(job_id, backend.name)
             return await self._relay(attempt, send)
-        if silent:
-            raise Refused(503, f"job {job_id} is not on the nodes that answered; {len(silent)} did not")
+        if home in away:
+            raise Refused(503, f"node {home!r}, which holds job {job_id}, is unavailable; retry later")
+        if silent or away:
+            missing = len(silent) + len(away)
+            raise Refused(
+                503, f"job {job_id} is not on the nodes that answered; {missing} could not be asked"
+            )
         raise Refused(503, "no node is available to take this request")
 
     @staticmethod
