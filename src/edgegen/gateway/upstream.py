@@ -201,6 +201,7 @@ class Connection(asyncio.Protocol):
                 self._buffered -= len(chunk)
                 if self._paused and self._buffered <= HIGH_WATER // 2 and self.transport is not None:
                     self._paused = False
+                    self._last_data = self.loop.time()  # (silence counts from here, not from the pause)
                     self.transport.resume_reading()
                 yield chunk
             if self.complete:
@@ -262,6 +263,8 @@ class Connection(asyncio.Protocol):
         self._timer = None
         if not self._reading:
             return
+        if self._paused:  # the reader is behind, not the node, which may send nothing until it catches up:
+            self._last_data = self.loop.time()  # its client's server cuts off a client that stopped reading
         silent = self.loop.time() - self._last_data
         if silent >= self.pool.read_timeout_s:
             self._fail(NodeFailed("TimeoutError"))

@@ -73,8 +73,10 @@ class RequestCycle:
         expect_100_continue: bool,
         keep_alive: bool,
         on_response: Callable[[], None],
+        send_timeout_s: float = 60.0,
     ) -> None:
         self.scope = scope
+        self.send_timeout_s = send_timeout_s
         self.transport = transport
         self.flow = flow
         self.default_headers = default_headers
@@ -145,7 +147,7 @@ class RequestCycle:
 
     async def send(self, message: Message) -> None:
         if self.flow.write_paused and not self.disconnected:
-            await self.flow.drain()
+            await self._drained()
         if self.disconnected:
             return
         if not self.response_started:
@@ -180,6 +182,20 @@ class RequestCycle:
             if not self.keep_alive:
                 self.transport.close()
             self.on_response()
+
+    async def _drained(self) -> None:
+        """The client takes some of what waits to be written within `send_timeout_s`, or its connection
+        is cut (aborted: closing would wait for the unsent bytes) as if it left: what the app sends later
+        goes nowhere, and an app that watches for its client stops. Else a client that stops reading
+        held its answer's producer (a stream's generation, a gateway's connection to a node) for good."""
+        try:
+            await asyncio.wait_for(self.flow.drain(), self.send_timeout_s)
+        except TimeoutError:
+            log.info("a client took none of its answer in time; its connection is cut",
+                     extra={"send_timeout_s": self.send_timeout_s})  # fmt: skip
+            self.disconnected = True
+            self.message_event.set()
+            self.transport.abort()
 
     def _start(self, status: int, headers: Any) -> None:
         fields = [*self.default_headers, *headers]

@@ -120,6 +120,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             }
         security = type(self).load().security
         self._head_s, self._body_s = float(security.header_timeout_s), float(security.body_timeout_s)
+        self._send_s = float(security.send_timeout_s)
         self._expect(b"head", self._head_s)
 
     def _expect(self, what: bytes | None, seconds: float = 0.0) -> None:
@@ -190,6 +191,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             expect_100_continue=self.expect_100_continue,
             keep_alive=http_version != "1.0" and parser.should_keep_alive(),
             on_response=self.on_response_complete,
+            send_timeout_s=self._send_s,
         )
         if previous is None or previous.response_complete:
             self._start_asgi_task(self.cycle, self.app)  # type: ignore[arg-type]

@@ -99,6 +99,12 @@ class SecuritySettings(BaseModel):
     body_timeout_s: float = Field(
         30.0, gt=0, le=DAY_S, description="a request's body must arrive within this"
     )
+    send_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=DAY_S,
+        description="a client that takes none of its answer for this long is cut off (nginx's send_timeout)",
+    )
     signed_models: Literal["auto", "required", "off"] = Field(
         "auto",
         description="serve only packages a trusted key signed; auto: as soon as this machine has a "

@@ -129,6 +129,32 @@ async def test_an_answer_read_whole_comes_whole_past_the_mark_that_pauses_a_stre
         assert server.connections == 1
 
 
+async def test_a_reader_that_falls_behind_a_stream_is_not_the_nodes_silence() -> None:
+    """A stream whose reader (the gateway's client) takes nothing for longer than the read timeout:
+    reading from the node paused, so the node could send nothing, and that silence is not the node's.
+    The stream resumes when the reader does, whole. Before, the try failed as a node failure, three of
+    which in a row eject the node: a client could eject healthy nodes by not reading."""
+    size = upstream.HIGH_WATER * 8
+
+    async def big_stream(head: bytes, body: bytes, out: asyncio.StreamWriter) -> bool:
+        out.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+        for _ in range(8):
+            out.write(b"y" * upstream.HIGH_WATER)
+            await out.drain()
+        return True
+
+    async with serving(big_stream) as server:
+        pool = pool_for(server, read_timeout_s=0.3)
+        answer = await pool.request(b"GET", b"/v2/models/m/big", [], b"")
+        got = 0
+        async for chunk in answer.chunks():
+            if not got:
+                await asyncio.sleep(1.0)  # the client stopped reading, three read timeouts long
+            got += len(chunk)
+        assert got == size
+        answer.release()
+
+
 async def test_a_get_carries_no_content_length_and_a_head_answer_has_no_body() -> None:
     async with serving(echo) as server:
         pool = pool_for(server)

@@ -138,10 +138,11 @@ async def test_receive_gives_the_body_as_it_came_then_waits_for_the_answer_or_th
 
 
 class Deadlines:
-    """What `GuardedHttpProtocol` reads of a server's settings: a head deadline and a body deadline."""
+    """What `GuardedHttpProtocol` reads of a server's settings: its deadlines for a request's head and
+    body, and for a client to take its answer."""
 
-    def __init__(self, head_s: float, body_s: float) -> None:
-        self.security = SimpleNamespace(header_timeout_s=head_s, body_timeout_s=body_s)
+    def __init__(self, head_s: float, body_s: float, send_s: float = 60.0) -> None:
+        self.security = SimpleNamespace(header_timeout_s=head_s, body_timeout_s=body_s, send_timeout_s=send_s)
         self.tls = None
 
 
@@ -168,10 +169,10 @@ async def echo(scope: Scope, receive: Receive, send: Send) -> None:
 
 @contextlib.asynccontextmanager
 async def serving(
-    head_s: float, body_s: float, keep_alive_s: float = 5, app: ASGIApp = echo
+    head_s: float, body_s: float, keep_alive_s: float = 5, app: ASGIApp = echo, send_s: float = 60.0
 ) -> AsyncIterator[int]:
     """A real uvicorn server on loopback with our protocol, these deadlines and `app`; yields its port."""
-    settings = Deadlines(head_s, body_s)
+    settings = Deadlines(head_s, body_s, send_s)
 
     class Protocol(GuardedHttpProtocol):
         load = staticmethod(lambda: settings)
@@ -297,3 +298,31 @@ async def test_a_connection_answered_before_its_body_came_whole_is_closed_when_i
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after the keep-alive timeout
         assert 0.2 < time.monotonic() - started < 2
         writer.close()
+
+
+async def test_a_client_that_stops_taking_its_answer_is_cut_off_after_the_send_timeout() -> None:
+    """A client that asked for a large answer and reads none of it: once the socket's buffers are full, the
+    app's sends wait for the client at most `send_timeout_s`; then the connection is cut and the app's
+    sends go nowhere, so it ends. Before, they waited for good, holding what the app held (a stream's
+    generation at a node, a gateway's connection to one)."""
+    ended = asyncio.Event()
+
+    async def endless(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        piece = b"x" * 65536
+        for _ in range(4096):  # 256 MiB, far more than loopback's buffers hold
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        ended.set()
+
+    async with serving(head_s=5, body_s=5, app=endless, send_s=0.5) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        await asyncio.wait_for(ended.wait(), 20)
+        assert time.monotonic() - started < 15
+        sock.close()
