@@ -143,6 +143,24 @@ def test_jobs_are_found_on_the_node_that_holds_them(
             assert (found.status_code, found.headers["x-edgegen-node"]) == (200, home)
 
 
+def test_a_job_submitted_again_with_its_idempotency_key_is_the_same_job_whichever_the_load(
+    gateway: GatewayProcess,
+) -> None:
+    """Each node keeps its own jobs and its own Idempotency-Keys (SQLite). A client sends its order again
+    with the same key (it is unsure the first try got through): through the gateway it reaches the node
+    that has the key, whatever the balancer would choose, and gets the job it made. Before, least
+    connections spread the tries over the nodes: three jobs, run three times."""
+    order = {"method": "POST", "url": "/predict", "body": {"input_data": PIXELS}}
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        for key in ("order-17", "order-18"):
+            tries = [client.post("/v1/jobs", json=order, headers={"Idempotency-Key": key}) for _ in range(6)]
+            assert {t.status_code for t in tries} <= {200, 202}
+            assert len({t.json()["id"] for t in tries}) == 1
+            assert len({t.headers["x-edgegen-node"] for t in tries}) == 1
+        plain = {client.post("/v1/jobs", json=order).headers["x-edgegen-node"] for _ in range(6)}
+        assert len(plain) > 1  # without a key, the balancer spreads them as before
+
+
 def test_a_job_on_a_node_out_of_rotation_is_a_503_to_retry_not_a_job_lost(
     gateway: GatewayProcess, fleet: list[NodeProcess]
 ) -> None:

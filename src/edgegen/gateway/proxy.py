@@ -47,7 +47,7 @@ import aiohttp
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
-from edgegen.gateway.balancers import Backend, Balancer, make_balancer
+from edgegen.gateway.balancers import Backend, Balancer, PrefixAffinity, make_balancer
 from edgegen.gateway.fleet import Fleet
 from edgegen.gateway.settings import GatewaySettings, RetrySettings
 from edgegen.gateway.target import Target, affinity_key, json_body, model_of, relative_location
@@ -200,6 +200,10 @@ class Proxy:
         self.observer = observer
         self.budget = RetryBudget(settings.retry)
         self._balancers: dict[str, Balancer] = {}
+        # A job submission that names an Idempotency-Key goes where the key lives on this ring, whatever
+        # the balancer: each node (its own SQLite queue) knows only the keys it was sent, and a client
+        # sends the key again exactly when it is unsure the first try got through.
+        self._submissions = PrefixAffinity()
         self._pools: dict[str, NodePool] = {}  # relayed requests
         self._clients: dict[str, tuple[str, aiohttp.ClientSession]] = {}  # the gateway's own calls
         self._retiring: dict[Backend, aiohttp.ClientSession] = {}
@@ -305,6 +309,7 @@ class Proxy:
                 raise Refused(403, f"this credential may not use model {model!r}")
             balancer = self.balancer_for(path, model)
             key = affinity_key(session, request) if balancer.name == "prefix_affinity" else None
+            once = _submission_key(scope) if method == "POST" and path == "/v1/jobs" else None
             self.budget.deposit()
             for number in range(self.settings.retry.attempts):
                 if number:
@@ -320,7 +325,7 @@ class Proxy:
                         raise Refused(503, "no node is available to take this request")
                     break  # nowhere else to go: the node's own 502/503/504 is the answer
                 nodes = ([n for n in available if n.name not in tried] or available) if tried else available
-                backend = balancer.pick(nodes, key)
+                backend = balancer.pick(nodes, key) if once is None else self._submissions.home(nodes, once)
                 tried.add(backend.name)
                 if attempt is not None:
                     await self._finish(attempt)  # a 502/503/504 we will not pass on
@@ -508,6 +513,16 @@ class Proxy:
         finally:
             await self._finish(attempt)
         return response.status
+
+
+def _submission_key(scope: Scope) -> bytes | None:
+    """A job submission's Idempotency-Key, with whose it is (a node keeps keys per owner), or None."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
+        if name == b"idempotency-key":
+            principal: Principal | None = scope.get("edgegen.principal")
+            return (principal.owner.encode() if principal is not None else b"") + b"\0" + value
+    return None
 
 
 def node_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
