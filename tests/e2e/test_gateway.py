@@ -341,6 +341,7 @@ def test_the_fleet_changes_at_run_time(gateway: GatewayProcess, fleet: list[Node
     answer = httpx.post(f"{gateway.url}/predict", json={"input_data": PIXELS})
     assert answer.status_code == 503
     assert "no node" in answer.json()["error"]
+    assert answer.headers["retry-after"] == "1"  # as a node's own 503 says
     assert httpx.get(f"{gateway.url}/v2/health/ready").status_code == 503
     httpx.patch(f"{admin}/n1", json={"draining": False})
     assert {httpx.post(f"{gateway.url}/predict", json={"input_data": PIXELS}).headers["x-edgegen-node"]

@@ -146,7 +146,9 @@ class Gateway:
             # A gone client's 499 is sent too, for the boundary's count and access line: nobody reads it.
             if refused.status != 499:
                 log.info("request refused", extra={"status": refused.status, "reason": refused.message})
-            headers = {"Connection": "close"} if refused.close else None
+            headers = {"Connection": "close"} if refused.close else {}
+            if refused.status == 503:  # nowhere to send it now: as a node's 503 says, try again shortly
+                headers["Retry-After"] = "1"
             response = error_response(refused.message, refused.status, headers, openai=is_openai(path))
             await response(scope, receive, send)
         except EdgegenError as exc:
