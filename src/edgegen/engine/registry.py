@@ -101,6 +101,10 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted(self._models)
 
+    def refused(self) -> dict[str, str]:
+        """Each model whose active version failed to load here (an earlier one serves, or none), by name."""
+        return dict(self._refused)
+
     def get(self, name: str) -> ServedModel:
         served = self._models.get(name)
         if served is not None:
@@ -135,9 +139,19 @@ class ModelRegistry:
                 continue  # it failed before: tried again when ACTIVE changes, or on an explicit activation
             try:
                 served = await asyncio.to_thread(self._load, name, version)
+                self._refused.pop(name, None)
             except EdgegenError as exc:
                 self._refused[name] = version
-                fallback = None if current is not None else await self._fallback(name, version, exc)
+                if current is not None:
+                    # As at start-up with an earlier version to fall back on: the node serves on, ready,
+                    # and says so (`refused`, in its status), rather than leave its fleet for a bad change.
+                    log.error(
+                        "active version not loaded: still serving the one before",
+                        extra={"model": name, "active": version, "version": current.manifest.version,
+                               "reason": exc.message},
+                    )  # fmt: skip
+                    continue
+                fallback = await self._fallback(name, version, exc)
                 if fallback is None:
                     self._fail(name, exc)
                     continue

@@ -72,6 +72,7 @@ async def status(request: Request) -> Response:
         "uptime_s": round(time.monotonic() - node.started, 3),
         "ready": registry.ready,
         "models": {name: registry.get(name).manifest.version for name in registry.names()},
+        "refused": registry.refused(),
         "in_flight": node.in_flight(),
         "pid": os.getpid(),
         "started_at": round(time.time() - (time.monotonic() - node.started), 3),

@@ -128,3 +128,22 @@ def test_a_model_taken_out_of_the_store_leaves_the_metrics_with_it(
     assert 'edgegen_queue_depth{model="digits-tflite"}' not in text
     assert 'edgegen_queue_capacity{model="digits-tflite"}' not in text
     assert 'edgegen_queue_depth{model="digits"}' in text
+
+
+def test_an_active_version_that_will_not_load_leaves_the_one_served_and_the_node_ready(
+    client: TestClient, settings: Settings
+) -> None:
+    """ACTIVE moves, under a running node, to a version that does not load here (its file damaged; or
+    memory, a key the node lacks): the node serves on with the version before, stays ready, and says what
+    it refused, as it does when it starts with such a store. Before, it marked the model failed: ready
+    answered 503, and the gateway took the whole node out of its fleet for one bad change."""
+    store = ModelStore(settings.store_dir, describe=describe_model)
+    store.add(store.open("digits").model_path, "digits", "2", activate=False)
+    damaged = store.open("digits", "2").model_path
+    damaged.write_bytes(damaged.read_bytes() + b"tampered")
+    (Path(settings.store_dir) / "digits" / "ACTIVE").write_text("2\n")  # as a copy of the store would
+    client.portal.call(client.app.state.node.registry.refresh)  # what the store poller does
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.post("/predict", json=SAMPLE).status_code == 200
+    status = client.get("/admin/status").json()
+    assert (status["models"]["digits"], status["refused"]) == ("1", {"digits": "2"})
