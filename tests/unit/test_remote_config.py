@@ -273,3 +273,22 @@ def test_the_watch_never_applies_a_file_older_than_a_change_made_meanwhile(
     assert changed.wait(10)
     assert stored(home)["request_timeout_s"] == 30.0
     assert settings.request_timeout_s == 30.0
+
+
+def test_a_change_another_worker_took_before_this_ones_watch_began_is_applied(home: Path) -> None:
+    """Two workers read their settings at start; a PATCH reaches one of them while the other still loads
+    its models, before its watch begins. That watch's first look applies it. Before, it took the file's
+    time as it found it at its start as seen, and the other worker kept the old value for good."""
+
+    async def run() -> float:
+        mine, theirs = load_settings(), load_settings()
+        change(mine, {"cache.ttl_s": 11})
+        task = asyncio.create_task(watch(theirs, 0.01))
+        for _ in range(300):
+            if theirs.cache.ttl_s == 11:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return theirs.cache.ttl_s
+
+    assert asyncio.run(run()) == 11.0

@@ -161,9 +161,11 @@ def apply_live(settings: Settings) -> list[str]:
 
 
 async def watch(settings: Settings, interval: float) -> None:
-    """Apply the live settings whenever the remote file changes (with --workers, each process watches)."""
+    """Apply the live settings whenever the remote file changes (with --workers, each process watches),
+    and at the first look whatever changed since `settings` were read: another worker may have taken a
+    change while this one loaded its models, before its watch began."""
     path = remote_path(settings.home)
-    seen = path.stat().st_mtime_ns if path.exists() else None
+    seen: int | None = -1  # no look yet (no file's time)
     while True:
         await asyncio.sleep(interval)
         try:
