@@ -40,6 +40,9 @@ IDLE_MAX_S = 1.0  # the longest an idle worker waits between two looks at the qu
 class JobObserver(Protocol):
     def on_job_run(self, outcome: str, seconds: float) -> None: ...
 
+    # The workers of this process running a job now, at each change.
+    def on_busy(self, busy: int) -> None: ...
+
 
 class JobWorkers:
     def __init__(
@@ -131,6 +134,7 @@ class JobWorkers:
     async def _settle(self, job: Job, worker: str) -> tuple[str, int]:
         """The attempt's outcome and the route's status (500 for an exception)."""
         self.running += 1
+        self._busy()
         attempt = asyncio.create_task(self.run(job))
         keeper = asyncio.create_task(self._keep_lease(job.id, worker, attempt))
         try:
@@ -146,12 +150,17 @@ class JobWorkers:
         finally:
             keeper.cancel()
             self.running -= 1
+            self._busy()
         if status >= 500 or status == 429:
             return await self._retry(job, worker, f"the route answered {status}"), status
         if not await self.queue.finish(job.id, worker, status, body):
             log.info("job result discarded", extra={"job": job.id, "reason": "cancelled or lease lost"})
             return "stopped", status
         return "finished", status
+
+    def _busy(self) -> None:
+        if self.observer is not None:
+            self.observer.on_busy(self.running)
 
     async def _give_back(self, job: Job, worker: str) -> None:
         """The node stops before `job` ended: it goes back to the queue at once, this attempt not counted,

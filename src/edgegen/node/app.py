@@ -185,7 +185,7 @@ def create_app(settings: Settings) -> NodeApp:
             except Exception:  # a queue that cannot answer (Redis away) leaves the last counts
                 log.warning("job counts unavailable for /metrics", exc_info=True)
             else:
-                node.metrics.on_jobs(counts, node.job_workers.running if node.job_workers else 0)
+                node.metrics.on_jobs(counts)
         # An operator sees everything; anyone else the public view (observe/metrics.py).
         full = principal_of(request.scope).at_least("operator")
         model_names = full or node.settings.security.metrics_model_names

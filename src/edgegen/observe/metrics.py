@@ -245,7 +245,8 @@ class NodeMetrics:
             "Jobs in the node's queue by status (read at each scrape).",
             ["status"],
             registry=r,
-            multiprocess_mode="livemax",
+            # The queue's, whichever worker read it: the latest reading, not the largest one ever read.
+            multiprocess_mode="livemostrecent",
         )
         self.jobs_running_here = Gauge(
             "edgegen_job_workers_busy",
@@ -367,9 +368,11 @@ class NodeMetrics:
         self.job_runs.labels(outcome).inc()
         self.job_run_seconds.observe(seconds)
 
-    def on_jobs(self, counts: dict[str, int], busy: int) -> None:
+    def on_jobs(self, counts: dict[str, int]) -> None:
         for status, count in counts.items():
             self.jobs.labels(status).set(count)
+
+    def on_busy(self, busy: int) -> None:
         self.jobs_running_here.set(busy)
 
     def observe_request(self, route: str, method: str, model: str, status: int, seconds: float) -> None:

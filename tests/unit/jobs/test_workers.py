@@ -28,6 +28,9 @@ class Outcomes:
         assert seconds >= 0
         self.seen.append(outcome)
 
+    def on_busy(self, busy: int) -> None:
+        assert busy in (0, 1)  # one worker
+
 
 async def run_until_final(answers: list[tuple[int, bytes]], tmp_path: Path) -> tuple[Status, list[str], int]:
     queue = SqliteJobQueue(tmp_path / "jobs.sqlite", max_attempts=3, backoff_s=0.01)
