@@ -485,6 +485,7 @@ def build_gate(
     from edgegen.security.keys import KeyStore
     from edgegen.security.tokens import JwtVerifier
 
-    jwt = JwtVerifier(settings.jwt) if settings.jwt is not None else None
+    spent = keys_file.parent / "spent_tokens.sqlite"  # (every worker process's, and across restarts)
+    jwt = JwtVerifier(settings.jwt, spent_file=spent) if settings.jwt is not None else None
     authn = Authenticator(KeyStore(keys_file) if settings.auth else None, jwt)
     return SecurityGate(app, settings, authn, audit, SecurityMetrics(registry), mutual_tls=mutual_tls)

@@ -9,13 +9,15 @@
 - `exp` is required; `exp`, `nbf` and `iat` are checked with a small leeway; `aud` and `iss` must
   match when configured.
 - An admin call must carry a `jti` never seen before (until that token expires): a captured admin
-  token cannot be replayed.
+  token cannot be replayed — on any worker process of the server, nor after a restart, when the spent
+  ids are kept in a file (`spent_file`, beside the key store; in memory otherwise).
 - The grant travels in claims: `role` (user | operator | admin), optional `models` (list) and
   `tenant`; `sub` names the caller in the audit log.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from typing import Any, Literal
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from edgegen.db import connect, transaction
 from edgegen.errors import EdgegenError
 from edgegen.security.keys import ROLES
 
@@ -64,7 +67,9 @@ class Claims:
 
 
 class JwtVerifier:
-    def __init__(self, settings: JwtSettings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: JwtSettings, clock: Callable[[], float] = time.time, spent_file: Path | None = None
+    ) -> None:
         self.settings = settings
         self.clock = clock
         self._key: Any = (
@@ -72,7 +77,14 @@ class JwtVerifier:
             if settings.algorithm == "HS256"
             else settings.public_key_file.read_bytes()  # type: ignore[union-attr]
         )
-        self._seen: dict[str, float] = {}  # jti → exp of the admin tokens already used
+        # The jti of each admin token already used, until it expires: shared by the worker processes of
+        # one server, and kept across its restarts, through `spent_file`.
+        self._spent = (
+            connect(spent_file)
+            if spent_file is not None
+            else sqlite3.connect(":memory:", isolation_level=None)
+        )
+        self._spent.execute("CREATE TABLE IF NOT EXISTS spent (jti TEXT PRIMARY KEY, expires REAL NOT NULL)")
 
     def verify(self, token: str, *, admin: bool = False) -> Claims:
         s = self.settings
@@ -113,12 +125,14 @@ class JwtVerifier:
         """An admin token works once: its jti is remembered until it expires."""
         if claims.token_id is None:
             raise InvalidToken("invalid token: an admin call needs a jti claim")
-        now = self.clock()
-        for jti in [j for j, exp in self._seen.items() if exp + self.settings.leeway_s < now]:
-            del self._seen[jti]
-        if claims.token_id in self._seen:
-            raise InvalidToken("invalid token: this admin token was already used")
-        self._seen[claims.token_id] = claims.expires
+        with transaction(self._spent) as db:
+            db.execute("DELETE FROM spent WHERE expires < ?", (self.clock() - self.settings.leeway_s,))
+            try:
+                db.execute(
+                    "INSERT INTO spent (jti, expires) VALUES (?, ?)", (claims.token_id, claims.expires)
+                )
+            except sqlite3.IntegrityError:
+                raise InvalidToken("invalid token: this admin token was already used") from None
 
 
 def _reason(exc: jwt.InvalidTokenError) -> str:
