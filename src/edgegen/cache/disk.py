@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_used ON entries (used);
 CREATE INDEX IF NOT EXISTS entries_model ON entries (model, tag);
 CREATE INDEX IF NOT EXISTS entries_expires ON entries (expires);
+CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 1), bytes INTEGER NOT NULL,
+                                   entries INTEGER NOT NULL);
 """
 ROW_OVERHEAD = 100  # bytes a row costs beside its key and value (columns, index entries)
 LOW_WATER = 0.9  # eviction goes down to this share of the bound, so it does not run on every write
@@ -62,14 +64,18 @@ class DiskTier:
         self._writer.executescript(SCHEMA)
         self._drop_unreadable()
         self._reader = connect(path, 200)
-        # (bytes, entries) as of the last write committed, set in one assignment once it is: the writer
-        # thread counts as it writes, and another thread (the node's status route) reads both at once.
-        self.usage = self._measure(self._writer)
+        # The file's (bytes, entries) as of the last write committed here, set in one assignment once it
+        # is: the writer thread counts as it writes, and another thread (the node's status route) reads
+        # both at once. The file keeps them (`totals`), written in each write's transaction, so that the
+        # bound holds for the file whichever of a node's worker processes writes.
+        with transaction(self._writer) as db:
+            self.usage = self._recount(db)
 
     @staticmethod
-    def _measure(db: sqlite3.Connection) -> tuple[int, int]:
-        """Bytes and entries counted afresh: other processes write to the same file."""
+    def _recount(db: sqlite3.Connection) -> tuple[int, int]:
+        """Bytes and entries counted afresh, and kept as the file's totals."""
         count, total = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
+        db.execute("INSERT OR REPLACE INTO totals (id, bytes, entries) VALUES (1, ?, ?)", (total, count))
         return int(total), int(count)
 
     def _drop_unreadable(self) -> None:
@@ -132,9 +138,11 @@ class DiskTier:
                     value,
                 ),
             )
-            total, count = self.usage
-            total += size - (old[0] if old else 0)
-            count += 0 if old else 1
+            db.execute(
+                "UPDATE totals SET bytes = bytes + ?, entries = entries + ?",
+                (size - (old[0] if old else 0), 0 if old else 1),
+            )
+            total, count = db.execute("SELECT bytes, entries FROM totals").fetchone()
             if total > self.max_bytes:
                 total, count = self._evict(db, removed)
         self.usage = (total, count)
@@ -143,7 +151,7 @@ class DiskTier:
         """Expired entries first; if not enough, the least recently used down to the low-water mark.
         Returns the bytes and entries left."""
         removed.expired += db.execute("DELETE FROM entries WHERE expires <= ?", (self._clock(),)).rowcount
-        total, count = self._measure(db)
+        total, count = self._recount(db)
         if total <= self.max_bytes:
             return total, count
         goal = int(self.max_bytes * LOW_WATER)
@@ -158,6 +166,7 @@ class DiskTier:
                 removed.size += 1
                 if total <= goal:
                     break
+        db.execute("UPDATE totals SET bytes = ?, entries = ?", (total, count))
         return total, count
 
     def invalidate(self, model: str, keep_tag: str | None, removed: Removed) -> None:
@@ -166,7 +175,7 @@ class DiskTier:
                 "DELETE FROM entries WHERE model = ? AND tag IS NOT ?", (model, keep_tag)
             ).rowcount
             removed.invalidated += gone
-            usage = self._measure(db)
+            usage = self._recount(db)
         self.usage = usage
 
     def close(self) -> None:

@@ -194,3 +194,20 @@ def test_the_disk_tiers_size_read_from_another_thread_is_one_a_write_left(tmp_pa
 
 def tier_keys(tmp_path: Path) -> list[bytes]:
     return [row[0] for row in sqlite3.connect(tmp_path / "cache.sqlite").execute("SELECT key FROM entries")]
+
+
+def test_the_disk_bound_holds_for_the_file_whichever_worker_process_writes(tmp_path: Path) -> None:
+    """A node's worker processes share the disk tier's file, each with a tier of its own: the file stays
+    within its bound whoever writes, and each tier's size is the file's. Before, each counted only its
+    own writes from what it measured at open: two of them let the file grow towards twice the bound."""
+    clock, size = Clock(), 1_000 + 32 + ROW_OVERHEAD
+    path = tmp_path / "cache.sqlite"
+    workers = [DiskTier(path, 20 * size, clock=clock) for _ in range(2)]
+    for i in range(120):
+        clock.now += 1
+        writer = workers[i % 2 if i < 60 else 0]  # both, then one alone (the other still counts it)
+        writer.put(key(i), entry(bytes(1_000), clock), Removed())
+        stored = sqlite3.connect(path).execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM entries")
+        total, count = stored.fetchone()
+        assert total <= 20 * size
+        assert writer.usage == (total, count)
