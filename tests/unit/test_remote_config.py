@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, get_args
 
@@ -208,18 +208,24 @@ def test_another_worker_takes_the_live_settings(home: Path) -> None:
     assert apply_live(theirs) == []  # nothing new
 
 
+async def watched(settings: Settings, value: Callable[[], float], want: float) -> float:
+    """`value()` once the watch on `settings` made it `want`, or after 3 s."""
+    task = asyncio.create_task(watch(settings, 0.01))
+    for _ in range(300):
+        if value() == want:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    return value()
+
+
 def test_the_watch_applies_what_another_worker_wrote(home: Path) -> None:
     async def run() -> float:
         settings, other = load_settings(), load_settings()
-        task = asyncio.create_task(watch(settings, 0.01))
+        waiting = asyncio.create_task(watched(settings, lambda: settings.llm.timeout_s, 12))
         await asyncio.sleep(0.05)
         change(other, {"llm.timeout_s": 12})
-        for _ in range(300):
-            if settings.llm.timeout_s == 12:
-                break
-            await asyncio.sleep(0.01)
-        task.cancel()
-        return settings.llm.timeout_s
+        return await waiting
 
     assert asyncio.run(run()) == 12.0
 
@@ -283,12 +289,6 @@ def test_a_change_another_worker_took_before_this_ones_watch_began_is_applied(ho
     async def run() -> float:
         mine, theirs = load_settings(), load_settings()
         change(mine, {"cache.ttl_s": 11})
-        task = asyncio.create_task(watch(theirs, 0.01))
-        for _ in range(300):
-            if theirs.cache.ttl_s == 11:
-                break
-            await asyncio.sleep(0.01)
-        task.cancel()
-        return theirs.cache.ttl_s
+        return await watched(theirs, lambda: theirs.cache.ttl_s, 11)
 
     assert asyncio.run(run()) == 11.0
